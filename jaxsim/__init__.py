@@ -1,0 +1,36 @@
+"""jaxsim: layer-by-layer similarity of neural-network representations in JAX.
+
+Activations are ``(n, ...)`` arrays, axis 0 indexing the n examples (google/svcca uses the
+transpose). Every measure is a pure, jit-able and vmap-able function returning a 0-d array;
+``similarity_grid`` compares every layer of one network with every layer of another.
+"""
+
+from jaxsim.cca import CCAResult as CCAResult
+from jaxsim.cca import cca as cca
+from jaxsim.cca import mean_cca as mean_cca
+from jaxsim.cca import pwcca as pwcca
+from jaxsim.cca import svcca as svcca
+from jaxsim.kernel import center_gram as center_gram
+from jaxsim.kernel import cka as cka
+from jaxsim.kernel import gram_linear as gram_linear
+from jaxsim.kernel import gram_rbf as gram_rbf
+from jaxsim.kernel import hsic as hsic
+from jaxsim.kernel import linear_cka as linear_cka
+from jaxsim.kernel import rbf_cka as rbf_cka
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CCAResult",
+    "cca",
+    "center_gram",
+    "cka",
+    "gram_linear",
+    "gram_rbf",
+    "hsic",
+    "linear_cka",
+    "mean_cca",
+    "pwcca",
+    "rbf_cka",
+    "svcca",
+]

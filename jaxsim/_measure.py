@@ -1,0 +1,54 @@
+"""The split every measure follows: ``prepare`` once per layer, ``pair`` once per pair.
+
+``similarity_grid`` and the streaming code only ever see :class:`Measure` records, so a
+measure is written once and the grid is built from its pair function, never re-derived.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class Measure(NamedTuple):
+    """A similarity measure as two pure functions.
+
+    Attributes:
+      name: the name ``similarity_grid(metric=...)`` knows it by.
+      prepare: ``(n, d) array -> summary`` (a pytree), run once per layer.
+      pair: ``(summary_a, summary_b) -> 0-d array``.
+      symmetric: ``pair(a, b) == pair(b, a)``; self-grids then compute one triangle.
+      cosine: the summary has fields ``vec`` and ``self`` and
+        ``pair(a, b) == <a.vec, b.vec> / sqrt(a.self * b.self)``, so a whole grid is one
+        matrix product of the flattened ``vec`` summaries.
+      min_n: fewest examples the estimator accepts.
+    """
+
+    name: str
+    prepare: Callable[[jax.Array], Any]
+    pair: Callable[[Any, Any], jax.Array]
+    symmetric: bool = True
+    cosine: bool = False
+    min_n: int = 2
+
+
+def dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Matrix product at full precision (float32 dots default to TF32 on recent GPUs)."""
+    return jnp.matmul(a, b, precision=HIGHEST)
+
+
+def safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
+    """``num / den``, and 0 where ``den`` is not positive (a zero-variance layer).
+
+    The double ``where`` keeps gradients finite too (the optax ``safe_norm`` pattern).
+    """
+    ok = den > 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1), jnp.zeros_like(num))
+
+
+def center_features(x: jax.Array) -> jax.Array:
+    return x - jnp.mean(x, axis=0, keepdims=True)

@@ -1,0 +1,363 @@
+r"""Canonical correlation analysis and its descendants: mean CCA, SVCCA, PWCCA.
+
+Activations are ``(n, features)`` arrays, axis 0 the n examples. google/svcca's code takes
+the transpose, ``(neurons, n)``: ``jaxsim.cca(x, y)`` corresponds to
+``cca_core.get_cca_similarity(x.T, y.T, epsilon)``.
+
+``epsilon`` has google/svcca's meaning: each covariance block is divided by its largest
+absolute entry, units whose scaled variance is below ``epsilon`` are dropped, and
+``epsilon`` is added to the scaled diagonal. With ``epsilon=0`` nothing is dropped or
+added, and rank-deficient covariances are inverted as pseudo-inverses (eigenvalues below
+``d * eps(dtype)`` of the largest are treated as 0), so a layer with dead units gives a
+finite answer rather than the square root of a negative eigenvalue.
+
+Every measure here is ``pair(prepare(x), prepare(y))``: ``prepare`` centers a layer and
+computes its whitening matrix once (a ``d x d`` covariance and its eigendecomposition);
+``pair`` forms the ``d1 x d2`` cross-covariance in the whitened bases and takes its
+singular values. ``similarity_grid`` reuses the prepared layers across all pairs.
+
+References:
+  Hotelling, Relations between two sets of variates, 1936.
+  Raghu, Gilmer, Yosinski & Sohl-Dickstein, SVCCA, NeurIPS 2017.
+  Morcos, Raghu & Bengio, Insights on representational similarity in neural networks with
+  canonical correlation, NeurIPS 2018 (PWCCA).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxsim import _validation as _v
+from jaxsim._measure import Measure, center_features, dot, safe_ratio
+
+Array = jax.Array
+
+
+class CCAResult(NamedTuple):
+    """Result of :func:`cca` (a pytree).
+
+    Attributes:
+      coefficients: ``(k,)`` canonical correlations, descending, ``k = min(d1, d2)``;
+        entries past ``rank`` are 0.
+      rank: number of meaningful coefficients, ``min`` of the units kept on each side
+        (``k`` unless ``epsilon`` dropped low-variance units).
+      x_weights: ``(d1, k)``; the canonical variates of x are ``(x - mean(x)) @ x_weights``.
+      y_weights: ``(d2, k)``, likewise for y.
+      x_variates: ``(n, k)`` canonical variates (directions in example space) of x, unit
+        variance; ``corr(x_variates[:, i], y_variates[:, i]) == coefficients[i]``.
+      y_variates: ``(n, k)``, likewise for y.
+    """
+
+    coefficients: Array
+    rank: Array
+    x_weights: Array
+    y_weights: Array
+    x_variates: Array
+    y_variates: Array
+
+
+class CCASummary(NamedTuple):
+    """A layer prepared for CCA: the cross-covariance of two prepared layers a, b in their
+    whitened bases is ``a.whiten.T @ a.centered.T @ b.centered @ b.whiten``."""
+
+    centered: Array  # (n, m) centered activations (or their top singular directions)
+    mean: Array  # (m,) feature means of the raw activations
+    whiten: Array  # (m, m) (scaled covariance + eps I)^(-1/2) / sqrt(scale (n - 1)), masked
+    kept: Array  # (m,) bool, units kept by the epsilon rule (and SVCCA's truncation)
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def _inv_sqrt(eigvals: Array, size: int) -> Array:
+    # Pseudo-inverse cut-off as in numpy.linalg.pinv / matrix_rank: relative to the largest
+    # eigenvalue, scaled by the matrix size and the dtype's resolution.
+    tol = jnp.max(eigvals) * size * jnp.finfo(eigvals.dtype).eps
+    ok = eigvals > tol
+    return jnp.where(ok, 1 / jnp.sqrt(jnp.where(ok, eigvals, 1)), 0)
+
+
+def _prepare_cca(x: Array, epsilon: float) -> CCASummary:
+    n, d = x.shape
+    mean = jnp.mean(x, axis=0)
+    xc = x - mean
+    cov = dot(xc.T, xc) / (n - 1)
+    scale = jnp.max(jnp.abs(cov))
+    s = safe_ratio(cov, scale)
+    kept = jnp.diagonal(s) >= epsilon
+    both = kept[:, None] & kept[None, :]
+    s = jnp.where(both, s, 0) + epsilon * jnp.diag(kept.astype(x.dtype))
+    w, v = jnp.linalg.eigh(s)
+    whiten = dot(v * _inv_sqrt(w, d), v.T)
+    whiten = jnp.where(both, whiten, 0) / jnp.sqrt(jnp.where(scale > 0, scale, 1) * (n - 1))
+    return CCASummary(xc, mean, whiten, kept)
+
+
+def _top_directions(x: Array, m: int) -> tuple[Array, Array]:
+    """Centered x projected on its top-m principal directions, and all squared singular
+    values (descending). Uses the smaller of the d x d covariance and the n x n Gram."""
+    n, d = x.shape
+    xc = center_features(x)
+    if n >= d:
+        w, v = jnp.linalg.eigh(dot(xc.T, xc))
+        w, v = w[::-1], v[:, ::-1]
+        z = dot(xc, v[:, :m])
+    else:
+        w, u = jnp.linalg.eigh(dot(xc, xc.T))
+        w, u = w[::-1], u[:, ::-1]
+        z = u[:, :m] * jnp.sqrt(jnp.maximum(w[:m], 0))
+    return z, jnp.maximum(w, 0)
+
+
+def _prepare_svcca(x: Array, keep_dims: int | None, keep_variance: float,
+                   epsilon: float) -> CCASummary:
+    n, d = x.shape
+    m = keep_dims if keep_dims is not None else min(n, d)
+    z, w = _top_directions(x, m)
+    if keep_dims is None:
+        frac = jnp.cumsum(w) / jnp.sum(w)
+        # fewest directions whose variance reaches keep_variance of the total; the small
+        # slack absorbs rounding when keep_variance is 1
+        count = jnp.sum(frac < keep_variance - 16 * jnp.finfo(w.dtype).eps) + 1
+        mask = jnp.arange(m) < count
+    else:
+        mask = jnp.ones(m, bool)
+    # The projected directions are uncorrelated, so their covariance is the diagonal
+    # w / (n - 1): whitening is a rescaling, no second eigendecomposition needed.
+    lam = w[:m] / (n - 1)
+    scale = lam[0]
+    s = safe_ratio(lam, scale)
+    kept = mask & (s >= epsilon)
+    inv = jnp.where(kept, _inv_sqrt(jnp.where(kept, s + epsilon, 0), m), 0)
+    whiten = jnp.diag(inv) / jnp.sqrt(jnp.where(scale > 0, scale, 1) * (n - 1))
+    return CCASummary(z, jnp.zeros(m, x.dtype), whiten, kept)
+
+
+# -------------------------------------------------------------------------------- pair
+
+
+def _cross(a: CCASummary, b: CCASummary) -> Array:
+    return dot(dot(a.whiten.T, dot(a.centered.T, b.centered)), b.whiten)
+
+
+def _rank(a: CCASummary, b: CCASummary) -> Array:
+    return jnp.minimum(jnp.sum(a.kept), jnp.sum(b.kept))
+
+
+def _valid(s: Array, rank: Array) -> Array:
+    return jnp.where(jnp.arange(s.shape[0]) < rank, jnp.clip(s, 0, 1), 0)
+
+
+def _coefficients(a: CCASummary, b: CCASummary) -> Array:
+    return _valid(jnp.linalg.svd(_cross(a, b), compute_uv=False), _rank(a, b))
+
+
+def _mean_pair(a: CCASummary, b: CCASummary) -> Array:
+    return safe_ratio(jnp.sum(_coefficients(a, b)), _rank(a, b).astype(a.centered.dtype))
+
+
+def _cca_result(a: CCASummary, b: CCASummary) -> CCAResult:
+    n = a.centered.shape[0]
+    k = min(a.whiten.shape[0], b.whiten.shape[0])
+    u, s, vh = jnp.linalg.svd(_cross(a, b), full_matrices=False)
+    rank = _rank(a, b)
+    root = math.sqrt(n - 1)
+    xw = dot(a.whiten, u[:, :k]) * root
+    yw = dot(b.whiten, vh[:k].T) * root
+    return CCAResult(_valid(s[:k], rank), rank, xw, yw, dot(a.centered, xw), dot(b.centered, yw))
+
+
+def _compact(values: Array, kept: Array) -> Array:
+    """The kept entries moved to the front, in order, zeros after them."""
+    order = jnp.argsort(~kept, stable=True)
+    return jnp.where(jnp.arange(values.shape[0]) < jnp.sum(kept), values[order], 0)
+
+
+def _pw_side(s: CCASummary, vecs: Array, coefs: Array) -> Array:
+    """PWCCA from the narrower side, as google/svcca's compute_pwcca does it.
+
+    ``vecs`` are that side's singular vectors (columns) of the whitened cross-covariance.
+    The directions are those vectors applied to the centered, un-whitened activations,
+    plus the means, orthonormalised by QR; the weights are the summed absolute projections
+    of the raw activations onto them.
+    """
+    d = s.whiten.shape[0]
+    count = jnp.sum(s.kept)
+    directions = dot(s.centered, vecs) + _compact(s.mean, s.kept)
+    q, _ = jnp.linalg.qr(directions)
+    raw = jnp.where(s.kept, s.centered + s.mean, 0)
+    weights = jnp.sum(jnp.abs(dot(q.T, raw)), axis=1)
+    weights = jnp.pad(weights, (0, d - weights.shape[0]))
+    weights = jnp.where(jnp.arange(d) < count, weights, 0)
+    k = coefs.shape[0]
+    weights = jnp.pad(weights, (0, max(0, k - d)))[:k]
+    return safe_ratio(jnp.sum(weights * coefs), jnp.sum(weights))
+
+
+def _pwcca_pair(a: CCASummary, b: CCASummary, *, static_sides: bool) -> Array:
+    u, s, vh = jnp.linalg.svd(_cross(a, b), full_matrices=True)
+    coefs = _valid(s, _rank(a, b))
+    x_side = lambda: _pw_side(a, u, coefs)
+    y_side = lambda: _pw_side(b, vh.T, coefs)
+    if static_sides:  # epsilon == 0: nothing dropped, the narrower side is known statically
+        return x_side() if a.whiten.shape[0] <= b.whiten.shape[0] else y_side()
+    return jnp.where(jnp.sum(a.kept) <= jnp.sum(b.kept), x_side(), y_side())
+
+
+# ---------------------------------------------------------------------------- measures
+
+
+def cca_measure(*, epsilon: float = 0.0) -> Measure:
+    """Mean CCA as a :class:`Measure`."""
+    return Measure("mean_cca", functools.partial(_prepare_cca, epsilon=epsilon), _mean_pair)
+
+
+def svcca_measure(*, keep_dims: int | None = None, keep_variance: float = 0.99,
+                  epsilon: float = 0.0) -> Measure:
+    """SVCCA as a :class:`Measure`."""
+    prepare = functools.partial(_prepare_svcca, keep_dims=keep_dims,
+                                keep_variance=keep_variance, epsilon=epsilon)
+    return Measure("svcca", prepare, _mean_pair)
+
+
+def pwcca_measure(*, epsilon: float = 0.0) -> Measure:
+    """PWCCA as a :class:`Measure` (asymmetric when the two widths are equal)."""
+    pair = functools.partial(_pwcca_pair, static_sides=epsilon == 0)
+    return Measure("pwcca", functools.partial(_prepare_cca, epsilon=epsilon), pair,
+                   symmetric=False)
+
+
+# ---------------------------------------------------------------------- public functions
+
+
+def _checked(x: Any, y: Any, epsilon: float, check_finite: bool) -> tuple[Array, Array, float]:
+    x, y = _v.pair(x, y, min_n=2, check_finite=check_finite)
+    return x, y, _v.non_negative(epsilon, "epsilon")
+
+
+@functools.partial(jax.jit, static_argnames="epsilon")
+def _cca(x: Array, y: Array, epsilon: float) -> CCAResult:
+    return _cca_result(_prepare_cca(x, epsilon), _prepare_cca(y, epsilon))
+
+
+def cca(x: Any, y: Any, *, epsilon: float = 0.0, check_finite: bool = True) -> CCAResult:
+    r"""Canonical correlation analysis of two activation arrays.
+
+    With :math:`\Sigma` the (scaled, regularised) covariance blocks, the coefficients are the
+    singular values of :math:`\Sigma_{xx}^{-1/2} \Sigma_{xy} \Sigma_{yy}^{-1/2}`.
+
+    Args:
+      x: activations, shape ``(n, ...)`` (google/svcca's ``acts1.T``).
+      y: activations, shape ``(n, ...)``, the same examples.
+      epsilon: google/svcca's regulariser (see the module docstring); >= 0.
+      check_finite: raise on NaN/inf (skipped automatically for traced values).
+    Returns:
+      :class:`CCAResult`; ``coefficients`` match
+      ``cca_core.get_cca_similarity(x.T, y.T, epsilon)["cca_coef1"]``. A zero-variance
+      input gives all-zero coefficients.
+
+    Example:
+      >>> import jax, jaxsim
+      >>> x = jax.random.normal(jax.random.key(0), (500, 8))
+      >>> jaxsim.cca(x, x @ jax.random.normal(jax.random.key(1), (8, 8))).coefficients.round(4)
+      Array([1., 1., 1., 1., 1., 1., 1., 1.], dtype=float32)
+    """
+    return _cca(*_checked(x, y, epsilon, check_finite))
+
+
+@functools.partial(jax.jit, static_argnames="epsilon")
+def _mean_cca(x: Array, y: Array, epsilon: float) -> Array:
+    m = cca_measure(epsilon=epsilon)
+    return m.pair(m.prepare(x), m.prepare(y))
+
+
+def mean_cca(x: Any, y: Any, *, epsilon: float = 0.0, check_finite: bool = True) -> Array:
+    r"""Mean canonical correlation, :math:`\frac{1}{k} \sum_i \rho_i` over the ``rank``
+    coefficients of :func:`cca`.
+
+    Returns:
+      Scalar array in [0, 1].
+    """
+    return _mean_cca(*_checked(x, y, epsilon, check_finite))
+
+
+def _check_svcca_options(x: Array, y: Array, keep_dims: Any, keep_variance: Any) -> None:
+    if keep_dims is not None:
+        if isinstance(keep_dims, bool) or not isinstance(keep_dims, int):
+            raise TypeError(f"keep_dims: expected an int or None, got {keep_dims!r}")
+        for name, a in (("x", x), ("y", y)):
+            limit = min(a.shape)
+            if not 1 <= keep_dims <= limit:
+                raise ValueError(
+                    f"keep_dims: {keep_dims} directions requested but {name} has shape "
+                    f"{tuple(a.shape)}, which has at most min(n, features) = {limit}"
+                )
+        return
+    try:
+        kv = float(keep_variance)
+    except (TypeError, ValueError):
+        raise TypeError(f"keep_variance: expected a number in (0, 1], got {keep_variance!r}") from None
+    if not 0 < kv <= 1:
+        raise ValueError(f"keep_variance: must lie in (0, 1], got {keep_variance!r}")
+
+
+@functools.partial(jax.jit, static_argnames=("keep_dims", "keep_variance", "epsilon"))
+def _svcca(x: Array, y: Array, keep_dims: int | None, keep_variance: float,
+           epsilon: float) -> Array:
+    m = svcca_measure(keep_dims=keep_dims, keep_variance=keep_variance, epsilon=epsilon)
+    return m.pair(m.prepare(x), m.prepare(y))
+
+
+def svcca(x: Any, y: Any, *, keep_dims: int | None = None, keep_variance: float = 0.99,
+          epsilon: float = 0.0, check_finite: bool = True) -> Array:
+    r"""Singular vector CCA: mean CCA of each layer's top principal directions.
+
+    Each feature is centered, the layer is reduced to its top ``keep_dims`` singular
+    directions (``x_c V_k = U_k S_k``), or to the fewest whose squared singular values
+    (variances) reach ``keep_variance`` of the total, and :func:`mean_cca` compares the
+    reduced layers. ``keep_dims=20`` reproduces the SVCCA tutorial's recipe.
+
+    Args:
+      x, y: activations, shapes ``(n, ...)``.
+      keep_dims: number of directions kept on each side; overrides ``keep_variance``.
+      keep_variance: fraction of variance to keep, in (0, 1].
+      epsilon: CCA regulariser, as in :func:`cca`.
+    Returns:
+      Scalar array in [0, 1].
+    References:
+      Raghu et al., SVCCA, NeurIPS 2017.
+    """
+    x, y, epsilon = _checked(x, y, epsilon, check_finite)
+    _check_svcca_options(x, y, keep_dims, keep_variance)
+    return _svcca(x, y, keep_dims, float(keep_variance), epsilon)
+
+
+@functools.partial(jax.jit, static_argnames="epsilon")
+def _pwcca(x: Array, y: Array, epsilon: float) -> Array:
+    m = pwcca_measure(epsilon=epsilon)
+    return m.pair(m.prepare(x), m.prepare(y))
+
+
+def pwcca(x: Any, y: Any, *, epsilon: float = 0.0, check_finite: bool = True) -> Array:
+    r"""Projection-weighted CCA (Morcos et al. 2018), as google/svcca computes it.
+
+    .. math:: \mathrm{PWCCA} = \sum_i \alpha_i \rho_i, \qquad
+       \alpha_i \propto \sum_j \lvert \langle h_i, z_j \rangle \rvert
+
+    The weights come from the narrower side (the first argument when widths are equal):
+    ``h_i`` are the CCA directions of that side (the SVD's singular vectors applied to the
+    centered activations, plus the means, orthonormalised by QR) and ``z_j`` its raw
+    activations of unit j. Matches ``pwcca.compute_pwcca(x.T, y.T, epsilon)[0]`` with
+    upstream PR #9's fix (the y branch reads y).
+
+    Returns:
+      Scalar array in [0, 1]. Not symmetric when the two widths are equal.
+    References:
+      Morcos, Raghu & Bengio, NeurIPS 2018.
+    """
+    return _pwcca(*_checked(x, y, epsilon, check_finite))

@@ -1,0 +1,342 @@
+r"""Kernel alignment: Gram matrices, HSIC and centered kernel alignment (CKA).
+
+Every function takes activations as ``(n, ...)`` arrays, axis 0 indexing the n examples
+(google/svcca uses the transpose, ``(neurons, n)``). Trailing axes are flattened.
+
+References:
+  Kornblith, Norouzi, Lee & Hinton, Similarity of Neural Network Representations
+  Revisited, ICML 2019.
+  Song, Smola, Gretton, Bedo & Borgwardt, Feature Selection via Dependence Maximization,
+  JMLR 2012 (the unbiased HSIC estimator).
+  Nguyen, Raghu & Kornblith, Do Wide and Deep Networks Learn the Same Things?, ICLR 2021.
+  Szekely & Rizzo, Partial distance correlation with methods for dissimilarities, 2014
+  (U-centering).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxsim import _validation as _v
+from jaxsim._measure import Measure, center_features, dot, safe_ratio
+
+Array = jax.Array
+
+_UNBIASED_WHY = " for the unbiased HSIC estimator (it divides by n(n-3))"
+
+
+# --------------------------------------------------------------------------- Grams
+
+
+def _gram_linear(x: Array) -> Array:
+    return dot(x, x.T)
+
+
+def _sq_distances(x: Array) -> Array:
+    # Centering first keeps the |a|^2 + |b|^2 - 2<a, b> expansion from cancelling when
+    # the activations have a large common offset; distances do not change.
+    xc = center_features(x)
+    sq = jnp.sum(xc * xc, axis=1)
+    d = sq[:, None] + sq[None, :] - 2 * _gram_linear(xc)
+    d = jnp.maximum(d, 0)
+    return d * (1 - jnp.eye(d.shape[0], dtype=d.dtype))
+
+
+@jax.jit
+def _gram_rbf(x: Array, threshold: Array) -> Array:
+    d = _sq_distances(x)
+    median = jnp.median(d)
+    # When more than half the pairs coincide the median is 0: the kernel's limit for a
+    # vanishing bandwidth is the indicator of identical points.
+    scale = 2 * threshold**2 * median
+    return jnp.where(median > 0, jnp.exp(-d / jnp.where(median > 0, scale, 1)),
+                     (d == 0).astype(d.dtype))
+
+
+def gram_linear(x: Any, *, check_finite: bool = True) -> Array:
+    r"""Linear kernel Gram matrix :math:`K = X X^\top`.
+
+    Args:
+      x: activations, shape ``(n, ...)``; trailing axes are flattened to features.
+      check_finite: raise on NaN/inf (skipped automatically for traced values).
+    Returns:
+      ``(n, n)`` array in the inputs' floating dtype.
+    """
+    x = _v.activations(x, "x", check_finite_values=check_finite)
+    return jax.jit(_gram_linear)(x)
+
+
+def gram_rbf(x: Any, *, threshold: float = 1.0, check_finite: bool = True) -> Array:
+    r"""RBF kernel Gram matrix with the median-distance bandwidth of Kornblith et al.
+
+    .. math:: K_{ij} = \exp\left(-\frac{D_{ij}}{2\,t^2\,\mathrm{median}(D)}\right)
+
+    where :math:`D_{ij} = \lVert x_i - x_j \rVert^2` and the median runs over all
+    :math:`n^2` entries, zero diagonal included, as in the paper's demo code. If that median
+    is 0 (more than half the pairs coincide) the kernel is the indicator of identical rows.
+
+    Args:
+      x: activations, shape ``(n, ...)``.
+      threshold: ``t``, the bandwidth as a fraction of the median distance; > 0.
+      check_finite: raise on NaN/inf.
+    Returns:
+      ``(n, n)`` array.
+    """
+    x = _v.activations(x, "x", check_finite_values=check_finite)
+    t = _v.positive(threshold, "threshold")
+    return _gram_rbf(x, jnp.asarray(t, x.dtype))
+
+
+def _u_center(k: Array) -> Array:
+    n = k.shape[0]
+    off = 1 - jnp.eye(n, dtype=k.dtype)
+    k = k * off
+    row = jnp.sum(k, axis=0) / (n - 2)
+    row = row - jnp.sum(row) / (2 * (n - 1))
+    return (k - row[:, None] - row[None, :]) * off
+
+
+def _double_center(k: Array) -> Array:
+    row = jnp.mean(k, axis=0)
+    row = row - jnp.mean(row) / 2
+    return k - row[:, None] - row[None, :]
+
+
+def _center_gram(k: Array, unbiased: bool) -> Array:
+    return _u_center(k) if unbiased else _double_center(k)
+
+
+def center_gram(gram: Any, *, unbiased: bool = False, check_finite: bool = True) -> Array:
+    r"""Centers a Gram matrix.
+
+    Biased: :math:`H K H` with :math:`H = I - \frac{1}{n} 1 1^\top`.
+    Unbiased (U-centering, Szekely & Rizzo 2014): with the diagonal of K set to zero,
+
+    .. math:: \tilde K_{ij} = K_{ij} - \frac{r_i + r_j}{n-2} + \frac{s}{(n-1)(n-2)},
+       \quad i \ne j, \qquad \tilde K_{ii} = 0,
+
+    :math:`r` the row sums and :math:`s` the total sum. Then
+    :math:`\langle \tilde K, \tilde L \rangle / (n(n-3))` is the unbiased HSIC of Song et al.
+
+    Args:
+      gram: ``(n, n)`` symmetric matrix.
+      unbiased: U-center instead of double-center (needs n >= 4).
+    Returns:
+      ``(n, n)`` centered matrix.
+    """
+    k = _v.gram(gram, "gram", check_finite_values=check_finite)
+    _v.same_n({"gram": k}, min_n=4 if unbiased else 1, why=_UNBIASED_WHY if unbiased else "")
+    return jax.jit(_center_gram, static_argnames="unbiased")(k, unbiased)
+
+
+def _hsic_scale(n: int, unbiased: bool) -> float:
+    return n * (n - 3) if unbiased else (n - 1) ** 2
+
+
+@functools.partial(jax.jit, static_argnames="unbiased")
+def _hsic(k: Array, l: Array, unbiased: bool) -> Array:
+    kc, lc = _center_gram(k, unbiased), _center_gram(l, unbiased)
+    return jnp.vdot(kc, lc) / _hsic_scale(k.shape[0], unbiased)
+
+
+def hsic(gram_x: Any, gram_y: Any, *, unbiased: bool = False, check_finite: bool = True) -> Array:
+    r"""Hilbert-Schmidt independence criterion of two Gram matrices.
+
+    Biased: :math:`\mathrm{tr}(K H L H) / (n-1)^2`. Unbiased (Song et al. 2012; Nguyen et
+    al. 2020, eq. 2), computed through U-centering, which equals the three-term formula
+
+    .. math:: \frac{1}{n(n-3)}\left[\mathrm{tr}(\bar K \bar L)
+       + \frac{1^\top \bar K 1\, 1^\top \bar L 1}{(n-1)(n-2)}
+       - \frac{2}{n-2} 1^\top \bar K \bar L 1\right]
+
+    (:math:`\bar K` is K with a zero diagonal) without its cancellation in float32.
+
+    Args:
+      gram_x, gram_y: ``(n, n)`` Gram matrices of the same n examples.
+      unbiased: the unbiased estimator (n >= 4).
+    Returns:
+      Scalar array.
+    """
+    k, l = _v.gram_pair(gram_x, gram_y, min_n=4 if unbiased else 2,
+                        why=_UNBIASED_WHY if unbiased else "", check_finite=check_finite)
+    return _hsic(k, l, unbiased)
+
+
+# --------------------------------------------------------------------------- CKA
+
+
+class GramSummary(NamedTuple):
+    """A layer as its centered (or U-centered) Gram matrix and its squared norm."""
+
+    vec: Array  # (n, n)
+    self: Array  # <vec, vec>
+
+
+class FeatureSummary(NamedTuple):
+    """A layer as its centered features, for the ``n > width`` route of linear CKA."""
+
+    features: Array  # (n, d), centered
+    row_sq: Array  # (n,) squared norms of the centered rows (the Gram's diagonal)
+    total: Array  # sum of row_sq (the Gram's trace)
+    self: Array  # <K~, K~> in the chosen (biased or U-centered) form
+
+
+def _gram_summary(k: Array, debiased: bool) -> GramSummary:
+    kc = _center_gram(k, debiased)
+    return GramSummary(kc, jnp.vdot(kc, kc))
+
+
+def _cosine_pair(a: Any, b: Any) -> Array:
+    return safe_ratio(jnp.vdot(a.vec, b.vec), jnp.sqrt(a.self * b.self))
+
+
+def _debias_inner(xty: Array, rx: Array, ry: Array, sx: Array, sy: Array, n: int) -> Array:
+    # <K~, L~> from <K, L> for linearly-kernelled centered features: the U-centering terms
+    # reduce to the Grams' diagonals (row norms) and traces.
+    return xty - n / (n - 2) * jnp.vdot(rx, ry) + sx * sy / ((n - 1) * (n - 2))
+
+
+def _feature_summary(x: Array, debiased: bool) -> FeatureSummary:
+    xc = center_features(x)
+    row_sq = jnp.sum(xc * xc, axis=1)
+    total = jnp.sum(row_sq)
+    cov = dot(xc.T, xc)
+    self = jnp.vdot(cov, cov)
+    if debiased:
+        self = _debias_inner(self, row_sq, row_sq, total, total, x.shape[0])
+    return FeatureSummary(xc, row_sq, total, self)
+
+
+def _feature_pair(a: FeatureSummary, b: FeatureSummary, debiased: bool) -> Array:
+    cross = dot(a.features.T, b.features)
+    xty = jnp.vdot(cross, cross)
+    if debiased:
+        xty = _debias_inner(xty, a.row_sq, b.row_sq, a.total, b.total, a.features.shape[0])
+    return safe_ratio(xty, jnp.sqrt(a.self * b.self))
+
+
+def use_feature_space(n: int, widths_a: list[int], widths_b: list[int]) -> bool:
+    """Cost model of linear CKA: Gram route versus feature-space route.
+
+    Gram route: each layer's Gram costs n^2 d, each pair n^2. Feature route: each layer's
+    d x d covariance costs n d^2, each pair n d_a d_b. Multiply-adds are counted; the
+    cheaper route wins (ties go to the Gram route, whose grid is one matrix product).
+    """
+    gram = n * n * (sum(widths_a) + sum(widths_b) + len(widths_a) * len(widths_b))
+    feat = n * (sum(d * d for d in widths_a) + sum(d * d for d in widths_b)
+                + sum(widths_a) * sum(widths_b))
+    return feat < gram
+
+
+def linear_measure(*, debiased: bool = False, feature_space: bool = False) -> Measure:
+    """Linear CKA as a :class:`Measure` (Gram route, or feature route when asked)."""
+    if feature_space:
+        return Measure("linear_cka", functools.partial(_feature_summary, debiased=debiased),
+                       functools.partial(_feature_pair, debiased=debiased),
+                       min_n=4 if debiased else 2)
+    prepare = lambda x: _gram_summary(_gram_linear(center_features(x)), debiased)
+    return Measure("linear_cka", prepare, _cosine_pair, cosine=True, min_n=4 if debiased else 2)
+
+
+def rbf_measure(*, threshold: float = 1.0, debiased: bool = False) -> Measure:
+    """RBF CKA as a :class:`Measure`."""
+    t = _v.positive(threshold, "threshold")
+    prepare = lambda x: _gram_summary(_gram_rbf(x, jnp.asarray(t, x.dtype)), debiased)
+    return Measure("rbf_cka", prepare, _cosine_pair, cosine=True, min_n=4 if debiased else 2)
+
+
+@functools.partial(jax.jit, static_argnames=("debiased",))
+def _cka(k: Array, l: Array, debiased: bool) -> Array:
+    return _cosine_pair(_gram_summary(k, debiased), _gram_summary(l, debiased))
+
+
+def cka(gram_x: Any, gram_y: Any, *, debiased: bool = False, check_finite: bool = True) -> Array:
+    r"""Centered kernel alignment of two Gram matrices.
+
+    .. math:: \mathrm{CKA}(K, L) = \frac{\mathrm{HSIC}(K, L)}{\sqrt{\mathrm{HSIC}(K, K)\,
+       \mathrm{HSIC}(L, L)}}
+
+    Args:
+      gram_x, gram_y: ``(n, n)`` Gram matrices of the same n examples.
+      debiased: use the unbiased HSIC estimator (n >= 4); the result can then be slightly
+        negative for unrelated representations.
+    Returns:
+      Scalar array; in [0, 1] for the biased form. 0 when either kernel is constant after
+      centering (a zero-variance layer), where CKA is undefined.
+    """
+    k, l = _v.gram_pair(gram_x, gram_y, min_n=4 if debiased else 2,
+                        why=_UNBIASED_WHY if debiased else "", check_finite=check_finite)
+    return _cka(k, l, debiased)
+
+
+@functools.partial(jax.jit, static_argnames=("debiased", "feature_space"))
+def _linear_cka(x: Array, y: Array, debiased: bool, feature_space: bool) -> Array:
+    m = linear_measure(debiased=debiased, feature_space=feature_space)
+    return m.pair(m.prepare(x), m.prepare(y))
+
+
+def linear_cka(x: Any, y: Any, *, debiased: bool = False, method: str = "auto",
+               check_finite: bool = True) -> Array:
+    r"""Linear centered kernel alignment of two activation arrays.
+
+    .. math:: \mathrm{CKA} = \frac{\lVert Y_c^\top X_c \rVert_F^2}
+       {\lVert X_c^\top X_c \rVert_F\,\lVert Y_c^\top Y_c \rVert_F}
+
+    with :math:`X_c, Y_c` the feature-centered activations; equal to
+    ``cka(gram_linear(x), gram_linear(y), debiased=debiased)``.
+
+    Args:
+      x: activations, shape ``(n, ...)``, one row per example.
+      y: activations, shape ``(n, ...)``, the same n examples in the same order.
+      debiased: unbiased HSIC estimator (n >= 4).
+      method: ``"gram"`` builds the two ``(n, n)`` Grams (cost ``n^2 (d1 + d2)``),
+        ``"features"`` works with ``d x d`` products (cost ``n (d1 d2 + d1^2 + d2^2)``), no
+        ``n x n`` matrix; ``"auto"`` picks the cheaper (:func:`use_feature_space`).
+      check_finite: raise on NaN/inf (skipped automatically for traced values).
+    Returns:
+      Scalar array in [0, 1] (biased) in the inputs' floating dtype; 0 for a zero-variance
+      input.
+    References:
+      Kornblith et al., Similarity of Neural Network Representations Revisited, ICML 2019.
+
+    Example:
+      >>> import jax, jaxsim
+      >>> x = jax.random.normal(jax.random.key(0), (100, 10))
+      >>> float(jaxsim.linear_cka(x, 2 * x))
+      1.0
+    """
+    method = _v.choice(method, "method", ("auto", "gram", "features"))
+    x, y = _v.pair(x, y, min_n=4 if debiased else 2, why=_UNBIASED_WHY if debiased else "",
+                   check_finite=check_finite)
+    if method == "auto":
+        feature_space = use_feature_space(x.shape[0], [x.shape[1]], [y.shape[1]])
+    else:
+        feature_space = method == "features"
+    return _linear_cka(x, y, debiased, feature_space)
+
+
+@functools.partial(jax.jit, static_argnames=("threshold", "debiased"))
+def _rbf_cka(x: Array, y: Array, threshold: float, debiased: bool) -> Array:
+    m = rbf_measure(threshold=threshold, debiased=debiased)
+    return m.pair(m.prepare(x), m.prepare(y))
+
+
+def rbf_cka(x: Any, y: Any, *, threshold: float = 1.0, debiased: bool = False,
+            check_finite: bool = True) -> Array:
+    r"""CKA with RBF kernels: ``cka(gram_rbf(x, threshold=t), gram_rbf(y, threshold=t))``.
+
+    Args:
+      x, y: activations, shapes ``(n, ...)``.
+      threshold: bandwidth as a fraction of the median squared distance (see
+        :func:`gram_rbf`); > 0.
+      debiased: unbiased HSIC estimator (n >= 4).
+    Returns:
+      Scalar array.
+    """
+    x, y = _v.pair(x, y, min_n=4 if debiased else 2, why=_UNBIASED_WHY if debiased else "",
+                   check_finite=check_finite)
+    return _rbf_cka(x, y, _v.positive(threshold, "threshold"), debiased)
