@@ -5,11 +5,11 @@ transpose). Every measure is a pure, jit-able and vmap-able function returning a
 ``similarity_grid`` compares every layer of one network with every layer of another.
 """
 
-from jaxsim.cca import CCAResult as CCAResult
-from jaxsim.cca import cca as cca
-from jaxsim.cca import mean_cca as mean_cca
-from jaxsim.cca import pwcca as pwcca
-from jaxsim.cca import svcca as svcca
+from jaxsim.canonical import CCAResult as CCAResult
+from jaxsim.canonical import cca as cca
+from jaxsim.canonical import mean_cca as mean_cca
+from jaxsim.canonical import pwcca as pwcca
+from jaxsim.canonical import svcca as svcca
 from jaxsim.kernel import center_gram as center_gram
 from jaxsim.kernel import cka as cka
 from jaxsim.kernel import gram_linear as gram_linear

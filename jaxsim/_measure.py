@@ -42,12 +42,12 @@ def dot(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
-    """``num / den``, and 0 where ``den`` is not positive (a zero-variance layer).
+    """``num / den``, and 0 where ``den <= 0`` (a zero-variance layer); NaN stays NaN.
 
     The double ``where`` keeps gradients finite too (the optax ``safe_norm`` pattern).
     """
-    ok = den > 0
-    return jnp.where(ok, num / jnp.where(ok, den, 1), jnp.zeros_like(num))
+    empty = den <= 0
+    return jnp.where(empty, jnp.zeros_like(num), num / jnp.where(empty, 1, den))
 
 
 def center_features(x: jax.Array) -> jax.Array:

@@ -190,8 +190,13 @@ def _gram_summary(k: Array, debiased: bool) -> GramSummary:
     return GramSummary(kc, jnp.vdot(kc, kc))
 
 
+def _norm_product(a: Any, b: Any) -> Array:
+    # U-centred self terms are sums of squares, >= 0 up to rounding (NaN propagates)
+    return jnp.sqrt(jnp.maximum(a.self * b.self, 0))
+
+
 def _cosine_pair(a: Any, b: Any) -> Array:
-    return safe_ratio(jnp.vdot(a.vec, b.vec), jnp.sqrt(a.self * b.self))
+    return safe_ratio(jnp.vdot(a.vec, b.vec), _norm_product(a, b))
 
 
 def _debias_inner(xty: Array, rx: Array, ry: Array, sx: Array, sy: Array, n: int) -> Array:
@@ -216,7 +221,7 @@ def _feature_pair(a: FeatureSummary, b: FeatureSummary, debiased: bool) -> Array
     xty = jnp.vdot(cross, cross)
     if debiased:
         xty = _debias_inner(xty, a.row_sq, b.row_sq, a.total, b.total, a.features.shape[0])
-    return safe_ratio(xty, jnp.sqrt(a.self * b.self))
+    return safe_ratio(xty, _norm_product(a, b))
 
 
 def use_feature_space(n: int, widths_a: list[int], widths_b: list[int]) -> bool:

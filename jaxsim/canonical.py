@@ -69,6 +69,10 @@ class CCASummary(NamedTuple):
     mean: Array  # (m,) feature means of the raw activations
     whiten: Array  # (m, m) (scaled covariance + eps I)^(-1/2) / sqrt(scale (n - 1)), masked
     kept: Array  # (m,) bool, units kept by the epsilon rule (and SVCCA's truncation)
+    # PWCCA needs the kept units' covariance, (n - 1) * scale * V diag(max(w - eps, 0)) V^T:
+    eigvecs: Array  # (m, m) V
+    eigvals: Array  # (m,) w, eigenvalues of the scaled, masked, regularised covariance
+    scale: Array  # (n - 1) * the largest absolute covariance entry
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -94,8 +98,9 @@ def _prepare_cca(x: Array, epsilon: float) -> CCASummary:
     s = jnp.where(both, s, 0) + epsilon * jnp.diag(kept.astype(x.dtype))
     w, v = jnp.linalg.eigh(s)
     whiten = dot(v * _inv_sqrt(w, d), v.T)
-    whiten = jnp.where(both, whiten, 0) / jnp.sqrt(jnp.where(scale > 0, scale, 1) * (n - 1))
-    return CCASummary(xc, mean, whiten, kept)
+    total = jnp.where(scale > 0, scale, 1) * (n - 1)
+    whiten = jnp.where(both, whiten, 0) / jnp.sqrt(total)
+    return CCASummary(xc, mean, whiten, kept, v, w, total)
 
 
 def _top_directions(x: Array, m: int) -> tuple[Array, Array]:
@@ -134,8 +139,10 @@ def _prepare_svcca(x: Array, keep_dims: int | None, keep_variance: float,
     s = safe_ratio(lam, scale)
     kept = mask & (s >= epsilon)
     inv = jnp.where(kept, _inv_sqrt(jnp.where(kept, s + epsilon, 0), m), 0)
-    whiten = jnp.diag(inv) / jnp.sqrt(jnp.where(scale > 0, scale, 1) * (n - 1))
-    return CCASummary(z, jnp.zeros(m, x.dtype), whiten, kept)
+    total = jnp.where(scale > 0, scale, 1) * (n - 1)
+    whiten = jnp.diag(inv) / jnp.sqrt(total)
+    return CCASummary(z, jnp.zeros(m, x.dtype), whiten, kept, jnp.eye(m, dtype=x.dtype),
+                      jnp.where(kept, s + epsilon, 0), total)
 
 
 # -------------------------------------------------------------------------------- pair
@@ -172,38 +179,50 @@ def _cca_result(a: CCASummary, b: CCASummary) -> CCAResult:
     return CCAResult(_valid(s[:k], rank), rank, xw, yw, dot(a.centered, xw), dot(b.centered, yw))
 
 
-def _compact(values: Array, kept: Array) -> Array:
-    """The kept entries moved to the front, in order, zeros after them."""
-    order = jnp.argsort(~kept, stable=True)
-    return jnp.where(jnp.arange(values.shape[0]) < jnp.sum(kept), values[order], 0)
+def _kept_first(s: CCASummary) -> CCASummary:
+    """The same layer with its kept units moved to the front (order kept)."""
+    order = jnp.argsort(~s.kept, stable=True)
+    return CCASummary(s.centered[:, order], s.mean[order], s.whiten[order][:, order],
+                      s.kept[order], s.eigvecs[order], s.eigvals, s.scale)
 
 
-def _pw_side(s: CCASummary, vecs: Array, coefs: Array) -> Array:
+def _pw_side(s: CCASummary, vecs: Array, coefs: Array, epsilon: float) -> Array:
     """PWCCA from the narrower side, as google/svcca's compute_pwcca does it.
 
     ``vecs`` are that side's singular vectors (columns) of the whitened cross-covariance.
-    The directions are those vectors applied to the centered, un-whitened activations,
-    plus the means, orthonormalised by QR; the weights are the summed absolute projections
-    of the raw activations onto them.
+    The reference forms directions ``D = X_c vecs + 1 mu^T`` (unit i's mean added to
+    direction i), orthonormalises them by QR, ``D = Q R``, and weights direction i by
+    ``sum_j |Q^T X|_ij`` over the raw activations X of the kept units. Because of that
+    added mean the result depends on the SVD's sign convention, as the reference's does.
+
+    Both D and X lie in the span of ``[P, 1/sqrt(n)]``, where ``X_c = P L^(1/2) V^T`` comes
+    from the covariance eigendecomposition already at hand, so the QR and the projections
+    are done on ``(d + 1) x d`` coordinates in that basis: no n-sized work beyond CCA's.
     """
     d = s.whiten.shape[0]
-    count = jnp.sum(s.kept)
-    directions = dot(s.centered, vecs) + _compact(s.mean, s.kept)
-    q, _ = jnp.linalg.qr(directions)
-    raw = jnp.where(s.kept, s.centered + s.mean, 0)
-    weights = jnp.sum(jnp.abs(dot(q.T, raw)), axis=1)
-    weights = jnp.pad(weights, (0, d - weights.shape[0]))
-    weights = jnp.where(jnp.arange(d) < count, weights, 0)
+    n = s.centered.shape[0]
+    mean = jnp.where(s.kept, s.mean, 0)
+    root = jnp.sqrt(jnp.maximum(s.eigvals - epsilon, 0) * s.scale)[:, None] * s.eigvecs.T
+    offset = math.sqrt(n) * mean[None, :]
+    q, _ = jnp.linalg.qr(jnp.concatenate([dot(root, vecs), offset]))
+    weights = jnp.sum(jnp.abs(dot(q.T, jnp.concatenate([root, offset]))), axis=1)
+    weights = jnp.where(jnp.arange(d) < jnp.sum(s.kept), weights, 0)
     k = coefs.shape[0]
     weights = jnp.pad(weights, (0, max(0, k - d)))[:k]
     return safe_ratio(jnp.sum(weights * coefs), jnp.sum(weights))
 
 
-def _pwcca_pair(a: CCASummary, b: CCASummary, *, static_sides: bool) -> Array:
+def _pwcca_pair(a: CCASummary, b: CCASummary, *, epsilon: float) -> Array:
+    static_sides = epsilon == 0
+    if not static_sides:
+        # Units dropped by epsilon go last, so the SVD sees the reference's cropped
+        # matrix followed by zero rows and columns, and the kept units' i-th mean lines up
+        # with the i-th direction as in the reference.
+        a, b = _kept_first(a), _kept_first(b)
     u, s, vh = jnp.linalg.svd(_cross(a, b), full_matrices=True)
     coefs = _valid(s, _rank(a, b))
-    x_side = lambda: _pw_side(a, u, coefs)
-    y_side = lambda: _pw_side(b, vh.T, coefs)
+    x_side = lambda: _pw_side(a, u, coefs, epsilon)
+    y_side = lambda: _pw_side(b, vh.T, coefs, epsilon)
     if static_sides:  # epsilon == 0: nothing dropped, the narrower side is known statically
         return x_side() if a.whiten.shape[0] <= b.whiten.shape[0] else y_side()
     return jnp.where(jnp.sum(a.kept) <= jnp.sum(b.kept), x_side(), y_side())
@@ -227,7 +246,7 @@ def svcca_measure(*, keep_dims: int | None = None, keep_variance: float = 0.99,
 
 def pwcca_measure(*, epsilon: float = 0.0) -> Measure:
     """PWCCA as a :class:`Measure` (asymmetric when the two widths are equal)."""
-    pair = functools.partial(_pwcca_pair, static_sides=epsilon == 0)
+    pair = functools.partial(_pwcca_pair, epsilon=epsilon)
     return Measure("pwcca", functools.partial(_prepare_cca, epsilon=epsilon), pair,
                    symmetric=False)
 

@@ -1,0 +1,69 @@
+"""Timing helpers and the straightforward NumPy baselines the benchmarks compare against."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+
+def timeit(fn, *args, repeat: int = 3, warmup: int = 1) -> float:
+    """Best wall time of ``fn(*args)`` in seconds, blocking on JAX results."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_rate(dtype, size: int = 2048) -> float:
+    """The machine's measured matmul rate in FLOP/s (jax, this dtype)."""
+    a = jax.numpy.asarray(np.random.default_rng(0).normal(size=(size, size)), dtype)
+    f = jax.jit(lambda m: m @ m)
+    return 2 * size**3 / timeit(f, a, repeat=5)
+
+
+def relu_lowrank(rng, n: int, d: int, rank: int = 50) -> np.ndarray:
+    """ReLU-like activations of low intrinsic dimension: relu(Z W + b), Z of width rank."""
+    z = rng.normal(size=(n, rank))
+    return np.maximum(z @ rng.normal(size=(rank, d)) + 0.5 * rng.normal(size=d), 0)
+
+
+# ----------------------------------------------------------- classic NumPy algorithms
+# The original SVCCA/PWCCA recipe: covariance, pseudo-inverse square roots, SVD.
+
+
+def _inv_sqrt(s):
+    w, v = np.linalg.eigh(np.linalg.pinv(s))
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def classic_cca(x, y):
+    """(n, d) inputs; coefficients, left/right singular vectors."""
+    d1 = x.shape[1]
+    cov = np.cov(x.T, y.T)
+    sxx, syy, sxy = cov[:d1, :d1], cov[d1:, d1:], cov[:d1, d1:]
+    xm, ym = np.abs(sxx).max(), np.abs(syy).max()
+    t = _inv_sqrt(sxx / xm) @ (sxy / np.sqrt(xm * ym)) @ _inv_sqrt(syy / ym)
+    u, s, vh = np.linalg.svd(t)
+    return s, u, vh
+
+
+def classic_svcca(x, y, k=20):
+    def reduce(a):
+        u, s, _ = np.linalg.svd(a - a.mean(0), full_matrices=False)
+        return u[:, :k] * s[:k]
+    return classic_cca(reduce(x), reduce(y))[0].mean()
+
+
+def classic_pwcca(x, y):
+    s, u, vh = classic_cca(x, y)
+    acts, vecs = (x, u) if x.shape[1] <= y.shape[1] else (y, vh.T)
+    mean = acts.mean(0)
+    q, _ = np.linalg.qr((acts - mean) @ vecs + mean)
+    w = np.abs(q.T @ acts).sum(1)
+    return np.sum(w / w.sum() * s)

@@ -1,0 +1,237 @@
+"""The CCA family against NumPy float64 implementations of the classic algorithms."""
+
+import jax
+import numpy as np
+import pytest
+
+import jaxsim
+from conftest import orthogonal, related
+
+# ---------------------------------------------------------------- NumPy references
+# Classic CCA (Hotelling) through covariance whitening, with google/svcca's epsilon
+# convention; SVCCA (Raghu et al. 2017); PWCCA (Morcos et al. 2018) as computed by the
+# code behind the published numbers. Written in the (n, features) convention.
+
+
+def np_inv_sqrt(s):
+    w, v = np.linalg.eigh(np.linalg.pinv(s))
+    return v @ np.diag(np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def np_cca(x, y, epsilon=0.0):
+    """Coefficients, left and right singular vectors, kept-unit masks."""
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    n = x.shape[0]
+    sxx, syy, sxy = xc.T @ xc / (n - 1), yc.T @ yc / (n - 1), xc.T @ yc / (n - 1)
+    xmax, ymax = np.abs(sxx).max(), np.abs(syy).max()
+    sxx, syy, sxy = sxx / xmax, syy / ymax, sxy / np.sqrt(xmax * ymax)
+    kx, ky = np.diag(sxx) >= epsilon, np.diag(syy) >= epsilon
+    sxx, syy, sxy = sxx[kx][:, kx], syy[ky][:, ky], sxy[kx][:, ky]
+    t = np_inv_sqrt(sxx + epsilon * np.eye(len(sxx))) @ sxy @ np_inv_sqrt(
+        syy + epsilon * np.eye(len(syy)))
+    u, s, vh = np.linalg.svd(t)
+    return s, u, vh, kx, ky
+
+
+def np_svcca(x, y, k):
+    def reduce(a):
+        ac = a - a.mean(0)
+        u, s, vh = np.linalg.svd(ac, full_matrices=False)
+        return u[:, :k] * s[:k]
+    return np_cca(reduce(x), reduce(y))[0].mean()
+
+
+def np_pwcca(x, y, epsilon=0.0):
+    s, u, vh, kx, ky = np_cca(x, y, epsilon)
+    if kx.sum() <= ky.sum():
+        acts, vecs, kept = x[:, kx], u, kx
+    else:
+        acts, vecs, kept = y[:, ky], vh.T, ky
+    mean = acts.mean(0)
+    directions = (acts - mean) @ vecs + mean  # mean of unit i added to direction i
+    q, _ = np.linalg.qr(directions)
+    weights = np.abs(q.T @ acts).sum(axis=1)
+    weights = weights / weights.sum()
+    return np.sum(weights * s)
+
+
+# ------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("shape", [(300, 10, 14), (300, 14, 10), (250, 8, 8)])
+@pytest.mark.parametrize("epsilon", [0.0, 1e-3])
+def test_cca_against_reference(x64, rng, shape, epsilon):
+    x, y = related(rng, *shape)
+    s = np_cca(x, y, epsilon)[0]
+    res = jaxsim.cca(x, y, epsilon=epsilon)
+    assert res.coefficients.shape == (min(shape[1:]),)
+    np.testing.assert_allclose(res.coefficients, s, rtol=1e-9)
+    np.testing.assert_allclose(jaxsim.mean_cca(x, y, epsilon=epsilon), s.mean(), rtol=1e-9)
+    np.testing.assert_allclose(jaxsim.pwcca(x, y, epsilon=epsilon), np_pwcca(x, y, epsilon),
+                               rtol=1e-9)
+
+
+def test_epsilon_drops_low_variance_units(x64, rng):
+    x, y = related(rng, 300, 10, 14)
+    x[:, 3] *= 1e-3  # scaled variance 1e-6 of the largest: dropped at epsilon=1e-4
+    s, _, _, kx, _ = np_cca(x, y, 1e-4)
+    assert kx.sum() == 9
+    res = jaxsim.cca(x, y, epsilon=1e-4)
+    assert int(res.rank) == 9
+    np.testing.assert_allclose(res.coefficients[:9], s, rtol=1e-9)
+    assert float(res.coefficients[9]) == 0.0
+    np.testing.assert_allclose(jaxsim.mean_cca(x, y, epsilon=1e-4), s.mean(), rtol=1e-9)
+    np.testing.assert_allclose(jaxsim.pwcca(x, y, epsilon=1e-4), np_pwcca(x, y, 1e-4), rtol=1e-9)
+
+
+def test_canonical_variates(x64, rng):
+    x, y = related(rng, 300, 6, 9)
+    res = jaxsim.cca(x, y)
+    xv, yv = np.asarray(res.x_variates), np.asarray(res.y_variates)
+    np.testing.assert_allclose(np.cov(xv.T), np.eye(6), atol=1e-9)
+    np.testing.assert_allclose(np.cov(yv.T), np.eye(6), atol=1e-9)
+    corr = np.diag(np.corrcoef(xv.T, yv.T)[:6, 6:])
+    np.testing.assert_allclose(corr, res.coefficients, rtol=1e-9)
+    np.testing.assert_allclose((x - x.mean(0)) @ np.asarray(res.x_weights), xv, atol=1e-9)
+
+
+@pytest.mark.parametrize("k", [1, 5, 8])
+def test_svcca_keep_dims_against_reference(x64, rng, k):
+    x, y = related(rng, 400, 12, 9)
+    np.testing.assert_allclose(jaxsim.svcca(x, y, keep_dims=k), np_svcca(x, y, k), rtol=1e-9)
+
+
+def test_svcca_wide_layers_use_gram_route(x64, rng):
+    # fewer examples than features: the reduction goes through the n x n Gram
+    x, y = related(rng, 40, 60, 50)
+    np.testing.assert_allclose(jaxsim.svcca(x, y, keep_dims=10), np_svcca(x, y, 10), rtol=1e-8)
+
+
+def test_svcca_keep_variance(x64, rng):
+    x, y = related(rng, 400, 12, 9)
+    x = x * np.linspace(3, 0.1, 12)  # spread the variances so the threshold matters
+
+    def count(a, frac):
+        s = np.linalg.svd(a - a.mean(0), compute_uv=False) ** 2
+        return int(np.argmax(np.cumsum(s) / s.sum() >= frac)) + 1
+
+    for frac in (0.5, 0.9, 0.99, 1.0):
+        kx, ky = count(x, frac), count(y, frac)
+
+        def reduce(a, k):
+            ac = a - a.mean(0)
+            u, s, _ = np.linalg.svd(ac, full_matrices=False)
+            return u[:, :k] * s[:k]
+
+        ref = np_cca(reduce(x, kx), reduce(y, ky))[0].mean()
+        np.testing.assert_allclose(jaxsim.svcca(x, y, keep_variance=frac), ref, rtol=1e-8)
+
+
+def test_rank_deficient_layer_is_finite(x64, rng):
+    x, y = related(rng, 300, 6, 9)
+    dup = np.concatenate([x, x[:, :2] + x[:, 2:4], np.zeros((300, 1))], axis=1)
+    res = jaxsim.cca(dup, y)
+    assert np.all(np.isfinite(res.coefficients))
+    np.testing.assert_allclose(res.coefficients[:6], np_cca(x, y)[0], rtol=1e-7)
+    np.testing.assert_allclose(res.coefficients[6:], 0, atol=1e-7)
+    assert np.isfinite(float(jaxsim.pwcca(dup, y)))
+    assert np.isfinite(float(jaxsim.svcca(dup, y)))
+
+
+def test_zero_variance_gives_zero(x64, rng):
+    x = rng.normal(size=(50, 4))
+    const = np.full((50, 3), 2.0)
+    for f in (jaxsim.mean_cca, jaxsim.pwcca, jaxsim.svcca):
+        assert float(f(x, const)) == 0.0
+    np.testing.assert_array_equal(jaxsim.cca(const, x).coefficients, 0)
+
+
+# -------------------------------------------------------------------- invariances
+
+
+def test_cca_invariant_to_invertible_maps(x64, rng):
+    x, y = related(rng, 300, 8, 6)
+    base = jaxsim.cca(x, y).coefficients
+    a = rng.normal(size=(8, 8)) + 3 * np.eye(8)
+    b = rng.normal(size=(6, 6)) + 3 * np.eye(6)
+    np.testing.assert_allclose(jaxsim.cca(x @ a + 4.0, y @ b).coefficients, base, rtol=1e-8)
+    np.testing.assert_allclose(jaxsim.cca(y, x).coefficients, base, rtol=1e-9)
+    np.testing.assert_allclose(jaxsim.cca(x, x @ a).coefficients, 1.0, rtol=1e-9)
+    assert np.all((base >= 0) & (base <= 1))
+    assert np.all(np.diff(np.asarray(base)) <= 1e-12)
+    # full-rank SVCCA inherits CCA's invariance; truncated SVCCA keeps the orthogonal one
+    np.testing.assert_allclose(jaxsim.svcca(x @ a, y @ b, keep_variance=1.0),
+                               jaxsim.mean_cca(x, y), rtol=1e-8)
+    q = orthogonal(rng, 8)
+    np.testing.assert_allclose(jaxsim.svcca(2.5 * x @ q, y, keep_dims=4),
+                               jaxsim.svcca(x, y, keep_dims=4), rtol=1e-8)
+
+
+def test_truncated_svcca_is_not_mean_cca(x64, rng):
+    x, y = related(rng, 300, 8, 6)
+    assert abs(float(jaxsim.svcca(x, y, keep_dims=2)) - float(jaxsim.mean_cca(x, y))) > 1e-3
+
+
+def test_pwcca_sides(x64, rng):
+    x, y = related(rng, 300, 8, 8)
+    # equal widths: weights come from the first argument, so the order matters
+    assert abs(float(jaxsim.pwcca(x, y)) - float(jaxsim.pwcca(y, x))) > 1e-6
+    np.testing.assert_allclose(jaxsim.pwcca(y, x), np_pwcca(y, x), rtol=1e-9)
+    # different widths: both orders weight the narrower side; they agree up to the
+    # reference's dependence on the SVD's signs (it adds the means after the rotation)
+    x, y = related(rng, 300, 5, 9)
+    np.testing.assert_allclose(jaxsim.pwcca(y, x), np_pwcca(y, x), rtol=1e-9)
+    np.testing.assert_allclose(jaxsim.pwcca(x, y), jaxsim.pwcca(y, x), atol=1e-3)
+    np.testing.assert_allclose(jaxsim.pwcca(x, x @ rng.normal(size=(5, 5))), 1.0, rtol=1e-9)
+
+
+# --------------------------------------------------------------- float32, jit, vmap
+
+
+def test_float32_close_to_float64(rng):
+    x, y = related(rng, 2000, 20, 15)
+    with jax.enable_x64(True):
+        ref = [float(f(x, y)) for f in (jaxsim.mean_cca, jaxsim.pwcca, jaxsim.svcca)]
+    x32, y32 = x.astype(np.float32), y.astype(np.float32)
+    got = [f(x32, y32) for f in (jaxsim.mean_cca, jaxsim.pwcca, jaxsim.svcca)]
+    assert all(g.dtype == np.float32 for g in got)
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mean_cca", "svcca", "pwcca"])
+def test_jit_and_vmap(x64, rng, name):
+    f = getattr(jaxsim, name)
+    xs = rng.normal(size=(3, 120, 6))
+    ys = np.tanh(xs @ rng.normal(size=(6, 7))) + rng.normal(size=(3, 120, 7))
+    loop = np.array([float(f(a, b)) for a, b in zip(xs, ys)])
+    np.testing.assert_allclose(jax.vmap(f)(xs, ys), loop, rtol=1e-10)
+    np.testing.assert_allclose(jax.jit(f)(xs[1], ys[1]), loop[1], rtol=1e-10)
+    out = jax.jit(jaxsim.cca)(xs[0], ys[0])
+    np.testing.assert_allclose(out.coefficients, jaxsim.cca(xs[0], ys[0]).coefficients, rtol=1e-10)
+
+
+# -------------------------------------------------------------------- validation
+
+
+def test_errors(rng):
+    x = rng.normal(size=(30, 5))
+    y = rng.normal(size=(30, 7))
+    with pytest.raises(ValueError, match=r"keep_dims: 6 directions requested but x has shape \(30, 5\)"):
+        jaxsim.svcca(x, y, keep_dims=6)
+    with pytest.raises(ValueError, match=r"keep_dims: 3 directions requested but x has shape \(2, 5\)"):
+        jaxsim.svcca(x[:2], y[:2], keep_dims=3)
+    with pytest.raises(TypeError, match=r"keep_dims: expected an int or None, got 2.5"):
+        jaxsim.svcca(x, y, keep_dims=2.5)
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"keep_variance: must lie in \(0, 1\]"):
+            jaxsim.svcca(x, y, keep_variance=bad)
+    with pytest.raises(ValueError, match=r"epsilon: must be a finite number >= 0, got -1"):
+        jaxsim.cca(x, y, epsilon=-1)
+    with pytest.raises(ValueError, match=r"y: has 29 examples"):
+        jaxsim.pwcca(x, y[:29])
+    with pytest.raises(ValueError, match=r"need at least 2 examples"):
+        jaxsim.mean_cca(x[:1], y[:1])
+    y_bad = y.copy()
+    y_bad[0, 0] = np.inf
+    with pytest.raises(ValueError, match=r"y: contains 1 non-finite"):
+        jaxsim.svcca(x, y_bad)

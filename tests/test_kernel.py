@@ -1,0 +1,246 @@
+"""Kernel alignment against NumPy float64 implementations of the published formulas."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import jaxsim
+from conftest import orthogonal, related
+
+# ---------------------------------------------------------------- NumPy references
+# Kornblith et al. 2019 (Gram, centering, CKA) and Song et al. 2012 (unbiased HSIC).
+
+
+def np_gram_rbf(x, threshold=1.0):
+    sq = np.sum(x * x, axis=1)
+    d = sq[:, None] + sq[None, :] - 2 * x @ x.T
+    return np.exp(-d / (2 * threshold**2 * np.median(d)))
+
+
+def np_centering(n):
+    return np.eye(n) - np.ones((n, n)) / n
+
+
+def np_hsic_biased(k, l):
+    n = k.shape[0]
+    h = np_centering(n)
+    return np.trace(k @ h @ l @ h) / (n - 1) ** 2
+
+
+def np_hsic_unbiased(k, l):
+    # Song et al. 2012, eq. 5: the three-term form with zero diagonals.
+    n = k.shape[0]
+    k = k.copy()
+    l = l.copy()
+    np.fill_diagonal(k, 0)
+    np.fill_diagonal(l, 0)
+    one = np.ones(n)
+    term1 = np.trace(k @ l)
+    term2 = (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
+    term3 = 2 / (n - 2) * (one @ k @ l @ one)
+    return (term1 + term2 - term3) / (n * (n - 3))
+
+
+def np_cka(k, l, debiased=False):
+    h = np_hsic_unbiased if debiased else np_hsic_biased
+    return h(k, l) / np.sqrt(h(k, k) * h(l, l))
+
+
+def np_linear_cka(x, y, debiased=False):
+    return np_cka(x @ x.T, y @ y.T, debiased)
+
+
+# ------------------------------------------------------------------------- values
+
+
+def test_grams(x64, rng):
+    x, _ = related(rng, n=40)
+    np.testing.assert_allclose(jaxsim.gram_linear(x), x @ x.T, rtol=1e-12)
+    for t in (0.5, 1.0, 2.0):
+        np.testing.assert_allclose(jaxsim.gram_rbf(x, threshold=t), np_gram_rbf(x, t),
+                                   rtol=1e-10, atol=1e-12)
+
+
+def test_center_gram(x64, rng):
+    x, _ = related(rng, n=30)
+    k = x @ x.T
+    h = np_centering(30)
+    np.testing.assert_allclose(jaxsim.center_gram(k), h @ k @ h, atol=1e-10)
+    # U-centred inner products give the unbiased HSIC; U-centred rows sum to 0.
+    ku = np.asarray(jaxsim.center_gram(k, unbiased=True))
+    np.testing.assert_allclose(np.diag(ku), 0, atol=1e-12)
+    np.testing.assert_allclose(ku.sum(0), 0, atol=1e-9)
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_hsic(x64, rng, unbiased):
+    x, y = related(rng, n=50)
+    k, l = x @ x.T, np_gram_rbf(y)
+    ref = np_hsic_unbiased(k, l) if unbiased else np_hsic_biased(k, l)
+    np.testing.assert_allclose(jaxsim.hsic(k, l, unbiased=unbiased), ref, rtol=1e-9)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_cka_against_reference(x64, rng, debiased):
+    x, y = related(rng, n=60)
+    ref = np_linear_cka(x, y, debiased)
+    np.testing.assert_allclose(jaxsim.cka(x @ x.T, y @ y.T, debiased=debiased), ref, rtol=1e-10)
+    for method in ("gram", "features", "auto"):
+        got = jaxsim.linear_cka(x, y, debiased=debiased, method=method)
+        np.testing.assert_allclose(got, ref, rtol=1e-10)
+    for t in (0.5, 1.0):
+        ref_rbf = np_cka(np_gram_rbf(x, t), np_gram_rbf(y, t), debiased)
+        np.testing.assert_allclose(jaxsim.rbf_cka(x, y, threshold=t, debiased=debiased),
+                                   ref_rbf, rtol=1e-9)
+
+
+def test_feature_space_route_is_chosen_for_tall_inputs():
+    from jaxsim.kernel import use_feature_space
+    assert use_feature_space(10_000, [512], [512])
+    assert not use_feature_space(256, [1024], [2048])
+
+
+def test_large_n_feature_route(x64, rng):
+    # n much larger than the widths: the auto route must agree with the reference
+    x, y = related(rng, n=1500, d1=5, d2=7)
+    np.testing.assert_allclose(jaxsim.linear_cka(x, y), np_linear_cka(x, y), rtol=1e-10)
+    np.testing.assert_allclose(jaxsim.linear_cka(x, y, debiased=True),
+                               np_linear_cka(x, y, True), rtol=1e-9)
+
+
+# -------------------------------------------------------------------- invariances
+
+
+@pytest.mark.parametrize("metric", ["linear", "rbf", "linear_debiased"])
+def test_cka_invariances(x64, rng, metric):
+    f = {
+        "linear": jaxsim.linear_cka,
+        "rbf": jaxsim.rbf_cka,
+        "linear_debiased": lambda a, b: jaxsim.linear_cka(a, b, debiased=True),
+    }[metric]
+    x, y = related(rng, n=80)
+    base = f(x, y)
+    q = orthogonal(rng, x.shape[1])
+    np.testing.assert_allclose(f(x @ q, y), base, rtol=1e-9)
+    np.testing.assert_allclose(f(3.7 * x, y), base, rtol=1e-9)
+    np.testing.assert_allclose(f(x[:, rng.permutation(x.shape[1])], y), base, rtol=1e-9)
+    np.testing.assert_allclose(f(x + 10.0, y), base, rtol=1e-8)
+    np.testing.assert_allclose(f(y, x), base, rtol=1e-9)
+    np.testing.assert_allclose(f(x, x), 1.0, rtol=1e-10)
+
+
+def test_linear_cka_not_invariant_to_anisotropic_scaling(x64, rng):
+    # the tests above would pass for a constant function; this one would not
+    x, y = related(rng, n=80)
+    scale = np.ones(x.shape[1])
+    scale[0] = 50.0
+    assert abs(float(jaxsim.linear_cka(x * scale, y)) - float(jaxsim.linear_cka(x, y))) > 1e-3
+
+
+@given(st.integers(8, 40), st.integers(1, 10), st.integers(1, 10), st.integers(0, 2**16))
+def test_cka_bounds(n, d1, d2, seed):
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(seed)
+        x, y = rng.normal(size=(n, d1)), rng.normal(size=(n, d2))
+        for f in (jaxsim.linear_cka, jaxsim.rbf_cka):
+            v = float(f(x, y))
+            assert 0 <= v <= 1 + 1e-12
+        np.testing.assert_allclose(jaxsim.linear_cka(x, y, method="features"),
+                                   jaxsim.linear_cka(x, y, method="gram"), rtol=1e-8, atol=1e-12)
+
+
+# --------------------------------------------------------------------- numerics
+
+
+def test_float32_unbiased_cka_with_large_mean(rng):
+    n = 2048
+    x = rng.normal(size=(n, 64)) + 5.0
+    y = np.tanh(x @ rng.normal(size=(64, 32)) / 8) + 5.0 + 0.1 * rng.normal(size=(n, 32))
+    with jax.enable_x64(True):
+        ref = float(jaxsim.linear_cka(x, y, debiased=True, method="gram"))
+        np.testing.assert_allclose(ref, np_linear_cka(x - x.mean(0), y - y.mean(0), True),
+                                   rtol=1e-8)
+    x32, y32 = x.astype(np.float32), y.astype(np.float32)
+    for method in ("gram", "features"):
+        got = jaxsim.linear_cka(x32, y32, debiased=True, method=method)
+        assert got.dtype == jnp.float32
+        assert abs(float(got) - ref) < 1e-4
+
+
+def test_zero_variance_gives_zero_not_nan(x64, rng):
+    x = rng.normal(size=(20, 3))
+    const = np.ones((20, 4))
+    for method in ("gram", "features"):
+        assert float(jaxsim.linear_cka(x, const, method=method)) == 0.0
+        assert float(jaxsim.linear_cka(const, const, method=method, debiased=True)) == 0.0
+    assert np.isfinite(float(jaxsim.rbf_cka(x, const)))
+
+
+def test_integer_inputs_are_cast(rng):
+    x = rng.integers(0, 5, size=(30, 4))
+    y = rng.integers(0, 5, size=(30, 3))
+    v = jaxsim.linear_cka(x, y)
+    assert jnp.issubdtype(v.dtype, jnp.floating)
+    np.testing.assert_allclose(v, np_linear_cka(x.astype(float), y.astype(float)), rtol=1e-5)
+
+
+def test_dtype_follows_inputs(rng):
+    x, y = related(rng, n=30)
+    assert jaxsim.linear_cka(x.astype(np.float32), y.astype(np.float32)).dtype == jnp.float32
+    with jax.enable_x64(True):
+        assert jaxsim.linear_cka(x, y).dtype == jnp.float64
+
+
+# ------------------------------------------------------------------ jit and vmap
+
+
+@pytest.mark.parametrize("name", ["linear_cka", "rbf_cka"])
+def test_jit_equals_eager_and_vmap_equals_loop(x64, rng, name):
+    f = getattr(jaxsim, name)
+    xs = rng.normal(size=(4, 40, 6))
+    ys = xs @ rng.normal(size=(6, 5)) + rng.normal(size=(4, 40, 5))
+    eager = np.array([float(f(a, b)) for a, b in zip(xs, ys)])
+    np.testing.assert_allclose(jax.vmap(f)(xs, ys), eager, rtol=1e-12)
+    np.testing.assert_allclose(jax.jit(f)(xs[0], ys[0]), eager[0], rtol=1e-12)
+    np.testing.assert_allclose(jax.jit(jaxsim.hsic)(xs[0] @ xs[0].T, ys[0] @ ys[0].T),
+                               jaxsim.hsic(xs[0] @ xs[0].T, ys[0] @ ys[0].T), rtol=1e-12)
+
+
+def test_higher_rank_activations_are_flattened(x64, rng):
+    x = rng.normal(size=(30, 2, 3, 4))
+    y = rng.normal(size=(30, 5))
+    np.testing.assert_allclose(jaxsim.linear_cka(x, y), np_linear_cka(x.reshape(30, -1), y),
+                               rtol=1e-10)
+
+
+# -------------------------------------------------------------------- validation
+
+
+def test_errors(rng):
+    x = rng.normal(size=(10, 3))
+    with pytest.raises(ValueError, match=r"y: has 9 examples \(shape \(9, 3\)\) but x has 10"):
+        jaxsim.linear_cka(x, x[:9])
+    with pytest.raises(ValueError, match=r"need at least 4 examples for the unbiased HSIC.*n=3"):
+        jaxsim.linear_cka(x[:3], x[:3], debiased=True)
+    with pytest.raises(ValueError, match=r"need at least 4 examples.*n=3"):
+        jaxsim.hsic(np.eye(3), np.eye(3), unbiased=True)
+    bad = x.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match=r"x: contains 1 non-finite value.*shape \(10, 3\)"):
+        jaxsim.linear_cka(bad, x)
+    assert np.isnan(float(jaxsim.linear_cka(bad, x, check_finite=False)))
+    with pytest.raises(ValueError, match=r"threshold: must be a positive finite number, got -1"):
+        jaxsim.rbf_cka(x, x, threshold=-1)
+    with pytest.raises(TypeError, match=r"x: complex dtype"):
+        jaxsim.linear_cka(x.astype(complex), x)
+    with pytest.raises(TypeError, match=r"y: expected a numeric array, got dtype <U1"):
+        jaxsim.linear_cka(x, np.full((10, 3), "a"))
+    with pytest.raises(ValueError, match=r"x: expected activations of shape \(n, features...\), got shape \(10,\)"):
+        jaxsim.linear_cka(x[:, 0], x)
+    with pytest.raises(ValueError, match=r"gram_x: expected a square \(n, n\) Gram matrix, got shape \(10, 3\)"):
+        jaxsim.cka(x, x)
+    with pytest.raises(ValueError, match=r"method: expected one of 'auto', 'gram', 'features'"):
+        jaxsim.linear_cka(x, x, method="fast")
