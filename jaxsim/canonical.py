@@ -231,11 +231,13 @@ def _pwcca_pair(a: CCASummary, b: CCASummary, *, epsilon: float) -> Array:
 # ---------------------------------------------------------------------------- measures
 
 
+@functools.lru_cache(maxsize=None)
 def cca_measure(*, epsilon: float = 0.0) -> Measure:
     """Mean CCA as a :class:`Measure`."""
     return Measure("mean_cca", functools.partial(_prepare_cca, epsilon=epsilon), _mean_pair)
 
 
+@functools.lru_cache(maxsize=None)
 def svcca_measure(*, keep_dims: int | None = None, keep_variance: float = 0.99,
                   epsilon: float = 0.0) -> Measure:
     """SVCCA as a :class:`Measure`."""
@@ -244,6 +246,7 @@ def svcca_measure(*, keep_dims: int | None = None, keep_variance: float = 0.99,
     return Measure("svcca", prepare, _mean_pair)
 
 
+@functools.lru_cache(maxsize=None)
 def pwcca_measure(*, epsilon: float = 0.0) -> Measure:
     """PWCCA as a :class:`Measure` (asymmetric when the two widths are equal)."""
     pair = functools.partial(_pwcca_pair, epsilon=epsilon)

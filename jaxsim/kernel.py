@@ -237,6 +237,7 @@ def use_feature_space(n: int, widths_a: list[int], widths_b: list[int]) -> bool:
     return feat < gram
 
 
+@functools.lru_cache(maxsize=None)
 def linear_measure(*, debiased: bool = False, feature_space: bool = False) -> Measure:
     """Linear CKA as a :class:`Measure` (Gram route, or feature route when asked)."""
     if feature_space:
@@ -247,6 +248,7 @@ def linear_measure(*, debiased: bool = False, feature_space: bool = False) -> Me
     return Measure("linear_cka", prepare, _cosine_pair, cosine=True, min_n=4 if debiased else 2)
 
 
+@functools.lru_cache(maxsize=None)
 def rbf_measure(*, threshold: float = 1.0, debiased: bool = False) -> Measure:
     """RBF CKA as a :class:`Measure`."""
     t = _v.positive(threshold, "threshold")

@@ -1,0 +1,449 @@
+r"""Layer-by-layer similarity grids, and streaming minibatch CKA.
+
+A grid prepares each layer once (its centered Gram, its whitened basis, ...) and then
+evaluates every pair of layers in batched computations:
+
+* kernel measures (linear and RBF CKA): the whole grid is one matrix product of the
+  flattened centered Grams, ``(L_a, n^2) @ (n^2, L_b)``;
+* linear CKA with more examples than features takes the feature-space route instead, when
+  the cost model :func:`jaxsim.kernel.use_feature_space` says it is cheaper;
+* everything else (the CCA family, user callables): ``vmap`` of the pair function over the
+  list of pairs, layers grouped by the shape of their summaries, chunked with
+  ``jax.lax.map(batch_size=...)`` so memory stays bounded.
+
+Self-grids (``acts_b=None``) of symmetric measures compute one triangle.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+import operator
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsim import _validation as _v
+from jaxsim import canonical, kernel
+from jaxsim._measure import Measure, safe_ratio
+
+Array = jax.Array
+
+# Incremented at trace time only: tests use it to prove that grids do not recompile.
+TRACE_COUNT: collections.Counter = collections.Counter()
+
+
+# ---------------------------------------------------------------------------- the Grid
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["values"],
+                   meta_fields=["rows", "cols", "metric"])
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """Similarity of every row layer with every column layer (a pytree).
+
+    Attributes:
+      values: ``(len(rows), len(cols))`` array; ``values[i, j]`` compares row layer i (first
+        argument of :func:`similarity_grid`) with column layer j.
+      rows: names of the row layers.
+      cols: names of the column layers.
+      metric: the measure's name.
+    """
+
+    values: Array
+    rows: tuple[str, ...]
+    cols: tuple[str, ...]
+    metric: str = ""
+
+    def to_numpy(self) -> np.ndarray:
+        return np.asarray(self.values)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.values, dtype=dtype)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.rows), len(self.cols))
+
+    def __getitem__(self, key: tuple[str, str]) -> Array:
+        """``grid["layer_a", "layer_b"]``: one value by layer names."""
+        row, col = key
+        return self.values[self.rows.index(row), self.cols.index(col)]
+
+    def save(self, path: str) -> None:
+        """Writes ``values``, ``rows``, ``cols`` and ``metric`` to an ``.npz`` file."""
+        np.savez(path, values=self.to_numpy(), rows=np.array(self.rows, dtype=str),
+                 cols=np.array(self.cols, dtype=str), metric=np.array(self.metric))
+
+    @classmethod
+    def load(cls, path: str) -> "Grid":
+        with np.load(path) as f:
+            return cls(jnp.asarray(f["values"]), tuple(str(r) for r in f["rows"]),
+                       tuple(str(c) for c in f["cols"]), str(f["metric"]))
+
+    def __repr__(self) -> str:
+        values = self.to_numpy()
+        head = f"Grid({self.metric or 'similarity'}, {values.shape[0]} x {values.shape[1]})"
+        if values.size > 400:
+            return head
+        width = max([6] + [len(c) for c in self.cols])
+        label = max([0] + [len(r) for r in self.rows])
+        lines = [head, " " * label + "".join(f" {c:>{width}}" for c in self.cols)]
+        for name, row in zip(self.rows, values):
+            lines.append(f"{name:>{label}}" + "".join(f" {v:>{width}.4f}" for v in row))
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _linear(debiased: bool = False, **kw: Any) -> Callable[..., Measure]:
+    _no_extra("linear_cka", kw)
+    return lambda feature_space=False: kernel.linear_measure(debiased=debiased,
+                                                             feature_space=feature_space)
+
+
+def _rbf(threshold: float = 1.0, debiased: bool = False, **kw: Any) -> Callable[..., Measure]:
+    _no_extra("rbf_cka", kw)
+    m = kernel.rbf_measure(threshold=threshold, debiased=debiased)
+    return lambda feature_space=False: m
+
+
+def _cca_family(factory: Callable[..., Measure], name: str) -> Callable[..., Any]:
+    def make(epsilon: float = 0.0, **kw: Any) -> Callable[..., Measure]:
+        extra = {k: kw.pop(k) for k in ("keep_dims", "keep_variance") if k in kw}
+        if extra and name != "svcca":
+            raise TypeError(f"{name}: unexpected option(s) {', '.join(extra)}")
+        _no_extra(name, kw)
+        if "keep_variance" in extra:
+            extra["keep_variance"] = float(extra["keep_variance"])
+        m = factory(epsilon=_v.non_negative(epsilon, "epsilon"), **extra)
+        return lambda feature_space=False: m
+    return make
+
+
+def _no_extra(name: str, kw: Mapping[str, Any]) -> None:
+    if kw:
+        raise TypeError(f"metric {name!r}: unexpected option(s) {', '.join(sorted(kw))}")
+
+
+METRICS: dict[str, Callable[..., Callable[..., Measure]]] = {
+    "linear_cka": _linear,
+    "cka": _linear,
+    "rbf_cka": _rbf,
+    "mean_cca": _cca_family(canonical.cca_measure, "mean_cca"),
+    "svcca": _cca_family(canonical.svcca_measure, "svcca"),
+    "pwcca": _cca_family(canonical.pwcca_measure, "pwcca"),
+}
+
+
+def _measure_for(metric: Any, options: dict[str, Any]) -> tuple[Callable[..., Measure], str]:
+    if callable(metric):
+        symmetric = bool(options.pop("symmetric", False))
+        _no_extra(getattr(metric, "__name__", "callable"), options)
+        m = _callable_measure(metric, symmetric)
+        return (lambda feature_space=False: m), getattr(metric, "__name__", "callable")
+    if metric not in METRICS:
+        raise ValueError(f"metric: unknown metric {metric!r}; valid names: "
+                         f"{', '.join(sorted(METRICS))}, or a callable pair function")
+    return METRICS[metric](**options), metric
+
+
+@functools.lru_cache(maxsize=64)
+def _callable_measure(fn: Callable[[Array, Array], Array], symmetric: bool) -> Measure:
+    return Measure(getattr(fn, "__name__", "callable"), lambda x: x, fn, symmetric=symmetric)
+
+
+# ------------------------------------------------------------------------------ layers
+
+
+def _layers(acts: Any, arg: str, check_finite: bool) -> tuple[list[str], list[Array]]:
+    if isinstance(acts, Mapping):
+        names = [str(k) for k in acts.keys()]
+        arrays = list(acts.values())
+    elif isinstance(acts, (list, tuple)):
+        names = [str(i) for i in range(len(acts))]
+        arrays = list(acts)
+    elif hasattr(acts, "shape"):
+        raise TypeError(f"{arg}: expected a sequence or mapping of per-layer arrays, got one "
+                        f"array of shape {tuple(acts.shape)}; wrap a single layer as [x]")
+    else:
+        raise TypeError(f"{arg}: expected a sequence or mapping of per-layer arrays, got "
+                        f"{type(acts).__name__}")
+    if not arrays:
+        raise ValueError(f"{arg}: no layers given (an empty {type(acts).__name__})")
+    layers = [_v.activations(a, f"{arg}[{k!r}]", check_finite_values=check_finite)
+              for k, a in zip(names, arrays)]
+    return names, layers
+
+
+def _check_layers_n(named: dict[str, Array], min_n: int, why: str = "") -> None:
+    _v.same_n(named, min_n=min_n, why=why)
+
+
+def _common_dtype(layers: Iterable[Array]) -> Any:
+    return functools.reduce(jnp.promote_types, (a.dtype for a in layers))
+
+
+# --------------------------------------------------------------------------- computing
+
+
+@functools.lru_cache(maxsize=256)
+def _jit_prepare(prepare: Callable[[Array], Any]) -> Callable[[Array], Any]:
+    def run(x):
+        TRACE_COUNT["prepare"] += 1
+        return prepare(x)
+    return jax.jit(run)
+
+
+def _prepare_all(measure: Measure, layers: Sequence[Array]) -> list[Any]:
+    prepare = _jit_prepare(measure.prepare)
+    return [prepare(x) for x in layers]
+
+
+@functools.partial(jax.jit, static_argnames=("symmetric_self",))
+def _cosine_grid(va: Array, sa: Array, vb: Array, sb: Array, symmetric_self: bool) -> Array:
+    TRACE_COUNT["cosine"] += 1
+    cross = jnp.matmul(va, vb.T, precision=jax.lax.Precision.HIGHEST)
+    if symmetric_self:  # one product serves both triangles; make it exactly symmetric
+        cross = (cross + cross.T) / 2
+    return safe_ratio(cross, jnp.sqrt(jnp.maximum(sa[:, None] * sb[None, :], 0)))
+
+
+def _stack_vecs(summaries: Sequence[Any]) -> tuple[Array, Array]:
+    return (jnp.stack([s.vec.reshape(-1) for s in summaries]),
+            jnp.stack([s.self for s in summaries]))
+
+
+@functools.partial(jax.jit, static_argnames=("pair", "batch_size"))
+def _pairs(pair: Callable, stack_a: Any, stack_b: Any, ii: Array, jj: Array,
+           batch_size: int) -> Array:
+    TRACE_COUNT["pairs"] += 1
+
+    def one(ij):
+        i, j = ij
+        take = lambda t, k: jax.tree.map(lambda leaf: leaf[k], t)
+        return pair(take(stack_a, i), take(stack_b, j))
+
+    return jax.lax.map(one, (ii, jj), batch_size=batch_size)
+
+
+def _shape_key(summary: Any) -> tuple:
+    return tuple((leaf.shape, str(leaf.dtype)) for leaf in jax.tree.leaves(summary))
+
+
+def _groups(summaries: Sequence[Any]) -> dict[tuple, list[int]]:
+    out: dict[tuple, list[int]] = {}
+    for i, s in enumerate(summaries):
+        out.setdefault(_shape_key(s), []).append(i)
+    return out
+
+
+def _generic_grid(measure: Measure, sa: Sequence[Any], sb: Sequence[Any], self_grid: bool,
+                  batch_size: int) -> np.ndarray:
+    values = np.zeros((len(sa), len(sb)))
+    triangle = self_grid and measure.symmetric
+    for idx_a in _groups(sa).values():
+        stack_a = jax.tree.map(lambda *l: jnp.stack(l), *[sa[i] for i in idx_a])
+        for idx_b in _groups(sb).values():
+            pairs = [(p, q) for p, i in enumerate(idx_a) for q, j in enumerate(idx_b)
+                     if not triangle or i <= j]
+            if not pairs:
+                continue
+            stack_b = (stack_a if idx_b == idx_a
+                       else jax.tree.map(lambda *l: jnp.stack(l), *[sb[j] for j in idx_b]))
+            ii = jnp.asarray([p for p, _ in pairs], jnp.int32)
+            jj = jnp.asarray([q for _, q in pairs], jnp.int32)
+            out = np.asarray(_pairs(measure.pair, stack_a, stack_b, ii, jj,
+                                    min(batch_size, len(pairs))))
+            for (p, q), v in zip(pairs, out):
+                i, j = idx_a[p], idx_b[q]
+                values[i, j] = v
+                if triangle:
+                    values[j, i] = v
+    return values
+
+
+def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_cka",
+                    batch_size: int = 8, check_finite: bool = True, **options: Any) -> Grid:
+    r"""Similarity of every layer of ``acts_a`` with every layer of ``acts_b``.
+
+    Args:
+      acts_a: the row layers, a sequence or mapping of arrays of shape ``(n, ...)``
+        (widths and feature shapes may differ; n must be shared).
+      acts_b: the column layers, likewise; ``None`` compares ``acts_a`` with itself (a
+        self-grid: symmetric measures compute each pair once; pwcca computes both orders).
+      metric: ``"linear_cka"`` (alias ``"cka"``), ``"rbf_cka"``, ``"mean_cca"``,
+        ``"svcca"``, ``"pwcca"``, or a callable ``f(x, y) -> scalar`` on two ``(n, d)``
+        arrays (vmapped over pairs of equal shapes; pass ``symmetric=True`` to compute one
+        triangle of a self-grid).
+      batch_size: pairs evaluated together by measures without a single-product grid
+        (``jax.lax.map`` chunking); lower it if memory is short.
+      check_finite: raise on NaN/inf in any layer.
+      **options: the metric's own keyword options (``debiased``, ``threshold``,
+        ``epsilon``, ``keep_dims``, ``keep_variance``), plus for linear CKA ``method``:
+        ``"auto"`` (the cheaper of the Gram and feature routes for the whole grid, see
+        :func:`jaxsim.kernel.use_feature_space`), ``"gram"`` or ``"features"``.
+    Returns:
+      :class:`Grid` with ``values`` of shape ``(len(acts_a), len(acts_b))``.
+
+    Example:
+      >>> import jax, jaxsim
+      >>> keys = jax.random.split(jax.random.key(0), 3)
+      >>> acts = {f"layer{i}": jax.random.normal(k, (64, 8 * (i + 1))) for i, k in enumerate(keys)}
+      >>> jaxsim.similarity_grid(acts).values.shape
+      (3, 3)
+    """
+    method = _v.choice(options.pop("method", "auto"), "method", ("auto", "gram", "features"))
+    make, name = _measure_for(metric, dict(options))
+    rows, layers_a = _layers(acts_a, "acts_a", check_finite)
+    self_grid = acts_b is None
+    cols, layers_b = (rows, layers_a) if self_grid else _layers(acts_b, "acts_b", check_finite)
+    measure = make()
+    named = {f"acts_a[{k!r}]": a for k, a in zip(rows, layers_a)}
+    if not self_grid:
+        named.update({f"acts_b[{k!r}]": b for k, b in zip(cols, layers_b)})
+    _check_layers_n(named, measure.min_n,
+                    " for the unbiased HSIC estimator" if measure.min_n >= 4 else "")
+    dtype = _common_dtype(layers_a + ([] if self_grid else layers_b))
+    layers_a = [a.astype(dtype) for a in layers_a]
+    layers_b = layers_a if self_grid else [b.astype(dtype) for b in layers_b]
+    if name == "svcca" and options.get("keep_dims") is not None:
+        for x in layers_a + ([] if self_grid else layers_b):
+            canonical._check_svcca_options(x, x, options["keep_dims"], None)
+    if measure.name == "linear_cka":
+        n = layers_a[0].shape[0]
+        if method == "auto":
+            feature_space = kernel.use_feature_space(
+                n, [a.shape[1] for a in layers_a], [] if self_grid else [b.shape[1] for b in layers_b])
+        else:
+            feature_space = method == "features"
+        measure = make(feature_space=feature_space)
+
+    sa = _prepare_all(measure, layers_a)
+    sb = sa if self_grid else _prepare_all(measure, layers_b)
+    if measure.cosine:
+        va, na = _stack_vecs(sa)
+        vb, nb = (va, na) if self_grid else _stack_vecs(sb)
+        values = _cosine_grid(va, na, vb, nb, self_grid)
+    else:
+        values = jnp.asarray(_generic_grid(measure, sa, sb, self_grid, batch_size), dtype)
+    return Grid(values, tuple(rows), tuple(cols), name)
+
+
+# ------------------------------------------------------------------ minibatch CKA
+
+
+class MinibatchCKAState(NamedTuple):
+    """Running sums of minibatch CKA (a pytree of arrays that add).
+
+    ``jax.tree.map(operator.add, s1, s2)`` is the state of both streams together.
+    """
+
+    cross: Array  # (L_a, L_b) sum over batches of HSIC_1(K_i, L_i)
+    self_a: Array  # (L_a,) sum of HSIC_1(K_i, K_i)
+    self_b: Array  # (L_b,) sum of HSIC_1(L_i, L_i)
+    count: Array  # number of minibatches
+
+
+def minibatch_cka_init(num_a: int, num_b: int | None = None, *, dtype: Any = None
+                       ) -> MinibatchCKAState:
+    """An empty minibatch CKA state for ``num_a`` row layers and ``num_b`` column layers
+    (``num_b=None``: a self-grid of ``num_a`` layers)."""
+    num_b = num_a if num_b is None else num_b
+    for name, v in (("num_a", num_a), ("num_b", num_b)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name}: expected a positive number of layers, got {v!r}")
+    dtype = dtype or jnp.result_type(float)
+    return MinibatchCKAState(jnp.zeros((num_a, num_b), dtype), jnp.zeros(num_a, dtype),
+                             jnp.zeros(num_b, dtype), jnp.zeros((), dtype))
+
+
+def _batch_layers(batch: Any, arg: str, expected: int, check_finite: bool) -> list[Array]:
+    names, layers = _layers(batch, arg, check_finite)
+    if len(layers) != expected:
+        raise ValueError(f"{arg}: the state has {expected} layer(s) on this side but the batch "
+                         f"has {len(layers)}")
+    return layers
+
+
+def _unbiased_vecs(layers: Sequence[Array]) -> tuple[Array, Array]:
+    m = kernel.linear_measure(debiased=True)
+    return _stack_vecs([m.prepare(x.reshape(x.shape[0], -1)) for x in layers])
+
+
+@functools.partial(jax.jit, static_argnames=("axis_name",))
+def _minibatch_update(state: MinibatchCKAState, layers_a: list[Array],
+                      layers_b: list[Array] | None, axis_name: Any) -> MinibatchCKAState:
+    TRACE_COUNT["minibatch"] += 1
+    dtype = state.cross.dtype
+    layers_a = [a.astype(dtype) for a in layers_a]
+    m = layers_a[0].shape[0]
+    scale = 1.0 / (m * (m - 3))
+    va, na = _unbiased_vecs(layers_a)
+    if layers_b is None:
+        vb, nb = va, na
+    else:
+        vb, nb = _unbiased_vecs([b.astype(dtype) for b in layers_b])
+    step = MinibatchCKAState(jnp.matmul(va, vb.T, precision=jax.lax.Precision.HIGHEST) * scale,
+                             na * scale, nb * scale, jnp.ones((), dtype))
+    if axis_name is not None:
+        step = jax.lax.psum(step, axis_name)
+    return jax.tree.map(operator.add, state, step)
+
+
+def minibatch_cka_update(state: MinibatchCKAState, batch_acts_a: Any, batch_acts_b: Any = None,
+                         *, axis_name: Any = None, check_finite: bool = True
+                         ) -> MinibatchCKAState:
+    r"""Adds one minibatch to a minibatch CKA state (Nguyen et al. 2020, eq. 3).
+
+    For each layer the batch's linear Gram is U-centered once; the unbiased
+    :math:`\mathrm{HSIC}_1` of every pair of layers is then one matrix product. One jitted
+    call per batch; memory does not depend on the number of batches seen.
+
+    Args:
+      state: from :func:`minibatch_cka_init` or a previous update.
+      batch_acts_a: the row layers on this batch, a sequence or mapping of ``(m, ...)``
+        arrays (m >= 4, shared); trailing axes are flattened per example.
+      batch_acts_b: the column layers on the same examples; ``None`` for a self-grid.
+      axis_name: inside ``shard_map``/``pmap``, the mapped axis: each device's shard counts
+        as one minibatch and the increments are summed with ``psum``. Outside, sharded
+        inputs under plain ``jit`` need nothing: XLA partitions the batch itself.
+      check_finite: raise on NaN/inf (skipped automatically when traced).
+    Returns:
+      The new state.
+    """
+    num_a, num_b = state.cross.shape
+    layers_a = _batch_layers(batch_acts_a, "batch_acts_a", num_a, check_finite)
+    layers_b = None
+    if batch_acts_b is not None:
+        layers_b = _batch_layers(batch_acts_b, "batch_acts_b", num_b, check_finite)
+    elif num_a != num_b:
+        raise ValueError(f"batch_acts_b: missing, but the state compares {num_a} row layers "
+                         f"with {num_b} column layers")
+    named = {f"batch_acts_a[{i}]": a for i, a in enumerate(layers_a)}
+    named.update({f"batch_acts_b[{i}]": b for i, b in enumerate(layers_b or [])})
+    _v.same_n(named, min_n=4, why=" per minibatch for the unbiased HSIC estimator")
+    return _minibatch_update(state, layers_a, layers_b, axis_name)
+
+
+def minibatch_cka_result(state: MinibatchCKAState, *, rows: Sequence[str] | None = None,
+                         cols: Sequence[str] | None = None) -> Grid:
+    r"""Minibatch CKA from a state:
+
+    .. math:: \mathrm{CKA}_{mb}(a, b) = \frac{\frac1k \sum_i \mathrm{HSIC}_1(K_i, L_i)}
+       {\sqrt{\frac1k \sum_i \mathrm{HSIC}_1(K_i, K_i)\,\frac1k \sum_i \mathrm{HSIC}_1(L_i, L_i)}}
+
+    Returns:
+      :class:`Grid` of shape ``(num_a, num_b)`` (names default to "0", "1", ...).
+    """
+    num_a, num_b = state.cross.shape
+    values = jax.jit(lambda s: safe_ratio(s.cross, jnp.sqrt(jnp.maximum(
+        s.self_a[:, None] * s.self_b[None, :], 0))))(state)
+    rows = tuple(rows) if rows is not None else tuple(str(i) for i in range(num_a))
+    cols = tuple(cols) if cols is not None else tuple(str(i) for i in range(num_b))
+    return Grid(values, rows, cols, "minibatch_cka")
