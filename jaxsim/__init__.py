@@ -10,6 +10,12 @@ from jaxsim.canonical import cca as cca
 from jaxsim.canonical import mean_cca as mean_cca
 from jaxsim.canonical import pwcca as pwcca
 from jaxsim.canonical import svcca as svcca
+from jaxsim.grid import Grid as Grid
+from jaxsim.grid import MinibatchCKAState as MinibatchCKAState
+from jaxsim.grid import minibatch_cka_init as minibatch_cka_init
+from jaxsim.grid import minibatch_cka_result as minibatch_cka_result
+from jaxsim.grid import minibatch_cka_update as minibatch_cka_update
+from jaxsim.grid import similarity_grid as similarity_grid
 from jaxsim.kernel import center_gram as center_gram
 from jaxsim.kernel import cka as cka
 from jaxsim.kernel import gram_linear as gram_linear
@@ -22,6 +28,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CCAResult",
+    "Grid",
+    "MinibatchCKAState",
     "cca",
     "center_gram",
     "cka",
@@ -30,7 +38,11 @@ __all__ = [
     "hsic",
     "linear_cka",
     "mean_cca",
+    "minibatch_cka_init",
+    "minibatch_cka_result",
+    "minibatch_cka_update",
     "pwcca",
     "rbf_cka",
+    "similarity_grid",
     "svcca",
 ]

@@ -22,9 +22,10 @@ class Measure(NamedTuple):
       prepare: ``(n, d) array -> summary`` (a pytree), run once per layer.
       pair: ``(summary_a, summary_b) -> 0-d array``.
       symmetric: ``pair(a, b) == pair(b, a)``; self-grids then compute one triangle.
-      cosine: the summary has fields ``vec`` and ``self`` and
-        ``pair(a, b) == <a.vec, b.vec> / sqrt(a.self * b.self)``, so a whole grid is one
-        matrix product of the flattened ``vec`` summaries.
+      blocks: for kernel measures (``pair(a, b) = <K~_a, K~_b> / (|K~_a| |K~_b|)`` with
+        K~ a layer's centered Gram), a :class:`GramBlocks`: how to produce any square
+        block of K~. Grids then accumulate all inner products block by block, one matrix
+        product per block, using the Grams' symmetry, without storing n x n matrices.
       min_n: fewest examples the estimator accepts.
     """
 
@@ -32,8 +33,21 @@ class Measure(NamedTuple):
     prepare: Callable[[jax.Array], Any]
     pair: Callable[[Any, Any], jax.Array]
     symmetric: bool = True
-    cosine: bool = False
+    blocks: "GramBlocks | None" = None
     min_n: int = 2
+
+
+class GramBlocks(NamedTuple):
+    """Blocks of a layer's centered Gram matrix, on demand.
+
+    Attributes:
+      source: ``(x, n_pad) -> src`` (a pytree), once per layer; rows past n are padding.
+      block: ``(src, r0, c0, b) -> (b, b)`` block of the centered Gram starting at row
+        ``r0``, column ``c0`` (traced offsets); zero in padded rows and columns.
+    """
+
+    source: Callable[[jax.Array, int], Any]
+    block: Callable[[Any, jax.Array, jax.Array, int], jax.Array]
 
 
 def dot(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -29,7 +29,7 @@ import numpy as np
 
 from jaxsim import _validation as _v
 from jaxsim import canonical, kernel
-from jaxsim._measure import Measure, safe_ratio
+from jaxsim._measure import GramBlocks, Measure, safe_ratio
 
 Array = jax.Array
 
@@ -205,18 +205,50 @@ def _prepare_all(measure: Measure, layers: Sequence[Array]) -> list[Any]:
     return [prepare(x) for x in layers]
 
 
-@functools.partial(jax.jit, static_argnames=("symmetric_self",))
-def _cosine_grid(va: Array, sa: Array, vb: Array, sb: Array, symmetric_self: bool) -> Array:
-    TRACE_COUNT["cosine"] += 1
-    cross = jnp.matmul(va, vb.T, precision=jax.lax.Precision.HIGHEST)
-    if symmetric_self:  # one product serves both triangles; make it exactly symmetric
-        cross = (cross + cross.T) / 2
-    return safe_ratio(cross, jnp.sqrt(jnp.maximum(sa[:, None] * sb[None, :], 0)))
+def _block_size(n: int) -> int:
+    # One block for small n; otherwise 512-row blocks keep each step's L x b^2 slab small
+    # while the per-block products stay large enough to run near the matmul rate.
+    return n if n <= 1024 else 512
 
 
-def _stack_vecs(summaries: Sequence[Any]) -> tuple[Array, Array]:
-    return (jnp.stack([s.vec.reshape(-1) for s in summaries]),
-            jnp.stack([s.self for s in summaries]))
+@functools.partial(jax.jit, static_argnames=("blocks", "b"))
+def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int) -> Array:
+    """``<K~_i, K~_j>`` for every pair of layers, ``(L, L)``.
+
+    The centered Grams are never stored: for each block (r, c) of the n x n index space
+    with r <= c, every layer's block is produced and flattened into a column of an
+    ``(b^2, L)`` slab, and ``slab^T slab`` is added with weight 1 (r == c) or 2 (r < c,
+    standing for the mirrored block too, as the Grams are symmetric). The Gram work is
+    thus about halved and memory is ``L b^2``, not ``L n^2``.
+    """
+    TRACE_COUNT["blocks"] += 1
+    n = layers[0].shape[0]
+    nb = -(-n // b)
+    sources = [blocks.source(x, nb * b) for x in layers]
+    pairs = [(r, c) for r in range(nb) for c in range(r, nb)]
+    r0 = jnp.array([r * b for r, _ in pairs], jnp.int32)
+    c0 = jnp.array([c * b for _, c in pairs], jnp.int32)
+    dtype = layers[0].dtype
+    weight = jnp.array([1.0 if r == c else 2.0 for r, c in pairs], dtype)
+
+    def term(r, c, w):
+        slab = jnp.stack([blocks.block(s, r, c, b).reshape(-1) for s in sources], axis=-1)
+        return w * jnp.matmul(slab.T, slab, precision=jax.lax.Precision.HIGHEST)
+
+    # the first block starts the sum (not zeros), so the carry has the type of the terms,
+    # also inside shard_map where the terms vary across devices
+    acc = term(r0[0], c0[0], weight[0])
+    if len(pairs) > 1:
+        acc, _ = jax.lax.scan(lambda a, args: (a + term(*args), None), acc,
+                              (r0[1:], c0[1:], weight[1:]))
+    return (acc + acc.T) / 2
+
+
+def _cosine(products: Array, num_a: int, self_grid: bool) -> Array:
+    norms = jnp.diagonal(products)
+    cross = products if self_grid else products[:num_a, num_a:]
+    na, nb = (norms, norms) if self_grid else (norms[:num_a], norms[num_a:])
+    return safe_ratio(cross, jnp.sqrt(jnp.maximum(na[:, None] * nb[None, :], 0)))
 
 
 @functools.partial(jax.jit, static_argnames=("pair", "batch_size"))
@@ -254,7 +286,7 @@ def _generic_grid(measure: Measure, sa: Sequence[Any], sb: Sequence[Any], self_g
                      if not triangle or i <= j]
             if not pairs:
                 continue
-            stack_b = (stack_a if idx_b == idx_a
+            stack_b = (stack_a if self_grid and idx_b == idx_a
                        else jax.tree.map(lambda *l: jnp.stack(l), *[sb[j] for j in idx_b]))
             ii = jnp.asarray([p for p, _ in pairs], jnp.int32)
             jj = jnp.asarray([q for _, q in pairs], jnp.int32)
@@ -319,18 +351,19 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
         n = layers_a[0].shape[0]
         if method == "auto":
             feature_space = kernel.use_feature_space(
-                n, [a.shape[1] for a in layers_a], [] if self_grid else [b.shape[1] for b in layers_b])
+                n, [a.shape[1] for a in layers_a],
+                None if self_grid else [b.shape[1] for b in layers_b])
         else:
             feature_space = method == "features"
         measure = make(feature_space=feature_space)
 
-    sa = _prepare_all(measure, layers_a)
-    sb = sa if self_grid else _prepare_all(measure, layers_b)
-    if measure.cosine:
-        va, na = _stack_vecs(sa)
-        vb, nb = (va, na) if self_grid else _stack_vecs(sb)
-        values = _cosine_grid(va, na, vb, nb, self_grid)
+    if measure.blocks is not None:
+        union = layers_a if self_grid else layers_a + layers_b
+        products = _gram_inner_products(measure.blocks, union, _block_size(union[0].shape[0]))
+        values = _cosine(products, len(layers_a), self_grid)
     else:
+        sa = _prepare_all(measure, layers_a)
+        sb = sa if self_grid else _prepare_all(measure, layers_b)
         values = jnp.asarray(_generic_grid(measure, sa, sb, self_grid, batch_size), dtype)
     return Grid(values, tuple(rows), tuple(cols), name)
 
@@ -371,26 +404,22 @@ def _batch_layers(batch: Any, arg: str, expected: int, check_finite: bool) -> li
     return layers
 
 
-def _unbiased_vecs(layers: Sequence[Array]) -> tuple[Array, Array]:
-    m = kernel.linear_measure(debiased=True)
-    return _stack_vecs([m.prepare(x.reshape(x.shape[0], -1)) for x in layers])
-
-
 @functools.partial(jax.jit, static_argnames=("axis_name",))
 def _minibatch_update(state: MinibatchCKAState, layers_a: list[Array],
                       layers_b: list[Array] | None, axis_name: Any) -> MinibatchCKAState:
     TRACE_COUNT["minibatch"] += 1
     dtype = state.cross.dtype
-    layers_a = [a.astype(dtype) for a in layers_a]
-    m = layers_a[0].shape[0]
-    scale = 1.0 / (m * (m - 3))
-    va, na = _unbiased_vecs(layers_a)
+    union = [x.astype(dtype) for x in layers_a + (layers_b or [])]
+    m = union[0].shape[0]
+    products = _gram_inner_products(kernel.linear_measure(debiased=True).blocks, union,
+                                    _block_size(m)) / (m * (m - 3))
+    num_a = len(layers_a)
+    norms = jnp.diagonal(products)
     if layers_b is None:
-        vb, nb = va, na
+        step = MinibatchCKAState(products, norms, norms, jnp.ones((), dtype))
     else:
-        vb, nb = _unbiased_vecs([b.astype(dtype) for b in layers_b])
-    step = MinibatchCKAState(jnp.matmul(va, vb.T, precision=jax.lax.Precision.HIGHEST) * scale,
-                             na * scale, nb * scale, jnp.ones((), dtype))
+        step = MinibatchCKAState(products[:num_a, num_a:], norms[:num_a], norms[num_a:],
+                                 jnp.ones((), dtype))
     if axis_name is not None:
         step = jax.lax.psum(step, axis_name)
     return jax.tree.map(operator.add, state, step)

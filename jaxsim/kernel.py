@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsim import _validation as _v
-from jaxsim._measure import Measure, center_features, dot, safe_ratio
+from jaxsim._measure import GramBlocks, Measure, center_features, dot, safe_ratio
 
 Array = jax.Array
 
@@ -224,36 +224,97 @@ def _feature_pair(a: FeatureSummary, b: FeatureSummary, debiased: bool) -> Array
     return safe_ratio(xty, _norm_product(a, b))
 
 
-def use_feature_space(n: int, widths_a: list[int], widths_b: list[int]) -> bool:
+def use_feature_space(n: int, widths_a: list[int], widths_b: list[int] | None = None) -> bool:
     """Cost model of linear CKA: Gram route versus feature-space route.
 
-    Gram route: each layer's Gram costs n^2 d, each pair n^2. Feature route: each layer's
-    d x d covariance costs n d^2, each pair n d_a d_b. Multiply-adds are counted; the
-    cheaper route wins (ties go to the Gram route, whose grid is one matrix product).
+    Multiply-adds, for row layers of widths ``widths_a`` and column layers ``widths_b``
+    (``None``: a self-grid of ``widths_a``):
+
+    * Gram route: each layer's centered Gram, ``n^2 d / 2`` (one triangle of blocks), and
+      the inner products of all ``L`` Grams (rows and columns together), ``n^2 L^2 / 2``;
+    * feature route: each layer's ``d x d`` covariance for its norm, ``n d^2``, and each
+      pair's cross-covariance, ``n d_a d_b`` (one triangle for a self-grid).
+
+    The cheaper route wins; ties go to the Gram route.
     """
-    gram = n * n * (sum(widths_a) + sum(widths_b) + len(widths_a) * len(widths_b))
-    feat = n * (sum(d * d for d in widths_a) + sum(d * d for d in widths_b)
-                + sum(widths_a) * sum(widths_b))
+    union = list(widths_a) + list(widths_b or [])
+    gram = n * n / 2 * (sum(union) + len(union) ** 2)
+    if widths_b is None:
+        pairs = (sum(widths_a) ** 2 + sum(d * d for d in widths_a)) / 2
+    else:
+        pairs = sum(widths_a) * sum(widths_b)
+    feat = n * (sum(d * d for d in union) + pairs)
     return feat < gram
+
+
+class LinearSource(NamedTuple):
+    """What the Gram blocks of a linear kernel are made from."""
+
+    features: Array  # (n_pad, d) centered features, zero rows past n
+    row_sq: Array  # (n_pad,) the centered Gram's diagonal
+    total: Array  # its trace
+    count: Array  # n, as a float
+
+
+def _pad_rows(x: Array, n_pad: int) -> Array:
+    return jnp.pad(x, [(0, n_pad - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
+def _linear_source(x: Array, n_pad: int) -> LinearSource:
+    xc = center_features(x)
+    row_sq = jnp.sum(xc * xc, axis=1)
+    return LinearSource(_pad_rows(xc, n_pad), _pad_rows(row_sq, n_pad), jnp.sum(row_sq),
+                        jnp.asarray(x.shape[0], x.dtype))
+
+
+def _linear_block(src: LinearSource, r0: Array, c0: Array, b: int, *, debiased: bool) -> Array:
+    rows = jax.lax.dynamic_slice_in_dim(src.features, r0, b)
+    cols = jax.lax.dynamic_slice_in_dim(src.features, c0, b)
+    k = dot(rows, cols.T)
+    if not debiased:  # centered features give an exactly centered Gram
+        return k
+    # U-centering of a centered Gram only involves its diagonal and trace:
+    # K~_ij = K_ij + (k_i + k_j) / (n - 2) - tr K / ((n - 1)(n - 2)) off the diagonal.
+    n = src.count
+    kr = jax.lax.dynamic_slice_in_dim(src.row_sq, r0, b)
+    kc = jax.lax.dynamic_slice_in_dim(src.row_sq, c0, b)
+    k = k + (kr[:, None] + kc[None, :]) / (n - 2) - src.total / ((n - 1) * (n - 2))
+    i = r0 + jnp.arange(b)
+    j = c0 + jnp.arange(b)
+    keep = (i[:, None] != j[None, :]) & (i[:, None] < n) & (j[None, :] < n)
+    return jnp.where(keep, k, 0)
+
+
+def _matrix_source(k: Array, n_pad: int) -> Array:
+    pad = n_pad - k.shape[0]
+    return jnp.pad(k, ((0, pad), (0, pad)))
+
+
+def _matrix_block(k: Array, r0: Array, c0: Array, b: int) -> Array:
+    return jax.lax.dynamic_slice(k, (r0, c0), (b, b))
 
 
 @functools.lru_cache(maxsize=None)
 def linear_measure(*, debiased: bool = False, feature_space: bool = False) -> Measure:
     """Linear CKA as a :class:`Measure` (Gram route, or feature route when asked)."""
+    min_n = 4 if debiased else 2
     if feature_space:
         return Measure("linear_cka", functools.partial(_feature_summary, debiased=debiased),
-                       functools.partial(_feature_pair, debiased=debiased),
-                       min_n=4 if debiased else 2)
+                       functools.partial(_feature_pair, debiased=debiased), min_n=min_n)
     prepare = lambda x: _gram_summary(_gram_linear(center_features(x)), debiased)
-    return Measure("linear_cka", prepare, _cosine_pair, cosine=True, min_n=4 if debiased else 2)
+    blocks = GramBlocks(_linear_source, functools.partial(_linear_block, debiased=debiased))
+    return Measure("linear_cka", prepare, _cosine_pair, blocks=blocks, min_n=min_n)
 
 
 @functools.lru_cache(maxsize=None)
 def rbf_measure(*, threshold: float = 1.0, debiased: bool = False) -> Measure:
     """RBF CKA as a :class:`Measure`."""
     t = _v.positive(threshold, "threshold")
-    prepare = lambda x: _gram_summary(_gram_rbf(x, jnp.asarray(t, x.dtype)), debiased)
-    return Measure("rbf_cka", prepare, _cosine_pair, cosine=True, min_n=4 if debiased else 2)
+    gram = lambda x: _gram_rbf(x, jnp.asarray(t, x.dtype))
+    prepare = lambda x: _gram_summary(gram(x), debiased)
+    source = lambda x, n_pad: _matrix_source(_center_gram(gram(x), debiased), n_pad)
+    blocks = GramBlocks(source, _matrix_block)
+    return Measure("rbf_cka", prepare, _cosine_pair, blocks=blocks, min_n=4 if debiased else 2)
 
 
 @functools.partial(jax.jit, static_argnames=("debiased",))

@@ -1,0 +1,176 @@
+"""Layer grids and streaming minibatch CKA against pairwise NumPy loops, in one run.
+
+    python benchmarks/grids.py [--quick] [--skip-notebook]
+
+W1  linear-CKA self-grid, 24 layers (8 each of widths 256/512/1024), n=2048, float32
+W2  linear-CKA cross-grid, 24 x 36 layers, n=4096, float32
+W4  minibatch CKA, 24 x 24 layers, batches of 256: time per batch, and peak memory for
+    20 versus 200 batches (each in a fresh process)
+
+Baselines, timed in the same run: the notebook loop (each pair recomputes both Grams and
+the unbiased HSIC with traces of n x n matrix products; timed on a few pairs and
+extrapolated to the grid's pair count) and a careful loop (each Gram centered once,
+then one elementwise inner product per pair, all in NumPy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import matmul_rate, timeit  # noqa: E402
+
+
+def layers(rng, n, widths):
+    return [rng.normal(size=(n, d)).astype(np.float32) for d in widths]
+
+
+def notebook_cka(x, y):
+    """What a typical notebook does for every pair."""
+    n = x.shape[0]
+    k, l = x @ x.T, y @ y.T
+    np.fill_diagonal(k, 0)
+    np.fill_diagonal(l, 0)
+
+    def hsic(a, b):
+        one = np.ones(n, a.dtype)
+        return (np.trace(a @ b) + one @ a @ one * (one @ b @ one) / ((n - 1) * (n - 2))
+                - 2 / (n - 2) * one @ a @ b @ one) / (n * (n - 3))
+
+    return hsic(k, l) / np.sqrt(hsic(k, k) * hsic(l, l))
+
+
+def careful_grid(acts_a, acts_b=None):
+    """Each centered Gram once, then <K, L> per pair, in NumPy."""
+    def centered(x):
+        xc = x - x.mean(0)
+        return xc @ xc.T
+
+    ka = [centered(x) for x in acts_a]
+    kb = ka if acts_b is None else [centered(y) for y in acts_b]
+    na = [np.sqrt(np.vdot(k, k)) for k in ka]
+    nb = na if acts_b is None else [np.sqrt(np.vdot(k, k)) for k in kb]
+    out = np.zeros((len(ka), len(kb)))
+    for i, k in enumerate(ka):
+        for j, l in enumerate(kb):
+            if acts_b is None and j < i:
+                out[i, j] = out[j, i]
+                continue
+            out[i, j] = np.vdot(k, l) / (na[i] * nb[j])
+    return out
+
+
+def notebook_time(acts_a, acts_b, pairs: int, sample: int = 2) -> float:
+    """Seconds for the notebook loop over ``pairs`` pairs, from ``sample`` timed pairs."""
+    acts_b = acts_a if acts_b is None else acts_b
+    idx = [(i % len(acts_a), (3 * i + 1) % len(acts_b)) for i in range(sample)]
+    t0 = time.perf_counter()
+    for i, j in idx:
+        notebook_cka(acts_a[i], acts_b[j])
+    return (time.perf_counter() - t0) / sample * pairs
+
+
+def gram_flops(n, widths_a, widths_b, self_grid):
+    grams = sum(2 * n * n * d for d in widths_a) + (0 if self_grid else sum(2 * n * n * d for d in widths_b))
+    return grams + 2 * len(widths_a) * (len(widths_a) if self_grid else len(widths_b)) * n * n
+
+
+def grid_workload(name, rng, n, widths_a, widths_b, rate, skip_notebook):
+    import jaxsim
+
+    a = layers(rng, n, widths_a)
+    b = None if widths_b is None else layers(rng, n, widths_b)
+    t = timeit(lambda: jaxsim.similarity_grid(a, b).values, repeat=2)
+    tc = timeit(lambda: careful_grid(a, b), repeat=1, warmup=0)
+    self_grid = b is None
+    pairs = len(a) * (len(a) + 1) // 2 if self_grid else len(a) * len(b)
+    flops = gram_flops(n, widths_a, widths_a if self_grid else widths_b, self_grid)
+    check = np.abs(np.asarray(jaxsim.similarity_grid(a, b).values) - careful_grid(a, b)).max()
+    print(f"{name}: jaxsim {t:.2f} s, careful loop {tc:.2f} s ({tc / t:.1f}x)", end="")
+    if not skip_notebook:
+        tn = notebook_time(a, b, pairs)
+        print(f", notebook loop ~{tn:.0f} s ({tn / t:.0f}x, from 2 timed pairs of {pairs})", end="")
+    print(f"\n    {flops / 1e9:.0f} GFLOP -> {flops / t / 1e9:.0f} GFLOP/s = "
+          f"{flops / t / rate:.0%} of the measured float32 matmul rate; "
+          f"max |jaxsim - careful| = {check:.1e}")
+
+
+W4_CHILD = """
+import resource, sys, numpy as np, jax, jaxsim
+batches, n, widths = int(sys.argv[1]), int(sys.argv[2]), [int(w) for w in sys.argv[3].split(",")]
+rng = np.random.default_rng(0)
+proj = [rng.normal(size=(32, d)).astype(np.float32) for d in widths]
+state = jaxsim.minibatch_cka_init(len(widths))
+for b in range(batches):
+    z = rng.normal(size=(n, 32)).astype(np.float32)
+    state = jaxsim.minibatch_cka_update(state, [np.tanh(z @ p) for p in proj])
+jax.block_until_ready(state)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def minibatch_workload(rng, n, widths, quick):
+    import jaxsim
+
+    batch = [rng.normal(size=(n, d)).astype(np.float32) for d in widths]
+    state = jaxsim.minibatch_cka_init(len(widths))
+    t = timeit(lambda: jaxsim.minibatch_cka_update(state, batch), repeat=3)
+
+    def numpy_update():
+        grams = []
+        for x in batch:
+            xc = x - x.mean(0)
+            k = xc @ xc.T
+            np.fill_diagonal(k, 0)
+            r = k.sum(0) / (n - 2)
+            r -= r.sum() / (2 * (n - 1))
+            k = k - r[:, None] - r[None, :]
+            np.fill_diagonal(k, 0)
+            grams.append(k)
+        return [[np.vdot(k, l) for l in grams] for k in grams]
+
+    tn = timeit(numpy_update, repeat=1, warmup=0)
+    print(f"W4: minibatch update ({len(widths)} x {len(widths)} layers, batch {n}): jaxsim "
+          f"{t * 1e3:.0f} ms/batch, NumPy loop {tn * 1e3:.0f} ms/batch ({tn / t:.1f}x)")
+    counts = (4, 40) if quick else (20, 200)
+    peaks = []
+    for c in counts:
+        out = subprocess.run([sys.executable, "-c", W4_CHILD, str(c), str(n),
+                              ",".join(map(str, widths))], capture_output=True, text=True,
+                             check=True)
+        peaks.append(int(out.stdout.strip().splitlines()[-1]) / 1024)
+    print(f"    peak memory (max RSS): {counts[0]} batches {peaks[0]:.0f} MiB, {counts[1]} "
+          f"batches {peaks[1]:.0f} MiB (ratio {peaks[1] / peaks[0]:.3f})")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, a smoke test")
+    parser.add_argument("--skip-notebook", action="store_true", help="skip the slow baseline")
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(0)
+    rate = matmul_rate(np.float32)
+    print(f"machine: float32 matmul {rate / 1e9:.0f} GFLOP/s (jax, 2048^3), "
+          f"{os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform}")
+    base = [256] * 8 + [512] * 8 + [1024] * 8
+    if args.quick:
+        grid_workload("W1 (quick)", rng, 512, base[::4], None, rate, args.skip_notebook)
+        grid_workload("W2 (quick)", rng, 512, base[::4], base[::3], rate, args.skip_notebook)
+        minibatch_workload(rng, 64, [64] * 6, quick=True)
+        return
+    grid_workload("W1", rng, 2048, base, None, rate, args.skip_notebook)
+    grid_workload("W2", rng, 4096, base, [256] * 12 + [512] * 12 + [1024] * 12, rate,
+                  args.skip_notebook)
+    minibatch_workload(rng, 256, [256] * 8 + [512] * 8 + [1024] * 8, quick=False)
+
+
+if __name__ == "__main__":
+    main()

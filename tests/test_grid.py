@@ -1,0 +1,289 @@
+"""Grids and minibatch CKA: equal to loops of the pair functions and to NumPy references."""
+
+import operator
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+import jaxsim
+from conftest import orthogonal
+from jaxsim.grid import TRACE_COUNT
+from test_kernel import np_hsic_unbiased, np_linear_cka
+
+
+def model_acts(rng, n=120, widths=(6, 10, 6, 14), noise=0.3):
+    """Layers of a random ReLU network with noise: related neighbours, mixed widths."""
+    acts, h = {}, rng.normal(size=(n, 8))
+    for i, d in enumerate(widths):
+        h = np.maximum(h @ rng.normal(size=(h.shape[1], d)) / np.sqrt(h.shape[1]), 0)
+        acts[f"layer{i}"] = h + noise * rng.normal(size=h.shape)
+    return acts
+
+
+SINGLE = {
+    "linear_cka": (jaxsim.linear_cka, {}),
+    "rbf_cka": (jaxsim.rbf_cka, {"threshold": 0.8}),
+    "mean_cca": (jaxsim.mean_cca, {}),
+    "svcca": (jaxsim.svcca, {"keep_dims": 4}),
+    "pwcca": (jaxsim.pwcca, {"epsilon": 1e-6}),
+}
+
+
+@pytest.mark.parametrize("metric", sorted(SINGLE))
+def test_grid_equals_loop_of_pair_function(x64, rng, metric):
+    fn, opts = SINGLE[metric]
+    a = model_acts(rng)
+    b = [rng.normal(size=(120, 3, 3)), a["layer1"] @ rng.normal(size=(10, 7))]
+    for acts_b, cols in ((None, a), (b, {"0": b[0], "1": b[1]})):
+        grid = jaxsim.similarity_grid(a, acts_b, metric=metric, **opts)
+        assert grid.rows == tuple(a)
+        assert grid.cols == tuple(cols)
+        loop = [[float(fn(x, y, **opts)) for y in cols.values()] for x in a.values()]
+        np.testing.assert_allclose(grid.values, loop, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+@pytest.mark.parametrize("method", ["gram", "features", "auto"])
+def test_linear_grid_against_numpy(x64, rng, debiased, method):
+    a = model_acts(rng, n=60)
+    b = list(model_acts(rng, n=60, widths=(3, 5)).values())
+    grid = jaxsim.similarity_grid(a, b, debiased=debiased, method=method)
+    ref = [[np_linear_cka(x, y, debiased) for y in b] for x in a.values()]
+    np.testing.assert_allclose(grid.values, ref, rtol=1e-9)
+
+
+def test_self_grid_symmetric_unit_diagonal_and_rotation_invariant(x64, rng):
+    acts = model_acts(rng)
+    for metric in ("linear_cka", "rbf_cka", "mean_cca"):
+        v = np.asarray(jaxsim.similarity_grid(acts, metric=metric).values)
+        np.testing.assert_array_equal(v, v.T)
+        np.testing.assert_allclose(np.diag(v), 1.0, rtol=1e-10)
+    rotated = {k: x @ orthogonal(rng, x.shape[1]) for k, x in acts.items()}
+    np.testing.assert_allclose(jaxsim.similarity_grid(rotated).values,
+                               jaxsim.similarity_grid(acts).values, rtol=1e-9)
+    # a test that could not fail would pass this too; a shuffled layer must not
+    shuffled = dict(acts, layer0=acts["layer0"][rng.permutation(120)])
+    assert not np.allclose(jaxsim.similarity_grid(shuffled).values,
+                           jaxsim.similarity_grid(acts).values, atol=1e-3)
+
+
+def test_pwcca_self_grid_computes_both_orders(x64, rng):
+    acts = model_acts(rng, widths=(6, 6, 6))
+    v = np.asarray(jaxsim.similarity_grid(acts, metric="pwcca").values)
+    assert not np.allclose(v, v.T)
+    np.testing.assert_allclose(v[1, 0], jaxsim.pwcca(acts["layer1"], acts["layer0"]), rtol=1e-9)
+
+
+def test_callable_metric_and_symmetric_option(x64, rng):
+    acts = model_acts(rng)
+    calls = jaxsim.similarity_grid(acts, metric=jaxsim.linear_cka, symmetric=True)
+    np.testing.assert_allclose(calls.values, jaxsim.similarity_grid(acts).values, rtol=1e-9)
+    dot = lambda x, y: (x.mean() - y.mean()) ** 2
+    grid = jaxsim.similarity_grid(acts, metric=dot)
+    assert float(grid["layer0", "layer1"]) == pytest.approx(
+        float(dot(acts["layer0"], acts["layer1"])), rel=1e-9)
+
+
+def test_no_retracing(x64, rng):
+    acts = model_acts(rng)
+    for metric in ("linear_cka", "svcca"):
+        jaxsim.similarity_grid(acts, metric=metric)
+        before = TRACE_COUNT.copy()
+        other = {k: v + 1.0 for k, v in acts.items()}
+        jaxsim.similarity_grid(other, metric=metric)
+        assert TRACE_COUNT == before, metric
+
+
+def test_grid_save_load_and_repr(x64, rng, tmp_path):
+    grid = jaxsim.similarity_grid(model_acts(rng), metric="svcca", keep_dims=3)
+    path = tmp_path / "g.npz"
+    grid.save(path)
+    back = jaxsim.Grid.load(path)
+    np.testing.assert_array_equal(back.to_numpy(), grid.to_numpy())
+    assert (back.rows, back.cols, back.metric) == (grid.rows, grid.cols, "svcca")
+    text = repr(grid)
+    assert text.startswith("Grid(svcca, 4 x 4)") and "layer3" in text
+    assert np.asarray(grid).shape == (4, 4)
+    doubled = jax.tree.map(lambda v: 2 * v, grid)  # a pytree: names ride along
+    assert doubled.rows == grid.rows
+
+
+def test_grid_errors(rng):
+    acts = model_acts(rng)
+    with pytest.raises(ValueError, match=r"acts_b\['1'\]: has 50 examples.*acts_a\['layer0'\] has 120"):
+        jaxsim.similarity_grid(acts, [acts["layer0"], acts["layer1"][:50]])
+    with pytest.raises(ValueError, match=r"acts_a\['layer2'\]: has 119 examples"):
+        jaxsim.similarity_grid(dict(acts, layer2=acts["layer2"][:119]))
+    with pytest.raises(ValueError, match=r"acts_a: no layers given"):
+        jaxsim.similarity_grid([])
+    with pytest.raises(ValueError, match=r"unknown metric 'cca2'; valid names: cka, linear_cka, "
+                                         r"mean_cca, pwcca, rbf_cka, svcca"):
+        jaxsim.similarity_grid(acts, metric="cca2")
+    with pytest.raises(TypeError, match=r"metric 'linear_cka': unexpected option\(s\) epsilon"):
+        jaxsim.similarity_grid(acts, epsilon=0.1)
+    with pytest.raises(TypeError, match=r"acts_a: expected a sequence or mapping.*shape \(120, 6\)"):
+        jaxsim.similarity_grid(acts["layer0"])
+    with pytest.raises(ValueError, match=r"keep_dims: 8 directions requested but x has shape \(120, 6\)"):
+        jaxsim.similarity_grid(acts, metric="svcca", keep_dims=8)
+    with pytest.raises(ValueError, match=r"need at least 4 examples for the unbiased"):
+        jaxsim.similarity_grid([a[:3] for a in acts.values()], debiased=True)
+
+
+# ------------------------------------------------------------------ minibatch CKA
+
+
+def np_minibatch_cka(batches_a, batches_b):
+    """Nguyen et al. 2020, eq. 3, with unbiased HSIC (Song et al.) per batch."""
+    la, lb = len(batches_a[0]), len(batches_b[0])
+    out = np.zeros((la, lb))
+    for i in range(la):
+        for j in range(lb):
+            kk = [x[i].reshape(len(x[i]), -1) for x in batches_a]
+            ll = [y[j].reshape(len(y[j]), -1) for y in batches_b]
+            cross = np.mean([np_hsic_unbiased(k @ k.T, l @ l.T) for k, l in zip(kk, ll)])
+            sa = np.mean([np_hsic_unbiased(k @ k.T, k @ k.T) for k in kk])
+            sb = np.mean([np_hsic_unbiased(l @ l.T, l @ l.T) for l in ll])
+            out[i, j] = cross / np.sqrt(sa * sb)
+    return out
+
+
+def split(acts, k):
+    return [[np.array_split(a, k)[b] for a in acts] for b in range(k)]
+
+
+def test_minibatch_against_numpy_eq3(x64, rng):
+    a = list(model_acts(rng, n=96).values())
+    b = [rng.normal(size=(96, 2, 2, 3)), a[0] @ rng.normal(size=(6, 4))]
+    ba, bb = split(a, 4), split(b, 4)
+    state = jaxsim.minibatch_cka_init(len(a), len(b))
+    for xa, xb in zip(ba, bb):
+        state = jaxsim.minibatch_cka_update(state, xa, xb)
+    grid = jaxsim.minibatch_cka_result(state)
+    assert grid.values.shape == (4, 2)
+    np.testing.assert_allclose(grid.values, np_minibatch_cka(ba, bb), rtol=1e-9)
+    assert float(state.count) == 4
+
+
+def test_minibatch_self_grid_and_state_algebra(x64, rng, tmp_path):
+    a = list(model_acts(rng, n=120).values())
+    batches = split(a, 6)
+    full = jaxsim.minibatch_cka_init(4)
+    for xa in batches:
+        full = jaxsim.minibatch_cka_update(full, xa)
+    np.testing.assert_allclose(jaxsim.minibatch_cka_result(full).values,
+                               np_minibatch_cka(batches, batches), rtol=1e-9)
+
+    # two streams added leaf-wise == one stream of all batches
+    s1, s2 = jaxsim.minibatch_cka_init(4), jaxsim.minibatch_cka_init(4)
+    for xa in batches[:2]:
+        s1 = jaxsim.minibatch_cka_update(s1, xa)
+    for xa in batches[2:]:
+        s2 = jaxsim.minibatch_cka_update(s2, xa)
+    both = jax.tree.map(operator.add, s1, s2)
+    np.testing.assert_allclose(jaxsim.minibatch_cka_result(both).values,
+                               jaxsim.minibatch_cka_result(full).values, rtol=1e-12)
+
+    # save with numpy mid-stream, restore, resume: identical result
+    path = tmp_path / "state.npz"
+    np.savez(path, **s1._asdict())
+    with np.load(path) as f:
+        restored = jaxsim.MinibatchCKAState(**{k: jax.numpy.asarray(f[k]) for k in f.files})
+    for xa in batches[2:]:
+        restored = jaxsim.minibatch_cka_update(restored, xa)
+    np.testing.assert_array_equal(jaxsim.minibatch_cka_result(restored).values,
+                                  jaxsim.minibatch_cka_result(full).values)
+
+
+def test_minibatch_one_trace_per_shape(x64, rng):
+    a = list(model_acts(rng, n=60).values())
+    state = jaxsim.minibatch_cka_init(4)
+    state = jaxsim.minibatch_cka_update(state, [x[:20] for x in a])
+    before = TRACE_COUNT["minibatch"]
+    for k in (1, 2):
+        state = jaxsim.minibatch_cka_update(state, [x[20 * k:20 * (k + 1)] for x in a])
+    assert TRACE_COUNT["minibatch"] == before
+
+
+def test_minibatch_errors(rng):
+    a = list(model_acts(rng, n=40).values())
+    state = jaxsim.minibatch_cka_init(4, 2)
+    with pytest.raises(ValueError, match=r"batch_acts_a: the state has 4 layer\(s\) on this side but the batch has 3"):
+        jaxsim.minibatch_cka_update(state, a[:3], a[:2])
+    with pytest.raises(ValueError, match=r"batch_acts_b: missing, but the state compares 4 row layers with 2"):
+        jaxsim.minibatch_cka_update(state, a)
+    with pytest.raises(ValueError, match=r"need at least 4 examples per minibatch.*n=3"):
+        jaxsim.minibatch_cka_update(state, [x[:3] for x in a], [x[:3] for x in a[:2]])
+    with pytest.raises(ValueError, match=r"num_a: expected a positive number of layers, got 0"):
+        jaxsim.minibatch_cka_init(0)
+
+
+SHARDED = textwrap.dedent("""
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import jaxsim
+
+    assert jax.device_count() == 8, jax.devices()
+    mesh = Mesh(np.array(jax.devices()), ("batch",))
+    rng = np.random.default_rng(0)
+    layers = [rng.normal(size=(64, d)) for d in (5, 9, 5)]
+    layers[1][:, :5] += layers[0]
+
+    single = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3), layers)
+
+    # 1. one minibatch sharded over the mesh: XLA partitions it, same numbers
+    sharded = [jax.device_put(x, NamedSharding(mesh, P("batch"))) for x in layers]
+    spmd = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3), sharded)
+    np.testing.assert_allclose(jaxsim.minibatch_cka_result(spmd).values,
+                               jaxsim.minibatch_cka_result(single).values, rtol=1e-6)
+
+    # 2. shard_map: each device's shard is a minibatch, increments summed with psum
+    step = jax.shard_map(
+        lambda s, xs: jaxsim.minibatch_cka_update(s, xs, axis_name="batch"),
+        mesh=mesh, in_specs=(P(), P("batch")), out_specs=P())
+    dist = jax.jit(step)(jaxsim.minibatch_cka_init(3), sharded)
+    seq = jaxsim.minibatch_cka_init(3)
+    for k in range(8):
+        seq = jaxsim.minibatch_cka_update(seq, [x[8 * k:8 * (k + 1)] for x in layers])
+    np.testing.assert_allclose(jaxsim.minibatch_cka_result(dist).values,
+                               jaxsim.minibatch_cka_result(seq).values, rtol=1e-6)
+    assert float(dist.count) == 8
+    print("sharded ok")
+""")
+
+
+def test_sharded_equals_single_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "sharded ok" in out.stdout
+
+
+@pytest.mark.parametrize("metric,debiased", [("linear_cka", False), ("linear_cka", True),
+                                             ("rbf_cka", True)])
+def test_blocked_grams_with_padding(x64, rng, metric, debiased):
+    # n > 1024: Grams are accumulated in 512-row blocks, the last one padded
+    n = 1100
+    a = [rng.normal(size=(n, 3)), rng.normal(size=(n, 4))]
+    a[1][:, :3] += a[0]
+    b = [np.tanh(a[1]) + 0.1 * rng.normal(size=(n, 4))]
+    opts = {"method": "gram"} if metric == "linear_cka" else {}
+    grid = jaxsim.similarity_grid(a, b, metric=metric, debiased=debiased, **opts)
+    if metric == "linear_cka":
+        ref = [[np_linear_cka(x, y, debiased) for y in b] for x in a]
+    else:
+        from test_kernel import np_cka, np_gram_rbf
+        ref = [[np_cka(np_gram_rbf(x), np_gram_rbf(y), debiased) for y in b] for x in a]
+    np.testing.assert_allclose(grid.values, ref, rtol=1e-9)
+    selfgrid = jaxsim.similarity_grid(a, metric=metric, debiased=debiased, **opts)
+    np.testing.assert_allclose(selfgrid.values[0, 1], grid.values[0, 0] * 0 + (
+        np_linear_cka(a[0], a[1], debiased) if metric == "linear_cka"
+        else selfgrid.values[1, 0]), rtol=1e-9)
