@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsim import _validation as _v
-from jaxsim import canonical, kernel
+from jaxsim import canonical, conv, kernel
 from jaxsim._measure import GramBlocks, Measure, safe_ratio
 
 Array = jax.Array
@@ -161,13 +161,11 @@ def _callable_measure(fn: Callable[[Array, Array], Array], symmetric: bool) -> M
 # ------------------------------------------------------------------------------ layers
 
 
-def _layers(acts: Any, arg: str, check_finite: bool) -> tuple[list[str], list[Array]]:
+def _named(acts: Any, arg: str) -> tuple[list[str], list[Any]]:
     if isinstance(acts, Mapping):
-        names = [str(k) for k in acts.keys()]
-        arrays = list(acts.values())
+        names, arrays = [str(k) for k in acts.keys()], list(acts.values())
     elif isinstance(acts, (list, tuple)):
-        names = [str(i) for i in range(len(acts))]
-        arrays = list(acts)
+        names, arrays = [str(i) for i in range(len(acts))], list(acts)
     elif hasattr(acts, "shape"):
         raise TypeError(f"{arg}: expected a sequence or mapping of per-layer arrays, got one "
                         f"array of shape {tuple(acts.shape)}; wrap a single layer as [x]")
@@ -176,9 +174,27 @@ def _layers(acts: Any, arg: str, check_finite: bool) -> tuple[list[str], list[Ar
                         f"{type(acts).__name__}")
     if not arrays:
         raise ValueError(f"{arg}: no layers given (an empty {type(acts).__name__})")
+    return names, arrays
+
+
+def _layers(acts: Any, arg: str, check_finite: bool) -> tuple[list[str], list[Array]]:
+    names, arrays = _named(acts, arg)
     layers = [_v.activations(a, f"{arg}[{k!r}]", check_finite_values=check_finite)
               for k, a in zip(names, arrays)]
     return names, layers
+
+
+def _reduced_layers(acts_a: Any, acts_b: Any, reduce: dict[str, Any], check_finite: bool
+                    ) -> tuple[list[str], list[Array], list[str], list[Array]]:
+    """Both sides' layers, conv-reduced together (so "resize" finds one common size), then
+    validated and flattened to ``(n, features)``."""
+    rows, raw_a = _named(acts_a, "acts_a")
+    cols, raw_b = ([], []) if acts_b is None else _named(acts_b, "acts_b")
+    keys = [f"acts_a[{k!r}]" for k in rows] + [f"acts_b[{k!r}]" for k in cols]
+    union = {k: _v.as_float_array(a, k) for k, a in zip(keys, raw_a + raw_b)}
+    union = conv.reduce_layers(union, **reduce)
+    flat = [_v.activations(a, k, check_finite_values=check_finite) for k, a in union.items()]
+    return rows, flat[:len(rows)], cols, flat[len(rows):]
 
 
 def _check_layers_n(named: dict[str, Array], min_n: int, why: str = "") -> None:
@@ -317,9 +333,14 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
         (``jax.lax.map`` chunking); lower it if memory is short.
       check_finite: raise on NaN/inf in any layer.
       **options: the metric's own keyword options (``debiased``, ``threshold``,
-        ``epsilon``, ``keep_dims``, ``keep_variance``), plus for linear CKA ``method``:
+        ``epsilon``, ``keep_dims``, ``keep_variance``); for linear CKA ``method``:
         ``"auto"`` (the cheaper of the Gram and feature routes for the whole grid, see
-        :func:`jaxsim.kernel.use_feature_space`), ``"gram"`` or ``"features"``.
+        :func:`jaxsim.kernel.use_feature_space`), ``"gram"`` or ``"features"``; and for
+        conv layers ``reduce`` (see :func:`jaxsim.conv.reduce_layers`): ``None`` (default:
+        each example's ``h*w*c`` values are its features), ``"flatten"`` (positions become
+        examples; layers must share their spatial size), ``"average"`` (pool over
+        positions) or ``"resize"`` (to ``size``, default the smallest, then flatten),
+        with ``subsample`` (a fraction of the positions) and ``key``.
     Returns:
       :class:`Grid` with ``values`` of shape ``(len(acts_a), len(acts_b))``.
 
@@ -331,10 +352,13 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
       (3, 3)
     """
     method = _v.choice(options.pop("method", "auto"), "method", ("auto", "gram", "features"))
+    reduce = {k: options.pop(k) for k in ("size", "subsample", "key") if k in options}
+    reduce["reduce"] = options.pop("reduce", None)
     make, name = _measure_for(metric, dict(options))
-    rows, layers_a = _layers(acts_a, "acts_a", check_finite)
     self_grid = acts_b is None
-    cols, layers_b = (rows, layers_a) if self_grid else _layers(acts_b, "acts_b", check_finite)
+    rows, layers_a, cols, layers_b = _reduced_layers(acts_a, acts_b, reduce, check_finite)
+    if self_grid:
+        cols, layers_b = rows, layers_a
     measure = make()
     named = {f"acts_a[{k!r}]": a for k, a in zip(rows, layers_a)}
     if not self_grid:
