@@ -1,0 +1,197 @@
+"""Shared pieces of the experiment scripts: data, nnx models, training, output files."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+# ---------------------------------------------------------------------------- data
+
+
+class Data(dict):
+    """{"train": (x, y), "test": (x, y)} with ``num_classes`` and ``image`` (is NHWC)."""
+
+
+def load_data(name: str = "digits", data_dir: str | None = None, seed: int = 0) -> Data:
+    """The embedded default (scikit-learn's bundled 8x8 digits, no download) or CIFAR-10
+    from a local directory of the standard python pickle batches."""
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = (d.images / 16.0).astype(np.float32)[..., None]  # (1797, 8, 8, 1)
+        y = d.target.astype(np.int32)
+        order = np.random.default_rng(seed).permutation(len(y))
+        x, y = x[order], y[order]
+        split = int(0.8 * len(y))
+        x = (x - x[:split].mean()) / x[:split].std()
+        data = Data(train=(x[:split], y[:split]), test=(x[split:], y[split:]))
+    elif name == "cifar10":
+        data = _cifar10(data_dir)
+    else:
+        raise SystemExit(f"unknown data set {name!r}: choose digits or cifar10")
+    data.num_classes = int(max(data["train"][1].max(), data["test"][1].max()) + 1)
+    return data
+
+
+def _cifar10(data_dir: str | None) -> Data:
+    root = data_dir or os.environ.get("CIFAR10_DIR", "")
+    for candidate in (root, os.path.join(root, "cifar-10-batches-py")):
+        if candidate and os.path.exists(os.path.join(candidate, "data_batch_1")):
+            root = candidate
+            break
+    else:
+        raise SystemExit(
+            "CIFAR-10 not found: pass --data-dir pointing at the extracted python version "
+            "(the folder with data_batch_1..5 and test_batch, 'cifar-10-batches-py'), or set "
+            "CIFAR10_DIR. Nothing is downloaded at run time; the default data set, digits, "
+            "ships with scikit-learn.")
+
+    def read(name):
+        with open(os.path.join(root, name), "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        x = batch[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).astype(np.float32) / 255
+        return x, np.asarray(batch[b"labels"], np.int32)
+
+    parts = [read(f"data_batch_{i}") for i in range(1, 6)]
+    xtr, ytr = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    xte, yte = read("test_batch")
+    mean, std = xtr.mean((0, 1, 2)), xtr.std((0, 1, 2))
+    return Data(train=((xtr - mean) / std, ytr), test=((xte - mean) / std, yte))
+
+
+def batches(x: np.ndarray, y: np.ndarray | None, size: int, *, seed: int | None = None,
+            drop_last: bool = False) -> Iterator[Any]:
+    order = np.arange(len(x)) if seed is None else np.random.default_rng(seed).permutation(len(x))
+    stop = len(x) - (len(x) % size if drop_last else 0)
+    for s in range(0, stop, size):
+        idx = order[s:s + size]
+        yield x[idx] if y is None else (x[idx], y[idx])
+
+
+# --------------------------------------------------------------------------- models
+
+
+class MLP(nnx.Module):
+    """Fully connected ReLU network; ``hidden`` gives the widths of the hidden layers."""
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...], num_classes: int, *, rngs: nnx.Rngs):
+        dims = (in_dim,) + tuple(hidden)
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims, dims[1:])])
+        self.head = nnx.Linear(dims[-1], num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        h = x.reshape(x.shape[0], -1)
+        for layer in self.layers:
+            h = nnx.relu(layer(h))
+        return self.head(h)
+
+
+class ResidualBlock(nnx.Module):
+    def __init__(self, channels: int, *, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(channels, channels, (3, 3), rngs=rngs)
+        # a small last layer keeps deep residual stacks trainable without normalisation
+        self.conv2 = nnx.Conv(channels, channels, (3, 3), rngs=rngs,
+                              kernel_init=nnx.initializers.variance_scaling(0.1, "fan_in", "normal"))
+
+    def __call__(self, x):
+        return nnx.relu(x + self.conv2(nnx.relu(self.conv1(x))))
+
+
+class ResNet(nnx.Module):
+    """A small ResNet: stem conv, ``depth`` residual blocks at full resolution, a strided
+    conv, ``depth`` blocks at half resolution with twice the channels, pooled linear head.
+    Width multiplies the channels, as in Nguyen et al.'s width multipliers."""
+
+    def __init__(self, in_channels: int, width: int, depth: int, num_classes: int, *,
+                 rngs: nnx.Rngs):
+        self.stem = nnx.Conv(in_channels, width, (3, 3), rngs=rngs)
+        self.stage1 = nnx.List([ResidualBlock(width, rngs=rngs) for _ in range(depth)])
+        self.down = nnx.Conv(width, 2 * width, (3, 3), strides=(2, 2), rngs=rngs)
+        self.stage2 = nnx.List([ResidualBlock(2 * width, rngs=rngs) for _ in range(depth)])
+        self.head = nnx.Linear(2 * width, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.stem(x))
+        for block in self.stage1:
+            h = block(h)
+        h = nnx.relu(self.down(h))
+        for block in self.stage2:
+            h = block(h)
+        return self.head(h.mean(axis=(1, 2)))
+
+
+# -------------------------------------------------------------------------- training
+
+
+def train(model: nnx.Module, data: Data, *, epochs: int, batch_size: int = 64,
+          lr: float = 2e-3, seed: int = 0, desc: str = "training", progress: bool = True,
+          train_subset: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+    """Adam on cross-entropy; returns the test accuracy."""
+    x, y = train_subset if train_subset is not None else data["train"]
+    steps = epochs * max(1, len(x) // batch_size)
+    opt = nnx.Optimizer(model, optax.adam(optax.cosine_decay_schedule(lr, steps)), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, xb, yb):
+        def loss_fn(model):
+            return optax.softmax_cross_entropy_with_integer_labels(model(xb), yb).mean()
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return loss
+
+    bar = _bar(range(epochs), progress, desc)
+    for epoch in bar:
+        for xb, yb in batches(x, y, batch_size, seed=seed * 1000 + epoch, drop_last=True):
+            loss = step(model, opt, xb, yb)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    return accuracy(model, *data["test"])
+
+
+def accuracy(model: nnx.Module, x: np.ndarray, y: np.ndarray) -> float:
+    predict = nnx.jit(lambda m, v: jnp.argmax(m(v), -1))
+    hits = sum(int(jnp.sum(predict(model, xb) == yb)) for xb, yb in batches(x, y, 512))
+    return hits / len(y)
+
+
+def _bar(iterable, progress: bool, desc: str):
+    if not progress:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc=desc, leave=False, file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def out_dir(path: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    return os.path.abspath(path)
+
+
+def save_json(path: str, obj: Any) -> None:
+    def default(o):
+        if isinstance(o, (np.ndarray, jax.Array)):
+            return np.asarray(o).tolist()
+        if isinstance(o, (np.floating, np.integer)):
+            return o.item()
+        raise TypeError(type(o))
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, default=default)
+
+
+def grid_json(grid) -> dict:
+    return {"rows": list(grid.rows), "cols": list(grid.cols), "values": grid.to_numpy()}
