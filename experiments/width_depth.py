@@ -63,9 +63,9 @@ def main(argv=None) -> dict:
     p.add_argument("--data-dir", help="CIFAR-10 python batches (for --data cifar10)")
     p.add_argument("--depths", type=int, nargs="+", default=[1, 3, 6],
                    help="residual blocks per stage")
-    p.add_argument("--widths", type=int, nargs="+", default=[8, 32, 96],
+    p.add_argument("--widths", type=int, nargs="+", default=[8, 16, 32],
                    help="channels of the first stage")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cka-batch", type=int, default=120, help="minibatch size for CKA")
     p.add_argument("--out", default="out/width_depth", help="output folder")

@@ -1,0 +1,93 @@
+"""Layer identification across seeds (Kornblith et al. 2019, the sanity check of Table 2).
+
+Trains several seeds of one architecture. For each layer of one model and each other
+model, a measure passes if the most similar layer of the other model is the corresponding
+one. Prints the accuracy of each measure (linear CKA, RBF CKA, mean CCA, SVCCA, PWCCA) as
+a table, saves it as JSON and a figure of one pair's grids under every measure.
+
+    python experiments/layer_identification.py [--quick] [--seeds 5] [--depth 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+import jaxsim  # noqa: E402
+from jaxsim.flax import collect_activations  # noqa: E402
+from jaxsim.plot import heatmap_panel  # noqa: E402
+
+MEASURES = {
+    "linear CKA": ("linear_cka", {}),
+    "RBF CKA": ("rbf_cka", {"threshold": 0.8}),
+    "mean CCA": ("mean_cca", {"epsilon": 1e-6}),
+    "SVCCA": ("svcca", {"keep_variance": 0.99, "epsilon": 1e-6}),
+    "PWCCA": ("pwcca", {"epsilon": 1e-6}),
+}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="digits", choices=["digits", "cifar10"])
+    p.add_argument("--data-dir")
+    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--depth", type=int, default=8, help="hidden layers")
+    p.add_argument("--width", type=int, default=48)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--out", default="out/layer_identification")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.depth, args.width, args.epochs = 2, 3, 16, 1
+    data = C.load_data(args.data, args.data_dir)
+    out = C.out_dir(args.out)
+    x = data["test"][0]
+    in_dim = int(np.prod(x.shape[1:]))
+
+    acts = []
+    for seed in range(args.seeds):
+        model = C.MLP(in_dim, (args.width,) * args.depth, data.num_classes, rngs=nnx.Rngs(seed))
+        C.train(model, data, epochs=args.epochs, seed=seed, desc=f"seed {seed}",
+                progress=not args.no_progress)
+        acts.append(collect_activations(model, C.batches(x, None, 512),
+                                        filter=lambda path, m: path.startswith("layers/"),
+                                        progress=False))
+
+    accuracy, example = {}, {}
+    for label, (metric, opts) in MEASURES.items():
+        hits = total = 0
+        for i, j in itertools.permutations(range(args.seeds), 2):
+            grid = jaxsim.similarity_grid(acts[i], acts[j], metric=metric, **opts)
+            best = np.argmax(grid.to_numpy(), axis=1)
+            hits += int(np.sum(best == np.arange(len(best))))
+            total += len(best)
+            if (i, j) == (0, 1):
+                example[label] = grid
+        accuracy[label] = hits / total
+
+    heatmap_panel(example, title="seed 0 (rows) vs seed 1 (columns)").savefig(
+        os.path.join(out, "grids.png"), dpi=130)
+    summary = {"data": args.data, "seeds": args.seeds, "depth": args.depth, "width": args.width,
+               "accuracy": accuracy, "example_grids": {k: C.grid_json(g) for k, g in example.items()}}
+    C.save_json(os.path.join(out, "results.json"), summary)
+    print(f"\nLayer identification, {args.seeds} seeds of an MLP with {args.depth} hidden layers "
+          f"of {args.width}, {args.data} (n={len(x)}):")
+    print(f"{'measure':>12} {'accuracy':>9}")
+    for label, acc in accuracy.items():
+        print(f"{label:>12} {acc:9.3f}")
+    print(f"figure and results.json in {out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

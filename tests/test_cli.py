@@ -1,0 +1,50 @@
+"""The jaxsim command line against the library call."""
+
+import subprocess
+import sys
+
+import numpy as np
+
+import jaxsim
+from jaxsim.cli import main
+
+
+def write(path, rng, widths, n=48):
+    layers = {f"l{i}": rng.normal(size=(n, w)).astype(np.float32) for i, w in enumerate(widths)}
+    np.savez(path, **layers)
+    return layers
+
+
+def test_grid_command(tmp_path, rng, capsys):
+    a = write(tmp_path / "a.npz", rng, (4, 6, 5))
+    b = write(tmp_path / "b.npz", rng, (3, 7))
+    out, png = tmp_path / "g.npz", tmp_path / "g.png"
+    assert main(["grid", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--metric", "svcca",
+                 "--keep-dims", "2", "--out", str(out), "--plot", str(png)]) == 0
+    grid = jaxsim.Grid.load(out)
+    ref = jaxsim.similarity_grid(a, b, metric="svcca", keep_dims=2)
+    np.testing.assert_allclose(grid.values, ref.values, rtol=1e-6)
+    assert grid.rows == ("l0", "l1", "l2") and grid.cols == ("l0", "l1")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "saved" in capsys.readouterr().out
+
+
+def test_minibatch_and_conv_options(tmp_path, rng):
+    a = write(tmp_path / "a.npz", rng, (4, 6), n=64)
+    out = tmp_path / "g.npz"
+    assert main(["grid", str(tmp_path / "a.npz"), "--batch-size", "16", "--out", str(out)]) == 0
+    state = jaxsim.minibatch_cka_init(2)
+    for s in range(0, 64, 16):
+        state = jaxsim.minibatch_cka_update(state, [v[s:s + 16] for v in a.values()])
+    np.testing.assert_allclose(jaxsim.Grid.load(out).values,
+                               jaxsim.minibatch_cka_result(state).values, rtol=1e-6)
+    np.savez(tmp_path / "c.npz", c1=rng.normal(size=(8, 4, 4, 3)), c2=rng.normal(size=(8, 2, 2, 3)))
+    assert main(["grid", str(tmp_path / "c.npz"), "--reduce", "flatten", "--out", str(out)]) == 2
+    assert main(["grid", str(tmp_path / "c.npz"), "--reduce", "average", "--out", str(out)]) == 0
+
+
+def test_help_lists_metrics():
+    out = subprocess.run([sys.executable, "-m", "jaxsim.cli", "grid", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for name in ("linear_cka", "rbf_cka", "mean_cca", "svcca", "pwcca"):
+        assert name in out
