@@ -10,6 +10,14 @@ from jaxsim.canonical import cca as cca
 from jaxsim.canonical import mean_cca as mean_cca
 from jaxsim.canonical import pwcca as pwcca
 from jaxsim.canonical import svcca as svcca
+from jaxsim.geometry import linear_predictivity as linear_predictivity
+from jaxsim.geometry import most_similar_neurons as most_similar_neurons
+from jaxsim.geometry import mutual_knn as mutual_knn
+from jaxsim.geometry import predict_direction as predict_direction
+from jaxsim.geometry import procrustes_distance as procrustes_distance
+from jaxsim.geometry import procrustes_similarity as procrustes_similarity
+from jaxsim.geometry import rdm as rdm
+from jaxsim.geometry import rsa as rsa
 from jaxsim.grid import Grid as Grid
 from jaxsim.grid import MinibatchCKAState as MinibatchCKAState
 from jaxsim.grid import minibatch_cka_init as minibatch_cka_init
@@ -37,12 +45,20 @@ __all__ = [
     "gram_rbf",
     "hsic",
     "linear_cka",
+    "linear_predictivity",
     "mean_cca",
     "minibatch_cka_init",
     "minibatch_cka_result",
     "minibatch_cka_update",
+    "most_similar_neurons",
+    "mutual_knn",
+    "predict_direction",
+    "procrustes_distance",
+    "procrustes_similarity",
     "pwcca",
     "rbf_cka",
+    "rdm",
+    "rsa",
     "similarity_grid",
     "svcca",
 ]

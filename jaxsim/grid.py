@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsim import _validation as _v
-from jaxsim import canonical, conv, kernel
+from jaxsim import canonical, conv, geometry, kernel
 from jaxsim._measure import GramBlocks, Measure, safe_ratio
 
 Array = jax.Array
@@ -126,6 +126,16 @@ def _cca_family(factory: Callable[..., Measure], name: str) -> Callable[..., Any
     return make
 
 
+def _simple(factory: Callable[..., Measure], name: str) -> Callable[..., Any]:
+    def make(**kw: Any) -> Callable[..., Measure]:
+        try:
+            m = factory(**kw)
+        except TypeError:
+            raise TypeError(f"metric {name!r}: unexpected option(s) {', '.join(sorted(kw))}") from None
+        return lambda feature_space=False: m
+    return make
+
+
 def _no_extra(name: str, kw: Mapping[str, Any]) -> None:
     if kw:
         raise TypeError(f"metric {name!r}: unexpected option(s) {', '.join(sorted(kw))}")
@@ -138,6 +148,10 @@ METRICS: dict[str, Callable[..., Callable[..., Measure]]] = {
     "mean_cca": _cca_family(canonical.cca_measure, "mean_cca"),
     "svcca": _cca_family(canonical.svcca_measure, "svcca"),
     "pwcca": _cca_family(canonical.pwcca_measure, "pwcca"),
+    "procrustes": _simple(geometry.procrustes_measure, "procrustes"),
+    "rsa": _simple(geometry.rsa_measure, "rsa"),
+    "mutual_knn": _simple(geometry.mutual_knn_measure, "mutual_knn"),
+    "linear_predictivity": _simple(geometry.predictivity_measure, "linear_predictivity"),
 }
 
 
@@ -326,7 +340,8 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
       acts_b: the column layers, likewise; ``None`` compares ``acts_a`` with itself (a
         self-grid: symmetric measures compute each pair once; pwcca computes both orders).
       metric: ``"linear_cka"`` (alias ``"cka"``), ``"rbf_cka"``, ``"mean_cca"``,
-        ``"svcca"``, ``"pwcca"``, or a callable ``f(x, y) -> scalar`` on two ``(n, d)``
+        ``"svcca"``, ``"pwcca"``, ``"procrustes"``, ``"rsa"``, ``"mutual_knn"``,
+        ``"linear_predictivity"`` (rows predict columns), or a callable ``f(x, y) -> scalar`` on two ``(n, d)``
         arrays (vmapped over pairs of equal shapes; pass ``symmetric=True`` to compute one
         triangle of a self-grid).
       batch_size: pairs evaluated together by measures without a single-product grid

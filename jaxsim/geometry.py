@@ -1,0 +1,289 @@
+r"""More measures of representational similarity: Procrustes shape distance, RSA, mutual
+nearest neighbours and linear predictivity, plus lucid-style helpers that relate single
+directions and neurons of two layers.
+
+All take ``(n, ...)`` activations (axis 0 the examples) and are pure, jit-able and
+vmap-able; each is available in :func:`jaxsim.similarity_grid` by name ("procrustes",
+"rsa", "mutual_knn", "linear_predictivity").
+
+References:
+  Williams, Kunz, Kornblith & Linderman, Generalized Shape Metrics on Neural
+  Representations, NeurIPS 2021 (angular Procrustes distance, partial whitening).
+  Kriegeskorte, Mur & Bandettini, Representational similarity analysis, 2008.
+  Huh, Cheung, Wang & Isola, The Platonic Representation Hypothesis, ICML 2024 (mutual
+  k-nearest-neighbour alignment).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.stats import rankdata
+
+from jaxsim import _validation as _v
+from jaxsim._measure import Measure, center_features, dot, safe_ratio
+
+Array = jax.Array
+
+
+# --------------------------------------------------------------------------- Procrustes
+
+
+def _shape_normalise(x: Array, alpha: float) -> Array:
+    """Centered, partially whitened (``X (alpha I + (1 - alpha) C^(-1/2))``, C the
+    covariance), unit Frobenius norm."""
+    xc = center_features(x)
+    if alpha < 1:
+        n, d = xc.shape
+        w, v = jnp.linalg.eigh(dot(xc.T, xc) / n)
+        tol = jnp.max(w) * d * jnp.finfo(w.dtype).eps
+        inv = jnp.where(w > tol, 1 / jnp.sqrt(jnp.where(w > tol, w, 1)), 0)
+        xc = dot(xc, dot(v * (alpha + (1 - alpha) * inv), v.T))
+    return xc / jnp.where(jnp.linalg.norm(xc) > 0, jnp.linalg.norm(xc), 1)
+
+
+def _procrustes_pair(a: Array, b: Array) -> Array:
+    return jnp.minimum(jnp.sum(jnp.linalg.svd(dot(a.T, b), compute_uv=False)), 1.0)
+
+
+@functools.lru_cache(maxsize=None)
+def procrustes_measure(*, alpha: float = 1.0) -> Measure:
+    """Procrustes similarity (the cosine of the angular shape distance) as a Measure."""
+    alpha = _check_alpha(alpha)
+    return Measure("procrustes", functools.partial(_shape_normalise, alpha=alpha), _procrustes_pair)
+
+
+def _check_alpha(alpha: Any) -> float:
+    a = _v.non_negative(alpha, "alpha")
+    if a > 1:
+        raise ValueError(f"alpha: must lie in [0, 1] (1: no whitening, 0: full whitening), got {alpha!r}")
+    return a
+
+
+@functools.partial(jax.jit, static_argnames="alpha")
+def _procrustes(x: Array, y: Array, alpha: float) -> Array:
+    m = procrustes_measure(alpha=alpha)
+    return m.pair(m.prepare(x), m.prepare(y))
+
+
+def procrustes_similarity(x: Any, y: Any, *, alpha: float = 1.0, check_finite: bool = True) -> Array:
+    r"""Orthogonal Procrustes similarity :math:`\lVert \tilde X^\top \tilde Y \rVert_*` in [0, 1].
+
+    :math:`\tilde X` is x centered, partially whitened with ``alpha`` and scaled to unit
+    Frobenius norm; the nuclear norm is the best alignment over orthogonal maps (widths may
+    differ: the narrower side is zero-padded). 1 means equal up to rotation (and, for
+    ``alpha=0``, any invertible linear map).
+    """
+    x, y = _v.pair(x, y, check_finite=check_finite)
+    return _procrustes(x, y, _check_alpha(alpha))
+
+
+def procrustes_distance(x: Any, y: Any, *, alpha: float = 1.0, angular: bool = True,
+                        check_finite: bool = True) -> Array:
+    r"""Shape distance of Williams et al. 2021.
+
+    Angular: :math:`\arccos \lVert \tilde X^\top \tilde Y \rVert_*` (a metric, in
+    [0, pi/2]); otherwise the Procrustes distance
+    :math:`\min_Q \lVert \tilde X - \tilde Y Q \rVert_F = \sqrt{2 - 2 \lVert \tilde X^\top \tilde Y \rVert_*}`.
+    ``alpha`` interpolates between no whitening (1) and full whitening (0, CCA-like).
+    """
+    s = procrustes_similarity(x, y, alpha=alpha, check_finite=check_finite)
+    return jnp.arccos(s) if angular else jnp.sqrt(jnp.maximum(2 - 2 * s, 0))
+
+
+# ---------------------------------------------------------------------------------- RSA
+
+_DISSIMILARITIES = ("correlation", "euclidean")
+_COMPARISONS = ("spearman", "pearson", "kendall")
+
+
+def rdm(x: Any, *, dissimilarity: str = "correlation", check_finite: bool = True) -> Array:
+    """Representational dissimilarity matrix ``(n, n)``: 1 - Pearson correlation of two
+    examples' activation patterns, or their Euclidean distance."""
+    _v.choice(dissimilarity, "dissimilarity", _DISSIMILARITIES)
+    x = _v.activations(x, "x", check_finite_values=check_finite)
+    return _rdm(x, dissimilarity)
+
+
+def _rdm(x: Array, dissimilarity: str) -> Array:
+    if dissimilarity == "correlation":
+        z = x - jnp.mean(x, axis=1, keepdims=True)
+        norm = jnp.linalg.norm(z, axis=1, keepdims=True)
+        z = z / jnp.where(norm > 0, norm, 1)
+        return 1 - dot(z, z.T)
+    sq = jnp.sum(x * x, axis=1)
+    d = sq[:, None] + sq[None, :] - 2 * dot(x, x.T)
+    return jnp.sqrt(jnp.maximum(d, 0) * (1 - jnp.eye(x.shape[0], dtype=x.dtype)))
+
+
+def _upper(m: Array) -> Array:
+    i, j = jnp.triu_indices(m.shape[0], k=1)
+    return m[i, j]
+
+
+def _pearson(a: Array, b: Array) -> Array:
+    a, b = a - jnp.mean(a), b - jnp.mean(b)
+    return safe_ratio(jnp.vdot(a, b), jnp.sqrt(jnp.vdot(a, a) * jnp.vdot(b, b)))
+
+
+def _kendall_tau_b(a: Array, b: Array) -> Array:
+    sa = jnp.sign(a[:, None] - a[None, :])
+    sb = jnp.sign(b[:, None] - b[None, :])
+    return safe_ratio(jnp.sum(sa * sb), jnp.sqrt(jnp.sum(sa * sa) * jnp.sum(sb * sb)))
+
+
+def _rsa_prepare(x: Array, dissimilarity: str, compare: str) -> Array:
+    v = _upper(_rdm(x, dissimilarity))
+    return rankdata(v).astype(x.dtype) if compare == "spearman" else v
+
+
+def _rsa_pair(a: Array, b: Array, compare: str) -> Array:
+    return _kendall_tau_b(a, b) if compare == "kendall" else _pearson(a, b)
+
+
+@functools.lru_cache(maxsize=None)
+def rsa_measure(*, dissimilarity: str = "correlation", compare: str = "spearman") -> Measure:
+    """RSA as a Measure: the RDM's upper triangle (ranked for Spearman) once per layer."""
+    _v.choice(dissimilarity, "dissimilarity", _DISSIMILARITIES)
+    _v.choice(compare, "compare", _COMPARISONS)
+    return Measure("rsa", functools.partial(_rsa_prepare, dissimilarity=dissimilarity, compare=compare),
+                   functools.partial(_rsa_pair, compare=compare))
+
+
+@functools.partial(jax.jit, static_argnames=("dissimilarity", "compare"))
+def _rsa(x: Array, y: Array, dissimilarity: str, compare: str) -> Array:
+    m = rsa_measure(dissimilarity=dissimilarity, compare=compare)
+    return m.pair(m.prepare(x), m.prepare(y))
+
+
+def rsa(x: Any, y: Any, *, dissimilarity: str = "correlation", compare: str = "spearman",
+        check_finite: bool = True) -> Array:
+    """Representational similarity analysis: the correlation (Spearman, Pearson or Kendall's
+    tau-b) of the upper triangles of the two layers' RDMs. Kendall costs O(n^4) memory and
+    time in the number of examples; keep n in the hundreds for it."""
+    _v.choice(dissimilarity, "dissimilarity", _DISSIMILARITIES)
+    _v.choice(compare, "compare", _COMPARISONS)
+    x, y = _v.pair(x, y, min_n=3, why=" for an RDM with more than one pair", check_finite=check_finite)
+    return _rsa(x, y, dissimilarity, compare)
+
+
+# ------------------------------------------------------------------ mutual nearest neighbours
+
+
+def _knn_indicator(x: Array, k: int) -> Array:
+    """``(n, n)`` 0/1 matrix: row i marks the k nearest neighbours of example i (cosine
+    similarity of the feature vectors, the example itself excluded)."""
+    norm = jnp.linalg.norm(x, axis=1, keepdims=True)
+    z = x / jnp.where(norm > 0, norm, 1)
+    sim = dot(z, z.T) - 3 * jnp.eye(x.shape[0], dtype=x.dtype)  # cosine >= -1 > -2
+    _, idx = jax.lax.top_k(sim, k)
+    return jnp.zeros_like(sim).at[jnp.arange(x.shape[0])[:, None], idx].set(1)
+
+
+def _knn_pair(a: Array, b: Array, k: int) -> Array:
+    return jnp.sum(a * b) / (a.shape[0] * k)
+
+
+@functools.lru_cache(maxsize=None)
+def mutual_knn_measure(*, k: int = 10) -> Measure:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k: expected a positive int, got {k!r}")
+    return Measure("mutual_knn", functools.partial(_knn_indicator, k=k),
+                   functools.partial(_knn_pair, k=k))
+
+
+def _check_k(k: Any, n: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
+        raise ValueError(f"k: expected an int in [1, n - 1] = [1, {n - 1}], got {k!r}")
+    return k
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def _mutual_knn(x: Array, y: Array, k: int) -> Array:
+    m = mutual_knn_measure(k=k)
+    return m.pair(m.prepare(x), m.prepare(y))
+
+
+def mutual_knn(x: Any, y: Any, *, k: int = 10, check_finite: bool = True) -> Array:
+    r"""Mutual k-nearest-neighbour alignment (Huh et al. 2024):
+    :math:`\frac{1}{n} \sum_i |N_k^x(i) \cap N_k^y(i)| / k`, neighbours by cosine
+    similarity, in [0, 1]."""
+    x, y = _v.pair(x, y, check_finite=check_finite)
+    return _mutual_knn(x, y, _check_k(k, x.shape[0]))
+
+
+# ---------------------------------------------------------------------- linear predictivity
+
+
+class RidgeSummary(NamedTuple):
+    centered: Array  # (n, d)
+    inverse: Array  # (X^T X + ridge * tr(X^T X) / d * I)^-1
+
+
+def _ridge_prepare(x: Array, ridge: float) -> RidgeSummary:
+    xc = center_features(x)
+    cov = dot(xc.T, xc)
+    d = cov.shape[0]
+    lam = ridge * jnp.trace(cov) / d
+    return RidgeSummary(xc, jnp.linalg.pinv(cov + lam * jnp.eye(d, dtype=x.dtype), hermitian=True))
+
+
+def _predictivity_pair(a: RidgeSummary, b: RidgeSummary) -> Array:
+    xty = dot(a.centered.T, b.centered)
+    fitted = dot(a.centered, dot(a.inverse, xty))
+    resid = b.centered - fitted
+    return 1 - safe_ratio(jnp.vdot(resid, resid), jnp.vdot(b.centered, b.centered))
+
+
+@functools.lru_cache(maxsize=None)
+def predictivity_measure(*, ridge: float = 1e-3) -> Measure:
+    ridge = _v.non_negative(ridge, "ridge")
+    return Measure("linear_predictivity", functools.partial(_ridge_prepare, ridge=ridge),
+                   _predictivity_pair, symmetric=False)
+
+
+@functools.partial(jax.jit, static_argnames="ridge")
+def _predictivity(x: Array, y: Array, ridge: float) -> Array:
+    m = predictivity_measure(ridge=ridge)
+    return m.pair(m.prepare(x), m.prepare(y))
+
+
+def linear_predictivity(x: Any, y: Any, *, ridge: float = 1e-3, check_finite: bool = True) -> Array:
+    r"""In-sample R^2 of a ridge regression of y on x (both centered):
+    :math:`1 - \lVert Y - X W \rVert_F^2 / \lVert Y \rVert_F^2`,
+    :math:`W = (X^\top X + \lambda I)^{-1} X^\top Y`, with :math:`\lambda` = ``ridge`` times
+    the mean eigenvalue of :math:`X^\top X`. Asymmetric: x predicts y. Use held-out
+    examples (fit on one split) for out-of-sample claims."""
+    x, y = _v.pair(x, y, check_finite=check_finite)
+    return _predictivity(x, y, _v.non_negative(ridge, "ridge"))
+
+
+def predict_direction(x: Any, y: Any, direction: Any, *, ridge: float = 1e-3) -> Array:
+    """The direction in y's feature space whose activations best linearly predict the
+    activations of ``direction`` (a ``(d_x,)`` vector) in x: ridge regression of
+    ``(x - mean) @ direction`` on y's centered features. Returns a unit ``(d_y,)`` vector
+    (lucid's model alignment: "what does layer B use to represent this direction of A?")."""
+    x, y = _v.pair(x, y)
+    direction = _v.as_float_array(direction, "direction")
+    if direction.shape != (x.shape[1],):
+        raise ValueError(f"direction: expected shape ({x.shape[1]},) for x of shape "
+                         f"{tuple(x.shape)}, got {tuple(direction.shape)}")
+    s = _ridge_prepare(y, _v.non_negative(ridge, "ridge"))
+    target = dot(center_features(x), direction.astype(x.dtype))
+    w = dot(s.inverse, dot(s.centered.T, target))
+    return w / jnp.where(jnp.linalg.norm(w) > 0, jnp.linalg.norm(w), 1)
+
+
+def most_similar_neurons(x: Any, y: Any) -> tuple[Array, Array]:
+    """For each neuron (feature) of x, the neuron of y with the largest absolute Pearson
+    correlation over the examples: ``(indices (d_x,), correlations (d_x,))``, signed."""
+    x, y = _v.pair(x, y)
+    xc, yc = center_features(x), center_features(y)
+    nx = jnp.linalg.norm(xc, axis=0)
+    ny = jnp.linalg.norm(yc, axis=0)
+    corr = safe_ratio(dot(xc.T, yc), nx[:, None] * ny[None, :])
+    idx = jnp.argmax(jnp.abs(corr), axis=1)
+    return idx, jnp.take_along_axis(corr, idx[:, None], axis=1)[:, 0]

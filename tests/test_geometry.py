@@ -1,0 +1,107 @@
+"""Procrustes, RSA, mutual kNN and linear predictivity against NumPy/SciPy references."""
+
+import jax
+import numpy as np
+import pytest
+from scipy import linalg, stats
+from scipy.spatial.distance import pdist
+
+import jaxsim
+from conftest import orthogonal, related
+
+
+def np_normalise(x):
+    xc = x - x.mean(0)
+    return xc / np.linalg.norm(xc)
+
+
+def test_procrustes_against_scipy(x64, rng):
+    x, y = related(rng, 100, 6, 6)
+    a, b = np_normalise(x), np_normalise(y)
+    r, scale = linalg.orthogonal_procrustes(a, b)
+    np.testing.assert_allclose(jaxsim.procrustes_similarity(x, y), scale, rtol=1e-10)
+    np.testing.assert_allclose(jaxsim.procrustes_distance(x, y, angular=False),
+                               np.linalg.norm(a @ r - b), rtol=1e-8)
+    np.testing.assert_allclose(jaxsim.procrustes_distance(x, y), np.arccos(scale), rtol=1e-10)
+    # invariances: rotation, isotropic scaling, translation; not anisotropic scaling
+    q = orthogonal(rng, 6)
+    np.testing.assert_allclose(jaxsim.procrustes_similarity(3 * x @ q + 1, y), scale, rtol=1e-9)
+    assert abs(float(jaxsim.procrustes_similarity(x * np.arange(1, 7), y)) - scale) > 1e-3
+    np.testing.assert_allclose(jaxsim.procrustes_distance(x, x @ q), 0, atol=1e-6)
+
+
+def test_full_whitening_gives_mean_cca(x64, rng):
+    x, y = related(rng, 300, 5, 5)
+    np.testing.assert_allclose(jaxsim.procrustes_similarity(x, y, alpha=0.0),
+                               jaxsim.mean_cca(x, y), rtol=1e-8)
+    mid = float(jaxsim.procrustes_similarity(x, y, alpha=0.5))
+    assert np.isfinite(mid) and 0 < mid <= 1
+    with pytest.raises(ValueError, match=r"alpha: must lie in \[0, 1\]"):
+        jaxsim.procrustes_similarity(x, y, alpha=2)
+
+
+@pytest.mark.parametrize("dissimilarity", ["correlation", "euclidean"])
+@pytest.mark.parametrize("compare", ["spearman", "pearson", "kendall"])
+def test_rsa_against_scipy(x64, rng, dissimilarity, compare):
+    x, y = related(rng, 40, 6, 5)
+    da = pdist(x, "correlation" if dissimilarity == "correlation" else "euclidean")
+    db = pdist(y, "correlation" if dissimilarity == "correlation" else "euclidean")
+    ref = {"spearman": stats.spearmanr, "pearson": stats.pearsonr,
+           "kendall": stats.kendalltau}[compare](da, db)[0]
+    got = jaxsim.rsa(x, y, dissimilarity=dissimilarity, compare=compare)
+    np.testing.assert_allclose(got, ref, rtol=1e-9)
+    np.testing.assert_allclose(jaxsim.rdm(x, dissimilarity=dissimilarity)[0, 1], da[0], rtol=1e-9)
+
+
+def test_mutual_knn_against_brute_force(x64, rng):
+    x, y = related(rng, 50, 6, 5, noise=1.0)
+    k = 5
+
+    def neighbours(a):
+        z = a / np.linalg.norm(a, axis=1, keepdims=True)
+        sim = z @ z.T
+        np.fill_diagonal(sim, -np.inf)
+        return [set(np.argsort(-row)[:k]) for row in sim]
+
+    nx, ny = neighbours(x), neighbours(y)
+    ref = np.mean([len(a & b) / k for a, b in zip(nx, ny)])
+    np.testing.assert_allclose(jaxsim.mutual_knn(x, y, k=k), ref, rtol=1e-12)
+    assert float(jaxsim.mutual_knn(x, 2 * x, k=k)) == 1.0
+    with pytest.raises(ValueError, match=r"k: expected an int in \[1, n - 1\] = \[1, 49\], got 50"):
+        jaxsim.mutual_knn(x, y, k=50)
+
+
+def test_linear_predictivity_and_helpers(x64, rng):
+    x, y = related(rng, 200, 6, 4)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    lam = 1e-2 * np.trace(xc.T @ xc) / 6
+    w = np.linalg.solve(xc.T @ xc + lam * np.eye(6), xc.T @ yc)
+    ref = 1 - np.sum((yc - xc @ w) ** 2) / np.sum(yc**2)
+    np.testing.assert_allclose(jaxsim.linear_predictivity(x, y, ridge=1e-2), ref, rtol=1e-10)
+    a = rng.normal(size=(6, 6)) + 2 * np.eye(6)
+    np.testing.assert_allclose(jaxsim.linear_predictivity(x, x @ a, ridge=0.0), 1.0, rtol=1e-10)
+    v = rng.normal(size=6)
+    got = jaxsim.predict_direction(x, x @ a, v, ridge=0.0)
+    want = np.linalg.solve(a, v)
+    np.testing.assert_allclose(got, want / np.linalg.norm(want), rtol=1e-8)
+    perm = rng.permutation(6)
+    idx, corr = jaxsim.most_similar_neurons(x, -2 * x[:, perm] + 1e-3 * rng.normal(size=(200, 6)))
+    np.testing.assert_array_equal(idx, np.argsort(perm))
+    np.testing.assert_allclose(corr, -1, atol=1e-5)
+    with pytest.raises(ValueError, match=r"direction: expected shape \(6,\)"):
+        jaxsim.predict_direction(x, y, np.ones(5))
+
+
+@pytest.mark.parametrize("metric,fn,opts", [
+    ("procrustes", jaxsim.procrustes_similarity, {"alpha": 0.5}),
+    ("rsa", jaxsim.rsa, {"compare": "pearson"}),
+    ("mutual_knn", jaxsim.mutual_knn, {"k": 4}),
+    ("linear_predictivity", jaxsim.linear_predictivity, {"ridge": 1e-2}),
+])
+def test_in_grids(x64, rng, metric, fn, opts):
+    x, y = related(rng, 60, 6, 5)
+    layers = [x, y, np.tanh(y)]
+    grid = jaxsim.similarity_grid(layers, metric=metric, **opts)
+    loop = [[float(fn(a, b, **opts)) for b in layers] for a in layers]
+    np.testing.assert_allclose(grid.values, loop, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(jax.jit(lambda a, b: fn(a, b, **opts))(x, y), loop[0][1], rtol=1e-8)
