@@ -202,7 +202,7 @@ def _cosine_pair(a: Any, b: Any) -> Array:
 def _debias_inner(xty: Array, rx: Array, ry: Array, sx: Array, sy: Array, n: int) -> Array:
     # <K~, L~> from <K, L> for linearly-kernelled centered features: the U-centering terms
     # reduce to the Grams' diagonals (row norms) and traces.
-    return xty - n / (n - 2) * jnp.vdot(rx, ry) + sx * sy / ((n - 1) * (n - 2))
+    return xty - n / (n - 2) * jnp.matmul(rx, ry) + sx * sy / ((n - 1) * (n - 2))
 
 
 def _feature_summary(x: Array, debiased: bool) -> FeatureSummary:
