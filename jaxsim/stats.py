@@ -89,7 +89,7 @@ def _feature_null(sx: kernel.FeatureSummary, sy: kernel.FeatureSummary, perms: A
     product ``X^T [P_1 Y, ..., P_B Y]`` (a batched matmul is much slower on CPU)."""
     b, n = perms.shape
     d2 = sy.features.shape[1]
-    stacked = jnp.transpose(sy.features[perms], (1, 0, 2)).reshape(n, b * d2)
+    stacked = sy.features[perms.T].reshape(n, b * d2)  # gathered straight into (n, b, d2)
     cross = jnp.matmul(sx.features.T, stacked, precision=jax.lax.Precision.HIGHEST)
     xty = jnp.sum(cross.reshape(-1, b, d2) ** 2, axis=(0, 2))
     if debiased:

@@ -284,6 +284,7 @@ def test_blocked_grams_with_padding(x64, rng, metric, debiased):
         ref = [[np_cka(np_gram_rbf(x), np_gram_rbf(y), debiased) for y in b] for x in a]
     np.testing.assert_allclose(grid.values, ref, rtol=1e-9)
     selfgrid = jaxsim.similarity_grid(a, metric=metric, debiased=debiased, **opts)
-    np.testing.assert_allclose(selfgrid.values[0, 1], grid.values[0, 0] * 0 + (
-        np_linear_cka(a[0], a[1], debiased) if metric == "linear_cka"
-        else selfgrid.values[1, 0]), rtol=1e-9)
+    single = jaxsim.linear_cka if metric == "linear_cka" else jaxsim.rbf_cka
+    np.testing.assert_allclose(selfgrid.values[0, 1], single(a[0], a[1], debiased=debiased),
+                               rtol=1e-9)
+    np.testing.assert_allclose(np.diag(selfgrid.values), 1.0, rtol=1e-10)
