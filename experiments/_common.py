@@ -174,6 +174,25 @@ def _bar(iterable, progress: bool, desc: str):
     return tqdm(iterable, desc=desc, leave=False, file=sys.stderr)
 
 
+# --------------------------------------------------------------------------- scripts
+
+
+def parser(doc: str, out: str):
+    """The options every experiment script shares: data, output folder, --quick."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=doc.split("\n\n", 1)[1] if "\n\n" in doc else None)
+    p.add_argument("--data", default="digits", choices=["digits", "cifar10"],
+                   help="digits ships with scikit-learn; cifar10 needs --data-dir")
+    p.add_argument("--data-dir", help="CIFAR-10 python batches (for --data cifar10)")
+    p.add_argument("--out", default=out, help="output folder")
+    p.add_argument("--quick", action="store_true", help="tiny models, one epoch (seconds, CI)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
 # --------------------------------------------------------------------------- output
 
 

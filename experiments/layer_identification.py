@@ -10,7 +10,6 @@ a table, saves it as JSON and a figure of one pair's grids under every measure.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import sys
@@ -35,17 +34,11 @@ MEASURES = {
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="digits", choices=["digits", "cifar10"])
-    p.add_argument("--data-dir")
+    p = C.parser(__doc__, "out/layer_identification")
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--depth", type=int, default=8, help="hidden layers")
     p.add_argument("--width", type=int, default=48)
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--out", default="out/layer_identification")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.depth, args.width, args.epochs = 2, 3, 16, 1

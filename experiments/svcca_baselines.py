@@ -13,7 +13,6 @@ Trains an MLP with three hidden layers from two seeds and asks, with one figure 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -34,16 +33,10 @@ def hidden(path: str, module) -> bool:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="digits", choices=["digits", "cifar10"])
-    p.add_argument("--data-dir")
+    p = C.parser(__doc__, "out/svcca_baselines")
     p.add_argument("--width", type=int, default=96, help="neurons per hidden layer")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--keep-dims", type=int, default=20, help="SVCCA directions")
-    p.add_argument("--out", default="out/svcca_baselines")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
         args.width, args.epochs, args.keep_dims = 24, 1, 10
@@ -121,7 +114,7 @@ def main(argv=None) -> dict:
     for i, k in enumerate(layers):
         print(f"{k:>10} {trained[i]:8.3f} {baseline[i]:6.3f} {svcca_t[i]:6.3f} {pwcca_t[i]:6.3f}")
     print(f"{'Gaussian':>10} {'':8} {'':6} {svcca_g:6.3f} {pwcca_g:6.3f}")
-    print(f"mean CCA of Gaussian pairs vs datapoints: " +
+    print("mean CCA of Gaussian pairs vs datapoints: " +
           ", ".join(f"n={s}: {v:.2f}" for s, v in zip(sizes, curve_random)))
     print(f"figures and results.json in {out}")
     return summary

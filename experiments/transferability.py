@@ -14,7 +14,6 @@ source != target pairs, and saves heatmaps of both matrices.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -54,19 +53,13 @@ def hidden(path: str, module) -> bool:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="digits", choices=["digits", "cifar10"])
-    p.add_argument("--data-dir")
+    p = C.parser(__doc__, "out/transferability")
     p.add_argument("--metric", default="linear_cka", choices=["linear_cka", "svcca"])
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--finetune-examples", type=int, default=60,
                    help="labelled target examples for fine-tuning and the scratch baseline")
     p.add_argument("--finetune-epochs", type=int, default=15)
-    p.add_argument("--out", default="out/transferability")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
         args.width, args.epochs, args.finetune_epochs = 16, 1, 1

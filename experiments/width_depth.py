@@ -16,7 +16,6 @@ block structure), against the layers outside the block.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -27,7 +26,6 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-import jaxsim  # noqa: E402
 from jaxsim.flax import collect_activations, minibatch_grid  # noqa: E402
 from jaxsim.plot import heatmap, heatmap_panel  # noqa: E402
 
@@ -56,11 +54,7 @@ def first_pc_share(x: np.ndarray) -> float:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--data", default="digits", choices=["digits", "cifar10"])
-    p.add_argument("--data-dir", help="CIFAR-10 python batches (for --data cifar10)")
+    p = C.parser(__doc__, "out/width_depth")
     p.add_argument("--depths", type=int, nargs="+", default=[1, 3, 6],
                    help="residual blocks per stage")
     p.add_argument("--widths", type=int, nargs="+", default=[8, 16, 32],
@@ -68,9 +62,6 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cka-batch", type=int, default=120, help="minibatch size for CKA")
-    p.add_argument("--out", default="out/width_depth", help="output folder")
-    p.add_argument("--quick", action="store_true", help="tiny models and 1 epoch (CI)")
-    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
         args.depths, args.widths, args.epochs = [1, 2], [4, 8], 1

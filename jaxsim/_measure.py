@@ -6,6 +6,7 @@ measure is written once and the grid is built from its pair function, never re-d
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -48,6 +49,20 @@ class GramBlocks(NamedTuple):
 
     source: Callable[[jax.Array, int], Any]
     block: Callable[[Any, jax.Array, jax.Array, int], jax.Array]
+
+
+@functools.partial(jax.jit, static_argnames=("factory", "options"))
+def _evaluate(factory: Callable[..., Measure], options: tuple, x: jax.Array, y: jax.Array
+              ) -> jax.Array:
+    m = factory(**dict(options))
+    return m.pair(m.prepare(x), m.prepare(y))
+
+
+def evaluate(factory: Callable[..., Measure], x: jax.Array, y: jax.Array, **options: Any
+             ) -> jax.Array:
+    """``pair(prepare(x), prepare(y))`` of the measure ``factory(**options)``, jitted once
+    per measure, options and shapes: every public single-pair function is this."""
+    return _evaluate(factory, tuple(sorted(options.items())), x, y)
 
 
 def dot(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -88,14 +88,18 @@ def same_n(arrays: dict[str, Array], *, min_n: int = 2, why: str = "") -> int:
     return n
 
 
+def _two(a: Array, b: Array, names: tuple[str, str], min_n: int, why: str
+         ) -> tuple[Array, Array]:
+    same_n({names[0]: a, names[1]: b}, min_n=min_n, why=why)
+    dtype = jnp.promote_types(a.dtype, b.dtype)
+    return a.astype(dtype), b.astype(dtype)
+
+
 def pair(x: Any, y: Any, *, min_n: int = 2, why: str = "", check_finite: bool = True,
          names: tuple[str, str] = ("x", "y")) -> tuple[Array, Array]:
     """Converts and checks two activation arrays that must share n; returns a common dtype."""
-    x = activations(x, names[0], check_finite_values=check_finite)
-    y = activations(y, names[1], check_finite_values=check_finite)
-    same_n({names[0]: x, names[1]: y}, min_n=min_n, why=why)
-    dtype = jnp.promote_types(x.dtype, y.dtype)
-    return x.astype(dtype), y.astype(dtype)
+    return _two(activations(x, names[0], check_finite_values=check_finite),
+                activations(y, names[1], check_finite_values=check_finite), names, min_n, why)
 
 
 def gram(k: Any, name: str, *, check_finite_values: bool = True) -> Array:
@@ -108,11 +112,8 @@ def gram(k: Any, name: str, *, check_finite_values: bool = True) -> Array:
 
 def gram_pair(k: Any, l: Any, *, min_n: int = 2, why: str = "", check_finite: bool = True,
               names: tuple[str, str] = ("gram_x", "gram_y")) -> tuple[Array, Array]:
-    k = gram(k, names[0], check_finite_values=check_finite)
-    l = gram(l, names[1], check_finite_values=check_finite)
-    same_n({names[0]: k, names[1]: l}, min_n=min_n, why=why)
-    dtype = jnp.promote_types(k.dtype, l.dtype)
-    return k.astype(dtype), l.astype(dtype)
+    return _two(gram(k, names[0], check_finite_values=check_finite),
+                gram(l, names[1], check_finite_values=check_finite), names, min_n, why)
 
 
 def positive(value: Any, name: str) -> float:

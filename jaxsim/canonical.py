@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsim import _validation as _v
-from jaxsim._measure import Measure, center_features, dot, safe_ratio
+from jaxsim._measure import Measure, center_features, dot, evaluate, safe_ratio
 
 Array = jax.Array
 
@@ -292,12 +292,6 @@ def cca(x: Any, y: Any, *, epsilon: float = 0.0, check_finite: bool = True) -> C
     return _cca(*_checked(x, y, epsilon, check_finite))
 
 
-@functools.partial(jax.jit, static_argnames="epsilon")
-def _mean_cca(x: Array, y: Array, epsilon: float) -> Array:
-    m = cca_measure(epsilon=epsilon)
-    return m.pair(m.prepare(x), m.prepare(y))
-
-
 def mean_cca(x: Any, y: Any, *, epsilon: float = 0.0, check_finite: bool = True) -> Array:
     r"""Mean canonical correlation, :math:`\frac{1}{k} \sum_i \rho_i` over the ``rank``
     coefficients of :func:`cca`.
@@ -305,7 +299,8 @@ def mean_cca(x: Any, y: Any, *, epsilon: float = 0.0, check_finite: bool = True)
     Returns:
       Scalar array in [0, 1].
     """
-    return _mean_cca(*_checked(x, y, epsilon, check_finite))
+    x, y, epsilon = _checked(x, y, epsilon, check_finite)
+    return evaluate(cca_measure, x, y, epsilon=epsilon)
 
 
 def _check_svcca_options(x: Array, y: Array, keep_dims: Any, keep_variance: Any) -> None:
@@ -326,13 +321,6 @@ def _check_svcca_options(x: Array, y: Array, keep_dims: Any, keep_variance: Any)
         raise TypeError(f"keep_variance: expected a number in (0, 1], got {keep_variance!r}") from None
     if not 0 < kv <= 1:
         raise ValueError(f"keep_variance: must lie in (0, 1], got {keep_variance!r}")
-
-
-@functools.partial(jax.jit, static_argnames=("keep_dims", "keep_variance", "epsilon"))
-def _svcca(x: Array, y: Array, keep_dims: int | None, keep_variance: float,
-           epsilon: float) -> Array:
-    m = svcca_measure(keep_dims=keep_dims, keep_variance=keep_variance, epsilon=epsilon)
-    return m.pair(m.prepare(x), m.prepare(y))
 
 
 def svcca(x: Any, y: Any, *, keep_dims: int | None = None, keep_variance: float = 0.99,
@@ -356,13 +344,8 @@ def svcca(x: Any, y: Any, *, keep_dims: int | None = None, keep_variance: float 
     """
     x, y, epsilon = _checked(x, y, epsilon, check_finite)
     _check_svcca_options(x, y, keep_dims, keep_variance)
-    return _svcca(x, y, keep_dims, float(keep_variance), epsilon)
-
-
-@functools.partial(jax.jit, static_argnames="epsilon")
-def _pwcca(x: Array, y: Array, epsilon: float) -> Array:
-    m = pwcca_measure(epsilon=epsilon)
-    return m.pair(m.prepare(x), m.prepare(y))
+    return evaluate(svcca_measure, x, y, keep_dims=keep_dims, keep_variance=float(keep_variance),
+                    epsilon=epsilon)
 
 
 def pwcca(x: Any, y: Any, *, epsilon: float = 0.0, check_finite: bool = True) -> Array:
@@ -382,4 +365,5 @@ def pwcca(x: Any, y: Any, *, epsilon: float = 0.0, check_finite: bool = True) ->
     References:
       Morcos, Raghu & Bengio, NeurIPS 2018.
     """
-    return _pwcca(*_checked(x, y, epsilon, check_finite))
+    x, y, epsilon = _checked(x, y, epsilon, check_finite)
+    return evaluate(pwcca_measure, x, y, epsilon=epsilon)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
@@ -104,8 +104,26 @@ def _leaves(prefix: str, value: Any) -> list[tuple[str, Array]]:
     return out
 
 
-def _join(*parts: str) -> str:
-    return "/".join(p for p in parts if p)
+def _collected(tree: Any, modules: dict[str, Any]) -> dict[str, tuple[Array, Any]]:
+    """Flattens a nested dict of captured values into ``{path: (array, module or None)}``:
+    a ``__call__`` entry is the output of the module owning it (the root's is "output");
+    any other leaf is a value the model sowed (or another method's output)."""
+    found: dict[str, tuple[Array, Any]] = {}
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        for key, value in node.items():
+            if key == "__call__":
+                owner = "/".join(path)
+                for name, leaf in _leaves(owner or "output", value):
+                    found[name] = (leaf, modules.get(owner))
+            elif hasattr(value, "items"):
+                walk(value, path + (str(key),))
+            else:
+                for name, leaf in _leaves("/".join(path + (str(key),)), value):
+                    found[name] = (leaf, None)
+
+    walk(tree, ())
+    return found
 
 
 # ------------------------------------------------------------------------------- linen
@@ -124,23 +142,7 @@ def _linen_found(module: Any, variables: Any, inputs: Any, apply_kwargs: dict
     variables = {k: v for k, v in dict(variables).items() if k != "intermediates"}
     _, state = module.apply(variables, inputs, capture_intermediates=record,
                             mutable=["intermediates"], **apply_kwargs)
-    found: dict[str, tuple[Array, Any]] = {}
-
-    def walk(tree: Any, path: tuple[str, ...]) -> None:
-        for key, value in tree.items():
-            here = path + (str(key),)
-            if key == "__call__":
-                owner = "/".join(path)
-                for name, leaf in _leaves(owner or "output", value):
-                    found[name] = (leaf, modules.get(owner))
-            elif isinstance(value, dict) or hasattr(value, "items"):
-                walk(value, here)
-            else:  # a value the model sowed itself
-                for name, leaf in _leaves("/".join(here), value):
-                    found[name] = (leaf, None)
-
-    walk(state.get("intermediates", {}), ())
-    return found
+    return _collected(state.get("intermediates", {}), modules)
 
 
 def capture_linen(module: Any, variables: Any, inputs: Any, *, filter: Filter = None,
@@ -179,23 +181,7 @@ def _nnx_found(module: Any, inputs: Any) -> dict[str, tuple[Array, Any]]:
     _, captured = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(inputs)
     captured = nnx.to_pure_dict(captured)
     modules = {"/".join(str(p) for p in path): m for path, m in nnx.iter_modules(module)}
-    found: dict[str, tuple[Array, Any]] = {}
-
-    def walk(tree: Any, path: tuple[str, ...]) -> None:
-        for key, value in tree.items():
-            here = path + (str(key),)
-            if key == "__call__":
-                owner = "/".join(path)
-                for name, leaf in _leaves(owner or "output", value):
-                    found[name] = (leaf, modules.get(owner))
-            elif isinstance(value, dict):
-                walk(value, here)
-            else:  # sown values and other methods' outputs
-                for name, leaf in _leaves("/".join(here), value):
-                    found[name] = (leaf, None)
-
-    walk(captured, ())
-    return found
+    return _collected(captured, modules)
 
 
 def capture_nnx(module: Any, inputs: Any, *, filter: Filter = None) -> dict[str, Array]:

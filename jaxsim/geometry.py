@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.scipy.stats import rankdata
 
 from jaxsim import _validation as _v
-from jaxsim._measure import Measure, center_features, dot, safe_ratio
+from jaxsim._measure import Measure, center_features, dot, evaluate, safe_ratio
 
 Array = jax.Array
 
@@ -63,12 +63,6 @@ def _check_alpha(alpha: Any) -> float:
     return a
 
 
-@functools.partial(jax.jit, static_argnames="alpha")
-def _procrustes(x: Array, y: Array, alpha: float) -> Array:
-    m = procrustes_measure(alpha=alpha)
-    return m.pair(m.prepare(x), m.prepare(y))
-
-
 def procrustes_similarity(x: Any, y: Any, *, alpha: float = 1.0, check_finite: bool = True) -> Array:
     r"""Orthogonal Procrustes similarity :math:`\lVert \tilde X^\top \tilde Y \rVert_*` in [0, 1].
 
@@ -78,7 +72,7 @@ def procrustes_similarity(x: Any, y: Any, *, alpha: float = 1.0, check_finite: b
     ``alpha=0``, any invertible linear map).
     """
     x, y = _v.pair(x, y, check_finite=check_finite)
-    return _procrustes(x, y, _check_alpha(alpha))
+    return evaluate(procrustes_measure, x, y, alpha=_check_alpha(alpha))
 
 
 def procrustes_distance(x: Any, y: Any, *, alpha: float = 1.0, angular: bool = True,
@@ -153,12 +147,6 @@ def rsa_measure(*, dissimilarity: str = "correlation", compare: str = "spearman"
                    functools.partial(_rsa_pair, compare=compare))
 
 
-@functools.partial(jax.jit, static_argnames=("dissimilarity", "compare"))
-def _rsa(x: Array, y: Array, dissimilarity: str, compare: str) -> Array:
-    m = rsa_measure(dissimilarity=dissimilarity, compare=compare)
-    return m.pair(m.prepare(x), m.prepare(y))
-
-
 def rsa(x: Any, y: Any, *, dissimilarity: str = "correlation", compare: str = "spearman",
         check_finite: bool = True) -> Array:
     """Representational similarity analysis: the correlation (Spearman, Pearson or Kendall's
@@ -167,7 +155,7 @@ def rsa(x: Any, y: Any, *, dissimilarity: str = "correlation", compare: str = "s
     _v.choice(dissimilarity, "dissimilarity", _DISSIMILARITIES)
     _v.choice(compare, "compare", _COMPARISONS)
     x, y = _v.pair(x, y, min_n=3, why=" for an RDM with more than one pair", check_finite=check_finite)
-    return _rsa(x, y, dissimilarity, compare)
+    return evaluate(rsa_measure, x, y, dissimilarity=dissimilarity, compare=compare)
 
 
 # ------------------------------------------------------------------ mutual nearest neighbours
@@ -201,18 +189,12 @@ def _check_k(k: Any, n: int) -> int:
     return k
 
 
-@functools.partial(jax.jit, static_argnames="k")
-def _mutual_knn(x: Array, y: Array, k: int) -> Array:
-    m = mutual_knn_measure(k=k)
-    return m.pair(m.prepare(x), m.prepare(y))
-
-
 def mutual_knn(x: Any, y: Any, *, k: int = 10, check_finite: bool = True) -> Array:
     r"""Mutual k-nearest-neighbour alignment (Huh et al. 2024):
     :math:`\frac{1}{n} \sum_i |N_k^x(i) \cap N_k^y(i)| / k`, neighbours by cosine
     similarity, in [0, 1]."""
     x, y = _v.pair(x, y, check_finite=check_finite)
-    return _mutual_knn(x, y, _check_k(k, x.shape[0]))
+    return evaluate(mutual_knn_measure, x, y, k=_check_k(k, x.shape[0]))
 
 
 # ---------------------------------------------------------------------- linear predictivity
@@ -245,12 +227,6 @@ def predictivity_measure(*, ridge: float = 1e-3) -> Measure:
                    _predictivity_pair, symmetric=False)
 
 
-@functools.partial(jax.jit, static_argnames="ridge")
-def _predictivity(x: Array, y: Array, ridge: float) -> Array:
-    m = predictivity_measure(ridge=ridge)
-    return m.pair(m.prepare(x), m.prepare(y))
-
-
 def linear_predictivity(x: Any, y: Any, *, ridge: float = 1e-3, check_finite: bool = True) -> Array:
     r"""In-sample R^2 of a ridge regression of y on x (both centered):
     :math:`1 - \lVert Y - X W \rVert_F^2 / \lVert Y \rVert_F^2`,
@@ -258,7 +234,7 @@ def linear_predictivity(x: Any, y: Any, *, ridge: float = 1e-3, check_finite: bo
     the mean eigenvalue of :math:`X^\top X`. Asymmetric: x predicts y. Use held-out
     examples (fit on one split) for out-of-sample claims."""
     x, y = _v.pair(x, y, check_finite=check_finite)
-    return _predictivity(x, y, _v.non_negative(ridge, "ridge"))
+    return evaluate(predictivity_measure, x, y, ridge=_v.non_negative(ridge, "ridge"))
 
 
 def predict_direction(x: Any, y: Any, direction: Any, *, ridge: float = 1e-3) -> Array:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import math
 import operator
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 

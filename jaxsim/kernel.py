@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsim import _validation as _v
-from jaxsim._measure import GramBlocks, Measure, center_features, dot, safe_ratio
+from jaxsim._measure import GramBlocks, Measure, center_features, dot, evaluate, safe_ratio
 
 Array = jax.Array
 
@@ -341,12 +341,6 @@ def cka(gram_x: Any, gram_y: Any, *, debiased: bool = False, check_finite: bool 
     return _cka(k, l, debiased)
 
 
-@functools.partial(jax.jit, static_argnames=("debiased", "feature_space"))
-def _linear_cka(x: Array, y: Array, debiased: bool, feature_space: bool) -> Array:
-    m = linear_measure(debiased=debiased, feature_space=feature_space)
-    return m.pair(m.prepare(x), m.prepare(y))
-
-
 def linear_cka(x: Any, y: Any, *, debiased: bool = False, method: str = "auto",
                check_finite: bool = True) -> Array:
     r"""Linear centered kernel alignment of two activation arrays.
@@ -384,13 +378,7 @@ def linear_cka(x: Any, y: Any, *, debiased: bool = False, method: str = "auto",
         feature_space = use_feature_space(x.shape[0], [x.shape[1]], [y.shape[1]])
     else:
         feature_space = method == "features"
-    return _linear_cka(x, y, debiased, feature_space)
-
-
-@functools.partial(jax.jit, static_argnames=("threshold", "debiased"))
-def _rbf_cka(x: Array, y: Array, threshold: float, debiased: bool) -> Array:
-    m = rbf_measure(threshold=threshold, debiased=debiased)
-    return m.pair(m.prepare(x), m.prepare(y))
+    return evaluate(linear_measure, x, y, debiased=debiased, feature_space=feature_space)
 
 
 def rbf_cka(x: Any, y: Any, *, threshold: float = 1.0, debiased: bool = False,
@@ -407,4 +395,5 @@ def rbf_cka(x: Any, y: Any, *, threshold: float = 1.0, debiased: bool = False,
     """
     x, y = _v.pair(x, y, min_n=4 if debiased else 2, why=_UNBIASED_WHY if debiased else "",
                    check_finite=check_finite)
-    return _rbf_cka(x, y, _v.positive(threshold, "threshold"), debiased)
+    return evaluate(rbf_measure, x, y, threshold=_v.positive(threshold, "threshold"),
+                    debiased=debiased)

@@ -44,9 +44,9 @@ def np_svcca(x, y, k):
 def np_pwcca(x, y, epsilon=0.0):
     s, u, vh, kx, ky = np_cca(x, y, epsilon)
     if kx.sum() <= ky.sum():
-        acts, vecs, kept = x[:, kx], u, kx
+        acts, vecs = x[:, kx], u
     else:
-        acts, vecs, kept = y[:, ky], vh.T, ky
+        acts, vecs = y[:, ky], vh.T
     mean = acts.mean(0)
     directions = (acts - mean) @ vecs + mean  # mean of unit i added to direction i
     q, _ = np.linalg.qr(directions)

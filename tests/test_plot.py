@@ -1,6 +1,5 @@
 """Figures from grids."""
 
-import numpy as np
 
 import jaxsim
 from jaxsim.plot import alignment, heatmap, heatmap_panel, line
