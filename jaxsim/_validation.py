@@ -41,12 +41,14 @@ def as_float_array(x: Any, name: str) -> Array:
     return jnp.asarray(x)
 
 
-def check_finite(x: Array, name: str, enabled: bool = True) -> None:
+def check_finite(x: Any, name: str, enabled: bool = True) -> None:
     if not enabled or _is_tracer(x):
         return
-    bad = ~jnp.isfinite(x)
-    if bool(jnp.any(bad)):
-        count = int(jnp.sum(bad))
+    # host arrays are checked on the host: no device round trip per layer
+    xp = np if isinstance(x, np.ndarray) else jnp
+    bad = ~xp.isfinite(x)
+    if bool(xp.any(bad)):
+        count = int(xp.sum(bad))
         raise ValueError(
             f"{name}: contains {count} non-finite value(s) (NaN or inf) in an array of shape "
             f"{tuple(x.shape)}; pass check_finite=False to skip this check"
@@ -55,6 +57,7 @@ def check_finite(x: Array, name: str, enabled: bool = True) -> None:
 
 def activations(x: Any, name: str, *, check_finite_values: bool = True) -> Array:
     """An ``(n, ...)`` activation array, flattened to ``(n, features)``."""
+    raw = x
     x = as_float_array(x, name)
     if x.ndim < 2:
         raise ValueError(
@@ -63,9 +66,9 @@ def activations(x: Any, name: str, *, check_finite_values: bool = True) -> Array
         )
     if x.shape[1:] and math.prod(x.shape[1:]) == 0:
         raise ValueError(f"{name}: has no features, shape {tuple(x.shape)}")
-    x = x.reshape(x.shape[0], -1)
-    check_finite(x, name, check_finite_values)
-    return x
+    check_finite(raw if isinstance(raw, np.ndarray) and raw.dtype.kind == "f" else x, name,
+                 check_finite_values)
+    return x.reshape(x.shape[0], -1)
 
 
 def same_n(arrays: dict[str, Array], *, min_n: int = 2, why: str = "") -> int:
