@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 from typing import Sequence
 
@@ -39,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--epsilon", type=float, help="CCA regulariser (mean_cca, svcca, pwcca)")
     g.add_argument("--keep-dims", type=int, help="SVCCA: directions kept per layer")
     g.add_argument("--keep-variance", type=float, help="SVCCA: fraction of variance kept")
+    g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other option of the metric, e.g. --option alpha=0.5 "
+                        "--option compare=kendall (repeatable)")
     g.add_argument("--x64", action="store_true", help="compute in float64")
     return parser
 
@@ -57,6 +61,14 @@ def _options(args: argparse.Namespace) -> dict:
             opts[name] = getattr(args, name)
     if args.reduce:
         opts["reduce"] = args.reduce
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--option: expected KEY=VALUE, got {item!r}")
+        try:
+            opts[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            opts[key.strip()] = value  # a bare word, e.g. compare=kendall
     return opts
 
 

@@ -43,6 +43,16 @@ def test_minibatch_and_conv_options(tmp_path, rng):
     assert main(["grid", str(tmp_path / "c.npz"), "--reduce", "average", "--out", str(out)]) == 0
 
 
+def test_generic_options(tmp_path, rng):
+    a = write(tmp_path / "a.npz", rng, (4, 6))
+    out = tmp_path / "g.npz"
+    assert main(["grid", str(tmp_path / "a.npz"), "--metric", "rsa", "--option", "compare=kendall",
+                 "--option", "dissimilarity='euclidean'", "--out", str(out)]) == 0
+    ref = jaxsim.similarity_grid(a, metric="rsa", compare="kendall", dissimilarity="euclidean")
+    np.testing.assert_allclose(jaxsim.Grid.load(out).values, ref.values, rtol=1e-6)
+    assert main(["grid", str(tmp_path / "a.npz"), "--option", "nonsense", "--out", str(out)]) == 2
+
+
 def test_help_lists_metrics():
     out = subprocess.run([sys.executable, "-m", "jaxsim.cli", "grid", "--help"],
                          capture_output=True, text=True, check=True).stdout
