@@ -96,6 +96,25 @@ class MLP(nnx.Module):
         return self.head(h)
 
 
+class PlainCNN(nnx.Module):
+    """``depth`` 3x3 conv layers with ReLU (stride 2 at the middle layer), global average
+    pooling and a linear head: the plain CNN of Kornblith et al.'s layer-identification
+    test, scaled to small images."""
+
+    def __init__(self, in_channels: int, width: int, depth: int, num_classes: int, *,
+                 rngs: nnx.Rngs):
+        chans = [in_channels] + [width] * depth
+        self.layers = nnx.List([
+            nnx.Conv(a, b, (3, 3), strides=(2, 2) if i == depth // 2 else (1, 1), rngs=rngs)
+            for i, (a, b) in enumerate(zip(chans, chans[1:]))])
+        self.head = nnx.Linear(width, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = nnx.relu(layer(x))
+        return self.head(x.mean(axis=(1, 2)))
+
+
 class ResidualBlock(nnx.Module):
     def __init__(self, channels: int, *, rngs: nnx.Rngs):
         self.conv1 = nnx.Conv(channels, channels, (3, 3), rngs=rngs)

@@ -35,32 +35,41 @@ MEASURES = {
 
 def main(argv=None) -> dict:
     p = C.parser(__doc__, "out/layer_identification")
+    p.add_argument("--model", default="mlp", choices=["mlp", "cnn"],
+                   help="MLP, or a plain CNN as in the paper (its layers average-pooled)")
+    p.add_argument("--reduce", default="average", choices=["average", "none"],
+                   help="conv layers: average-pool the positions, or flatten each example")
     p.add_argument("--seeds", type=int, default=4)
-    p.add_argument("--depth", type=int, default=8, help="hidden layers")
-    p.add_argument("--width", type=int, default=48)
+    p.add_argument("--depth", type=int, default=6, help="hidden layers")
+    p.add_argument("--width", type=int, default=128)
     p.add_argument("--epochs", type=int, default=20)
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.depth, args.width, args.epochs = 2, 3, 16, 1
     data = C.load_data(args.data, args.data_dir)
     out = C.out_dir(args.out)
-    x = data["test"][0]
+    x = np.concatenate([data["train"][0], data["test"][0]])  # a probe set, labels unused
     in_dim = int(np.prod(x.shape[1:]))
 
     acts = []
     for seed in range(args.seeds):
-        model = C.MLP(in_dim, (args.width,) * args.depth, data.num_classes, rngs=nnx.Rngs(seed))
+        if args.model == "cnn":
+            model = C.PlainCNN(x.shape[-1], args.width, args.depth, data.num_classes,
+                               rngs=nnx.Rngs(seed))
+        else:
+            model = C.MLP(in_dim, (args.width,) * args.depth, data.num_classes, rngs=nnx.Rngs(seed))
         C.train(model, data, epochs=args.epochs, seed=seed, desc=f"seed {seed}",
                 progress=not args.no_progress)
         acts.append(collect_activations(model, C.batches(x, None, 512),
                                         filter=lambda path, m: path.startswith("layers/"),
                                         progress=False))
 
+    reduce = None if args.reduce == "none" or args.model == "mlp" else args.reduce
     accuracy, example = {}, {}
     for label, (metric, opts) in MEASURES.items():
         hits = total = 0
         for i, j in itertools.permutations(range(args.seeds), 2):
-            grid = jaxsim.similarity_grid(acts[i], acts[j], metric=metric, **opts)
+            grid = jaxsim.similarity_grid(acts[i], acts[j], metric=metric, reduce=reduce, **opts)
             best = np.argmax(grid.to_numpy(), axis=1)
             hits += int(np.sum(best == np.arange(len(best))))
             total += len(best)
@@ -73,8 +82,8 @@ def main(argv=None) -> dict:
     summary = {"data": args.data, "seeds": args.seeds, "depth": args.depth, "width": args.width,
                "accuracy": accuracy, "example_grids": {k: C.grid_json(g) for k, g in example.items()}}
     C.save_json(os.path.join(out, "results.json"), summary)
-    print(f"\nLayer identification, {args.seeds} seeds of an MLP with {args.depth} hidden layers "
-          f"of {args.width}, {args.data} (n={len(x)}):")
+    print(f"\nLayer identification, {args.seeds} seeds of a {args.model.upper()} with {args.depth} "
+          f"layers of width {args.width}, {args.data} (n={len(x)}):")
     print(f"{'measure':>12} {'accuracy':>9}")
     for label, acc in accuracy.items():
         print(f"{label:>12} {acc:9.3f}")

@@ -64,7 +64,8 @@ def main(argv=None) -> dict:
     baseline = [float(jaxsim.mean_cca(gauss(keys[2 * i], n), gauss(keys[2 * i + 1], n)))
                 for i in range(len(layers))]
     line(range(1, len(layers) + 1), {"trained seeds": trained, "Gaussian baseline": baseline},
-         xlabel="hidden layer", ylabel="mean CCA", title="Q1: mean CCA between seeds").savefig(
+         xlabel="hidden layer", ylabel="mean CCA", title="Q1: mean CCA between seeds",
+         dashed=["Gaussian baseline"]).savefig(
         os.path.join(out, "q1_mean_cca_vs_baseline.png"), dpi=130)
 
     # 2. mean CCA against the number of datapoints
@@ -76,7 +77,7 @@ def main(argv=None) -> dict:
     curve_trained = [float(jaxsim.mean_cca(acts[0][last][:s], acts[1][last][:s], epsilon=1e-10))
                      for s in sizes]
     line(sizes, {"Gaussian": curve_random, f"trained ({last})": curve_trained},
-         xlabel="datapoints", ylabel="mean CCA", logx=True,
+         xlabel="datapoints", ylabel="mean CCA", logx=True, dashed=["Gaussian"],
          title=f"Q2: mean CCA vs datapoints ({args.width} neurons)").savefig(
         os.path.join(out, "q2_cca_vs_datapoints.png"), dpi=130)
 
@@ -87,7 +88,8 @@ def main(argv=None) -> dict:
     topk_t = np.cumsum(coef_t) / ks
     topk_g = np.cumsum(coef_g) / ks
     line(ks, {f"trained ({last})": topk_t, "Gaussian": topk_g}, xlabel="k",
-         ylabel="mean of the top-k CCA coefficients", title="Q3a: top-k mean CCA").savefig(
+         ylabel="mean of the top-k CCA coefficients", title="Q3a: top-k mean CCA",
+         dashed=["Gaussian"]).savefig(
         os.path.join(out, "q3a_topk_cca.png"), dpi=130)
     svcca_t = [float(jaxsim.svcca(acts[0][k], acts[1][k], keep_dims=args.keep_dims)) for k in layers]
     pwcca_t = [float(jaxsim.pwcca(acts[0][k], acts[1][k], epsilon=1e-10)) for k in layers]
@@ -96,7 +98,7 @@ def main(argv=None) -> dict:
     idx = range(1, len(layers) + 1)
     line(idx, {f"SVCCA ({args.keep_dims} dims)": svcca_t, "PWCCA": pwcca_t,
                "SVCCA, Gaussian": [svcca_g] * len(layers), "PWCCA, Gaussian": [pwcca_g] * len(layers)},
-         xlabel="hidden layer", ylabel="similarity",
+         xlabel="hidden layer", ylabel="similarity", dashed=["SVCCA, Gaussian", "PWCCA, Gaussian"],
          title="Q3b: SVCCA and PWCCA between seeds vs Gaussian").savefig(
         os.path.join(out, "q3b_svcca_pwcca.png"), dpi=130)
 

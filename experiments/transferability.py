@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--finetune-examples", type=int, default=60,
                    help="labelled target examples for fine-tuning and the scratch baseline")
-    p.add_argument("--finetune-epochs", type=int, default=15)
+    p.add_argument("--finetune-epochs", type=int, default=40)
     args = p.parse_args(argv)
     if args.quick:
         args.width, args.epochs, args.finetune_epochs = 16, 1, 1
@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
             # keep the source's hidden layers, a fresh head for the target's classes
             model.layers = nnx.clone(sources[s].layers)
             acc = C.train(model, split[t], epochs=args.finetune_epochs, train_subset=sample,
-                          batch_size=20, lr=1e-3, progress=False)
+                          batch_size=20, progress=False)
             gain[i, j] = acc - base
 
     off = ~np.eye(len(names), dtype=bool)

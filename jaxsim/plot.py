@@ -135,14 +135,19 @@ def alignment(grid: Grid, *, top_k: int | None = 3, threshold: float | None = No
 
 
 def line(xs: Sequence[float], series: Mapping[str, Sequence[float]], *, xlabel: str,
-         ylabel: str, title: str = "", logx: bool = False) -> Any:
-    """A small line plot of named series (used by the experiment scripts)."""
+         ylabel: str, title: str = "", logx: bool = False, dashed: Sequence[str] = ()) -> Any:
+    """A small line plot of named series (used by the experiment scripts); the series named
+    in ``dashed`` (baselines) are drawn dashed."""
     fig = _figure((5, 3.5))
     ax = fig.add_subplot()
+    xs = list(xs)
     for name, ys in series.items():
-        ax.plot(xs, ys, marker="o", label=name)
+        ax.plot(xs, ys, marker="o", markersize=3 if len(xs) > 20 else 5, label=name,
+                linestyle="--" if name in dashed else "-")
     if logx:
         ax.set_xscale("log")
+    elif len(xs) <= 12 and all(float(x).is_integer() for x in xs):
+        ax.set_xticks(xs)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
