@@ -43,6 +43,23 @@ def load_data(name: str = "digits", data_dir: str | None = None, seed: int = 0) 
     return data
 
 
+def _cifar10_tfds() -> Data | None:
+    """CIFAR-10 from tensorflow-datasets' local cache, if that package and data are there
+    (download=False: nothing is fetched at run time)."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        return None
+    try:
+        parts = {s: tfds.as_numpy(tfds.load("cifar10", split=s, batch_size=-1, download=False))
+                 for s in ("train", "test")}
+    except Exception:  # noqa: BLE001 - any failure means "not available locally"
+        return None
+    x = {s: p["image"].astype(np.float32) / 255 for s, p in parts.items()}
+    mean, std = x["train"].mean((0, 1, 2)), x["train"].std((0, 1, 2))
+    return Data(**{s: ((x[s] - mean) / std, parts[s]["label"].astype(np.int32)) for s in parts})
+
+
 def _cifar10(data_dir: str | None) -> Data:
     root = data_dir or os.environ.get("CIFAR10_DIR", "")
     for candidate in (root, os.path.join(root, "cifar-10-batches-py")):
@@ -50,11 +67,13 @@ def _cifar10(data_dir: str | None) -> Data:
             root = candidate
             break
     else:
+        if not data_dir and (cached := _cifar10_tfds()) is not None:
+            return cached
         raise SystemExit(
             "CIFAR-10 not found: pass --data-dir pointing at the extracted python version "
-            "(the folder with data_batch_1..5 and test_batch, 'cifar-10-batches-py'), or set "
-            "CIFAR10_DIR. Nothing is downloaded at run time; the default data set, digits, "
-            "ships with scikit-learn.")
+            "(the folder with data_batch_1..5 and test_batch, 'cifar-10-batches-py'), set "
+            "CIFAR10_DIR, or have it in tensorflow-datasets' local cache. Nothing is "
+            "downloaded at run time; the default data set, digits, ships with scikit-learn.")
 
     def read(name):
         with open(os.path.join(root, name), "rb") as f:

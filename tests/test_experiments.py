@@ -86,3 +86,24 @@ def test_width_depth_default_run(tmp_path):
     summary = load("width_depth").main(["--no-progress", "--out", str(tmp_path)])
     assert summary["seconds"] < 300
     assert all(m["test_accuracy"] > 0.8 for m in summary["models"].values())
+
+
+def test_cifar10_loader_reads_python_batches(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    common = load("_common")
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, size=(4, 3072), dtype=np.uint8),
+                 b"labels": list(rng.integers(0, 10, size=4))}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    data = common.load_data("cifar10", str(tmp_path))
+    assert data["train"][0].shape == (20, 32, 32, 3) and data["test"][0].shape == (4, 32, 32, 3)
+    np.testing.assert_allclose(data["train"][0].mean((0, 1, 2)), 0, atol=1e-5)
+    with pytest.raises(SystemExit, match="CIFAR-10 not found"):
+        common.load_data("cifar10", str(tmp_path / "missing"))
