@@ -110,7 +110,9 @@ proj = [rng.normal(size=(32, d)).astype(np.float32) for d in widths]
 state = jaxsim.minibatch_cka_init(len(widths))
 for b in range(batches):
     z = rng.normal(size=(n, 32)).astype(np.float32)
+    previous = state
     state = jaxsim.minibatch_cka_update(state, [np.tanh(z @ p) for p in proj])
+    jax.block_until_ready(previous)  # at most two steps in flight, as minibatch_grid runs
 jax.block_until_ready(state)
 # VmHWM, not ru_maxrss: the latter keeps the parent's high-water mark across fork + exec
 print([l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0])

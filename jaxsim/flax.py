@@ -308,7 +308,10 @@ def minibatch_grid(model_a: Any, batches: Iterable[Any], model_b: Any = None, *,
             rows = _names(cap_a, x)
             cols = rows if cap_b is None else _names(cap_b, x)
             state = _grid.minibatch_cka_init(len(rows), len(cols))
-        state = step(state, x)
+        previous, state = state, step(state, x)
+        # the next batch is prepared while this one runs, but no more than that is queued:
+        # memory stays bounded however fast the iterator yields
+        jax.block_until_ready(previous)
     if state is None:
         raise ValueError("batches: the iterable yielded no batch")
     return _grid.minibatch_cka_result(state, rows=rows, cols=cols)
