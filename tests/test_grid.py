@@ -122,7 +122,8 @@ def test_grid_errors(rng):
     with pytest.raises(ValueError, match=r"acts_a: no layers given"):
         jaxsim.similarity_grid([])
     with pytest.raises(ValueError, match=r"unknown metric 'cca2'; valid names: cka, linear_cka, "
-                                         r"mean_cca, pwcca, rbf_cka, svcca"):
+                                         r"linear_predictivity, mean_cca, mutual_knn, procrustes, "
+                                         r"pwcca, rbf_cka, rsa, svcca, or a callable"):
         jaxsim.similarity_grid(acts, metric="cca2")
     with pytest.raises(TypeError, match=r"metric 'linear_cka': unexpected option\(s\) epsilon"):
         jaxsim.similarity_grid(acts, epsilon=0.1)
