@@ -231,6 +231,15 @@ def parser(doc: str, out: str):
     return p
 
 
+def setup(p, argv, quick: dict) -> tuple[Any, Data, str]:
+    """Parses the options (``quick`` overrides them under --quick), loads the data and
+    makes the output folder."""
+    args = p.parse_args(argv)
+    if args.quick:
+        vars(args).update(quick)
+    return args, load_data(args.data, args.data_dir), out_dir(args.out)
+
+
 # --------------------------------------------------------------------------- output
 
 

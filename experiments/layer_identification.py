@@ -43,11 +43,7 @@ def main(argv=None) -> dict:
     p.add_argument("--depth", type=int, default=6, help="hidden layers")
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--epochs", type=int, default=20)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.seeds, args.depth, args.width, args.epochs = 2, 3, 16, 1
-    data = C.load_data(args.data, args.data_dir)
-    out = C.out_dir(args.out)
+    args, data, out = C.setup(p, argv, {"seeds": 2, "depth": 3, "width": 16, "epochs": 1})
     x = np.concatenate([data["train"][0], data["test"][0]])  # a probe set, labels unused
     in_dim = int(np.prod(x.shape[1:]))
 

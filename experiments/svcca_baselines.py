@@ -37,12 +37,8 @@ def main(argv=None) -> dict:
     p.add_argument("--width", type=int, default=96, help="neurons per hidden layer")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--keep-dims", type=int, default=20, help="SVCCA directions")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.width, args.epochs, args.keep_dims = 24, 1, 10
+    args, data, out = C.setup(p, argv, {"width": 24, "epochs": 1, "keep_dims": 10})
     progress = not args.no_progress
-    data = C.load_data(args.data, args.data_dir)
-    out = C.out_dir(args.out)
     x_all = np.concatenate([data["train"][0], data["test"][0]])
     in_dim = int(np.prod(x_all.shape[1:]))
 

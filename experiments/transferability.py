@@ -60,12 +60,8 @@ def main(argv=None) -> dict:
     p.add_argument("--finetune-examples", type=int, default=60,
                    help="labelled target examples for fine-tuning and the scratch baseline")
     p.add_argument("--finetune-epochs", type=int, default=40)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.width, args.epochs, args.finetune_epochs = 16, 1, 1
+    args, data, out = C.setup(p, argv, {"width": 16, "epochs": 1, "finetune_epochs": 1})
     progress = not args.no_progress
-    data = C.load_data(args.data, args.data_dir)
-    out = C.out_dir(args.out)
     tasks = make_tasks(data)
     names = list(tasks)
     in_dim = int(np.prod(data["train"][0].shape[1:]))

@@ -62,13 +62,9 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cka-batch", type=int, default=120, help="minibatch size for CKA")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.depths, args.widths, args.epochs = [1, 2], [4, 8], 1
-    progress = not args.no_progress
     t0 = time.time()
-    data = C.load_data(args.data, args.data_dir)
-    out = C.out_dir(args.out)
+    args, data, out = C.setup(p, argv, {"depths": [1, 2], "widths": [4, 8], "epochs": 1})
+    progress = not args.no_progress
     x_test = data["test"][0]
     channels = x_test.shape[-1]
     cka_batches = lambda: C.batches(x_test, None, args.cka_batch, drop_last=True)
