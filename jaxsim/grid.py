@@ -210,10 +210,6 @@ def _reduced_layers(acts_a: Any, acts_b: Any, reduce: dict[str, Any], check_fini
     return rows, flat[:len(rows)], cols, flat[len(rows):]
 
 
-def _check_layers_n(named: dict[str, Array], min_n: int, why: str = "") -> None:
-    _v.same_n(named, min_n=min_n, why=why)
-
-
 def _common_dtype(layers: Iterable[Array]) -> Any:
     return functools.reduce(jnp.promote_types, (a.dtype for a in layers))
 
@@ -377,8 +373,8 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
     named = {f"acts_a[{k!r}]": a for k, a in zip(rows, layers_a)}
     if not self_grid:
         named.update({f"acts_b[{k!r}]": b for k, b in zip(cols, layers_b)})
-    _check_layers_n(named, measure.min_n,
-                    " for the unbiased HSIC estimator" if measure.min_n >= 4 else "")
+    _v.same_n(named, min_n=measure.min_n,
+              why=" for the unbiased HSIC estimator" if measure.min_n >= 4 else "")
     dtype = _common_dtype(layers_a + ([] if self_grid else layers_b))
     layers_a = [a.astype(dtype) for a in layers_a]
     layers_b = layers_a if self_grid else [b.astype(dtype) for b in layers_b]
