@@ -114,8 +114,9 @@ def _rbf(threshold: float = 1.0, debiased: bool = False, **kw: Any) -> Callable[
 
 def _cca_family(factory: Callable[..., Measure], name: str) -> Callable[..., Any]:
     def make(epsilon: float = 0.0, **kw: Any) -> Callable[..., Measure]:
-        extra = {k: kw.pop(k) for k in ("keep_dims", "keep_variance") if k in kw}
-        if extra and name != "svcca":
+        allowed = {"svcca": ("keep_dims", "keep_variance"), "pwcca": ("directions",)}
+        extra = {k: kw.pop(k) for k in ("keep_dims", "keep_variance", "directions") if k in kw}
+        if any(k not in allowed.get(name, ()) for k in extra):
             raise TypeError(f"{name}: unexpected option(s) {', '.join(extra)}")
         _no_extra(name, kw)
         if "keep_variance" in extra:

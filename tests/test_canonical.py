@@ -235,3 +235,26 @@ def test_errors(rng):
     y_bad[0, 0] = np.inf
     with pytest.raises(ValueError, match=r"y: contains 1 non-finite"):
         jaxsim.svcca(x, y_bad)
+
+
+def np_pwcca_variates(x, y):
+    """Morcos et al.'s formula read literally: weights from the normalised canonical
+    variates of the narrower side and its units' activations."""
+    s, u, vh, _, _ = np_cca(x, y)
+    acts, vecs = (x, u) if x.shape[1] <= y.shape[1] else (y, vh.T)
+    ac = acts - acts.mean(0)
+    cov = ac.T @ ac / (len(ac) - 1)
+    h = ac @ np_inv_sqrt(cov / np.abs(cov).max()) @ vecs
+    h = h / np.linalg.norm(h, axis=0)
+    weights = np.abs(h.T @ acts).sum(axis=1)
+    return np.sum(weights / weights.sum() * s)
+
+
+def test_pwcca_variates_reading(x64, rng):
+    for shape in [(300, 6, 9), (300, 9, 6), (300, 7, 7)]:
+        x, y = related(rng, *shape)
+        got = jaxsim.pwcca(x, y, directions="variates")
+        np.testing.assert_allclose(got, np_pwcca_variates(x, y), rtol=1e-9)
+        assert abs(float(got) - float(jaxsim.pwcca(x, y))) < 0.1
+    with pytest.raises(ValueError, match=r"directions: expected one of 'reference', 'variates'"):
+        jaxsim.pwcca(x, y, directions="paper")
