@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsim import _validation as _v
-from jaxsim._measure import Measure, center_features, dot, evaluate, safe_ratio
+from jaxsim._measure import Measure, center_features, dot, evaluate, inv_sqrt, safe_ratio
 
 Array = jax.Array
 
@@ -78,12 +78,14 @@ class CCASummary(NamedTuple):
 # ----------------------------------------------------------------------------- prepare
 
 
-def _inv_sqrt(eigvals: Array, size: int) -> Array:
-    # Pseudo-inverse cut-off as in numpy.linalg.pinv / matrix_rank: relative to the largest
-    # eigenvalue, scaled by the matrix size and the dtype's resolution.
-    tol = jnp.max(eigvals) * size * jnp.finfo(eigvals.dtype).eps
-    ok = eigvals > tol
-    return jnp.where(ok, 1 / jnp.sqrt(jnp.where(ok, eigvals, 1)), 0)
+def _summary(centered: Array, mean: Array, eigvecs: Array, eigvals: Array, kept: Array,
+             scale: Array, n: int) -> CCASummary:
+    """A prepared layer from the eigendecomposition of its scaled (by ``scale``), masked,
+    epsilon-regularised covariance."""
+    both = kept[:, None] & kept[None, :]
+    total = jnp.where(scale > 0, scale, 1) * (n - 1)
+    whiten = jnp.where(both, dot(eigvecs * inv_sqrt(eigvals), eigvecs.T), 0) / jnp.sqrt(total)
+    return CCASummary(centered, mean, whiten, kept, eigvecs, eigvals, total)
 
 
 def _prepare_cca(x: Array, epsilon: float) -> CCASummary:
@@ -94,13 +96,9 @@ def _prepare_cca(x: Array, epsilon: float) -> CCASummary:
     scale = jnp.max(jnp.abs(cov))
     s = safe_ratio(cov, scale)
     kept = jnp.diagonal(s) >= epsilon
-    both = kept[:, None] & kept[None, :]
-    s = jnp.where(both, s, 0) + epsilon * jnp.diag(kept.astype(x.dtype))
+    s = jnp.where(kept[:, None] & kept[None, :], s, 0) + epsilon * jnp.diag(kept.astype(x.dtype))
     w, v = jnp.linalg.eigh(s)
-    whiten = dot(v * _inv_sqrt(w, d), v.T)
-    total = jnp.where(scale > 0, scale, 1) * (n - 1)
-    whiten = jnp.where(both, whiten, 0) / jnp.sqrt(total)
-    return CCASummary(xc, mean, whiten, kept, v, w, total)
+    return _summary(xc, mean, v, w, kept, scale, n)
 
 
 def _top_directions(x: Array, m: int) -> tuple[Array, Array]:
@@ -138,11 +136,8 @@ def _prepare_svcca(x: Array, keep_dims: int | None, keep_variance: float,
     scale = lam[0]
     s = safe_ratio(lam, scale)
     kept = mask & (s >= epsilon)
-    inv = jnp.where(kept, _inv_sqrt(jnp.where(kept, s + epsilon, 0), m), 0)
-    total = jnp.where(scale > 0, scale, 1) * (n - 1)
-    whiten = jnp.diag(inv) / jnp.sqrt(total)
-    return CCASummary(z, jnp.zeros(m, x.dtype), whiten, kept, jnp.eye(m, dtype=x.dtype),
-                      jnp.where(kept, s + epsilon, 0), total)
+    return _summary(z, jnp.zeros(m, x.dtype), jnp.eye(m, dtype=x.dtype),
+                    jnp.where(kept, s + epsilon, 0), kept, scale, n)
 
 
 # -------------------------------------------------------------------------------- pair

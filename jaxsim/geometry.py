@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.scipy.stats import rankdata
 
 from jaxsim import _validation as _v
-from jaxsim._measure import Measure, center_features, dot, evaluate, safe_ratio
+from jaxsim._measure import Measure, center_features, dot, evaluate, inv_sqrt, safe_ratio
 
 Array = jax.Array
 
@@ -37,11 +37,8 @@ def _shape_normalise(x: Array, alpha: float) -> Array:
     covariance), unit Frobenius norm."""
     xc = center_features(x)
     if alpha < 1:
-        n, d = xc.shape
-        w, v = jnp.linalg.eigh(dot(xc.T, xc) / n)
-        tol = jnp.max(w) * d * jnp.finfo(w.dtype).eps
-        inv = jnp.where(w > tol, 1 / jnp.sqrt(jnp.where(w > tol, w, 1)), 0)
-        xc = dot(xc, dot(v * (alpha + (1 - alpha) * inv), v.T))
+        w, v = jnp.linalg.eigh(dot(xc.T, xc) / xc.shape[0])
+        xc = dot(xc, dot(v * (alpha + (1 - alpha) * inv_sqrt(w)), v.T))
     return xc / jnp.where(jnp.linalg.norm(xc) > 0, jnp.linalg.norm(xc), 1)
 
 
