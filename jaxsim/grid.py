@@ -270,11 +270,19 @@ def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int) -> Arr
     return (acc + acc.T) / 2
 
 
-def _cosine(products: Array, num_a: int, self_grid: bool) -> Array:
+@jax.jit
+def _normalise(cross: Array, self_a: Array, self_b: Array) -> Array:
+    """``cross[i, j] / sqrt(self_a[i] self_b[j])``, 0 where a layer has no variance."""
+    return safe_ratio(cross, jnp.sqrt(jnp.maximum(self_a[:, None] * self_b[None, :], 0)))
+
+
+def _split(products: Array, num_a: int, self_grid: bool) -> tuple[Array, Array, Array]:
+    """Inner products of the row and column layers stacked together -> (cross block, row
+    self terms, column self terms)."""
     norms = jnp.diagonal(products)
-    cross = products if self_grid else products[:num_a, num_a:]
-    na, nb = (norms, norms) if self_grid else (norms[:num_a], norms[num_a:])
-    return safe_ratio(cross, jnp.sqrt(jnp.maximum(na[:, None] * nb[None, :], 0)))
+    if self_grid:
+        return products, norms, norms
+    return products[:num_a, num_a:], norms[:num_a], norms[num_a:]
 
 
 @functools.partial(jax.jit, static_argnames=("pair", "batch_size"))
@@ -395,7 +403,7 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
     if measure.blocks is not None:
         union = layers_a if self_grid else layers_a + layers_b
         products = _gram_inner_products(measure.blocks, union, _block_size(union[0].shape[0]))
-        values = _cosine(products, len(layers_a), self_grid)
+        values = _normalise(*_split(products, len(layers_a), self_grid))
     else:
         sa = _prepare_all(measure, layers_a)
         sb = sa if self_grid else _prepare_all(measure, layers_b)
@@ -448,13 +456,8 @@ def _minibatch_update(state: MinibatchCKAState, layers_a: list[Array],
     m = union[0].shape[0]
     products = _gram_inner_products(kernel.linear_measure(debiased=True).blocks, union,
                                     _block_size(m)) / (m * (m - 3))
-    num_a = len(layers_a)
-    norms = jnp.diagonal(products)
-    if layers_b is None:
-        step = MinibatchCKAState(products, norms, norms, jnp.ones((), dtype))
-    else:
-        step = MinibatchCKAState(products[:num_a, num_a:], norms[:num_a], norms[num_a:],
-                                 jnp.ones((), dtype))
+    step = MinibatchCKAState(*_split(products, len(layers_a), layers_b is None),
+                             jnp.ones((), dtype))
     if axis_name is not None:
         step = jax.lax.psum(step, axis_name)
     return jax.tree.map(operator.add, state, step)
@@ -506,8 +509,7 @@ def minibatch_cka_result(state: MinibatchCKAState, *, rows: Sequence[str] | None
       :class:`Grid` of shape ``(num_a, num_b)`` (names default to "0", "1", ...).
     """
     num_a, num_b = state.cross.shape
-    values = jax.jit(lambda s: safe_ratio(s.cross, jnp.sqrt(jnp.maximum(
-        s.self_a[:, None] * s.self_b[None, :], 0))))(state)
+    values = _normalise(state.cross, state.self_a, state.self_b)
     rows = tuple(rows) if rows is not None else tuple(str(i) for i in range(num_a))
     cols = tuple(cols) if cols is not None else tuple(str(i) for i in range(num_b))
     return Grid(values, rows, cols, "minibatch_cka")

@@ -32,6 +32,7 @@ _UNBIASED_WHY = " for the unbiased HSIC estimator (it divides by n(n-3))"
 # --------------------------------------------------------------------------- Grams
 
 
+@jax.jit
 def _gram_linear(x: Array) -> Array:
     return dot(x, x.T)
 
@@ -67,7 +68,7 @@ def gram_linear(x: Any, *, check_finite: bool = True) -> Array:
       ``(n, n)`` array in the inputs' floating dtype.
     """
     x = _v.activations(x, "x", check_finite_values=check_finite)
-    return jax.jit(_gram_linear)(x)
+    return _gram_linear(x)
 
 
 def gram_rbf(x: Any, *, threshold: float = 1.0, check_finite: bool = True) -> Array:
@@ -106,6 +107,7 @@ def _double_center(k: Array) -> Array:
     return k - row[:, None] - row[None, :]
 
 
+@functools.partial(jax.jit, static_argnames="unbiased")
 def _center_gram(k: Array, unbiased: bool) -> Array:
     return _u_center(k) if unbiased else _double_center(k)
 
@@ -130,7 +132,7 @@ def center_gram(gram: Any, *, unbiased: bool = False, check_finite: bool = True)
     """
     k = _v.gram(gram, "gram", check_finite_values=check_finite)
     _v.same_n({"gram": k}, min_n=4 if unbiased else 1, why=_UNBIASED_WHY if unbiased else "")
-    return jax.jit(_center_gram, static_argnames="unbiased")(k, unbiased)
+    return _center_gram(k, unbiased)
 
 
 def _hsic_scale(n: int, unbiased: bool) -> float:
