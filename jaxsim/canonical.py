@@ -247,15 +247,18 @@ def _pwcca_pair(a: CCASummary, b: CCASummary, *, epsilon: float,
 @functools.lru_cache(maxsize=None)
 def cca_measure(*, epsilon: float = 0.0) -> Measure:
     """Mean CCA as a :class:`Measure`."""
+    epsilon = _v.non_negative(epsilon, "epsilon")
     return Measure("mean_cca", functools.partial(_prepare_cca, epsilon=epsilon), _mean_pair)
 
 
 @functools.lru_cache(maxsize=None)
 def svcca_measure(*, keep_dims: int | None = None, keep_variance: float = 0.99,
                   epsilon: float = 0.0) -> Measure:
-    """SVCCA as a :class:`Measure`."""
+    """SVCCA as a :class:`Measure` (keep_dims is checked against each layer's shape by
+    :func:`check_keep_dims`)."""
     prepare = functools.partial(_prepare_svcca, keep_dims=keep_dims,
-                                keep_variance=keep_variance, epsilon=epsilon)
+                                keep_variance=_check_keep(keep_dims, keep_variance),
+                                epsilon=_v.non_negative(epsilon, "epsilon"))
     return Measure("svcca", prepare, _mean_pair)
 
 
@@ -263,6 +266,7 @@ def svcca_measure(*, keep_dims: int | None = None, keep_variance: float = 0.99,
 def pwcca_measure(*, epsilon: float = 0.0, directions: str = "reference") -> Measure:
     """PWCCA as a :class:`Measure` (asymmetric when the two widths are equal)."""
     _v.choice(directions, "directions", ("reference", "variates"))
+    epsilon = _v.non_negative(epsilon, "epsilon")
     pair = functools.partial(_pwcca_pair, epsilon=epsilon, directions=directions)
     return Measure("pwcca", functools.partial(_prepare_cca, epsilon=epsilon), pair,
                    symmetric=False)
@@ -317,24 +321,30 @@ def mean_cca(x: Any, y: Any, *, epsilon: float = 0.0, check_finite: bool = True)
     return evaluate(cca_measure, x, y, epsilon=epsilon)
 
 
-def _check_svcca_options(x: Array, y: Array, keep_dims: Any, keep_variance: Any) -> None:
-    if keep_dims is not None:
-        if isinstance(keep_dims, bool) or not isinstance(keep_dims, int):
-            raise TypeError(f"keep_dims: expected an int or None, got {keep_dims!r}")
-        for name, a in (("x", x), ("y", y)):
-            limit = min(a.shape)
-            if not 1 <= keep_dims <= limit:
-                raise ValueError(
-                    f"keep_dims: {keep_dims} directions requested but {name} has shape "
-                    f"{tuple(a.shape)}, which has at most min(n, features) = {limit}"
-                )
-        return
+def _check_keep(keep_dims: Any, keep_variance: Any) -> float:
+    """Types and ranges of SVCCA's options; returns keep_variance as a float."""
+    if keep_dims is not None and (isinstance(keep_dims, bool) or not isinstance(keep_dims, int)):
+        raise TypeError(f"keep_dims: expected an int or None, got {keep_dims!r}")
     try:
         kv = float(keep_variance)
     except (TypeError, ValueError):
         raise TypeError(f"keep_variance: expected a number in (0, 1], got {keep_variance!r}") from None
-    if not 0 < kv <= 1:
+    if keep_dims is None and not 0 < kv <= 1:
         raise ValueError(f"keep_variance: must lie in (0, 1], got {keep_variance!r}")
+    return kv
+
+
+def check_keep_dims(keep_dims: int | None, named: dict[str, Array]) -> None:
+    """keep_dims must fit every layer: at most min(n, features) directions exist."""
+    if keep_dims is None:
+        return
+    for name, a in named.items():
+        limit = min(a.shape)
+        if not 1 <= keep_dims <= limit:
+            raise ValueError(
+                f"keep_dims: {keep_dims} directions requested but {name} has shape "
+                f"{tuple(a.shape)}, which has at most min(n, features) = {limit}"
+            )
 
 
 def svcca(x: Any, y: Any, *, keep_dims: int | None = None, keep_variance: float = 0.99,
@@ -357,8 +367,9 @@ def svcca(x: Any, y: Any, *, keep_dims: int | None = None, keep_variance: float 
       Raghu et al., SVCCA, NeurIPS 2017.
     """
     x, y, epsilon = _checked(x, y, epsilon, check_finite)
-    _check_svcca_options(x, y, keep_dims, keep_variance)
-    return evaluate(svcca_measure, x, y, keep_dims=keep_dims, keep_variance=float(keep_variance),
+    keep_variance = _check_keep(keep_dims, keep_variance)
+    check_keep_dims(keep_dims, {"x": x, "y": y})
+    return evaluate(svcca_measure, x, y, keep_dims=keep_dims, keep_variance=keep_variance,
                     epsilon=epsilon)
 
 

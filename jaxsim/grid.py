@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import inspect
 import operator
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
@@ -100,40 +101,18 @@ class Grid:
 # ----------------------------------------------------------------------------- metrics
 
 
-def _linear(debiased: bool = False, **kw: Any) -> Callable[..., Measure]:
-    _no_extra("linear_cka", kw)
-    return lambda feature_space=False: kernel.linear_measure(debiased=debiased,
-                                                             feature_space=feature_space)
-
-
-def _rbf(threshold: float = 1.0, debiased: bool = False, **kw: Any) -> Callable[..., Measure]:
-    _no_extra("rbf_cka", kw)
-    m = kernel.rbf_measure(threshold=threshold, debiased=debiased)
-    return lambda feature_space=False: m
-
-
-def _cca_family(factory: Callable[..., Measure], name: str) -> Callable[..., Any]:
-    def make(epsilon: float = 0.0, **kw: Any) -> Callable[..., Measure]:
-        allowed = {"svcca": ("keep_dims", "keep_variance"), "pwcca": ("directions",)}
-        extra = {k: kw.pop(k) for k in ("keep_dims", "keep_variance", "directions") if k in kw}
-        if any(k not in allowed.get(name, ()) for k in extra):
-            raise TypeError(f"{name}: unexpected option(s) {', '.join(extra)}")
-        _no_extra(name, kw)
-        if "keep_variance" in extra:
-            extra["keep_variance"] = float(extra["keep_variance"])
-        m = factory(epsilon=_v.non_negative(epsilon, "epsilon"), **extra)
-        return lambda feature_space=False: m
-    return make
-
-
-def _simple(factory: Callable[..., Measure], name: str) -> Callable[..., Any]:
-    def make(**kw: Any) -> Callable[..., Measure]:
-        try:
-            m = factory(**kw)
-        except TypeError:
-            raise TypeError(f"metric {name!r}: unexpected option(s) {', '.join(sorted(kw))}") from None
-        return lambda feature_space=False: m
-    return make
+def _maker(factory: Callable[..., Measure], name: str, options: dict[str, Any]
+           ) -> Callable[..., Measure]:
+    """``make(feature_space=False) -> Measure`` for a registered measure factory with the
+    user's options (checked against the factory's keywords; the factory checks values)."""
+    params = inspect.signature(factory).parameters
+    unknown = sorted(k for k in options if k not in params or k == "feature_space")
+    if unknown:
+        raise TypeError(f"metric {name!r}: unexpected option(s) {', '.join(unknown)}")
+    if "feature_space" in params:  # linear CKA: the grid picks the route
+        return lambda feature_space=False: factory(**options, feature_space=feature_space)
+    measure = factory(**options)
+    return lambda feature_space=False: measure
 
 
 def _no_extra(name: str, kw: Mapping[str, Any]) -> None:
@@ -141,17 +120,17 @@ def _no_extra(name: str, kw: Mapping[str, Any]) -> None:
         raise TypeError(f"metric {name!r}: unexpected option(s) {', '.join(sorted(kw))}")
 
 
-METRICS: dict[str, Callable[..., Callable[..., Measure]]] = {
-    "linear_cka": _linear,
-    "cka": _linear,
-    "rbf_cka": _rbf,
-    "mean_cca": _cca_family(canonical.cca_measure, "mean_cca"),
-    "svcca": _cca_family(canonical.svcca_measure, "svcca"),
-    "pwcca": _cca_family(canonical.pwcca_measure, "pwcca"),
-    "procrustes": _simple(geometry.procrustes_measure, "procrustes"),
-    "rsa": _simple(geometry.rsa_measure, "rsa"),
-    "mutual_knn": _simple(geometry.mutual_knn_measure, "mutual_knn"),
-    "linear_predictivity": _simple(geometry.predictivity_measure, "linear_predictivity"),
+METRICS: dict[str, Callable[..., Measure]] = {
+    "linear_cka": kernel.linear_measure,
+    "cka": kernel.linear_measure,
+    "rbf_cka": kernel.rbf_measure,
+    "mean_cca": canonical.cca_measure,
+    "svcca": canonical.svcca_measure,
+    "pwcca": canonical.pwcca_measure,
+    "procrustes": geometry.procrustes_measure,
+    "rsa": geometry.rsa_measure,
+    "mutual_knn": geometry.mutual_knn_measure,
+    "linear_predictivity": geometry.predictivity_measure,
 }
 
 
@@ -164,7 +143,7 @@ def _measure_for(metric: Any, options: dict[str, Any]) -> tuple[Callable[..., Me
     if metric not in METRICS:
         raise ValueError(f"metric: unknown metric {metric!r}; valid names: "
                          f"{', '.join(sorted(METRICS))}, or a callable pair function")
-    return METRICS[metric](**options), metric
+    return _maker(METRICS[metric], metric, options), metric
 
 
 @functools.lru_cache(maxsize=64)
@@ -198,16 +177,18 @@ def _layers(acts: Any, arg: str, check_finite: bool) -> tuple[list[str], list[Ar
     return names, layers
 
 
-def _reduced_layers(acts_a: Any, acts_b: Any, reduce: dict[str, Any], check_finite: bool
+def _reduced_layers(acts_a: Any, acts_b: Any, reduce: dict[str, Any], check_finite: bool,
+                    min_n: int = 2, why: str = ""
                     ) -> tuple[list[str], list[Array], list[str], list[Array]]:
     """Both sides' layers, conv-reduced together (so "resize" finds one common size), then
-    validated and flattened to ``(n, features)``."""
+    validated (finite, a shared n >= min_n) and flattened to ``(n, features)``."""
     rows, raw_a = _named(acts_a, "acts_a")
     cols, raw_b = ([], []) if acts_b is None else _named(acts_b, "acts_b")
     keys = [f"acts_a[{k!r}]" for k in rows] + [f"acts_b[{k!r}]" for k in cols]
     union = {k: _v.as_float_array(a, k) for k, a in zip(keys, raw_a + raw_b)}
     union = conv.reduce_layers(union, **reduce)
     flat = [_v.activations(a, k, check_finite_values=check_finite) for k, a in union.items()]
+    _v.same_n(dict(zip(union, flat)), min_n=min_n, why=why)
     return rows, flat[:len(rows)], cols, flat[len(rows):]
 
 
@@ -374,31 +355,24 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
     reduce = {k: options.pop(k) for k in ("size", "subsample", "key") if k in options}
     reduce["reduce"] = options.pop("reduce", None)
     make, name = _measure_for(metric, dict(options))
+    measure = make()
     self_grid = acts_b is None
-    rows, layers_a, cols, layers_b = _reduced_layers(acts_a, acts_b, reduce, check_finite)
+    rows, layers_a, cols, layers_b = _reduced_layers(
+        acts_a, acts_b, reduce, check_finite, measure.min_n,
+        " for the unbiased HSIC estimator" if measure.min_n >= 4 else "")
     if self_grid:
         cols, layers_b = rows, layers_a
-    measure = make()
-    named = {f"acts_a[{k!r}]": a for k, a in zip(rows, layers_a)}
-    if not self_grid:
-        named.update({f"acts_b[{k!r}]": b for k, b in zip(cols, layers_b)})
-    _v.same_n(named, min_n=measure.min_n,
-              why=" for the unbiased HSIC estimator" if measure.min_n >= 4 else "")
     dtype = _common_dtype(layers_a + ([] if self_grid else layers_b))
     layers_a = [a.astype(dtype) for a in layers_a]
     layers_b = layers_a if self_grid else [b.astype(dtype) for b in layers_b]
-    if name == "svcca" and options.get("keep_dims") is not None:
-        for x in layers_a + ([] if self_grid else layers_b):
-            canonical._check_svcca_options(x, x, options["keep_dims"], None)
+    if name == "svcca":
+        canonical.check_keep_dims(options.get("keep_dims"), {
+            **{f"acts_a[{k!r}]": a for k, a in zip(rows, layers_a)},
+            **({} if self_grid else {f"acts_b[{k!r}]": b for k, b in zip(cols, layers_b)})})
     if measure.name == "linear_cka":
-        n = layers_a[0].shape[0]
-        if method == "auto":
-            feature_space = kernel.use_feature_space(
-                n, [a.shape[1] for a in layers_a],
-                None if self_grid else [b.shape[1] for b in layers_b])
-        else:
-            feature_space = method == "features"
-        measure = make(feature_space=feature_space)
+        measure = make(feature_space=kernel.feature_route(
+            method, layers_a[0].shape[0], [a.shape[1] for a in layers_a],
+            None if self_grid else [b.shape[1] for b in layers_b]))
 
     if measure.blocks is not None:
         union = layers_a if self_grid else layers_a + layers_b

@@ -249,6 +249,16 @@ def use_feature_space(n: int, widths_a: list[int], widths_b: list[int] | None = 
     return feat < gram
 
 
+def feature_route(method: str, n: int, widths_a: list[int], widths_b: list[int] | None = None
+                  ) -> bool:
+    """Whether linear CKA takes the feature-space route: ``method`` "gram", "features" or
+    "auto" (the cost model :func:`use_feature_space`)."""
+    method = _v.choice(method, "method", ("auto", "gram", "features"))
+    if method == "auto":
+        return use_feature_space(n, widths_a, widths_b)
+    return method == "features"
+
+
 class LinearSource(NamedTuple):
     """What the Gram blocks of a linear kernel are made from."""
 
@@ -373,13 +383,10 @@ def linear_cka(x: Any, y: Any, *, debiased: bool = False, method: str = "auto",
       >>> float(jaxsim.linear_cka(x, 2 * x))
       1.0
     """
-    method = _v.choice(method, "method", ("auto", "gram", "features"))
+    _v.choice(method, "method", ("auto", "gram", "features"))
     x, y = _v.pair(x, y, min_n=4 if debiased else 2, why=_UNBIASED_WHY if debiased else "",
                    check_finite=check_finite)
-    if method == "auto":
-        feature_space = use_feature_space(x.shape[0], [x.shape[1]], [y.shape[1]])
-    else:
-        feature_space = method == "features"
+    feature_space = feature_route(method, x.shape[0], [x.shape[1]], [y.shape[1]])
     return evaluate(linear_measure, x, y, debiased=debiased, feature_space=feature_space)
 
 

@@ -157,8 +157,6 @@ def _on_pairs(single, x: Any, y: Any, check_finite: bool):
     rows, layers_a, cols, layers_b = grid._reduced_layers(x, y, {"reduce": None}, check_finite)
     if y is None:
         cols, layers_b = rows, layers_a
-    _v.same_n({f"x[{k!r}]": a for k, a in zip(rows, layers_a)}
-              | {f"y[{k!r}]": b for k, b in zip(cols, layers_b)})
     out = [[single(a, b) for b in layers_b] for a in layers_a]
     return out, (tuple(rows), tuple(cols))
 

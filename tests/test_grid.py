@@ -129,7 +129,7 @@ def test_grid_errors(rng):
         jaxsim.similarity_grid(acts, epsilon=0.1)
     with pytest.raises(TypeError, match=r"acts_a: expected a sequence or mapping.*shape \(120, 6\)"):
         jaxsim.similarity_grid(acts["layer0"])
-    with pytest.raises(ValueError, match=r"keep_dims: 8 directions requested but x has shape \(120, 6\)"):
+    with pytest.raises(ValueError, match=r"keep_dims: 8 directions requested but acts_a\['layer0'\] has shape \(120, 6\)"):
         jaxsim.similarity_grid(acts, metric="svcca", keep_dims=8)
     with pytest.raises(ValueError, match=r"need at least 4 examples for the unbiased"):
         jaxsim.similarity_grid([a[:3] for a in acts.values()], debiased=True)
