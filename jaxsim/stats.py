@@ -124,13 +124,13 @@ def _bootstrap(measure: Measure, x: Array, y: Array, key: Array, num: int, batch
     return one(jnp.arange(n)), jax.lax.map(one, idx, batch_size=batch_size)
 
 
-@functools.partial(jax.jit, static_argnames=("measure", "shapes", "num", "batch_size"))
-def _baseline(measure: Measure, key: Array, shapes: tuple, dtype_of: Array, num: int,
+@functools.partial(jax.jit, static_argnames=("measure", "shapes", "dtype", "num", "batch_size"))
+def _baseline(measure: Measure, key: Array, shapes: tuple, dtype: Any, num: int,
               batch_size: int):
     def one(k):
         kx, ky = jax.random.split(k)
-        gx = jax.random.normal(kx, shapes[0], dtype_of.dtype)
-        gy = jax.random.normal(ky, shapes[1], dtype_of.dtype)
+        gx = jax.random.normal(kx, shapes[0], dtype)
+        gy = jax.random.normal(ky, shapes[1], dtype)
         return measure.pair(measure.prepare(gx), measure.prepare(gy))
     return jax.lax.map(one, jax.random.split(key, num), batch_size=batch_size)
 
@@ -236,8 +236,8 @@ def random_baseline(metric: Any, x: Any, y: Any, *, key: Array, num_samples: int
     bs = min(_count(batch_size, "batch_size"), num)
 
     def single(a, b):
-        samples = _baseline(_resolve(metric, options, a, b), key, (a.shape, b.shape), a[0, 0],
-                            num, bs)
+        samples = _baseline(_resolve(metric, options, a, b), key, (a.shape, b.shape),
+                            np.dtype(a.dtype), num, bs)
         return jnp.mean(samples), jnp.std(samples), samples
 
     out, names = _on_pairs(single, x, y, check_finite)
