@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
+import jax
 import numpy as np
 from flax import nnx
 from scipy import stats
@@ -82,12 +83,11 @@ def main(argv=None) -> dict:
     acts = {name: collect_activations(m, C.batches(probe, None, 512), filter=hidden, progress=False)
             for name, m in sources.items()}
     layers = list(acts[names[0]])
-    per_layer = np.zeros((len(names), len(names), len(layers)))
-    for i, s in enumerate(names):
-        for j, t in enumerate(names):
-            for k, layer in enumerate(layers):
-                f = jaxsim.linear_cka if args.metric == "linear_cka" else jaxsim.svcca
-                per_layer[i, j, k] = float(f(acts[s][layer], acts[t][layer]))
+    # corresponding hidden layers share their width: one vmapped call per pair of models
+    measure = jax.vmap(jaxsim.linear_cka if args.metric == "linear_cka" else jaxsim.svcca)
+    stacked = {name: np.stack([a[layer] for layer in layers]) for name, a in acts.items()}
+    per_layer = np.array([[np.asarray(measure(stacked[s], stacked[t])) for t in names]
+                          for s in names])
     similarity = per_layer.mean(axis=2)
 
     gain = np.zeros((len(names), len(names)))
