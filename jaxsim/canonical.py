@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxsim import _linalg as _la
 from jaxsim import _validation as _v
 from jaxsim._measure import Measure, center_features, dot, evaluate, inv_sqrt, safe_ratio
 
@@ -97,7 +98,7 @@ def _prepare_cca(x: Array, epsilon: float) -> CCASummary:
     s = safe_ratio(cov, scale)
     kept = jnp.diagonal(s) >= epsilon
     s = jnp.where(kept[:, None] & kept[None, :], s, 0) + epsilon * jnp.diag(kept.astype(x.dtype))
-    w, v = jnp.linalg.eigh(s)
+    w, v = _la.eigh(s)
     return _summary(xc, mean, v, w, kept, scale, n)
 
 
@@ -107,11 +108,11 @@ def _top_directions(x: Array, m: int) -> tuple[Array, Array]:
     n, d = x.shape
     xc = center_features(x)
     if n >= d:
-        w, v = jnp.linalg.eigh(dot(xc.T, xc))
+        w, v = _la.eigh(dot(xc.T, xc))
         w, v = w[::-1], v[:, ::-1]
         z = dot(xc, v[:, :m])
     else:
-        w, u = jnp.linalg.eigh(dot(xc, xc.T))
+        w, u = _la.eigh(dot(xc, xc.T))
         w, u = w[::-1], u[:, ::-1]
         z = u[:, :m] * jnp.sqrt(jnp.maximum(w[:m], 0))
     return z, jnp.maximum(w, 0)
@@ -156,7 +157,7 @@ def _valid(s: Array, rank: Array) -> Array:
 
 
 def _coefficients(a: CCASummary, b: CCASummary) -> Array:
-    return _valid(jnp.linalg.svd(_cross(a, b), compute_uv=False), _rank(a, b))
+    return _valid(_la.singular_values(_cross(a, b)), _rank(a, b))
 
 
 def _mean_pair(a: CCASummary, b: CCASummary) -> Array:
@@ -166,7 +167,7 @@ def _mean_pair(a: CCASummary, b: CCASummary) -> Array:
 def _cca_result(a: CCASummary, b: CCASummary) -> CCAResult:
     n = a.centered.shape[0]
     k = min(a.whiten.shape[0], b.whiten.shape[0])
-    u, s, vh = jnp.linalg.svd(_cross(a, b), full_matrices=False)
+    u, s, vh = _la.svd(_cross(a, b), full_matrices=False)
     rank = _rank(a, b)
     root = math.sqrt(n - 1)
     xw = dot(a.whiten, u[:, :k]) * root
@@ -199,7 +200,7 @@ def _pw_side(s: CCASummary, vecs: Array, coefs: Array, epsilon: float) -> Array:
     mean = jnp.where(s.kept, s.mean, 0)
     root = jnp.sqrt(jnp.maximum(s.eigvals - epsilon, 0) * s.scale)[:, None] * s.eigvecs.T
     offset = math.sqrt(n) * mean[None, :]
-    q, _ = jnp.linalg.qr(jnp.concatenate([dot(root, vecs), offset]))
+    q, _ = _la.qr(jnp.concatenate([dot(root, vecs), offset]))
     weights = jnp.sum(jnp.abs(dot(q.T, jnp.concatenate([root, offset]))), axis=1)
     weights = jnp.where(jnp.arange(d) < jnp.sum(s.kept), weights, 0)
     k = coefs.shape[0]
@@ -232,7 +233,7 @@ def _pwcca_pair(a: CCASummary, b: CCASummary, *, epsilon: float,
         # matrix followed by zero rows and columns, and the kept units' i-th mean lines up
         # with the i-th direction as in the reference.
         a, b = _kept_first(a), _kept_first(b)
-    u, s, vh = jnp.linalg.svd(_cross(a, b), full_matrices=True)
+    u, s, vh = _la.svd(_cross(a, b), full_matrices=True)
     coefs = _valid(s, _rank(a, b))
     x_side = lambda: side(a, u, coefs, epsilon)
     y_side = lambda: side(b, vh.T, coefs, epsilon)

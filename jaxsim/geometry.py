@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.stats import rankdata
 
+from jaxsim import _linalg as _la
 from jaxsim import _validation as _v
 from jaxsim._measure import Measure, center_features, dot, evaluate, inv_sqrt, safe_ratio
 
@@ -37,13 +38,13 @@ def _shape_normalise(x: Array, alpha: float) -> Array:
     covariance), unit Frobenius norm."""
     xc = center_features(x)
     if alpha < 1:
-        w, v = jnp.linalg.eigh(dot(xc.T, xc) / xc.shape[0])
+        w, v = _la.eigh(dot(xc.T, xc) / xc.shape[0])
         xc = dot(xc, dot(v * (alpha + (1 - alpha) * inv_sqrt(w)), v.T))
     return xc / jnp.where(jnp.linalg.norm(xc) > 0, jnp.linalg.norm(xc), 1)
 
 
 def _procrustes_pair(a: Array, b: Array) -> Array:
-    return jnp.minimum(jnp.sum(jnp.linalg.svd(dot(a.T, b), compute_uv=False)), 1.0)
+    return jnp.minimum(jnp.sum(_la.singular_values(dot(a.T, b))), 1.0)
 
 
 @functools.lru_cache(maxsize=None)

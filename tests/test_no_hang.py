@@ -1,0 +1,77 @@
+"""Long computations finish: the jaxlib 0.10 batched-LAPACK deadlock, under a deadline.
+
+Every reproducer runs in a fresh subprocess (a deadlock cannot be interrupted from the
+same process, and 8 host devices must be requested before jax starts), which prints one
+line per finished step, so a hang names the step that hung.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+PRELUDE = """
+import jax, numpy as np
+import jaxsim
+from jaxsim import stats
+
+def done(step, value):
+    jax.block_until_ready(value)
+    print("finished", step, flush=True)
+
+"""
+
+ONE_DEVICE = textwrap.dedent("""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(397, 32)).astype(np.float32)
+    y = (x[:, :16] + rng.normal(size=(397, 16))).astype(np.float32)
+    key = jax.random.key(0)
+    # the issue's reproducer: lax.map over several chunks of vmapped decompositions
+    done("bootstrap pwcca", stats.bootstrap("pwcca", x, y, key=key, num_samples=200))
+    done("bootstrap mean_cca", stats.bootstrap("mean_cca", x, y, key=key, num_samples=120,
+                                               batch_size=40))
+    wide = rng.normal(size=(397, 512)).astype(np.float32)
+    done("bootstrap svcca", stats.bootstrap("svcca", wide, wide[:, :256] + 1, key=key,
+                                            num_samples=100, keep_dims=20))
+    acts = {f"l{i}": rng.normal(size=(200, w)).astype(np.float32)
+            for i, w in enumerate([24, 40, 24])}
+    done("pwcca cross grid", jaxsim.similarity_grid(acts, [a + 0.1 for a in acts.values()],
+                                                    metric="pwcca", epsilon=1e-6))
+    done("procrustes bootstrap", stats.bootstrap("procrustes", x, y, key=key, num_samples=60,
+                                                 batch_size=20, alpha=0.5))
+""")
+
+# many host devices run their shards concurrently on one thread pool
+SHARDED = textwrap.dedent("""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(392, 32)).astype(np.float32)
+    y = (x[:, :16] + rng.normal(size=(392, 16))).astype(np.float32)
+    key = jax.random.key(0)
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = lambda a: jax.device_put(a, NamedSharding(mesh, P("d")))
+    done("sharded permutation svcca",
+         stats.permutation_test("svcca", sharded(x), sharded(y), key=key,
+                                num_permutations=64, batch_size=16, keep_dims=8))
+""")
+
+
+def run(script, timeout, **env):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **env)
+    try:
+        proc = subprocess.run([sys.executable, "-c", PRELUDE + script], capture_output=True,
+                              text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as err:
+        out = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+        finished = [line for line in out.splitlines() if line.startswith("finished")]
+        raise AssertionError(f"hung after: {finished or 'nothing'}") from None
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.count("finished")
+
+
+def test_decompositions_never_deadlock():
+    assert run(ONE_DEVICE, 180) == 5
+
+
+def test_sharded_decompositions_never_deadlock():
+    assert run(SHARDED, 120, XLA_FLAGS="--xla_force_host_platform_device_count=8") == 1
