@@ -3,7 +3,13 @@
 Activations are ``(n, ...)`` arrays, axis 0 indexing the n examples (google/svcca uses the
 transpose). Every measure is a pure, jit-able and vmap-able function returning a 0-d array;
 ``similarity_grid`` compares every layer of one network with every layer of another.
+
+Submodules: ``jaxsim.stats`` (permutation tests, bootstrap, baselines), ``jaxsim.conv``
+(conv-layer reductions), ``jaxsim.flax`` (activations from Flax models) and
+``jaxsim.plot`` (figures; needs matplotlib), all reachable as attributes.
 """
+
+import importlib
 
 from jaxsim.canonical import CCAResult as CCAResult
 from jaxsim.canonical import cca as cca
@@ -31,6 +37,8 @@ from jaxsim.kernel import gram_rbf as gram_rbf
 from jaxsim.kernel import hsic as hsic
 from jaxsim.kernel import linear_cka as linear_cka
 from jaxsim.kernel import rbf_cka as rbf_cka
+from jaxsim import conv as conv
+from jaxsim import stats as stats
 
 __version__ = "0.1.0"
 
@@ -62,3 +70,10 @@ __all__ = [
     "similarity_grid",
     "svcca",
 ]
+
+
+def __getattr__(name: str):
+    # flax capture and plotting load their (heavier, or optional) dependencies on first use
+    if name in ("flax", "plot"):
+        return importlib.import_module(f"jaxsim.{name}")
+    raise AttributeError(f"module 'jaxsim' has no attribute {name!r}")

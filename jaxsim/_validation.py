@@ -22,8 +22,18 @@ def _is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+def compute_dtype(dtype: Any) -> Any:
+    """The dtype a measure computes in: float32 and float64 as given; bfloat16 and float16
+    in float32 (their 8- and 11-bit significands cannot hold a Gram or a covariance);
+    integers and bools in the default float (float64 when x64 is on)."""
+    dtype = np.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating):
+        return np.dtype(np.float32) if dtype.itemsize < 4 else dtype
+    return np.dtype(jnp.result_type(float))
+
+
 def as_float_array(x: Any, name: str) -> Array:
-    """Converts ``x`` to a floating jax array; integers and bools go to the default float."""
+    """Converts ``x`` to a jax array in its compute dtype (see :func:`compute_dtype`)."""
     dtype = getattr(x, "dtype", None)
     if dtype is None:
         try:
@@ -32,32 +42,49 @@ def as_float_array(x: Any, name: str) -> Array:
             raise TypeError(f"{name}: expected an array, got {type(x).__name__} ({err})") from None
         dtype = x.dtype
     dtype = np.dtype(dtype)
-    if np.issubdtype(dtype, np.complexfloating):
+    if jnp.issubdtype(dtype, jnp.complexfloating):
         raise TypeError(f"{name}: complex dtype {dtype} is not supported; pass real activations")
-    if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+    if not (jnp.issubdtype(dtype, jnp.number) or dtype == np.bool_):
         raise TypeError(f"{name}: expected a numeric array, got dtype {dtype}")
-    if not np.issubdtype(dtype, np.floating):
-        return jnp.asarray(x, dtype=jnp.result_type(float))
-    return jnp.asarray(x)
+    target = compute_dtype(dtype)
+    return jnp.asarray(x) if dtype == target else jnp.asarray(x).astype(target)
 
 
-def check_finite(x: Any, name: str, enabled: bool = True) -> None:
-    if not enabled or _is_tracer(x):
+@jax.jit
+def _nonfinite_counts(arrays: list[Array]) -> Array:
+    return jnp.stack([jnp.sum(~jnp.isfinite(a)) for a in arrays])
+
+
+def finite(named: dict[str, Any], enabled: bool = True) -> None:
+    """Raises if any array holds NaN or inf, naming the first such array.
+
+    Host (numpy) arrays are checked on the host; device arrays of all layers in one
+    fused reduction (one small device-to-host copy, however many layers); traced values
+    cannot be inspected and are skipped. Safe inside a user's ``jit``/``grad``: arrays
+    closed over there are concrete and are checked eagerly.
+    """
+    if not enabled:
         return
-    # host arrays are checked on the host: no device round trip per layer
-    xp = np if isinstance(x, np.ndarray) else jnp
-    bad = ~xp.isfinite(x)
-    if bool(xp.any(bad)):
-        count = int(xp.sum(bad))
-        raise ValueError(
-            f"{name}: contains {count} non-finite value(s) (NaN or inf) in an array of shape "
-            f"{tuple(x.shape)}; pass check_finite=False to skip this check"
-        )
+    named = {k: a if hasattr(a, "dtype") else np.asarray(a) for k, a in named.items()}
+    host = {k: a for k, a in named.items() if isinstance(a, np.ndarray)}
+    device = {k: a for k, a in named.items()
+              if not isinstance(a, np.ndarray) and not _is_tracer(a)}
+    counts = {k: int(np.sum(~np.isfinite(a))) if a.dtype.kind in "fc" else 0
+              for k, a in host.items()}
+    if device:
+        with jax.ensure_compile_time_eval():
+            found = np.asarray(_nonfinite_counts(list(device.values())))
+        counts.update(zip(device, found.tolist()))
+    for name in named:
+        if counts.get(name):
+            raise ValueError(
+                f"{name}: contains {counts[name]} non-finite value(s) (NaN or inf) in an array "
+                f"of shape {tuple(named[name].shape)}; pass check_finite=False to skip this check"
+            )
 
 
-def activations(x: Any, name: str, *, check_finite_values: bool = True) -> Array:
-    """An ``(n, ...)`` activation array, flattened to ``(n, features)``."""
-    raw = x
+def _flat(x: Any, name: str) -> Array:
+    """An ``(n, ...)`` activation array as ``(n, features)`` in its compute dtype."""
     x = as_float_array(x, name)
     if x.ndim < 2:
         raise ValueError(
@@ -66,9 +93,25 @@ def activations(x: Any, name: str, *, check_finite_values: bool = True) -> Array
         )
     if x.shape[1:] and math.prod(x.shape[1:]) == 0:
         raise ValueError(f"{name}: has no features, shape {tuple(x.shape)}")
-    check_finite(raw if isinstance(raw, np.ndarray) and raw.dtype.kind == "f" else x, name,
-                 check_finite_values)
     return x.reshape(x.shape[0], -1)
+
+
+def activations(x: Any, name: str, *, check_finite_values: bool = True) -> Array:
+    """An ``(n, ...)`` activation array, flattened to ``(n, features)``."""
+    out = _flat(x, name)
+    finite({name: x}, check_finite_values)
+    return out
+
+
+def layers(named: dict[str, Any], *, check_finite_values: bool = True) -> dict[str, Array]:
+    """Several activation arrays, flattened, with one finiteness check for all."""
+    out = {k: _flat(a, k) for k, a in named.items()}
+    finite(named, check_finite_values)
+    return out
+
+
+_TRANSPOSE_HINT = ("; if the arrays are laid out (neurons, n) as in google/svcca, pass their "
+                   "transposes (x.T)")
 
 
 def same_n(arrays: dict[str, Array], *, min_n: int = 2, why: str = "") -> int:
@@ -77,10 +120,13 @@ def same_n(arrays: dict[str, Array], *, min_n: int = 2, why: str = "") -> int:
     n = items[0][1].shape[0]
     for name, a in items[1:]:
         if a.shape[0] != n:
+            first = items[0][1]
+            hint = (_TRANSPOSE_HINT if a.ndim == first.ndim == 2 and a.shape[1] == first.shape[1]
+                    else "")
             raise ValueError(
                 f"{name}: has {a.shape[0]} examples (shape {tuple(a.shape)}) but "
-                f"{items[0][0]} has {n} (shape {tuple(items[0][1].shape)}); axis 0 must index "
-                "the same examples in both"
+                f"{items[0][0]} has {n} (shape {tuple(first.shape)}); axis 0 must index "
+                f"the same examples in both{hint}"
             )
     if n < min_n:
         names = ", ".join(name for name, _ in items)
@@ -101,22 +147,22 @@ def _two(a: Array, b: Array, names: tuple[str, str], min_n: int, why: str
 def pair(x: Any, y: Any, *, min_n: int = 2, why: str = "", check_finite: bool = True,
          names: tuple[str, str] = ("x", "y")) -> tuple[Array, Array]:
     """Converts and checks two activation arrays that must share n; returns a common dtype."""
-    return _two(activations(x, names[0], check_finite_values=check_finite),
-                activations(y, names[1], check_finite_values=check_finite), names, min_n, why)
+    a, b = layers(dict(zip(names, (x, y))), check_finite_values=check_finite).values()
+    return _two(a, b, names, min_n, why)
 
 
-def gram(k: Any, name: str, *, check_finite_values: bool = True) -> Array:
+def gram(k: Any, name: str) -> Array:
     k = as_float_array(k, name)
     if k.ndim != 2 or k.shape[0] != k.shape[1]:
         raise ValueError(f"{name}: expected a square (n, n) Gram matrix, got shape {tuple(k.shape)}")
-    check_finite(k, name, check_finite_values)
     return k
 
 
 def gram_pair(k: Any, l: Any, *, min_n: int = 2, why: str = "", check_finite: bool = True,
               names: tuple[str, str] = ("gram_x", "gram_y")) -> tuple[Array, Array]:
-    return _two(gram(k, names[0], check_finite_values=check_finite),
-                gram(l, names[1], check_finite_values=check_finite), names, min_n, why)
+    a, b = gram(k, names[0]), gram(l, names[1])
+    finite(dict(zip(names, (k, l))), check_finite)
+    return _two(a, b, names, min_n, why)
 
 
 def positive(value: Any, name: str) -> float:

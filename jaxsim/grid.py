@@ -172,9 +172,9 @@ def _named(acts: Any, arg: str) -> tuple[list[str], list[Any]]:
 
 def _layers(acts: Any, arg: str, check_finite: bool) -> tuple[list[str], list[Array]]:
     names, arrays = _named(acts, arg)
-    layers = [_v.activations(a, f"{arg}[{k!r}]", check_finite_values=check_finite)
-              for k, a in zip(names, arrays)]
-    return names, layers
+    layers = _v.layers({f"{arg}[{k!r}]": a for k, a in zip(names, arrays)},
+                       check_finite_values=check_finite)
+    return names, list(layers.values())
 
 
 def _reduced_layers(acts_a: Any, acts_b: Any, reduce: dict[str, Any], check_finite: bool,
@@ -185,9 +185,11 @@ def _reduced_layers(acts_a: Any, acts_b: Any, reduce: dict[str, Any], check_fini
     rows, raw_a = _named(acts_a, "acts_a")
     cols, raw_b = ([], []) if acts_b is None else _named(acts_b, "acts_b")
     keys = [f"acts_a[{k!r}]" for k in rows] + [f"acts_b[{k!r}]" for k in cols]
-    union = {k: _v.as_float_array(a, k) for k, a in zip(keys, raw_a + raw_b)}
+    raw = dict(zip(keys, raw_a + raw_b))
+    union = {k: _v.as_float_array(a, k) for k, a in raw.items()}
+    _v.finite(raw, check_finite)
     union = conv.reduce_layers(union, **reduce)
-    flat = [_v.activations(a, k, check_finite_values=check_finite) for k, a in union.items()]
+    flat = list(_v.layers(union, check_finite_values=False).values())
     _v.same_n(dict(zip(union, flat)), min_n=min_n, why=why)
     return rows, flat[:len(rows)], cols, flat[len(rows):]
 

@@ -130,7 +130,8 @@ def center_gram(gram: Any, *, unbiased: bool = False, check_finite: bool = True)
     Returns:
       ``(n, n)`` centered matrix.
     """
-    k = _v.gram(gram, "gram", check_finite_values=check_finite)
+    k = _v.gram(gram, "gram")
+    _v.finite({"gram": gram}, check_finite)
     _v.same_n({"gram": k}, min_n=4 if unbiased else 1, why=_UNBIASED_WHY if unbiased else "")
     return _center_gram(k, unbiased)
 
