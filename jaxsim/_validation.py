@@ -121,8 +121,10 @@ def same_n(arrays: dict[str, Array], *, min_n: int = 2, why: str = "") -> int:
     for name, a in items[1:]:
         if a.shape[0] != n:
             first = items[0][1]
-            hint = (_TRANSPOSE_HINT if a.ndim == first.ndim == 2 and a.shape[1] == first.shape[1]
-                    else "")
+            # (neurons, n) arrays share their second axis, longer than either first one
+            looks_transposed = (a.ndim == first.ndim == 2 and a.shape[1] == first.shape[1]
+                                > max(a.shape[0], n))
+            hint = _TRANSPOSE_HINT if looks_transposed else ""
             raise ValueError(
                 f"{name}: has {a.shape[0]} examples (shape {tuple(a.shape)}) but "
                 f"{items[0][0]} has {n} (shape {tuple(first.shape)}); axis 0 must index "

@@ -75,6 +75,14 @@ def reduce_layers(named: dict[str, Array], reduce: str | None, *, size: Sequence
         return {k: (average_pool(a) if a.ndim == 4 else a) for k, a in named.items()}
     if not conv:
         return named
+    dense = [k for k, a in named.items() if a.ndim != 4]
+    if dense:
+        listing = ", ".join(f"{k} {tuple(named[k].shape)}" for k in dense)
+        raise ValueError(
+            f"reduce={reduce!r}: makes every spatial position of a conv layer an example, so "
+            f"conv layers get n*h*w rows, but these layers are not (n, h, w, c): {listing}; "
+            "use reduce='average' (one row per example for every layer) or compare the conv "
+            "layers on their own")
     if reduce == "resize":
         if size is None:
             size = min((a.shape[1:3] for a in conv.values()), key=lambda s: s[0] * s[1])

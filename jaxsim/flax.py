@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from typing import Any, Callable, Iterable
 
 import jax
@@ -22,6 +23,7 @@ import numpy as np
 from jax.extend.core import Literal
 
 from jaxsim import grid as _grid
+from jaxsim._progress import bar
 
 Array = jax.Array
 Filter = Any  # None | callable(path, module) | type | tuple of types | str glob | re.Pattern | list
@@ -54,9 +56,16 @@ def _accept(filter: Filter) -> Callable[[str, Any], bool]:
                     f"or tuple of types, a glob string, a compiled regex, or a list; got {filter!r}")
 
 
-def _select(found: dict[str, tuple[Array, Any]], filter: Filter) -> dict[str, Array]:
+def _select(found: dict[str, tuple[Array, Any, int]], filter: Filter) -> dict[str, Array]:
+    """The layers ``filter`` accepts, in forward order; a value selected under two names
+    (a module returning its last child's output, e.g. the model's "output" and its "head")
+    is kept once, under the first (innermost) name."""
     accept = _accept(filter)
-    out = {path: value for path, (value, module) in found.items() if accept(path, module)}
+    out, seen = {}, set()
+    for path, (value, module, identity) in found.items():
+        if accept(path, module) and identity not in seen:
+            out[path] = value
+            seen.add(identity)
     if not out:
         available = ", ".join(found) or "(none: the model produced no intermediate values)"
         raise ValueError(f"filter: {filter!r} matched no layer; available paths: {available}")
@@ -66,27 +75,34 @@ def _select(found: dict[str, tuple[Array, Any]], filter: Filter) -> dict[str, Ar
 # ------------------------------------------------------------------------ forward order
 
 
-def _equation_positions(fn: Callable[[Any], list[Array]], inputs: Any) -> list[int]:
+def _equation_positions(fn: Callable[[Any], list[Array]], inputs: Any
+                        ) -> tuple[list[int], list[int]]:
     """For each output of ``fn(inputs)``, the position in the computation of the equation
-    that produces it (-1 for inputs and constants), read off the jaxpr."""
+    that produces it (-1 for inputs and constants), and an identity shared by outputs that
+    are the very same value; read off the jaxpr."""
     jaxpr = jax.make_jaxpr(fn)(inputs).jaxpr
     made = {}
     for i, eqn in enumerate(jaxpr.eqns):
         for v in eqn.outvars:
             made[v] = i
-    return [-1 if isinstance(v, Literal) else made.get(v, -1) for v in jaxpr.outvars]
+    position = [-1 if isinstance(v, Literal) else made.get(v, -1) for v in jaxpr.outvars]
+    ids: dict[Any, int] = {}
+    identity = [k if isinstance(v, Literal) else ids.setdefault(v, k)
+                for k, v in enumerate(jaxpr.outvars)]
+    return position, identity
 
 
 def _ordered(fn: Callable[[Any], dict[str, tuple[Array, Any]]], inputs: Any
-             ) -> dict[str, tuple[Array, Any]]:
+             ) -> dict[str, tuple[Array, Any, int]]:
+    """``{path: (value, module, identity)}`` in forward order."""
     found = fn(inputs)
     keys = list(found)
-    position = _equation_positions(lambda x: [v for v, _ in fn(x).values()], inputs)
+    position, identity = _equation_positions(lambda x: [v for v, _ in fn(x).values()], inputs)
     # A module returning its last child's output ties with it: the child comes first, and
     # the model's own output last.
     depth = lambda k: 0 if keys[k] == "output" else keys[k].count("/") + 1
     order = sorted(range(len(keys)), key=lambda k: (position[k], -depth(k)))
-    return {keys[i]: found[keys[i]] for i in order}
+    return {keys[i]: found[keys[i]] + (identity[i],) for i in order}
 
 
 def _leaves(prefix: str, value: Any) -> list[tuple[str, Array]]:
@@ -139,14 +155,44 @@ def _linen_found(module: Any, variables: Any, inputs: Any, apply_kwargs: dict
             return True
         return False
 
+    from flax import errors
+
     variables = {k: v for k, v in dict(variables).items() if k != "intermediates"}
-    _, state = module.apply(variables, inputs, capture_intermediates=record,
-                            mutable=["intermediates"], **apply_kwargs)
+    try:
+        _, state = module.apply(variables, inputs, capture_intermediates=record,
+                                mutable=["intermediates"], **apply_kwargs)
+    except (errors.ModifyScopeVariableError, errors.InvalidRngError) as err:
+        raise ValueError(
+            f"model: it runs in training mode ({err.__class__.__name__}: batch norm would "
+            "update its statistics or dropout needs a random key); capture inference-mode "
+            "activations with the model's own switch, e.g. capture_linen(module, variables, "
+            "x, train=False) or apply_kwargs={'train': False}") from None
     return _collected(state.get("intermediates", {}), modules)
 
 
+def _linen_module(module: Any) -> None:
+    from flax import linen as nn
+
+    if not isinstance(module, nn.Module):
+        hint = (" (for an nnx model use capture_nnx(model, x))"
+                if _is_nnx(module) else "")
+        raise TypeError(f"module: expected a flax.linen.Module, got {type(module).__name__}{hint}")
+
+
+def _merged(apply_kwargs: dict | None, more: dict) -> dict:
+    """``apply_kwargs={...}`` and keyword arguments given directly are the same thing."""
+    both = dict(apply_kwargs or {})
+    clash = sorted(set(both) & set(more))
+    if clash:
+        raise TypeError(f"apply_kwargs: {', '.join(clash)} given twice (in apply_kwargs and as "
+                        "a keyword argument)")
+    both.update(more)
+    return both
+
+
 def capture_linen(module: Any, variables: Any, inputs: Any, *, filter: Filter = None,
-                  **apply_kwargs: Any) -> dict[str, Array]:
+                  apply_kwargs: dict | None = None, **more_apply_kwargs: Any
+                  ) -> dict[str, Array]:
     """Activations of a linen model, ``{layer path: array}`` in forward order.
 
     Args:
@@ -158,12 +204,20 @@ def capture_linen(module: Any, variables: Any, inputs: Any, *, filter: Filter = 
         None for sown values), a module type or tuple of types (e.g. ``nn.Conv``), a glob
         string on the path (``"block*/conv*"``), a compiled regex, or a list of these
         (any matches).
-      **apply_kwargs: passed to ``module.apply``, e.g. ``train=False``.
+      apply_kwargs, **more_apply_kwargs: passed to ``module.apply``, e.g. ``train=False``
+        (either way: ``apply_kwargs={"train": False}`` as in :func:`minibatch_grid`, or
+        ``train=False``).
     Returns:
-      Ordered dict of arrays of shape ``(n, ...)``.
+      Ordered dict of arrays of shape ``(n, ...)``. A value that two names select (the
+      model's ``"output"`` when it is its last layer's output) appears once, under the
+      layer's name.
     Raises:
-      ValueError: if the filter matches nothing (the message lists the available paths).
+      ValueError: if the filter matches nothing (the message lists the available paths), or
+        if the model runs in training mode (batch norm updating its statistics, dropout
+        without a key): pass ``train=False`` or the model's equivalent.
     """
+    _linen_module(module)
+    apply_kwargs = _merged(apply_kwargs, more_apply_kwargs)
     fn = lambda x: _linen_found(module, variables, x, apply_kwargs)
     return _select(_ordered(fn, inputs), filter)
 
@@ -184,19 +238,58 @@ def _nnx_found(module: Any, inputs: Any) -> dict[str, tuple[Array, Any]]:
     return _collected(captured, modules)
 
 
+def _is_nnx(model: Any) -> bool:
+    from flax import nnx
+
+    return isinstance(model, nnx.Module)
+
+
+def _training_layers(module: Any) -> list[str]:
+    """Paths of the nnx submodules that would behave as in training: batch norm using and
+    updating batch statistics, dropout with a nonzero rate."""
+    from flax import nnx
+
+    found = []
+    for path, m in nnx.iter_modules(module):
+        name = "/".join(str(p) for p in path) or "(the model)"
+        if getattr(m, "use_running_average", None) is False:
+            found.append(name)
+        elif getattr(m, "deterministic", None) is False and getattr(m, "rate", 0) > 0:
+            found.append(name)
+    return found
+
+
+def _nnx_module(module: Any) -> None:
+    if not _is_nnx(module):
+        hint = ""
+        if isinstance(module, tuple) and len(module) == 2:
+            hint = (" (a linen (module, variables) pair: use capture_linen(module, variables, "
+                    "x))")
+        raise TypeError(f"module: expected a flax.nnx.Module, got {type(module).__name__}{hint}")
+    training = _training_layers(module)
+    if training:
+        raise ValueError(
+            f"model: in training mode ({', '.join(training)} would use batch statistics or "
+            "drop units, and update the model); call model.eval() before capturing "
+            "activations (model.train() switches back)")
+
+
 def capture_nnx(module: Any, inputs: Any, *, filter: Filter = None) -> dict[str, Array]:
     """Activations of an nnx model, ``{layer path: array}`` in forward order.
 
-    The model runs as it is configured (call ``model.eval()`` first for batch norm and
-    dropout in inference mode); its state is not modified.
+    Activations are those of inference mode: the model must be in it (``model.eval()``),
+    otherwise a ValueError names the batch-norm and dropout layers in training mode. The
+    model's state is not modified.
 
     Args:
       module: a ``flax.nnx.Module``.
       inputs: the input batch, passed as ``module(inputs)``.
       filter: as in :func:`capture_linen` (e.g. ``nnx.Conv``, ``"block*"``).
     Returns:
-      Ordered dict of arrays of shape ``(n, ...)``.
+      Ordered dict of arrays of shape ``(n, ...)`` (a value two names select appears once,
+      as in :func:`capture_linen`).
     """
+    _nnx_module(module)
     return _select(_ordered(lambda x: _nnx_found(module, x), inputs), filter)
 
 
@@ -207,24 +300,23 @@ def as_capture(model: Any, *, filter: Filter = None, **apply_kwargs: Any
                ) -> Callable[[Any], dict[str, Array]]:
     """``inputs -> {path: activation}`` for an nnx module, a linen ``(module, variables)``
     pair, or a callable that already returns activations (a dict or a sequence)."""
-    try:
-        from flax import linen as nn
-        from flax import nnx
-    except ImportError:  # pragma: no cover - flax is a dependency
-        nn = nnx = None
-    if nnx is not None and isinstance(model, nnx.Module):
+    from flax import linen as nn
+
+    if _is_nnx(model):
+        _nnx_module(model)
         return lambda x: capture_nnx(model, x, filter=filter)
-    if (nn is not None and isinstance(model, tuple) and len(model) == 2
-            and isinstance(model[0], nn.Module)):
+    if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], nn.Module):
         module, variables = model
         return lambda x: capture_linen(module, variables, x, filter=filter, **apply_kwargs)
-    if callable(model):
+    if callable(model) and not isinstance(model, nn.Module):
         def run(x):
             acts = model(x)
             return dict(acts) if isinstance(acts, dict) else {str(i): a for i, a in enumerate(acts)}
         return run
+    hint = (" (a linen module needs its variables: pass (module, variables))"
+            if isinstance(model, nn.Module) else "")
     raise TypeError("model: expected an nnx.Module, a (linen module, variables) pair, or a "
-                    f"callable returning activations; got {type(model).__name__}")
+                    f"callable returning activations; got {type(model).__name__}{hint}")
 
 
 def _inputs(batch: Any) -> Any:
@@ -232,24 +324,9 @@ def _inputs(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-def _progress(iterable: Iterable, progress: bool, total: int | None, desc: str) -> Iterable:
-    if not progress:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _plain_progress(iterable, total, desc)
-    return tqdm(iterable, total=total, desc=desc, leave=False)
-
-
-def _plain_progress(iterable: Iterable, total: int | None, desc: str) -> Iterable:
-    import sys
-
-    for i, item in enumerate(iterable, 1):
-        yield item
-        print(f"\r{desc}: {i}" + (f"/{total}" if total else ""), end="", file=sys.stderr,
-              flush=True)
-    print(file=sys.stderr)
+def _examples(x: Any) -> int:
+    leaves = jax.tree.leaves(x)
+    return int(np.shape(leaves[0])[0]) if leaves and np.ndim(leaves[0]) else 0
 
 
 def _names(capture: Callable[[Any], dict[str, Array]], x: Any) -> list[str]:
@@ -268,68 +345,110 @@ def _record(acts: dict[str, Array], names: list[str]) -> dict[str, Array]:
 
 def minibatch_grid(model_a: Any, batches: Iterable[Any], model_b: Any = None, *,
                    filter: Filter = None, filter_b: Filter = None, progress: bool = True,
-                   total: int | None = None, apply_kwargs: dict | None = None) -> _grid.Grid:
+                   total: int | None = None, state: _grid.MinibatchCKAState | None = None,
+                   return_state: bool = False, apply_kwargs: dict | None = None,
+                   **more_apply_kwargs: Any) -> Any:
     """Minibatch CKA grid of one model's layers (or two models') over a stream of batches.
 
     Each batch is one jitted step: forward pass(es), capture and
     :func:`jaxsim.minibatch_cka_update` fused; activations never outlive their batch.
 
     Args:
-      model_a: an nnx module, a linen ``(module, variables)`` pair, or a callable
-        ``inputs -> activations``.
-      batches: iterable of input batches (or tuples whose first item is the inputs); each
-        batch needs at least 4 examples; equal sizes give the paper's estimator exactly.
+      model_a: an nnx module (in eval mode), a linen ``(module, variables)`` pair, or a
+        callable ``inputs -> activations``.
+      batches: iterable of input batches (or tuples whose first item is the inputs).
+        Equal sizes give the paper's estimator exactly; a batch of another size is used
+        with a warning, and one with fewer than 4 examples (the unbiased HSIC's minimum,
+        typically a loader's short last batch) is skipped with a warning: pass
+        ``drop_last=True`` to your loader to avoid both.
       model_b: the column model; ``None`` for a self-grid of ``model_a``.
       filter, filter_b: layer filters (see :func:`capture_linen`); ``filter_b`` defaults to
         ``filter``.
       progress: show a progress bar (tqdm if installed).
-      total: number of batches, for the progress bar.
-      apply_kwargs: keyword arguments for linen's ``apply`` (e.g. ``{"train": False}``).
+      total: number of batches, for the progress bar (default ``len(batches)`` if it has one).
+      state: a state from an earlier call (``return_state=True``), possibly saved and
+        restored with numpy: the stream resumes where it stopped.
+      return_state: also return the state, to resume or combine later.
+      apply_kwargs, **more_apply_kwargs: keyword arguments for linen's ``apply``, as a
+        dict or directly (``train=False``).
     Returns:
-      :class:`jaxsim.Grid` named by layer paths.
+      :class:`jaxsim.Grid` named by layer paths; ``(grid, state)`` with ``return_state``.
+
+    Example:
+      >>> grid, state = minibatch_grid(model, first_half, return_state=True)  # doctest: +SKIP
+      >>> grid = minibatch_grid(model, second_half, state=state)  # doctest: +SKIP
     """
-    apply_kwargs = apply_kwargs or {}
+    apply_kwargs = _merged(apply_kwargs, more_apply_kwargs)
     cap_a = as_capture(model_a, filter=filter, **apply_kwargs)
     cap_b = None if model_b is None else as_capture(
         model_b, filter=filter if filter_b is None else filter_b, **apply_kwargs)
 
     @jax.jit
     def step(state, x):
-        acts_a = cap_a(x)
         acts_b = None if cap_b is None else cap_b(x)
-        return _grid.minibatch_cka_update(state, list(acts_a.values()),
-                                          None if acts_b is None else list(acts_b.values()),
-                                          check_finite=False)
+        return _grid.minibatch_cka_update(state, cap_a(x), acts_b, check_finite=False)
 
-    state = rows = cols = None
-    for batch in _progress(batches, progress, total, "minibatch CKA"):
+    if total is None and hasattr(batches, "__len__"):
+        total = len(batches)
+    rows = cols = size = None
+    for index, batch in enumerate(bar(batches, progress, total, "minibatch CKA")):
         x = _inputs(batch)
-        if state is None:  # layer names and counts from the first batch's shapes
+        m = _examples(x)
+        if m < 4:
+            warnings.warn(f"batches[{index}]: {m} example(s), fewer than the 4 the unbiased HSIC "
+                          "needs: skipped (pass drop_last=True to your data loader)",
+                          stacklevel=2)
+            continue
+        if rows is None:  # layer names and counts from the first batch's shapes
             rows = _names(cap_a, x)
             cols = rows if cap_b is None else _names(cap_b, x)
-            state = _grid.minibatch_cka_init(len(rows), len(cols))
-        previous, state = state, step(state, x)
+            state = _resumed(state, rows, cols)
+            size = m
+        elif m != size and size is not None:
+            warnings.warn(f"batches[{index}]: {m} examples where the first batch had {size}: "
+                          "minibatch CKA then averages HSIC over unequal batches, not exactly "
+                          "the paper's estimator (pass drop_last=True to your data loader)",
+                          stacklevel=2)
+            size = None  # warn once
+        try:
+            previous, state = state, step(state, x)
+        except ValueError as err:
+            raise ValueError(f"batches[{index}]: {err}") from None
         # the next batch is prepared while this one runs, but no more than that is queued:
         # memory stays bounded however fast the iterator yields
         jax.block_until_ready(previous)
+    if rows is None:
+        raise ValueError("batches: the iterable yielded no batch with at least 4 examples")
+    grid = _grid.minibatch_cka_result(state, rows=rows, cols=cols)
+    return (grid, state) if return_state else grid
+
+
+def _resumed(state: Any, rows: list[str], cols: list[str]) -> _grid.MinibatchCKAState:
     if state is None:
-        raise ValueError("batches: the iterable yielded no batch")
-    return _grid.minibatch_cka_result(state, rows=rows, cols=cols)
+        return _grid.minibatch_cka_init(len(rows), len(cols))
+    if tuple(state.cross.shape) != (len(rows), len(cols)):
+        raise ValueError(f"state: compares {state.cross.shape[0]} x {state.cross.shape[1]} layers "
+                         f"but the model(s) give {len(rows)} x {len(cols)} with these filters")
+    return state
 
 
 def collect_activations(model: Any, batches: Iterable[Any], *, filter: Filter = None,
                         progress: bool = True, total: int | None = None,
-                        apply_kwargs: dict | None = None) -> dict[str, np.ndarray]:
+                        apply_kwargs: dict | None = None, **more_apply_kwargs: Any
+                        ) -> dict[str, np.ndarray]:
     """All activations of a model over a data set, ``{path: (N, ...) numpy array}``.
 
     For measures that need every example at once (the CCA family); each batch's forward
     pass and capture is one jitted call, results are moved to host memory as they come.
+    Arguments as in :func:`minibatch_grid`.
     """
-    cap = as_capture(model, filter=filter, **(apply_kwargs or {}))
+    cap = as_capture(model, filter=filter, **_merged(apply_kwargs, more_apply_kwargs))
     names: list[str] = []
     capture = jax.jit(lambda x: list(_record(cap(x), names).values()))
+    if total is None and hasattr(batches, "__len__"):
+        total = len(batches)
     parts: list[list[np.ndarray]] = []
-    for batch in _progress(batches, progress, total, "activations"):
+    for batch in bar(batches, progress, total, "activations"):
         values = capture(_inputs(batch))
         parts = parts or [[] for _ in values]
         for part, v in zip(parts, values):

@@ -71,8 +71,10 @@ class Grid:
 
     def __getitem__(self, key: tuple[str, str]) -> Array:
         """``grid["layer_a", "layer_b"]``: one value by layer names."""
-        row, col = key
-        return self.values[self.rows.index(row), self.cols.index(col)]
+        if not (isinstance(key, tuple) and len(key) == 2):
+            raise TypeError(f"Grid: index with two layer names, grid[row, col]; got {key!r}")
+        return self.values[_position(self.rows, key[0], "row"),
+                           _position(self.cols, key[1], "column")]
 
     def save(self, path: str) -> None:
         """Writes ``values``, ``rows``, ``cols`` and ``metric`` to an ``.npz`` file."""
@@ -96,6 +98,14 @@ class Grid:
         for name, row in zip(self.rows, values):
             lines.append(f"{name:>{label}}" + "".join(f" {v:>{width}.4f}" for v in row))
         return "\n".join(lines)
+
+
+def _position(names: tuple[str, ...], name: Any, side: str) -> int:
+    try:
+        return names.index(name)
+    except ValueError:
+        raise KeyError(f"{name!r} is not a {side} layer of this grid; {side} layers: "
+                       f"{', '.join(map(repr, names))}") from None
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -168,13 +178,6 @@ def _named(acts: Any, arg: str) -> tuple[list[str], list[Any]]:
     if not arrays:
         raise ValueError(f"{arg}: no layers given (an empty {type(acts).__name__})")
     return names, arrays
-
-
-def _layers(acts: Any, arg: str, check_finite: bool) -> tuple[list[str], list[Array]]:
-    names, arrays = _named(acts, arg)
-    layers = _v.layers({f"{arg}[{k!r}]": a for k, a in zip(names, arrays)},
-                       check_finite_values=check_finite)
-    return names, list(layers.values())
 
 
 def _reduced_layers(acts_a: Any, acts_b: Any, reduce: dict[str, Any], check_finite: bool,
@@ -415,12 +418,14 @@ def minibatch_cka_init(num_a: int, num_b: int | None = None, *, dtype: Any = Non
                              jnp.zeros(num_b, dtype), jnp.zeros((), dtype))
 
 
-def _batch_layers(batch: Any, arg: str, expected: int, check_finite: bool) -> list[Array]:
-    names, layers = _layers(batch, arg, check_finite)
-    if len(layers) != expected:
+def _batch_layers(batch: Any, arg: str, expected: int, check_finite: bool
+                  ) -> dict[str, Array]:
+    names, arrays = _named(batch, arg)
+    if len(arrays) != expected:
         raise ValueError(f"{arg}: the state has {expected} layer(s) on this side but the batch "
-                         f"has {len(layers)}")
-    return layers
+                         f"has {len(arrays)}")
+    return _v.layers({f"{arg}[{k!r}]": a for k, a in zip(names, arrays)},
+                     check_finite_values=check_finite)
 
 
 @functools.partial(jax.jit, static_argnames=("axis_name",))
@@ -461,17 +466,16 @@ def minibatch_cka_update(state: MinibatchCKAState, batch_acts_a: Any, batch_acts
       The new state.
     """
     num_a, num_b = state.cross.shape
-    layers_a = _batch_layers(batch_acts_a, "batch_acts_a", num_a, check_finite)
-    layers_b = None
+    named = _batch_layers(batch_acts_a, "batch_acts_a", num_a, check_finite)
     if batch_acts_b is not None:
-        layers_b = _batch_layers(batch_acts_b, "batch_acts_b", num_b, check_finite)
+        named_b = _batch_layers(batch_acts_b, "batch_acts_b", num_b, check_finite)
     elif num_a != num_b:
         raise ValueError(f"batch_acts_b: missing, but the state compares {num_a} row layers "
                          f"with {num_b} column layers")
-    named = {f"batch_acts_a[{i}]": a for i, a in enumerate(layers_a)}
-    named.update({f"batch_acts_b[{i}]": b for i, b in enumerate(layers_b or [])})
-    _v.same_n(named, min_n=4, why=" per minibatch for the unbiased HSIC estimator")
-    return _minibatch_update(state, layers_a, layers_b, axis_name)
+    _v.same_n({**named, **(named_b if batch_acts_b is not None else {})}, min_n=4,
+              why=" per minibatch for the unbiased HSIC estimator")
+    layers_b = None if batch_acts_b is None else list(named_b.values())
+    return _minibatch_update(state, list(named.values()), layers_b, axis_name)
 
 
 def minibatch_cka_result(state: MinibatchCKAState, *, rows: Sequence[str] | None = None,
@@ -485,6 +489,9 @@ def minibatch_cka_result(state: MinibatchCKAState, *, rows: Sequence[str] | None
       :class:`Grid` of shape ``(num_a, num_b)`` (names default to "0", "1", ...).
     """
     num_a, num_b = state.cross.shape
+    if not _v._is_tracer(state.count) and float(state.count) == 0:
+        raise ValueError("state: no minibatch has been added yet (count is 0); call "
+                         "minibatch_cka_update(state, batch_acts_a, batch_acts_b) first")
     values = _normalise(state.cross, state.self_a, state.self_b)
     rows = tuple(rows) if rows is not None else tuple(str(i) for i in range(num_a))
     cols = tuple(cols) if cols is not None else tuple(str(i) for i in range(num_b))

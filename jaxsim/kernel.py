@@ -16,6 +16,7 @@ References:
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -112,7 +113,18 @@ def _center_gram(k: Array, unbiased: bool) -> Array:
     return _u_center(k) if unbiased else _double_center(k)
 
 
-def center_gram(gram: Any, *, unbiased: bool = False, check_finite: bool = True) -> Array:
+def _debiased(debiased: bool, unbiased: bool | None, fn: str) -> bool:
+    """The one name for the unbiased estimator is ``debiased``; ``unbiased`` (this module's
+    first name for it) still works, with a DeprecationWarning."""
+    if unbiased is None:
+        return bool(debiased)
+    warnings.warn(f"{fn}(unbiased=...) is deprecated; use {fn}(debiased=...), the name every "
+                  "other jaxsim function uses", DeprecationWarning, stacklevel=3)
+    return bool(unbiased)
+
+
+def center_gram(gram: Any, *, debiased: bool = False, unbiased: bool | None = None,
+                check_finite: bool = True) -> Array:
     r"""Centers a Gram matrix.
 
     Biased: :math:`H K H` with :math:`H = I - \frac{1}{n} 1 1^\top`.
@@ -126,10 +138,12 @@ def center_gram(gram: Any, *, unbiased: bool = False, check_finite: bool = True)
 
     Args:
       gram: ``(n, n)`` symmetric matrix.
-      unbiased: U-center instead of double-center (needs n >= 4).
+      debiased: U-center instead of double-center (needs n >= 4).
+      unbiased: deprecated alias of ``debiased``.
     Returns:
       ``(n, n)`` centered matrix.
     """
+    unbiased = _debiased(debiased, unbiased, "center_gram")
     k = _v.gram(gram, "gram")
     _v.finite({"gram": gram}, check_finite)
     _v.same_n({"gram": k}, min_n=4 if unbiased else 1, why=_UNBIASED_WHY if unbiased else "")
@@ -146,7 +160,8 @@ def _hsic(k: Array, l: Array, unbiased: bool) -> Array:
     return jnp.vdot(kc, lc) / _hsic_scale(k.shape[0], unbiased)
 
 
-def hsic(gram_x: Any, gram_y: Any, *, unbiased: bool = False, check_finite: bool = True) -> Array:
+def hsic(gram_x: Any, gram_y: Any, *, debiased: bool = False, unbiased: bool | None = None,
+         check_finite: bool = True) -> Array:
     r"""Hilbert-Schmidt independence criterion of two Gram matrices.
 
     Biased: :math:`\mathrm{tr}(K H L H) / (n-1)^2`. Unbiased (Song et al. 2012; Nguyen et
@@ -160,10 +175,12 @@ def hsic(gram_x: Any, gram_y: Any, *, unbiased: bool = False, check_finite: bool
 
     Args:
       gram_x, gram_y: ``(n, n)`` Gram matrices of the same n examples.
-      unbiased: the unbiased estimator (n >= 4).
+      debiased: the unbiased estimator (n >= 4).
+      unbiased: deprecated alias of ``debiased``.
     Returns:
       Scalar array.
     """
+    unbiased = _debiased(debiased, unbiased, "hsic")
     k, l = _v.gram_pair(gram_x, gram_y, min_n=4 if unbiased else 2,
                         why=_UNBIASED_WHY if unbiased else "", check_finite=check_finite)
     return _hsic(k, l, unbiased)

@@ -57,3 +57,13 @@ def test_grid_reductions(x64, rng):
         jaxsim.similarity_grid(a, reduce="flatten", subsample=0.5)
     with pytest.raises(ValueError, match=r"reduce: expected one of 'flatten', 'average', 'resize'"):
         jaxsim.similarity_grid(a, reduce="max")
+    # a dense layer among conv layers: the message says why, not "n mismatch"
+    mixed = dict(b, fc=rng.normal(size=(10, 7)))
+    for how in ("resize", "flatten"):
+        with pytest.raises(ValueError, match=rf"reduce='{how}': makes every spatial position.*"
+                                             r"not \(n, h, w, c\): acts_a\['fc'\] \(10, 7\); use "
+                                             r"reduce='average'"):
+            jaxsim.similarity_grid(mixed, reduce=how)
+    avg = jaxsim.similarity_grid(mixed, reduce="average")
+    np.testing.assert_allclose(avg["c1", "fc"], np_linear_cka(a["c1"].mean((1, 2)), mixed["fc"]),
+                               rtol=1e-10)

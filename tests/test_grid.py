@@ -111,6 +111,11 @@ def test_grid_save_load_and_repr(x64, rng, tmp_path):
     assert np.asarray(grid).shape == (4, 4)
     doubled = jax.tree.map(lambda v: 2 * v, grid)  # a pytree: names ride along
     assert doubled.rows == grid.rows
+    with pytest.raises(KeyError, match=r"'nope' is not a row layer of this grid; row layers: "
+                                       r"'layer0', 'layer1', 'layer2', 'layer3'"):
+        grid["nope", "layer0"]
+    with pytest.raises(KeyError, match=r"'x' is not a column layer"):
+        grid["layer0", "x"]
 
 
 def test_grid_errors(rng):
@@ -221,6 +226,8 @@ def test_minibatch_errors(rng):
         jaxsim.minibatch_cka_update(state, [x[:3] for x in a], [x[:3] for x in a[:2]])
     with pytest.raises(ValueError, match=r"num_a: expected a positive number of layers, got 0"):
         jaxsim.minibatch_cka_init(0)
+    with pytest.raises(ValueError, match=r"state: no minibatch has been added yet"):
+        jaxsim.minibatch_cka_result(state)
 
 
 SHARDED = textwrap.dedent("""

@@ -70,17 +70,28 @@ def test_center_gram(x64, rng):
     h = np_centering(30)
     np.testing.assert_allclose(jaxsim.center_gram(k), h @ k @ h, atol=1e-10)
     # U-centred inner products give the unbiased HSIC; U-centred rows sum to 0.
-    ku = np.asarray(jaxsim.center_gram(k, unbiased=True))
+    ku = np.asarray(jaxsim.center_gram(k, debiased=True))
     np.testing.assert_allclose(np.diag(ku), 0, atol=1e-12)
     np.testing.assert_allclose(ku.sum(0), 0, atol=1e-9)
 
 
-@pytest.mark.parametrize("unbiased", [False, True])
-def test_hsic(x64, rng, unbiased):
+@pytest.mark.parametrize("debiased", [False, True])
+def test_hsic(x64, rng, debiased):
     x, y = related(rng, n=50)
     k, l = x @ x.T, np_gram_rbf(y)
-    ref = np_hsic_unbiased(k, l) if unbiased else np_hsic_biased(k, l)
-    np.testing.assert_allclose(jaxsim.hsic(k, l, unbiased=unbiased), ref, rtol=1e-9)
+    ref = np_hsic_unbiased(k, l) if debiased else np_hsic_biased(k, l)
+    np.testing.assert_allclose(jaxsim.hsic(k, l, debiased=debiased), ref, rtol=1e-9)
+
+
+def test_unbiased_is_a_deprecated_alias_of_debiased(x64, rng):
+    x, y = related(rng, n=20)
+    k, l = x @ x.T, y @ y.T
+    with pytest.warns(DeprecationWarning, match=r"hsic\(unbiased=...\) is deprecated; use hsic\(debiased=...\)"):
+        old = jaxsim.hsic(k, l, unbiased=True)
+    np.testing.assert_array_equal(old, jaxsim.hsic(k, l, debiased=True))
+    with pytest.warns(DeprecationWarning, match=r"center_gram\(unbiased=...\)"):
+        old = jaxsim.center_gram(k, unbiased=True)
+    np.testing.assert_array_equal(old, jaxsim.center_gram(k, debiased=True))
 
 
 @pytest.mark.parametrize("debiased", [False, True])
@@ -226,7 +237,7 @@ def test_errors(rng):
     with pytest.raises(ValueError, match=r"need at least 4 examples for the unbiased HSIC.*n=3"):
         jaxsim.linear_cka(x[:3], x[:3], debiased=True)
     with pytest.raises(ValueError, match=r"need at least 4 examples.*n=3"):
-        jaxsim.hsic(np.eye(3), np.eye(3), unbiased=True)
+        jaxsim.hsic(np.eye(3), np.eye(3), debiased=True)
     bad = x.copy()
     bad[2, 1] = np.nan
     with pytest.raises(ValueError, match=r"x: contains 1 non-finite value.*shape \(10, 3\)"):
