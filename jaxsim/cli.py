@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import sys
 from typing import Sequence
 
 import numpy as np
 
+from jaxsim._progress import bar
 from jaxsim.grid import METRICS
 
 _EPILOG = f"""metrics: {', '.join(sorted(METRICS))}
@@ -18,10 +20,23 @@ example:
 each .npz holds one array per layer, axis 0 indexing the same examples in every file."""
 
 
+_DEFAULT_OUT = "grid.npz"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jaxsim")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxsim", description="Layer-by-layer similarity of neural-network representations.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"jaxsim {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("grid", help="compare every layer of A with every layer of B (or A)",
                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("b", nargs="?", help="npz file of the column layers (default: a self-grid of A)")
     g.add_argument("--metric", default="linear_cka", choices=sorted(METRICS),
                    help="similarity measure (default linear_cka)")
-    g.add_argument("--out", default="grid.npz", help="output .npz (values, rows, cols, metric)")
+    g.add_argument("--out", help=f"output .npz (values, rows, cols, metric); default "
+                                 f"{_DEFAULT_OUT}, which is never overwritten unless named here")
     g.add_argument("--plot", help="also save a heatmap (.png or .pdf)")
     g.add_argument("--batch-size", type=int,
                    help="minibatch CKA over batches of this many examples (linear CKA only; "
@@ -48,8 +64,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(path: str) -> dict[str, np.ndarray]:
-    with np.load(path) as f:
-        return {k: f[k] for k in f.files}
+    try:
+        with np.load(path) as f:
+            layers = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+        raise ValueError(f"cannot read {path}: {reason}") from None
+    if not layers:
+        raise ValueError(f"{path}: holds no arrays (expected one array per layer)")
+    return layers
 
 
 def _options(args: argparse.Namespace) -> dict:
@@ -80,12 +103,7 @@ def _minibatch(a: dict, b: dict | None, batch_size: int):
         raise SystemExit("jaxsim: --batch-size must be at least 4 (unbiased HSIC)")
     state = jaxsim.minibatch_cka_init(len(a), None if b is None else len(b))
     starts = range(0, n - batch_size + 1, batch_size)  # equal batches: the paper's estimator
-    try:
-        from tqdm.auto import tqdm
-        starts = tqdm(starts, desc="minibatch CKA", leave=False)
-    except ImportError:
-        pass
-    for s in starts:
+    for s in bar(starts, True, len(starts), "minibatch CKA"):
         part_a = [v[s:s + batch_size] for v in a.values()]
         part_b = None if b is None else [v[s:s + batch_size] for v in b.values()]
         state = jaxsim.minibatch_cka_update(state, part_a, part_b)
@@ -94,14 +112,20 @@ def _minibatch(a: dict, b: dict | None, batch_size: int):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    out = args.out or _DEFAULT_OUT
+    out = out if out.endswith(".npz") else out + ".npz"  # what numpy writes
+    if args.out is None and os.path.exists(out):
+        print(f"jaxsim: {out} exists; pass --out PATH to choose the output file (naming an "
+              "existing file there overwrites it)", file=sys.stderr)
+        return 2
     if args.x64:
         import jax
         jax.config.update("jax_enable_x64", True)
     import jaxsim
 
-    a = _load(args.a)
-    b = _load(args.b) if args.b else None
     try:
+        a = _load(args.a)
+        b = _load(args.b) if args.b else None
         if args.batch_size:
             if args.metric not in ("linear_cka", "cka"):
                 raise ValueError("--batch-size: minibatch streaming is linear CKA only")
@@ -111,13 +135,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError) as err:
         print(f"jaxsim: {err}", file=sys.stderr)
         return 2
-    grid.save(args.out)
+    grid.save(out)
     print(grid)
-    print(f"saved {args.out}")
+    print(f"saved {out}")
     if args.plot:
         from jaxsim.plot import heatmap
 
-        heatmap(grid).savefig(args.plot, dpi=150)
+        try:
+            heatmap(grid).savefig(args.plot)
+        except (ValueError, OSError) as err:
+            print(f"jaxsim: --plot {args.plot}: {err}", file=sys.stderr)
+            return 2
         print(f"saved {args.plot}")
     return 0
 

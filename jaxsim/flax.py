@@ -346,8 +346,8 @@ def _record(acts: dict[str, Array], names: list[str]) -> dict[str, Array]:
 def minibatch_grid(model_a: Any, batches: Iterable[Any], model_b: Any = None, *,
                    filter: Filter = None, filter_b: Filter = None, progress: bool = True,
                    total: int | None = None, state: _grid.MinibatchCKAState | None = None,
-                   return_state: bool = False, apply_kwargs: dict | None = None,
-                   **more_apply_kwargs: Any) -> Any:
+                   return_state: bool = False, labels: tuple[str, str] | None = None,
+                   apply_kwargs: dict | None = None, **more_apply_kwargs: Any) -> Any:
     """Minibatch CKA grid of one model's layers (or two models') over a stream of batches.
 
     Each batch is one jitted step: forward pass(es), capture and
@@ -369,6 +369,7 @@ def minibatch_grid(model_a: Any, batches: Iterable[Any], model_b: Any = None, *,
       state: a state from an earlier call (``return_state=True``), possibly saved and
         restored with numpy: the stream resumes where it stopped.
       return_state: also return the state, to resume or combine later.
+      labels: names of the two models for figures; default ``("model_a", "model_b")``.
       apply_kwargs, **more_apply_kwargs: keyword arguments for linen's ``apply``, as a
         dict or directly (``train=False``).
     Returns:
@@ -419,7 +420,9 @@ def minibatch_grid(model_a: Any, batches: Iterable[Any], model_b: Any = None, *,
         jax.block_until_ready(previous)
     if rows is None:
         raise ValueError("batches: the iterable yielded no batch with at least 4 examples")
-    grid = _grid.minibatch_cka_result(state, rows=rows, cols=cols)
+    default = ("model_a", "model_a" if model_b is None else "model_b")
+    grid = _grid.minibatch_cka_result(state, rows=rows, cols=cols,
+                                      labels=default if labels is None else labels)
     return (grid, state) if return_state else grid
 
 

@@ -41,7 +41,7 @@ TRACE_COUNT: collections.Counter = collections.Counter()
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["values"],
-                   meta_fields=["rows", "cols", "metric"])
+                   meta_fields=["rows", "cols", "metric", "row_label", "col_label"])
 @dataclasses.dataclass(frozen=True)
 class Grid:
     """Similarity of every row layer with every column layer (a pytree).
@@ -52,12 +52,16 @@ class Grid:
       rows: names of the row layers.
       cols: names of the column layers.
       metric: the measure's name.
+      row_label, col_label: what the row and column layers belong to (a model's name; by
+        default the argument they came from), for titles and axis labels.
     """
 
     values: Array
     rows: tuple[str, ...]
     cols: tuple[str, ...]
     metric: str = ""
+    row_label: str = ""
+    col_label: str = ""
 
     def to_numpy(self) -> np.ndarray:
         return np.asarray(self.values)
@@ -76,16 +80,22 @@ class Grid:
         return self.values[_position(self.rows, key[0], "row"),
                            _position(self.cols, key[1], "column")]
 
-    def save(self, path: str) -> None:
-        """Writes ``values``, ``rows``, ``cols`` and ``metric`` to an ``.npz`` file."""
+    def save(self, path: str) -> str:
+        """Writes the grid (values, names, metric, labels) to an ``.npz`` file; returns the
+        path written (numpy adds ``.npz`` when it is missing)."""
+        path = str(path)
+        path = path if path.endswith(".npz") else path + ".npz"
         np.savez(path, values=self.to_numpy(), rows=np.array(self.rows, dtype=str),
-                 cols=np.array(self.cols, dtype=str), metric=np.array(self.metric))
+                 cols=np.array(self.cols, dtype=str), metric=np.array(self.metric),
+                 labels=np.array([self.row_label, self.col_label], dtype=str))
+        return path
 
     @classmethod
     def load(cls, path: str) -> "Grid":
         with np.load(path) as f:
+            labels = [str(v) for v in f["labels"]] if "labels" in f.files else ["", ""]
             return cls(jnp.asarray(f["values"]), tuple(str(r) for r in f["rows"]),
-                       tuple(str(c) for c in f["cols"]), str(f["metric"]))
+                       tuple(str(c) for c in f["cols"]), str(f["metric"]), *labels)
 
     def __repr__(self) -> str:
         values = self.to_numpy()
@@ -321,7 +331,8 @@ def _generic_grid(measure: Measure, sa: Sequence[Any], sb: Sequence[Any], self_g
 
 
 def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_cka",
-                    batch_size: int = 8, check_finite: bool = True, **options: Any) -> Grid:
+                    batch_size: int = 8, check_finite: bool = True,
+                    labels: tuple[str, str] | None = None, **options: Any) -> Grid:
     r"""Similarity of every layer of ``acts_a`` with every layer of ``acts_b``.
 
     Args:
@@ -337,6 +348,8 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
       batch_size: pairs evaluated together by measures without a single-product grid
         (``jax.lax.map`` chunking); lower it if memory is short.
       check_finite: raise on NaN/inf in any layer.
+      labels: names of the two sides (e.g. ``("seed 0", "seed 1")``) for figures; default
+        ``("acts_a", "acts_b")``.
       **options: the metric's own keyword options (``debiased``, ``threshold``,
         ``epsilon``, ``keep_dims``, ``keep_variance``); for linear CKA ``method``:
         ``"auto"`` (the cheaper of the Gram and feature routes for the whole grid, see
@@ -387,7 +400,16 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
         sa = _prepare_all(measure, layers_a)
         sb = sa if self_grid else _prepare_all(measure, layers_b)
         values = jnp.asarray(_generic_grid(measure, sa, sb, self_grid, batch_size), dtype)
-    return Grid(values, tuple(rows), tuple(cols), name)
+    row_label, col_label = _labels(labels, self_grid, ("acts_a", "acts_b"))
+    return Grid(values, tuple(rows), tuple(cols), name, row_label, col_label)
+
+
+def _labels(labels: Any, self_grid: bool, default: tuple[str, str]) -> tuple[str, str]:
+    if labels is None:
+        return (default[0], default[0]) if self_grid else default
+    if isinstance(labels, str) or len(labels) != 2:
+        raise TypeError(f"labels: expected two names (rows, columns), got {labels!r}")
+    return str(labels[0]), str(labels[1])
 
 
 # ------------------------------------------------------------------ minibatch CKA
@@ -479,7 +501,8 @@ def minibatch_cka_update(state: MinibatchCKAState, batch_acts_a: Any, batch_acts
 
 
 def minibatch_cka_result(state: MinibatchCKAState, *, rows: Sequence[str] | None = None,
-                         cols: Sequence[str] | None = None) -> Grid:
+                         cols: Sequence[str] | None = None,
+                         labels: tuple[str, str] | None = None) -> Grid:
     r"""Minibatch CKA from a state:
 
     .. math:: \mathrm{CKA}_{mb}(a, b) = \frac{\frac1k \sum_i \mathrm{HSIC}_1(K_i, L_i)}
@@ -495,4 +518,5 @@ def minibatch_cka_result(state: MinibatchCKAState, *, rows: Sequence[str] | None
     values = _normalise(state.cross, state.self_a, state.self_b)
     rows = tuple(rows) if rows is not None else tuple(str(i) for i in range(num_a))
     cols = tuple(cols) if cols is not None else tuple(str(i) for i in range(num_b))
-    return Grid(values, rows, cols, "minibatch_cka")
+    return Grid(values, rows, cols, "minibatch_cka",
+                *_labels(labels, False, ("batch_acts_a", "batch_acts_b")))

@@ -13,12 +13,32 @@ import numpy as np
 from jaxsim.grid import Grid
 
 
+# how each measure is written in titles and colour bars
+NAMES = {
+    "linear_cka": "linear CKA", "cka": "linear CKA", "rbf_cka": "RBF CKA",
+    "minibatch_cka": "linear CKA (minibatch)", "mean_cca": "mean CCA", "svcca": "SVCCA",
+    "pwcca": "PWCCA", "procrustes": "Procrustes similarity", "rsa": "RSA",
+    "mutual_knn": "mutual kNN", "linear_predictivity": "linear predictivity (R\u00b2)",
+}
+
+_DPI = 150
+
+
 def _figure(figsize: tuple[float, float]) -> Any:
     try:
         from matplotlib.figure import Figure
     except ImportError:  # pragma: no cover - depends on the environment
         raise ImportError('jaxsim.plot needs matplotlib: pip install "jaxsim[plot]"') from None
-    return Figure(figsize=figsize, layout="constrained")
+    return Figure(figsize=figsize, dpi=_DPI, layout="constrained")
+
+
+def measure_name(grid: Grid) -> str:
+    """The grid's measure as a reader would write it ("linear CKA", "PWCCA", ...)."""
+    return NAMES.get(grid.metric, grid.metric or "similarity")
+
+
+def _side(label: str) -> str:
+    return f"layer of {label}" if label else "layer"
 
 
 def _draw(ax: Any, grid: Grid, vmin: float, vmax: float, cmap: str, annotate: bool | None,
@@ -50,21 +70,29 @@ def heatmap(grid: Grid, *, title: str | None = None, vmin: float = 0.0, vmax: fl
 
     Args:
       grid: from :func:`jaxsim.similarity_grid` or :func:`jaxsim.minibatch_cka_result`.
-      title: defaults to the metric's name.
+      title: default: the measure and what is compared, e.g. "linear CKA: layers of seed 0
+        vs seed 1" (from the grid's metric and labels).
       vmin, vmax: colour scale.
       annotate: write each value in its cell (default: grids of at most 12 x 12).
+      xlabel, ylabel: default "layer of <label>", from the grid's column and row labels.
+      figsize: inches; the default fits the grid and is at least 5 x 4.2 (750 x 630
+        pixels at the figure's 150 dpi), legible in a paper at column width.
     Returns:
       A matplotlib Figure.
     """
     rows, cols = grid.shape
-    fig = _figure(figsize or (max(3.5, 0.35 * cols + 2), max(3.0, 0.35 * rows + 1.5)))
+    fig = _figure(figsize or (max(5.0, 0.32 * cols + 2.6), max(4.2, 0.32 * rows + 2.0)))
     ax = fig.add_subplot()
     image = _draw(ax, grid, vmin, vmax, cmap, annotate, labels=True)
-    ax.set_title(title if title is not None else grid.metric)
-    ax.set_xlabel(xlabel or "layer")
-    ax.set_ylabel(ylabel or "layer")
+    if title is None:
+        pair = (grid.row_label if grid.row_label == grid.col_label
+                else f"{grid.row_label or 'rows'} vs {grid.col_label or 'columns'}")
+        title = f"{measure_name(grid)} between layers" + (f" of {pair}" if pair else "")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel or _side(grid.col_label))
+    ax.set_ylabel(ylabel or _side(grid.row_label))
     if colorbar:
-        fig.colorbar(image, ax=ax, shrink=0.8)
+        fig.colorbar(image, ax=ax, shrink=0.85, label=measure_name(grid))
     return fig
 
 
@@ -72,7 +100,8 @@ def heatmap_panel(grids: Mapping[str, Grid], *, shape: tuple[int, int] | None = 
                   title: str | None = None, vmin: float = 0.0, vmax: float = 1.0,
                   cmap: str = "magma", panel_size: float = 2.4) -> Any:
     """Several grids side by side on one colour scale (e.g. depth x width, as in Nguyen et
-    al. 2020's figures); ``grids`` maps panel titles to grids, filled row by row."""
+    al. 2020's figures); ``grids`` maps panel titles to grids, filled row by row. The
+    colour bar is labelled with the first grid's measure."""
     count = len(grids)
     nrows, ncols = shape or (1, count)
     if nrows * ncols < count:
@@ -88,49 +117,71 @@ def heatmap_panel(grids: Mapping[str, Grid], *, shape: tuple[int, int] | None = 
     for ax in list(axes.flat)[count:]:
         ax.axis("off")
     if image is not None:
-        fig.colorbar(image, ax=axes, shrink=0.8)
+        fig.colorbar(image, ax=axes, shrink=0.8, label=measure_name(next(iter(grids.values()))))
     if title:
         fig.suptitle(title)
     return fig
 
 
 def alignment(grid: Grid, *, top_k: int | None = 3, threshold: float | None = None,
-              title: str | None = None, figsize: tuple[float, float] | None = None) -> Any:
+              title: str | None = None, cmap: str = "viridis",
+              figsize: tuple[float, float] | None = None) -> Any:
     """Two columns of layers (rows on the left, columns on the right) joined by lines whose
-    width and opacity grow with similarity, as lucid's model-alignment picture.
+    width and colour grow with similarity, as lucid's model-alignment picture.
+
+    Each left layer is joined to its ``top_k`` most similar right layers, and each right
+    layer to its most similar left layer, so no layer is left without a line. Widths and
+    colours span the range of the values drawn (a colour bar shows the scale), so 0.6 and
+    0.98 look different.
 
     Args:
-      grid: any grid; values are taken as similarities in [0, 1].
-      top_k: for each left layer, draw only its ``top_k`` most similar right layers
-        (None: all).
-      threshold: draw only pairs at least this similar.
+      grid: any grid; values are taken as similarities (larger: more similar).
+      top_k: lines per left layer (None: all pairs).
+      threshold: draw only pairs at least this similar (may leave layers unjoined).
+      title: default: the measure and the two labels.
+      cmap: colour map of the lines.
     Returns:
       A matplotlib Figure.
     """
-    values = np.clip(grid.to_numpy(), 0, 1)
+    import matplotlib
+    from matplotlib import cm, colors
+
+    values = grid.to_numpy()
     rows, cols = values.shape
-    height = max(rows, cols)
-    fig = _figure(figsize or (5, max(3, 0.3 * height + 1)))
-    ax = fig.add_subplot()
-    y_left = np.linspace(height - 1, 0, rows) if rows > 1 else np.array([height / 2])
-    y_right = np.linspace(height - 1, 0, cols) if cols > 1 else np.array([height / 2])
+    pairs = set()
     for i in range(rows):
-        order = np.argsort(-values[i])
-        keep = order if top_k is None else order[:top_k]
-        for j in keep:
-            v = values[i, j]
-            if threshold is not None and v < threshold:
-                continue
-            ax.plot([0, 1], [y_left[i], y_right[j]], color="tab:blue", linewidth=0.5 + 4 * v,
-                    alpha=0.15 + 0.85 * v, solid_capstyle="round")
+        order = np.argsort(-values[i], kind="stable")
+        pairs.update((i, int(j)) for j in (order if top_k is None else order[:top_k]))
+    pairs.update((int(np.argmax(values[:, j])), j) for j in range(cols))
+    if threshold is not None:
+        pairs = {(i, j) for i, j in pairs if values[i, j] >= threshold}
+    drawn = np.array([values[i, j] for i, j in pairs]) if pairs else np.zeros(1)
+    lo, hi = float(drawn.min()), float(drawn.max())
+    norm = colors.Normalize(lo, hi if hi > lo else lo + 1e-9)
+    colormap = matplotlib.colormaps[cmap]
+    height = max(rows, cols)
+    fig = _figure(figsize or (6.0, max(3.5, 0.32 * height + 1.4)))
+    ax = fig.add_subplot()
+    y_left = np.linspace(height - 1, 0, rows) if rows > 1 else np.array([(height - 1) / 2])
+    y_right = np.linspace(height - 1, 0, cols) if cols > 1 else np.array([(height - 1) / 2])
+    for i, j in sorted(pairs, key=lambda p: values[p]):  # strongest drawn last, on top
+        t = float(norm(values[i, j]))
+        ax.plot([0, 1], [y_left[i], y_right[j]], color=colormap(t), linewidth=0.6 + 5.4 * t,
+                solid_capstyle="round")
     for y, name in zip(y_left, grid.rows):
         ax.text(-0.03, y, name, ha="right", va="center", fontsize=8)
     for y, name in zip(y_right, grid.cols):
         ax.text(1.03, y, name, ha="left", va="center", fontsize=8)
+    ax.text(-0.03, height - 0.2, grid.row_label or "rows", ha="right", va="bottom",
+            fontsize=9, fontweight="bold")
+    ax.text(1.03, height - 0.2, grid.col_label or "columns", ha="left", va="bottom",
+            fontsize=9, fontweight="bold")
     ax.set_xlim(-0.6, 1.6)
-    ax.set_ylim(-1, height)
+    ax.set_ylim(-1, height + 0.5)
     ax.axis("off")
-    ax.set_title(title if title is not None else f"{grid.metric} alignment")
+    fig.colorbar(cm.ScalarMappable(norm=norm, cmap=colormap), ax=ax, shrink=0.7,
+                 label=measure_name(grid))
+    ax.set_title(title if title is not None else f"{measure_name(grid)} alignment", fontsize=10)
     return fig
 
 
@@ -138,7 +189,7 @@ def line(xs: Sequence[float], series: Mapping[str, Sequence[float]], *, xlabel: 
          ylabel: str, title: str = "", logx: bool = False, dashed: Sequence[str] = ()) -> Any:
     """A small line plot of named series (used by the experiment scripts); the series named
     in ``dashed`` (baselines) are drawn dashed."""
-    fig = _figure((5, 3.5))
+    fig = _figure((5.5, 3.8))
     ax = fig.add_subplot()
     xs = list(xs)
     for name, ys in series.items():

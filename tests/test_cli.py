@@ -58,3 +58,37 @@ def test_help_lists_metrics():
                          capture_output=True, text=True, check=True).stdout
     for name in ("linear_cka", "rbf_cka", "mean_cca", "svcca", "pwcca"):
         assert name in out
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "jaxsim.cli", *args], capture_output=True,
+                          text=True, cwd=cwd)
+
+
+def test_failures_are_one_line_and_nothing_is_overwritten(tmp_path, rng):
+    out = run_cli("grid", "missing.npz", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == "jaxsim: cannot read missing.npz: No such file or directory"
+    (tmp_path / "junk.npz").write_text("not an npz")
+    out = run_cli("grid", "junk.npz", cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.startswith("jaxsim: cannot read junk.npz")
+    assert len(out.stderr.strip().splitlines()) == 1
+
+    write(tmp_path / "a.npz", rng, (4, 6))
+    first = run_cli("grid", "a.npz", cwd=tmp_path)
+    assert first.returncode == 0 and "saved grid.npz" in first.stdout
+    before = (tmp_path / "grid.npz").read_bytes()
+    again = run_cli("grid", "a.npz", "--metric", "svcca", cwd=tmp_path)
+    assert again.returncode == 2
+    assert again.stderr.strip().startswith("jaxsim: grid.npz exists; pass --out PATH")
+    assert (tmp_path / "grid.npz").read_bytes() == before
+    # an explicit --out may overwrite; the message names the file numpy really wrote
+    named = run_cli("grid", "a.npz", "--out", "result", cwd=tmp_path)
+    assert named.returncode == 0 and "saved result.npz" in named.stdout
+    assert (tmp_path / "result.npz").exists()
+
+
+def test_version():
+    out = subprocess.run([sys.executable, "-m", "jaxsim.cli", "--version"], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == f"jaxsim {jaxsim.__version__}"

@@ -1,14 +1,16 @@
 """Figures from grids."""
 
 
+import numpy as np
+
 import jaxsim
 from jaxsim.plot import alignment, heatmap, heatmap_panel, line
 
 
-def grid(rng, rows=4, cols=3):
+def grid(rng, rows=4, cols=3, labels=("seed 0", "seed 1")):
     v = rng.uniform(size=(rows, cols))
     return jaxsim.Grid(v, tuple(f"r{i}" for i in range(rows)), tuple(f"c{j}" for j in range(cols)),
-                       "linear_cka")
+                       "linear_cka", *labels)
 
 
 def test_heatmap_layout_and_files(tmp_path, rng):
@@ -25,12 +27,36 @@ def test_heatmap_layout_and_files(tmp_path, rng):
         assert (tmp_path / f"h.{ext}").stat().st_size > 1000
 
 
+def test_informative_defaults(rng):
+    fig = heatmap(grid(rng))
+    ax = fig.axes[0]
+    assert ax.get_title() == "linear CKA between layers of seed 0 vs seed 1"
+    assert (ax.get_ylabel(), ax.get_xlabel()) == ("layer of seed 0", "layer of seed 1")
+    assert fig.axes[1].get_ylabel() == "linear CKA"  # the colour bar says what it shows
+    width, height = fig.get_size_inches() * fig.dpi
+    assert width >= 700 and height >= 600
+    acts = {"a": rng.normal(size=(20, 3)), "b": rng.normal(size=(20, 4))}
+    own = jaxsim.similarity_grid(acts, metric="svcca", labels=("ResNet", "ResNet"))
+    ax = heatmap(own).axes[0]
+    assert ax.get_title() == "SVCCA between layers of ResNet"
+    assert heatmap(jaxsim.similarity_grid(acts)).axes[0].get_ylabel() == "layer of acts_a"
+
+
 def test_alignment_and_panel(tmp_path, rng):
     g = grid(rng)
-    fig = alignment(g, top_k=2)
-    assert len(fig.axes[0].lines) == 4 * 2
-    widths = sorted(l.get_linewidth() for l in fig.axes[0].lines)
-    assert widths[0] < widths[-1]  # stronger similarity, thicker line
+    g = jaxsim.Grid(np.array([[0.98, 0.6, 0.62], [0.61, 0.97, 0.6], [0.6, 0.63, 0.96],
+                              [0.7, 0.65, 0.9]]), g.rows, g.cols, g.metric, "seed 0", "seed 1")
+    fig = alignment(g, top_k=1)
+    ax = fig.axes[0]
+    # every left layer's best match, and every right layer's: no layer without a line
+    ends = {(round(l.get_ydata()[0], 6), round(l.get_ydata()[1], 6)) for l in ax.lines}
+    assert len(ax.lines) == 4 and len({a for a, _ in ends}) == 4 and len({b for _, b in ends}) == 3
+    widths = sorted(l.get_linewidth() for l in ax.lines)
+    assert widths[-1] > 3 * widths[0]  # 0.7 and 0.98 must look different
+    assert len({l.get_color() for l in ax.lines}) == 4  # colour scales too
+    assert fig.axes[1].get_ylabel() == "linear CKA"  # a colour bar shows the scale
+    texts = [t.get_text() for t in ax.texts]
+    assert "seed 0" in texts and "seed 1" in texts  # the sides are named
     fig.savefig(tmp_path / "a.png")
     panel = heatmap_panel({"x": g, "y": grid(rng, 5, 5), "z": g}, shape=(2, 2))
     panel.savefig(tmp_path / "p.png")
