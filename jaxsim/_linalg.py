@@ -1,20 +1,27 @@
-"""Matrix decompositions that never deadlock XLA's CPU thread pool.
+"""Matrix decompositions with finite derivatives, that never deadlock XLA's CPU pool.
 
-jaxlib 0.10 runs a *batched* LAPACK decomposition (``syevd``, ``gesdd``, ``geqrf``, ...)
-by splitting the batch over XLA's intra-op thread pool and blocking a pool thread until
-the pieces finish (``ParallelBatchMap`` -> ``BlockingCounter::Wait``). When as many such
-calls run at once as the pool has threads (two on a 2-core machine; a ``vmap``-ed
-decomposition inside ``lax.map`` or a while loop is enough), every pool thread waits on
-work queued behind it: the process hangs forever at 0% CPU.
+Two problems of ``jnp.linalg`` are solved here once, for every measure:
 
-On the CPU backend every decomposition here is therefore applied one matrix at a time
-under ``vmap`` (``jax.custom_batching.sequential_vmap``: a loop of unbatched LAPACK
-calls, which run inline). Unbatched calls still run concurrently with other work, and
-newer jaxlibs loop over a batch sequentially anyway, so little speed is lost. Reverse-mode
-differentiation, which ``sequential_vmap`` lacks, comes back through a ``custom_vjp``
-whose backward pass is the decomposition's own VJP, recomputed one matrix at a time. On
-GPU and TPU the decompositions are left batched (the vendors' batched solvers are fast
-and do not share a blocking pool).
+* **Deadlock.** jaxlib 0.10 runs a *batched* LAPACK decomposition (``gesdd``, ``geqrf``,
+  ...) by splitting the batch over XLA's intra-op thread pool and blocking a pool thread
+  until the pieces finish (``ParallelBatchMap`` -> ``BlockingCounter::Wait``). When as
+  many such calls run at once as the pool has threads (two on a 2-core machine; a
+  ``vmap``-ed decomposition inside ``lax.map`` is enough), every pool thread waits on work
+  queued behind it and the process hangs forever at 0% CPU. On the CPU backend each
+  decomposition is therefore applied one matrix at a time under ``vmap``
+  (``jax.custom_batching.sequential_vmap``: a loop of unbatched LAPACK calls, which run
+  inline). Newer jaxlibs loop over a batch sequentially anyway, so little speed is lost;
+  on GPU and TPU the vendors' batched solvers are kept.
+* **Derivatives at degenerate points.** JAX's SVD and QR derivatives divide by
+  differences of singular values and by singular values and diagonals of R, so a
+  zero-variance or rank-deficient layer, or two identical layers (repeated canonical
+  correlations), give NaN gradients. The rules below are JAX's, with those divisions made
+  safe: directions with (numerically) zero singular value, and rotations within a
+  subspace of equal singular values, carry no derivative. Every measure here is
+  invariant to such rotations, and the null directions carry no weight, so the
+  derivative is exact wherever the measure is differentiable and finite everywhere.
+  The decompositions' own primal computation is never differentiated, so reverse mode
+  works through the sequential CPU loop.
 """
 
 from __future__ import annotations
@@ -31,58 +38,91 @@ def _on_cpu() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _one_at_a_time(fn: Callable[[jax.Array], Any]) -> Callable[[jax.Array], Any]:
-    """``fn`` applied matrix by matrix under ``vmap``, differentiable in reverse mode."""
-    seq = jax.custom_batching.sequential_vmap(fn)
-    seq_vjp = jax.custom_batching.sequential_vmap(lambda x, ct: jax.vjp(fn, x)[1](ct)[0])
-
-    @jax.custom_vjp
-    def run(x):
-        return seq(x)
-
-    run.defvjp(lambda x: (seq(x), x), lambda x, ct: (seq_vjp(x, ct),))
-    return run
+def _sequential(fn: Callable[[jax.Array], Any]) -> Callable[[jax.Array], Any]:
+    return jax.custom_batching.sequential_vmap(fn)
 
 
-def _guarded(fn: Callable[[jax.Array], Any], x: jax.Array) -> Any:
-    return _one_at_a_time(fn)(x) if _on_cpu() else fn(x)
-
-
-def _svd_values(x: jax.Array) -> jax.Array:
-    return jnp.linalg.svd(x, compute_uv=False)
+def _primal(fn: Callable[[jax.Array], Any], x: jax.Array) -> Any:
+    return _sequential(fn)(x) if _on_cpu() else fn(x)
 
 
 def _svd_thin(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return tuple(jnp.linalg.svd(x, full_matrices=False))
 
 
-def _svd_full(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    return tuple(jnp.linalg.svd(x, full_matrices=True))
-
-
-def _eigh(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return tuple(jnp.linalg.eigh(x))
-
-
-def _qr(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _qr_reduced(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return tuple(jnp.linalg.qr(x))
 
 
+def _tolerance(s_max: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """numpy's matrix_rank cut-off: size times the dtype's resolution, relative to the
+    largest singular value."""
+    return s_max * max(shape[-2:]) * jnp.finfo(dtype).eps
+
+
+def _safe_inverse(v: jax.Array, tol: jax.Array) -> jax.Array:
+    live = jnp.abs(v) > tol
+    return jnp.where(live, 1 / jnp.where(live, v, 1), 0)
+
+
+@jax.custom_jvp
+def svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Thin SVD ``(u, s, vh)`` of a real matrix (see the module docstring)."""
+    return _primal(_svd_thin, x)
+
+
+@svd.defjvp
+def _svd_jvp(primals, tangents):
+    (a,), (da,) = primals, tangents
+    u, s, vh = svd(a)
+    v = vh.T
+    m, n = a.shape
+    ds_mat = u.T @ da @ v
+    ds = jnp.diagonal(ds_mat)
+    tol = _tolerance(s[0], a.shape, a.dtype)
+    s_inv = _safe_inverse(s, tol)
+    # F_ij = 1 / (s_j^2 - s_i^2), 0 on the diagonal and between (numerically) equal values
+    diffs = (s[None, :] + s[:, None]) * (s[None, :] - s[:, None])
+    f = _safe_inverse(diffs, 2 * tol * s[0])
+    dss = ds_mat * s[None, :]
+    sds = s[:, None] * ds_mat
+    du = u @ (f * (dss + dss.T))
+    dv = v @ (f * (sds + sds.T))
+    if m > n:
+        dav = da @ v
+        du = du + (dav - u @ (u.T @ dav)) * s_inv[None, :]
+    if n > m:
+        dau = da.T @ u
+        dv = dv + (dau - v @ (v.T @ dau)) * s_inv[None, :]
+    return (u, s, vh), (du, ds, dv.T)
+
+
 def singular_values(x: jax.Array) -> jax.Array:
-    """``jnp.linalg.svd(x, compute_uv=False)``, safe under ``vmap`` on CPU."""
-    return _guarded(_svd_values, x)
+    """Singular values, descending (their derivative ``diag(u^T dx v)`` is always finite)."""
+    return svd(x)[1]
 
 
-def svd(x: jax.Array, *, full_matrices: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """SVD ``(u, s, vh)`` (thin by default), safe under ``vmap`` on CPU."""
-    return _guarded(_svd_full if full_matrices else _svd_thin, x)
-
-
-def eigh(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``jnp.linalg.eigh``, safe under ``vmap`` on CPU."""
-    return _guarded(_eigh, x)
-
-
+@jax.custom_jvp
 def qr(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Reduced QR, safe under ``vmap`` on CPU."""
-    return _guarded(_qr, x)
+    """Reduced QR of a tall real matrix (see the module docstring)."""
+    return _primal(_qr_reduced, x)
+
+
+@qr.defjvp
+def _qr_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    q, r = qr(x)
+    diag = jnp.diagonal(r)
+    tol = _tolerance(jnp.max(jnp.abs(diag)), x.shape, x.dtype)
+    # dx R^{-1}, with the columns of dependent directions (|r_jj| ~ 0) left without
+    # derivative instead of divided by zero
+    live = jnp.abs(diag) > tol
+    r_safe = r + jnp.diag(jnp.where(live, 0, 1 - diag))
+    dx_rinv = jax.scipy.linalg.solve_triangular(r_safe, dx.T, trans="T", lower=False).T
+    dx_rinv = dx_rinv * live[None, :]
+    qt_dx_rinv = q.T @ dx_rinv
+    lower = jnp.tril(qt_dx_rinv, -1)
+    do = lower - lower.T
+    dq = q @ (do - qt_dx_rinv) + dx_rinv
+    dr = (qt_dx_rinv - do) @ r
+    return (q, r), (dq, dr)

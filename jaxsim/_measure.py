@@ -79,14 +79,9 @@ def safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
     return jnp.where(empty, jnp.zeros_like(num), num / jnp.where(empty, 1, den))
 
 
-def inv_sqrt(eigvals: jax.Array) -> jax.Array:
-    """``1 / sqrt(w)`` of a symmetric PSD matrix's eigenvalues, pseudo-inverse style: 0 for
-    eigenvalues below the numpy.linalg.pinv / matrix_rank cut-off (size times the dtype's
-    resolution, relative to the largest), so rank-deficient layers stay finite."""
-    tol = jnp.max(eigvals) * eigvals.shape[0] * jnp.finfo(eigvals.dtype).eps
-    ok = eigvals > tol
-    return jnp.where(ok, 1 / jnp.sqrt(jnp.where(ok, eigvals, 1)), 0)
-
-
 def center_features(x: jax.Array) -> jax.Array:
-    return x - jnp.mean(x, axis=0, keepdims=True)
+    """Subtracts each feature's mean, in two passes: the second removes what rounding left
+    of the first mean (in float32, a large common offset would otherwise leave a residual
+    mean comparable to the spread)."""
+    xc = x - jnp.mean(x, axis=0, keepdims=True)
+    return xc - jnp.mean(xc, axis=0, keepdims=True)

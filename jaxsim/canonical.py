@@ -7,16 +7,30 @@ the transpose, ``(neurons, n)``: ``jaxsim.cca(x, y)`` corresponds to
 ``epsilon`` has google/svcca's meaning: each covariance block is divided by its largest
 absolute entry, units whose scaled variance is below ``epsilon`` are dropped, and
 ``epsilon`` is added to the scaled diagonal. With ``epsilon=0`` nothing is dropped or
-added, and rank-deficient covariances are inverted as pseudo-inverses (eigenvalues below
-``d * eps(dtype)`` of the largest are treated as 0), so a layer with dead units gives a
-finite answer rather than the square root of a negative eigenvalue.
+added.
 
-Every measure here is ``pair(prepare(x), prepare(y))``: ``prepare`` centers a layer and
-computes its whitening matrix once (a ``d x d`` covariance and its eigendecomposition);
-``pair`` forms the ``d1 x d2`` cross-covariance in the whitened bases and takes its
-singular values. ``similarity_grid`` reuses the prepared layers across all pairs.
+Numerics. Every measure here is ``pair(prepare(x), prepare(y))``: ``prepare`` centres a
+layer, divides it by its largest absolute value (no overflow, whatever the input's scale)
+and takes the thin SVD of the result, ``X = U S V^T``; ``pair`` takes the singular values
+of ``(U F)_a^T (U F)_b``. This is Bjorck & Golub's orthogonal-factorisation CCA: its
+accuracy is set by the condition number of X, where whitening through an
+eigendecomposition of ``X^T X`` (the textbook route and google/svcca's) squares it and
+loses float32 results on realistic, power-law spectra. google/svcca's epsilon acts on the
+same factorisation (``F = sqrt(S^2 / (S^2 + eps))`` on the scaled covariance's spectrum),
+so float64 results equal the reference's.
+
+Rank. Singular values below numpy's ``matrix_rank`` cut-off (size times the dtype's
+resolution, relative to the largest) are null directions: they get ``F = 0``, means over
+coefficients run over the *effective rank* (the number of canonical directions the data
+have), and PWCCA gives null directions zero weight. On full-rank layers this is exactly
+google/svcca's ``cca_core``; on rank-deficient ones (dead units, fewer distinct directions
+than units) the reference divides by the number of units and weights null directions,
+so a layer compared with itself scores below 1 there; jaxsim gives 1.
 
 References:
+  Bjorck & Golub, Numerical methods for computing angles between linear subspaces,
+  Mathematics of Computation, 1973.
+
   Hotelling, Relations between two sets of variates, 1936.
   Raghu, Gilmer, Yosinski & Sohl-Dickstein, SVCCA, NeurIPS 2017.
   Morcos, Raghu & Bengio, Insights on representational similarity in neural networks with
@@ -34,7 +48,7 @@ import jax.numpy as jnp
 
 from jaxsim import _linalg as _la
 from jaxsim import _validation as _v
-from jaxsim._measure import Measure, center_features, dot, evaluate, inv_sqrt, safe_ratio
+from jaxsim._measure import Measure, center_features, dot, evaluate, safe_ratio
 
 Array = jax.Array
 
@@ -63,93 +77,105 @@ class CCAResult(NamedTuple):
 
 
 class CCASummary(NamedTuple):
-    """A layer prepared for CCA: the cross-covariance of two prepared layers a, b in their
-    whitened bases is ``a.whiten.T @ a.centered.T @ b.centered @ b.whiten``."""
+    """A layer prepared for the CCA family: the thin SVD of its centred activations.
 
-    centered: Array  # (n, m) centered activations (or their top singular directions)
-    mean: Array  # (m,) feature means of the raw activations
-    whiten: Array  # (m, m) (scaled covariance + eps I)^(-1/2) / sqrt(scale (n - 1)), masked
-    kept: Array  # (m,) bool, units kept by the epsilon rule (and SVCCA's truncation)
-    # PWCCA needs the kept units' covariance, (n - 1) * scale * V diag(max(w - eps, 0)) V^T:
-    eigvecs: Array  # (m, m) V
-    eigvals: Array  # (m,) w, eigenvalues of the scaled, masked, regularised covariance
-    scale: Array  # (n - 1) * the largest absolute covariance entry
+    With ``X_s = U S V^T`` the centred activations of the kept units, scaled so that the
+    largest unit variance is 1, the canonical correlations of two layers a, b are the
+    singular values of ``a.basis.T @ b.basis`` (``basis = U F``): an orthogonal
+    factorisation of the data, whose condition number is that of X, not its square.
+    """
+
+    basis: Array  # (n, k) U F, k = min(n, d): whitened directions, 0 where F is 0
+    values: Array  # (k,) S, descending
+    right: Array  # (k, d) V^T, zero columns for dropped units
+    factor: Array  # (k,) F = sqrt(lam / (lam + eps)), lam = S^2; 0 past the effective rank
+    offset: Array  # (d,) unit means in the units of S (for PWCCA's directions); 0 if dropped
+    kept: Array  # (d,) bool, units kept by the epsilon rule
+    rank: Array  # () effective rank: number of directions with F > 0
 
 
 # ----------------------------------------------------------------------------- prepare
 
 
-def _summary(centered: Array, mean: Array, eigvecs: Array, eigvals: Array, kept: Array,
-             scale: Array, n: int) -> CCASummary:
-    """A prepared layer from the eigendecomposition of its scaled (by ``scale``), masked,
-    epsilon-regularised covariance."""
-    both = kept[:, None] & kept[None, :]
-    total = jnp.where(scale > 0, scale, 1) * (n - 1)
-    whiten = jnp.where(both, dot(eigvecs * inv_sqrt(eigvals), eigvecs.T), 0) / jnp.sqrt(total)
-    return CCASummary(centered, mean, whiten, kept, eigvecs, eigvals, total)
+def _scaled(x: Array) -> tuple[Array, Array]:
+    """Centred x divided by its largest absolute value (scale invariance in practice: no
+    square of the raw values is ever formed), and that value."""
+    xc = center_features(x)
+    big = jnp.max(jnp.abs(xc))
+    big = jnp.where(big > 0, big, 1)
+    return xc / big, big
+
+
+def _whitening_input(x: Array, epsilon: float) -> tuple[Array, Array, Array, Array]:
+    """The matrix whose SVD prepares a layer for CCA: centred, the units that the epsilon
+    rule drops zeroed, scaled so that its Gram is google/svcca's scaled covariance (each
+    covariance block divided by its largest entry, the largest unit variance). Returns it,
+    the unit means in its units, the kept units, and the overall factor applied to the
+    centred activations."""
+    n = x.shape[0]
+    xs, big = _scaled(x)
+    var = jnp.sum(xs * xs, axis=0) / (n - 1)
+    top = jnp.max(var)
+    kept = safe_ratio(var, top) >= epsilon
+    norm = jnp.sqrt(jnp.where(top > 0, top, 1) * (n - 1))
+    offset = jnp.where(kept, jnp.mean(x, axis=0) / big, 0) / norm
+    return jnp.where(kept, xs, 0) / norm, offset, kept, 1 / (big * norm)
+
+
+def _summary(u: Array, s: Array, vh: Array, offset: Array, kept: Array, eps: float,
+             mask: Array | None = None) -> CCASummary:
+    """A prepared layer from the SVD of its scaled activations: singular values below the
+    numpy/LAPACK rank cut-off (size times the dtype's resolution, relative to the largest)
+    are null directions; google/svcca's epsilon shrinks direction i by
+    ``sqrt(lam_i / (lam_i + eps))``, as ``(Sigma + eps I)^(-1/2)`` does in the reference."""
+    tol = s[0] * max(u.shape[0], vh.shape[1]) * jnp.finfo(s.dtype).eps
+    live = s > tol
+    if mask is not None:
+        live = live & mask
+    lam = s * s
+    f = jnp.sqrt(safe_ratio(lam, lam + eps)) if eps else jnp.ones_like(s)
+    f = jnp.where(live, f, 0)
+    return CCASummary(u * f, s, vh, f, offset, kept, jnp.sum(live).astype(jnp.int32))
 
 
 def _prepare_cca(x: Array, epsilon: float) -> CCASummary:
-    n, d = x.shape
-    mean = jnp.mean(x, axis=0)
-    xc = x - mean
-    cov = dot(xc.T, xc) / (n - 1)
-    scale = jnp.max(jnp.abs(cov))
-    s = safe_ratio(cov, scale)
-    kept = jnp.diagonal(s) >= epsilon
-    s = jnp.where(kept[:, None] & kept[None, :], s, 0) + epsilon * jnp.diag(kept.astype(x.dtype))
-    w, v = _la.eigh(s)
-    return _summary(xc, mean, v, w, kept, scale, n)
-
-
-def _top_directions(x: Array, m: int) -> tuple[Array, Array]:
-    """Centered x projected on its top-m principal directions, and all squared singular
-    values (descending). Uses the smaller of the d x d covariance and the n x n Gram."""
-    n, d = x.shape
-    xc = center_features(x)
-    if n >= d:
-        w, v = _la.eigh(dot(xc.T, xc))
-        w, v = w[::-1], v[:, ::-1]
-        z = dot(xc, v[:, :m])
-    else:
-        w, u = _la.eigh(dot(xc, xc.T))
-        w, u = w[::-1], u[:, ::-1]
-        z = u[:, :m] * jnp.sqrt(jnp.maximum(w[:m], 0))
-    return z, jnp.maximum(w, 0)
+    xk, offset, kept, _ = _whitening_input(x, epsilon)
+    u, s, vh = _la.svd(xk)
+    return _summary(u, s, vh, offset, kept, epsilon)
 
 
 def _prepare_svcca(x: Array, keep_dims: int | None, keep_variance: float,
                    epsilon: float) -> CCASummary:
     n, d = x.shape
+    u, s, _ = _la.svd(_scaled(x)[0])
     m = keep_dims if keep_dims is not None else min(n, d)
-    z, w = _top_directions(x, m)
+    u, s = u[:, :m], s[:m]
     if keep_dims is None:
-        frac = jnp.cumsum(w) / jnp.sum(w)
+        w = s * s
+        frac = jnp.cumsum(w) / jnp.where(jnp.sum(w) > 0, jnp.sum(w), 1)
         # fewest directions whose variance reaches keep_variance of the total; the small
         # slack absorbs rounding when keep_variance is 1
         count = jnp.sum(frac < keep_variance - 16 * jnp.finfo(w.dtype).eps) + 1
         mask = jnp.arange(m) < count
     else:
         mask = jnp.ones(m, bool)
-    # The projected directions are uncorrelated, so their covariance is the diagonal
-    # w / (n - 1): whitening is a rescaling, no second eigendecomposition needed.
-    lam = w[:m] / (n - 1)
-    scale = lam[0]
-    s = safe_ratio(lam, scale)
-    kept = mask & (s >= epsilon)
-    return _summary(z, jnp.zeros(m, x.dtype), jnp.eye(m, dtype=x.dtype),
-                    jnp.where(kept, s + epsilon, 0), kept, scale, n)
+    # the reduced layer U_m S_m has the diagonal covariance S_m^2 / (n - 1): its CCA
+    # basis is U_m itself, and the epsilon rule acts on S_m^2 / S_1^2
+    rel = safe_ratio(s, s[0])
+    kept = mask & (rel * rel >= epsilon)
+    return _summary(u, rel, jnp.eye(m, dtype=x.dtype), jnp.zeros(m, x.dtype), kept, epsilon,
+                    mask=kept)
 
 
 # -------------------------------------------------------------------------------- pair
 
 
 def _cross(a: CCASummary, b: CCASummary) -> Array:
-    return dot(dot(a.whiten.T, dot(a.centered.T, b.centered)), b.whiten)
+    return dot(a.basis.T, b.basis)
 
 
 def _rank(a: CCASummary, b: CCASummary) -> Array:
-    return jnp.minimum(jnp.sum(a.kept), jnp.sum(b.kept))
+    return jnp.minimum(a.rank, b.rank)
 
 
 def _valid(s: Array, rank: Array) -> Array:
@@ -161,84 +187,100 @@ def _coefficients(a: CCASummary, b: CCASummary) -> Array:
 
 
 def _mean_pair(a: CCASummary, b: CCASummary) -> Array:
-    return safe_ratio(jnp.sum(_coefficients(a, b)), _rank(a, b).astype(a.centered.dtype))
+    """Mean over the effective rank (the canonical directions both layers have)."""
+    return safe_ratio(jnp.sum(_coefficients(a, b)), _rank(a, b).astype(a.basis.dtype))
 
 
-def _cca_result(a: CCASummary, b: CCASummary) -> CCAResult:
-    n = a.centered.shape[0]
-    k = min(a.whiten.shape[0], b.whiten.shape[0])
-    u, s, vh = _la.svd(_cross(a, b), full_matrices=False)
+def _pad_columns(m: Array, k: int) -> Array:
+    return jnp.pad(m, [(0, 0), (0, max(0, k - m.shape[1]))])[:, :k]
+
+
+def _cca_result(a: CCASummary, b: CCASummary, scale_a: Array, scale_b: Array) -> CCAResult:
+    """``scale_*``: the factor that took the centred activations to the SVD's input."""
+    n = a.basis.shape[0]
+    k = min(a.right.shape[1], b.right.shape[1])
+    p, s, qh = _la.svd(_cross(a, b))
     rank = _rank(a, b)
     root = math.sqrt(n - 1)
-    xw = dot(a.whiten, u[:, :k]) * root
-    yw = dot(b.whiten, vh[:k].T) * root
-    return CCAResult(_valid(s[:k], rank), rank, xw, yw, dot(a.centered, xw), dot(b.centered, yw))
+    xv = a.basis @ p * root
+    yv = b.basis @ qh.T * root
+    # variates = X_c W: W = V (F / S) P / scale, the pseudo-inverse on null directions
+    xw = dot(a.right.T * (safe_ratio(a.factor, a.values) * scale_a), p) * root
+    yw = dot(b.right.T * (safe_ratio(b.factor, b.values) * scale_b), qh.T) * root
+    return CCAResult(jnp.pad(_valid(s, rank), (0, k - s.shape[0])), rank,
+                     _pad_columns(xw, k), _pad_columns(yw, k), _pad_columns(xv, k),
+                     _pad_columns(yv, k))
 
 
 def _kept_first(s: CCASummary) -> CCASummary:
-    """The same layer with its kept units moved to the front (order kept)."""
+    """The same layer with its kept units moved to the front (order kept), as google/svcca
+    crops the dropped ones: then unit i's mean lines up with direction i."""
     order = jnp.argsort(~s.kept, stable=True)
-    return CCASummary(s.centered[:, order], s.mean[order], s.whiten[order][:, order],
-                      s.kept[order], s.eigvecs[order], s.eigvals, s.scale)
+    return s._replace(right=s.right[:, order], offset=s.offset[order], kept=s.kept[order])
 
 
-def _pw_side(s: CCASummary, vecs: Array, coefs: Array, epsilon: float) -> Array:
-    """PWCCA from the narrower side, as google/svcca's compute_pwcca does it.
+def _first(v: Array, count: int) -> Array:
+    return jnp.pad(v, (0, max(0, count - v.shape[0])))[:count]
 
-    ``vecs`` are that side's singular vectors (columns) of the whitened cross-covariance.
-    The reference forms directions ``D = X_c vecs + 1 mu^T`` (unit i's mean added to
-    direction i), orthonormalises them by QR, ``D = Q R``, and weights direction i by
-    ``sum_j |Q^T X|_ij`` over the raw activations X of the kept units. Because of that
-    added mean the result depends on the SVD's sign convention, as the reference's does.
 
-    Both D and X lie in the span of ``[P, 1/sqrt(n)]``, where ``X_c = P L^(1/2) V^T`` comes
-    from the covariance eigendecomposition already at hand, so the QR and the projections
-    are done on ``(d + 1) x d`` coordinates in that basis: no n-sized work beyond CCA's.
+def _pw_side(s: CCASummary, vecs: Array, coefs: Array) -> Array:
+    """PWCCA from one side, as google/svcca's compute_pwcca does it.
+
+    ``vecs`` (k, r) are that side's singular vectors ``u`` of the whitened cross-covariance
+    (in the units' basis, as the reference computes them) expressed in the layer's SVD
+    basis, ``V^T u``. The reference forms directions ``D = X_c u + 1 mu^T`` (unit i's mean
+    added to direction i; ``X_c u = U S V^T u``), orthonormalises them by QR and
+    weights direction i by ``sum_j |Q^T X|_ij`` over the raw activations X of the kept
+    units. Both D and X lie in the span of ``[U, 1/sqrt(n)]``, so the QR and the
+    projections are done on ``(k + 1)``-row coordinates: no n-sized work beyond CCA's.
+    Because of the added mean the result depends on the SVD's signs, as the reference's
+    does. Directions past the side's effective rank (null directions of a rank-deficient
+    layer) get zero weight.
     """
-    d = s.whiten.shape[0]
-    n = s.centered.shape[0]
-    mean = jnp.where(s.kept, s.mean, 0)
-    root = jnp.sqrt(jnp.maximum(s.eigvals - epsilon, 0) * s.scale)[:, None] * s.eigvecs.T
-    offset = math.sqrt(n) * mean[None, :]
-    q, _ = _la.qr(jnp.concatenate([dot(root, vecs), offset]))
-    weights = jnp.sum(jnp.abs(dot(q.T, jnp.concatenate([root, offset]))), axis=1)
-    weights = jnp.where(jnp.arange(d) < jnp.sum(s.kept), weights, 0)
-    k = coefs.shape[0]
-    weights = jnp.pad(weights, (0, max(0, k - d)))[:k]
-    return safe_ratio(jnp.sum(weights * coefs), jnp.sum(weights))
+    n = s.basis.shape[0]
+    r = vecs.shape[1]
+    root = math.sqrt(n)
+    directions = jnp.concatenate([s.values[:, None] * vecs, root * _first(s.offset, r)[None, :]])
+    q, _ = _la.qr(directions)
+    units = jnp.concatenate([s.values[:, None] * s.right, root * s.offset[None, :]])
+    weights = jnp.sum(jnp.abs(dot(q.T, units)), axis=1)
+    return _weighted(weights, s.rank, coefs)
 
 
-def _pw_variates(s: CCASummary, vecs: Array, coefs: Array, epsilon: float) -> Array:
+def _pw_variates(s: CCASummary, vecs: Array, coefs: Array) -> Array:
     """PWCCA in the paper's whitened-variates reading: direction i is the canonical variate
-    ``h_i = X_c W vecs_i`` (normalised) and its weight is ``sum_j |<h_i, x_j>|`` over the
-    kept units' activations. With ``X_c^T X_c = R^T R`` from the covariance
-    eigendecomposition, every inner product is a d x d product: no n-sized work."""
-    d = s.whiten.shape[0]
-    root = jnp.sqrt(jnp.maximum(s.eigvals - epsilon, 0) * s.scale)[:, None] * s.eigvecs.T
-    a = dot(root, dot(s.whiten, vecs))  # h_i = P a_i for an orthonormal P
+    ``h_i = U F vecs_i`` (normalised) and its weight is ``sum_j |<h_i, x_j>|`` over the
+    kept units' activations (``X_c = U S V^T``; the means are orthogonal to h_i)."""
+    a = s.factor[:, None] * vecs
     norms = jnp.linalg.norm(a, axis=0)
-    weights = safe_ratio(jnp.sum(jnp.abs(dot(a.T, root)), axis=1), norms)
-    weights = jnp.where(jnp.arange(d) < jnp.sum(s.kept), weights, 0)
+    weights = safe_ratio(jnp.sum(jnp.abs(dot(a.T, s.values[:, None] * s.right)), axis=1), norms)
+    return _weighted(weights, s.rank, coefs)
+
+
+def _weighted(weights: Array, rank: Array, coefs: Array) -> Array:
     k = coefs.shape[0]
-    weights = jnp.pad(weights, (0, max(0, k - d)))[:k]
+    weights = jnp.pad(weights, (0, max(0, k - weights.shape[0])))[:k]
+    weights = jnp.where(jnp.arange(k) < rank, weights, 0)
     return safe_ratio(jnp.sum(weights * coefs), jnp.sum(weights))
 
 
 def _pwcca_pair(a: CCASummary, b: CCASummary, *, epsilon: float,
                 directions: str = "reference") -> Array:
     side = _pw_side if directions == "reference" else _pw_variates
-    static_sides = epsilon == 0
-    if not static_sides:
-        # Units dropped by epsilon go last, so the SVD sees the reference's cropped
-        # matrix followed by zero rows and columns, and the kept units' i-th mean lines up
-        # with the i-th direction as in the reference.
+    if epsilon:
         a, b = _kept_first(a), _kept_first(b)
-    u, s, vh = _la.svd(_cross(a, b), full_matrices=True)
+    # The reference's directions depend on the signs of the singular vectors of the
+    # whitened cross-covariance T = V_a C V_b^T in the units' basis: take them from T
+    # itself (d_a x d_b, formed from the stable factors), as the reference does.
+    t = dot(dot(a.right.T, _cross(a, b)), b.right)
+    if epsilon:  # dropped units' rows and columns exactly 0, as in the cropped reference
+        t = jnp.where(a.kept[:, None] & b.kept[None, :], t, 0)
+    u, s, vh = _la.svd(t)
     coefs = _valid(s, _rank(a, b))
-    x_side = lambda: side(a, u, coefs, epsilon)
-    y_side = lambda: side(b, vh.T, coefs, epsilon)
-    if static_sides:  # epsilon == 0: nothing dropped, the narrower side is known statically
-        return x_side() if a.whiten.shape[0] <= b.whiten.shape[0] else y_side()
+    x_side = lambda: side(a, dot(a.right, u), coefs)
+    y_side = lambda: side(b, dot(b.right, vh.T), coefs)
+    if epsilon == 0:  # nothing dropped: the narrower side is known statically
+        return x_side() if a.right.shape[1] <= b.right.shape[1] else y_side()
     return jnp.where(jnp.sum(a.kept) <= jnp.sum(b.kept), x_side(), y_side())
 
 
@@ -283,7 +325,8 @@ def _checked(x: Any, y: Any, epsilon: float, check_finite: bool) -> tuple[Array,
 
 @functools.partial(jax.jit, static_argnames="epsilon")
 def _cca(x: Array, y: Array, epsilon: float) -> CCAResult:
-    return _cca_result(_prepare_cca(x, epsilon), _prepare_cca(y, epsilon))
+    scale = lambda a: _whitening_input(a, epsilon)[3]
+    return _cca_result(_prepare_cca(x, epsilon), _prepare_cca(y, epsilon), scale(x), scale(y))
 
 
 def cca(x: Any, y: Any, *, epsilon: float = 0.0, check_finite: bool = True) -> CCAResult:

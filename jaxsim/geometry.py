@@ -17,6 +17,7 @@ References:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -25,7 +26,8 @@ from jax.scipy.stats import rankdata
 
 from jaxsim import _linalg as _la
 from jaxsim import _validation as _v
-from jaxsim._measure import Measure, center_features, dot, evaluate, inv_sqrt, safe_ratio
+from jaxsim._measure import Measure, center_features, dot, evaluate, safe_ratio
+from jaxsim.canonical import _scaled
 
 Array = jax.Array
 
@@ -33,14 +35,28 @@ Array = jax.Array
 # --------------------------------------------------------------------------- Procrustes
 
 
+def _unit(m: Array) -> Array:
+    norm = jnp.linalg.norm(m)
+    return m / jnp.where(norm > 0, norm, 1)
+
+
 def _shape_normalise(x: Array, alpha: float) -> Array:
     """Centered, partially whitened (``X (alpha I + (1 - alpha) C^(-1/2))``, C the
-    covariance), unit Frobenius norm."""
-    xc = center_features(x)
-    if alpha < 1:
-        w, v = _la.eigh(dot(xc.T, xc) / xc.shape[0])
-        xc = dot(xc, dot(v * (alpha + (1 - alpha) * inv_sqrt(w)), v.T))
-    return xc / jnp.where(jnp.linalg.norm(xc) > 0, jnp.linalg.norm(xc), 1)
+    covariance ``X^T X / n``), unit Frobenius norm; rotated to the basis of x's left
+    singular vectors when whitening (which changes no Procrustes alignment).
+
+    With ``X = U S V^T`` the whitened layer is ``U (alpha S + (1 - alpha) sqrt(n)) V^T``
+    on the directions x has (its numerical rank): computed from the SVD of the data, not
+    from the square root of a covariance whose condition number is squared.
+    """
+    xs, big = _scaled(x)
+    if alpha == 1:
+        return _unit(xs)
+    u, s, _ = _la.svd(xs)
+    tol = s[0] * max(xs.shape) * jnp.finfo(s.dtype).eps
+    # in xs's units (the data divided by big) the whitening term is sqrt(n) / big
+    d = alpha * s + (1 - alpha) * math.sqrt(xs.shape[0]) / big
+    return _unit(u * jnp.where(s > tol, d, 0))
 
 
 def _procrustes_pair(a: Array, b: Array) -> Array:
@@ -199,23 +215,33 @@ def mutual_knn(x: Any, y: Any, *, k: int = 10, check_finite: bool = True) -> Arr
 
 
 class RidgeSummary(NamedTuple):
-    centered: Array  # (n, d)
-    inverse: Array  # (X^T X + ridge * tr(X^T X) / d * I)^-1
+    """A layer as the thin SVD of its centred activations ``X = U S V^T`` (scaled to a
+    largest absolute value of 1) and the ridge fit's shrinkage ``g = S^2 / (S^2 + lambda)``
+    of each direction."""
+
+    basis: Array  # (n, k) U
+    values: Array  # (k,) S
+    right: Array  # (k, d) V^T
+    shrink: Array  # (k,) g
 
 
 def _ridge_prepare(x: Array, ridge: float) -> RidgeSummary:
-    xc = center_features(x)
-    cov = dot(xc.T, xc)
-    d = cov.shape[0]
-    lam = ridge * jnp.trace(cov) / d
-    return RidgeSummary(xc, jnp.linalg.pinv(cov + lam * jnp.eye(d, dtype=x.dtype), hermitian=True))
+    xs, _ = _scaled(x)
+    u, s, vh = _la.svd(xs)
+    lam2 = s * s
+    lam = ridge * jnp.sum(lam2) / x.shape[1]
+    tol = s[0] * max(xs.shape) * jnp.finfo(s.dtype).eps
+    shrink = jnp.where(s > tol, safe_ratio(lam2, lam2 + lam), 0)
+    return RidgeSummary(u, s, vh, shrink)
 
 
 def _predictivity_pair(a: RidgeSummary, b: RidgeSummary) -> Array:
-    xty = dot(a.centered.T, b.centered)
-    fitted = dot(a.centered, dot(a.inverse, xty))
-    resid = b.centered - fitted
-    return 1 - safe_ratio(jnp.vdot(resid, resid), jnp.vdot(b.centered, b.centered))
+    # fitted = U g U^T Y, so |Y - fitted|^2 = |Y|^2 - sum_i (2 g_i - g_i^2) |U_i^T Y|^2 and
+    # R^2 is the explained part itself: no cancellation when the fit is good. With
+    # Y = U_b S_b V_b^T, the row norms of U^T Y are those of U^T U_b S_b.
+    z = dot(a.basis.T, b.basis * b.values)
+    explained = jnp.sum((2 * a.shrink - a.shrink**2) * jnp.sum(z * z, axis=1))
+    return safe_ratio(explained, jnp.sum(b.values**2))
 
 
 @functools.lru_cache(maxsize=None)
@@ -247,7 +273,9 @@ def predict_direction(x: Any, y: Any, direction: Any, *, ridge: float = 1e-3) ->
                          f"{tuple(x.shape)}, got {tuple(direction.shape)}")
     s = _ridge_prepare(y, _v.non_negative(ridge, "ridge"))
     target = dot(center_features(x), direction.astype(x.dtype))
-    w = dot(s.inverse, dot(s.centered.T, target))
+    # w = (Y^T Y + lambda)^-1 Y^T t = V diag(g / S) U^T t (up to Y's scale, which the
+    # normalisation removes)
+    w = dot(s.right.T, safe_ratio(s.shrink, s.values) * dot(s.basis.T, target))
     return w / jnp.where(jnp.linalg.norm(w) > 0, jnp.linalg.norm(w), 1)
 
 

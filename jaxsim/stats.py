@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsim import _validation as _v
-from jaxsim import canonical, grid, kernel
+from jaxsim import canonical, geometry, grid, kernel
 from jaxsim._measure import Measure, safe_ratio
 
 Array = jax.Array
@@ -78,8 +78,8 @@ def _permuted(measure: Measure, summary: Any, y: Array, perm: Array) -> Any:
         return summary._replace(vec=summary.vec[perm][:, perm])
     if isinstance(summary, kernel.FeatureSummary):
         return summary._replace(features=summary.features[perm], row_sq=summary.row_sq[perm])
-    if isinstance(summary, canonical.CCASummary):
-        return summary._replace(centered=summary.centered[perm])
+    if isinstance(summary, (canonical.CCASummary, geometry.RidgeSummary)):
+        return summary._replace(basis=summary.basis[perm])
     return measure.prepare(y[perm])
 
 
