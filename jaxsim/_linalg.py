@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _on_cpu() -> bool:
@@ -65,16 +66,51 @@ def _safe_inverse(v: jax.Array, tol: jax.Array) -> jax.Array:
     return jnp.where(live, 1 / jnp.where(live, v, 1), 0)
 
 
-@jax.custom_jvp
-def svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Thin SVD ``(u, s, vh)`` of a real matrix (see the module docstring)."""
-    return _primal(_svd_thin, x)
+def _numpy_vectors(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The singular vectors ``(u, vh)`` of NumPy's float64 LAPACK, computed on the host and
+    returned in float32 (only their orientation is used)."""
+    k = min(x.shape[-2:])
+    shapes = (jax.ShapeDtypeStruct(x.shape[:-1] + (k,), np.float32),
+              jax.ShapeDtypeStruct(x.shape[:-2] + (k, x.shape[-1]), np.float32))
+
+    def run(m):
+        u, _, vh = np.linalg.svd(np.asarray(m, np.float64), full_matrices=False)
+        return np.asarray(u, np.float32), np.asarray(vh, np.float32)
+
+    return jax.pure_callback(run, shapes, jax.lax.stop_gradient(x), vmap_method="sequential")
 
 
-@svd.defjvp
-def _svd_jvp(primals, tangents):
-    (a,), (da,) = primals, tangents
-    u, s, vh = svd(a)
+def _with_safe_jvp(primal: Callable[[jax.Array], Any]) -> Callable[[jax.Array], Any]:
+    """A thin SVD computed by ``primal``, differentiated by the safe rule below."""
+
+    @jax.custom_jvp
+    def run(x):
+        return primal(x)
+
+    @run.defjvp
+    def jvp(primals, tangents):
+        (a,), (da,) = primals, tangents
+        out = run(a)
+        return out, _svd_tangents(a, da, *out)
+
+    return run
+
+
+svd = _with_safe_jvp(lambda x: _primal(_svd_thin, x))
+svd.__doc__ = """Thin SVD ``(u, s, vh)`` of a real matrix (see the module docstring)."""
+
+def svd_reference_signs(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Thin SVD whose singular vectors are oriented as NumPy's float64 LAPACK orients them
+    (looked up on the host), whatever the dtype and backend: for results that, like
+    google/svcca's PWCCA, depend on those signs. For small matrices."""
+    u, s, vh = svd(x)
+    u_ref, _ = _numpy_vectors(x)
+    sign = jnp.sign(jnp.sum(u * u_ref.astype(u.dtype), axis=0))
+    sign = jax.lax.stop_gradient(jnp.where(sign == 0, 1, sign))
+    return u * sign, s, vh * sign[:, None]
+
+
+def _svd_tangents(a, da, u, s, vh):
     v = vh.T
     m, n = a.shape
     ds_mat = u.T @ da @ v
@@ -94,7 +130,7 @@ def _svd_jvp(primals, tangents):
     if n > m:
         dau = da.T @ u
         dv = dv + (dau - v @ (v.T @ dau)) * s_inv[None, :]
-    return (u, s, vh), (du, ds, dv.T)
+    return du, ds, dv.T
 
 
 def singular_values(x: jax.Array) -> jax.Array:

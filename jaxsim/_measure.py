@@ -79,6 +79,13 @@ def safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
     return jnp.where(empty, jnp.zeros_like(num), num / jnp.where(empty, 1, den))
 
 
+def safe_sqrt(v: jax.Array) -> jax.Array:
+    """``sqrt`` of a value that is >= 0 up to rounding: 0 at and below 0, with a finite
+    derivative there (the double ``where`` again); NaN propagates."""
+    live = v > 0
+    return jnp.where(live, jnp.sqrt(jnp.where(live, v, 1)), jnp.where(jnp.isnan(v), v, 0))
+
+
 def center_features(x: jax.Array) -> jax.Array:
     """Subtracts each feature's mean, in two passes: the second removes what rounding left
     of the first mean (in float32, a large common offset would otherwise leave a residual

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 
 from jaxsim import _linalg as _la
 from jaxsim import _validation as _v
-from jaxsim._measure import Measure, center_features, dot, evaluate, safe_ratio
+from jaxsim._measure import Measure, center_features, dot, evaluate, safe_ratio, safe_sqrt
 
 Array = jax.Array
 
@@ -133,7 +133,7 @@ def _summary(u: Array, s: Array, vh: Array, offset: Array, kept: Array, eps: flo
     if mask is not None:
         live = live & mask
     lam = s * s
-    f = jnp.sqrt(safe_ratio(lam, lam + eps)) if eps else jnp.ones_like(s)
+    f = safe_sqrt(safe_ratio(lam, lam + eps)) if eps else jnp.ones_like(s)
     f = jnp.where(live, f, 0)
     return CCASummary(u * f, s, vh, f, offset, kept, jnp.sum(live).astype(jnp.int32))
 
@@ -270,12 +270,15 @@ def _pwcca_pair(a: CCASummary, b: CCASummary, *, epsilon: float,
     if epsilon:
         a, b = _kept_first(a), _kept_first(b)
     # The reference's directions depend on the signs of the singular vectors of the
-    # whitened cross-covariance T = V_a C V_b^T in the units' basis: take them from T
-    # itself (d_a x d_b, formed from the stable factors), as the reference does.
+    # whitened cross-covariance T = V_a C V_b^T in the units' basis, which LAPACK
+    # implementations choose differently (jax's float32 and float64 SVDs disagree, GPUs
+    # differ again): T (d_a x d_b, formed from the stable factors) is decomposed as the
+    # reference does it, by NumPy's float64 LAPACK, so every dtype and backend gives
+    # the reference's value. The sign-free variates reading needs no such care.
     t = dot(dot(a.right.T, _cross(a, b)), b.right)
     if epsilon:  # dropped units' rows and columns exactly 0, as in the cropped reference
         t = jnp.where(a.kept[:, None] & b.kept[None, :], t, 0)
-    u, s, vh = _la.svd(t)
+    u, s, vh = (_la.svd_reference_signs if directions == "reference" else _la.svd)(t)
     coefs = _valid(s, _rank(a, b))
     x_side = lambda: side(a, dot(a.right, u), coefs)
     y_side = lambda: side(b, dot(b.right, vh.T), coefs)

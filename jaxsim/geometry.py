@@ -26,7 +26,7 @@ from jax.scipy.stats import rankdata
 
 from jaxsim import _linalg as _la
 from jaxsim import _validation as _v
-from jaxsim._measure import Measure, center_features, dot, evaluate, safe_ratio
+from jaxsim._measure import Measure, center_features, dot, evaluate, safe_ratio, safe_sqrt
 from jaxsim.canonical import _scaled
 
 Array = jax.Array
@@ -99,7 +99,11 @@ def procrustes_distance(x: Any, y: Any, *, alpha: float = 1.0, angular: bool = T
     ``alpha`` interpolates between no whitening (1) and full whitening (0, CCA-like).
     """
     s = procrustes_similarity(x, y, alpha=alpha, check_finite=check_finite)
-    return jnp.arccos(s) if angular else jnp.sqrt(jnp.maximum(2 - 2 * s, 0))
+    if not angular:
+        return safe_sqrt(2 - 2 * s)
+    # arccos has an infinite slope at 1 (identical shapes): distance 0 there, slope 0
+    below = s < 1
+    return jnp.where(below, jnp.arccos(jnp.where(below, s, 0)), 0)
 
 
 # ---------------------------------------------------------------------------------- RSA
@@ -134,13 +138,13 @@ def _upper(m: Array) -> Array:
 
 def _pearson(a: Array, b: Array) -> Array:
     a, b = a - jnp.mean(a), b - jnp.mean(b)
-    return safe_ratio(jnp.vdot(a, b), jnp.sqrt(jnp.vdot(a, a) * jnp.vdot(b, b)))
+    return safe_ratio(jnp.vdot(a, b), safe_sqrt(jnp.vdot(a, a)) * safe_sqrt(jnp.vdot(b, b)))
 
 
 def _kendall_tau_b(a: Array, b: Array) -> Array:
     sa = jnp.sign(a[:, None] - a[None, :])
     sb = jnp.sign(b[:, None] - b[None, :])
-    return safe_ratio(jnp.sum(sa * sb), jnp.sqrt(jnp.sum(sa * sa) * jnp.sum(sb * sb)))
+    return safe_ratio(jnp.sum(sa * sb), safe_sqrt(jnp.sum(sa * sa)) * safe_sqrt(jnp.sum(sb * sb)))
 
 
 def _rsa_prepare(x: Array, dissimilarity: str, compare: str) -> Array:

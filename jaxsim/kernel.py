@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxsim import _validation as _v
-from jaxsim._measure import GramBlocks, Measure, center_features, dot, evaluate, safe_ratio
+from jaxsim._measure import (GramBlocks, Measure, center_features, dot, evaluate, safe_ratio,
+                             safe_sqrt)
 
 Array = jax.Array
 
@@ -38,10 +39,20 @@ def _gram_linear(x: Array) -> Array:
     return dot(x, x.T)
 
 
+def _unit_scale(x: Array) -> Array:
+    """Centred features divided by their largest absolute value: Grams and covariances of
+    the result cannot overflow (or underflow), whatever the input's scale, and every
+    scale-invariant measure is unchanged."""
+    xc = center_features(x)
+    big = jnp.max(jnp.abs(xc))
+    return xc / jnp.where(big > 0, big, 1)
+
+
 def _sq_distances(x: Array) -> Array:
     # Centering first keeps the |a|^2 + |b|^2 - 2<a, b> expansion from cancelling when
-    # the activations have a large common offset; distances do not change.
-    xc = center_features(x)
+    # the activations have a large common offset; distances do not change. The kernel
+    # divides by the median distance, so the scale of x does not matter either.
+    xc = _unit_scale(x)
     sq = jnp.sum(xc * xc, axis=1)
     d = sq[:, None] + sq[None, :] - 2 * _gram_linear(xc)
     d = jnp.maximum(d, 0)
@@ -211,8 +222,8 @@ def _gram_summary(k: Array, debiased: bool) -> GramSummary:
 
 
 def _norm_product(a: Any, b: Any) -> Array:
-    # U-centred self terms are sums of squares, >= 0 up to rounding (NaN propagates)
-    return jnp.sqrt(jnp.maximum(a.self * b.self, 0))
+    # U-centred self terms are sums of squares, >= 0 up to rounding
+    return safe_sqrt(a.self) * safe_sqrt(b.self)
 
 
 def _cosine_pair(a: Any, b: Any) -> Array:
@@ -226,7 +237,7 @@ def _debias_inner(xty: Array, rx: Array, ry: Array, sx: Array, sy: Array, n: int
 
 
 def _feature_summary(x: Array, debiased: bool) -> FeatureSummary:
-    xc = center_features(x)
+    xc = _unit_scale(x)
     row_sq = jnp.sum(xc * xc, axis=1)
     total = jnp.sum(row_sq)
     cov = dot(xc.T, xc)
@@ -290,8 +301,8 @@ def _pad_rows(x: Array, n_pad: int) -> Array:
     return jnp.pad(x, [(0, n_pad - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
 
 
-def _linear_source(x: Array, n_pad: int) -> LinearSource:
-    xc = center_features(x)
+def _linear_source(x: Array, n_pad: int, rescale: bool = True) -> LinearSource:
+    xc = _unit_scale(x) if rescale else center_features(x)
     row_sq = jnp.sum(xc * xc, axis=1)
     return LinearSource(_pad_rows(xc, n_pad), _pad_rows(row_sq, n_pad), jnp.sum(row_sq),
                         jnp.asarray(x.shape[0], x.dtype))
@@ -331,9 +342,17 @@ def linear_measure(*, debiased: bool = False, feature_space: bool = False) -> Me
     if feature_space:
         return Measure("linear_cka", functools.partial(_feature_summary, debiased=debiased),
                        functools.partial(_feature_pair, debiased=debiased), min_n=min_n)
-    prepare = lambda x: _gram_summary(_gram_linear(center_features(x)), debiased)
+    prepare = lambda x: _gram_summary(_gram_linear(_unit_scale(x)), debiased)
     blocks = GramBlocks(_linear_source, functools.partial(_linear_block, debiased=debiased))
     return Measure("linear_cka", prepare, _cosine_pair, blocks=blocks, min_n=min_n)
+
+
+@functools.lru_cache(maxsize=None)
+def minibatch_blocks() -> GramBlocks:
+    """U-centred linear Gram blocks of one minibatch, at the activations' own scale: HSIC
+    terms are summed over batches, so every batch must be in the same units."""
+    return GramBlocks(functools.partial(_linear_source, rescale=False),
+                      functools.partial(_linear_block, debiased=True))
 
 
 @functools.lru_cache(maxsize=None)
@@ -365,6 +384,14 @@ def cka(gram_x: Any, gram_y: Any, *, debiased: bool = False, check_finite: bool 
     Returns:
       Scalar array; in [0, 1] for the biased form. 0 when either kernel is constant after
       centering (a zero-variance layer), where CKA is undefined.
+
+    Precision: a Gram matrix of uncentred features carries their common offset in every
+    entry, and centring it afterwards cancels that offset in the dtype's precision. In
+    float32 (8 significant digits) activations with an offset of 1000 times their spread
+    lose everything (``cka(gram_linear(x), gram_linear(y))`` is then off by ~0.2; by
+    ~1e-4 at an offset of 100). For linear CKA use :func:`linear_cka`, which centres the
+    features before forming any product; for other kernels, centre (and scale) the
+    features before building the Grams, or compute them in float64.
     """
     k, l = _v.gram_pair(gram_x, gram_y, min_n=4 if debiased else 2,
                         why=_UNBIASED_WHY if debiased else "", check_finite=check_finite)

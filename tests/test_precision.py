@@ -1,0 +1,296 @@
+"""Accelerator dtypes: float32 against float64 on realistic layers, half-precision inputs,
+scale invariance in practice, and derivatives (against finite differences in float64)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import jaxsim
+from conftest import related
+
+# ------------------------------------------------------------------ realistic layers
+
+
+def power_law(rng, n, d1, d2, alpha, offset=5.0, noise=0.1):
+    """Two layers whose covariance spectra fall like k^-alpha (as real layers' do), in
+    random bases, sharing their leading directions, with a common offset."""
+    lam = np.arange(1, d1 + 1) ** -alpha
+    z = rng.normal(size=(n, d1)) * np.sqrt(lam)
+    q1 = np.linalg.qr(rng.normal(size=(d1, d1)))[0]
+    q2 = np.linalg.qr(rng.normal(size=(d2, d2)))[0]
+    y = z[:, :d2] + noise * rng.normal(size=(n, d2)) * np.sqrt(lam[:d2])
+    return z @ q1 + offset, y @ q2 - offset
+
+
+def relu_layers(rng, n, d1, d2):
+    x, y = power_law(rng, n, d1, d2, 1.0, offset=0.0)
+    return np.maximum(x + 0.05, 0), np.maximum(y @ rng.normal(size=(d2, d2)) / 10 + 0.02, 0)
+
+
+def rank_deficient(rng, n, d1, d2):
+    rank = d1 * 3 // 4
+    x, y = power_law(rng, n, rank, rank, 1.0, offset=0.0)
+    return x @ rng.normal(size=(rank, d1)), y @ rng.normal(size=(rank, d2))
+
+
+def dead_units(rng, n, d1, d2):
+    x, y = power_law(rng, n, d1, d2, 1.5, offset=0.0)
+    x[:, ::7] = 0.0  # dead ReLU units, then a common offset
+    y[:, ::5] = 0.0
+    return x + 3.0, y - 2.0
+
+
+# Every case in CI has one shape, so each dtype compiles once; the widest run with -m slow.
+SHAPE = (1200, 256, 128)
+CASES = {
+    "k^-2": lambda rng: power_law(rng, *SHAPE, 2.0),
+    "k^-1.5": lambda rng: power_law(rng, *SHAPE, 1.5),
+    "k^-1": lambda rng: power_law(rng, *SHAPE, 1.0),
+    "post-ReLU": lambda rng: relu_layers(rng, *SHAPE),
+    "rank 192 of width 256": lambda rng: rank_deficient(rng, *SHAPE),
+    "dead units and offsets": lambda rng: dead_units(rng, *SHAPE),
+}
+WIDE = {
+    "k^-2, 2000 x 512/256": lambda rng: power_law(rng, 2000, 512, 256, 2.0),
+    "k^-1.5, 4000 x 1024/512": lambda rng: power_law(rng, 4000, 1024, 512, 1.5),
+    "post-ReLU, 2000 x 1024/512": lambda rng: relu_layers(rng, 2000, 1024, 512),
+}
+
+MEASURES = {
+    "linear_cka": jaxsim.linear_cka,
+    "linear_cka debiased": functools.partial(jaxsim.linear_cka, debiased=True),
+    "mean_cca": jaxsim.mean_cca,
+    "svcca keep_dims=20": functools.partial(jaxsim.svcca, keep_dims=20),
+    "svcca 99% variance": jaxsim.svcca,
+    "pwcca": jaxsim.pwcca,
+    "pwcca variates": functools.partial(jaxsim.pwcca, directions="variates"),
+    "pwcca epsilon": functools.partial(jaxsim.pwcca, epsilon=1e-6),
+    "procrustes": jaxsim.procrustes_similarity,
+    "procrustes alpha=0.5": functools.partial(jaxsim.procrustes_similarity, alpha=0.5),
+    "procrustes alpha=0": functools.partial(jaxsim.procrustes_similarity, alpha=0.0),
+    "linear_predictivity": jaxsim.linear_predictivity,
+}
+
+# measures whose cost grows with n^2: compared on the first 600 examples
+SMALL_N = {
+    "rbf_cka": jaxsim.rbf_cka,
+    "rsa": jaxsim.rsa,
+    "mutual_knn": jaxsim.mutual_knn,
+}
+
+# all measures in one jitted call (validation is jit-safe): one compile per shape and dtype
+_ALL = jax.jit(lambda x, y, xs, ys: ({k: f(x, y) for k, f in MEASURES.items()},
+                                     {k: f(xs, ys) for k, f in SMALL_N.items()}))
+
+
+@functools.lru_cache(maxsize=None)
+def case_values(case):
+    """float64 and float32 values of every measure on one case (computed once)."""
+    x, y = {**CASES, **WIDE}[case](np.random.default_rng(0))
+    with jax.enable_x64(True):
+        ref = {k: float(v) for part in _ALL(x, y, x[:600], y[:600]) for k, v in part.items()}
+    x32, y32 = x.astype(np.float32), y.astype(np.float32)
+    got = {k: v for part in _ALL(x32, y32, x32[:600], y32[:600]) for k, v in part.items()}
+    return ref, got
+
+
+# mutual kNN counts neighbours: float32 rounding can swap two nearly tied ones (a large
+# common offset makes cosine similarities nearly equal), a step of 1/(n k) each
+TOLERANCE = {"mutual_knn": 3e-3}
+
+
+@pytest.mark.parametrize("case", sorted(CASES) + [
+    pytest.param(c, marks=pytest.mark.slow) for c in sorted(WIDE)])
+def test_float32_agrees_with_float64_on_realistic_layers(case):
+    ref, got = case_values(case)
+    assert all(v.dtype == np.float32 for v in got.values())
+    errors = {k: abs(float(got[k]) - ref[k]) for k in ref}
+    bad = {k: (round(ref[k], 6), round(float(got[k]), 6)) for k, e in errors.items()
+           if e > TOLERANCE.get(k, 1e-3)}
+    assert not bad, f"float64 vs float32 off by more than 1e-3: {bad}"
+
+
+def test_float32_grids_agree_with_float64(rng):
+    x, y = power_law(rng, 800, 128, 64, 2.0)
+    layers = [x, y, np.maximum(x[:, :96], 0)]
+    for metric, opts in [("linear_cka", {"method": "gram"}), ("linear_cka", {"method": "features"}),
+                         ("mean_cca", {}), ("pwcca", {}), ("procrustes", {"alpha": 0.5})]:
+        with jax.enable_x64(True):
+            ref = np.asarray(jaxsim.similarity_grid(layers, metric=metric, **opts).values)
+        got = jaxsim.similarity_grid([a.astype(np.float32) for a in layers], metric=metric, **opts)
+        np.testing.assert_allclose(got.values, ref, atol=1e-3, err_msg=metric)
+
+
+def test_small_float32_grids_as_accurate_as_one_pair(rng):
+    # one or two stacked layers: the grid's block product must not lose what the pair keeps
+    x = rng.normal(size=(4000, 64))
+    y = np.tanh(x[:, :32]) + rng.normal(size=(4000, 32))
+    with jax.enable_x64(True):
+        ref = float(jaxsim.linear_cka(x, y))
+        state = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(1, 1), [x[:2000]], [y[:2000]])
+        ref_mb = float(jaxsim.minibatch_cka_result(state).values[0, 0])
+    x32, y32 = x.astype(np.float32), y.astype(np.float32)
+    assert abs(float(jaxsim.linear_cka(x32, y32)) - ref) < 1e-6
+    grid = jaxsim.similarity_grid([x32], [y32], method="gram")
+    assert abs(float(grid.values[0, 0]) - ref) < 2e-6
+    state = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(1, 1, dtype=np.float32),
+                                        [x32[:2000]], [y32[:2000]])
+    assert abs(float(jaxsim.minibatch_cka_result(state).values[0, 0]) - ref_mb) < 2e-6
+
+
+@given(seed=st.integers(0, 2**31 - 1), offset=st.floats(-10, 10), scale=st.floats(0.1, 10))
+def test_float32_matches_float64_on_well_conditioned_inputs(seed, offset, scale):
+    # one shape: every example runs the same compiled functions
+    x, y = related(np.random.default_rng(seed), 120, 8, 5)
+    x, y = scale * x + offset, y - offset
+    fns = [jaxsim.linear_cka, jaxsim.mean_cca, jaxsim.pwcca, jaxsim.procrustes_similarity,
+           jaxsim.linear_predictivity, functools.partial(jaxsim.svcca, keep_dims=2)]
+    with jax.enable_x64(True):
+        ref = [float(f(x, y)) for f in fns]
+    got = [float(f(x.astype(np.float32), y.astype(np.float32))) for f in fns]
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+# ------------------------------------------------------------------ half precision
+
+
+def gram(x):
+    """A Gram matrix in x's dtype, from the float32 product (rounded once)."""
+    wide = x.astype(jnp.float32)
+    return (wide @ wide.T).astype(x.dtype)
+
+
+PUBLIC = {
+    "linear_cka": lambda x, y: jaxsim.linear_cka(x, y),
+    "linear_cka gram": lambda x, y: jaxsim.linear_cka(x, y, method="gram"),
+    "rbf_cka": lambda x, y: jaxsim.rbf_cka(x, y),
+    "cka": lambda x, y: jaxsim.cka(gram(x), gram(y)),
+    "hsic": lambda x, y: jaxsim.hsic(gram(x), gram(y)),
+    "center_gram": lambda x, y: jaxsim.center_gram(gram(x))[0, 1],
+    "mean_cca": jaxsim.mean_cca,
+    "cca": lambda x, y: jaxsim.cca(x, y).coefficients[0],
+    "svcca": lambda x, y: jaxsim.svcca(x, y, keep_dims=3),
+    "pwcca": jaxsim.pwcca,
+    "procrustes_distance": jaxsim.procrustes_distance,
+    "rsa": jaxsim.rsa,
+    "mutual_knn": lambda x, y: jaxsim.mutual_knn(x, y, k=5),
+    "linear_predictivity": jaxsim.linear_predictivity,
+    "grid": lambda x, y: jaxsim.similarity_grid([x], [y]).values[0, 0],
+    "grid pwcca": lambda x, y: jaxsim.similarity_grid([x, y], metric="pwcca").values[0, 1],
+    "minibatch": lambda x, y: jaxsim.minibatch_cka_result(jaxsim.minibatch_cka_update(
+        jaxsim.minibatch_cka_init(1, 1), [x], [y])).values[0, 0],
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_inputs_computed_in_float32(rng, dtype):
+    x, y = related(rng, 80, 6, 5)
+    half_x, half_y = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
+    # the same rounded values given in float32 are the reference (Gram inputs are rounded
+    # to the half dtype once, by ``gram``, in both)
+    wide = lambda fn, a, b: fn(a.astype(jnp.float32), b.astype(jnp.float32))
+    for name, fn in PUBLIC.items():
+        got = fn(half_x, half_y)
+        assert got.dtype == jnp.float32, name
+        if name in ("cka", "hsic", "center_gram"):
+            ref = {"cka": jaxsim.cka, "hsic": jaxsim.hsic,
+                   "center_gram": lambda k, l: jaxsim.center_gram(k)[0, 1]}[name](
+                gram(half_x).astype(jnp.float32), gram(half_y).astype(jnp.float32))
+        else:
+            ref = wide(fn, half_x, half_y)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert jaxsim.gram_linear(half_x).dtype == jnp.float32
+
+
+def test_bfloat16_flax_model_streams(rng):
+    from flax import nnx
+
+    from jaxsim.flax import minibatch_grid
+
+    model = nnx.Sequential(nnx.Linear(4, 8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), nnx.relu,
+                           nnx.Linear(8, 3, dtype=jnp.bfloat16, rngs=nnx.Rngs(1)))
+    batches = [rng.normal(size=(16, 4)).astype(np.float32) for _ in range(3)]
+    grid = minibatch_grid(model, batches, progress=False)
+    assert grid.values.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(grid.values)))
+
+
+# ------------------------------------------------------------------ scale
+
+
+def test_scale_invariant_measures_never_overflow(rng):
+    x, y = related(rng, 300, 8, 6)
+    x32, y32 = x.astype(np.float32), y.astype(np.float32)
+    invariant = {
+        "linear_cka": jaxsim.linear_cka,
+        "linear_cka gram": functools.partial(jaxsim.linear_cka, method="gram"),
+        "linear_cka debiased": functools.partial(jaxsim.linear_cka, debiased=True),
+        "rbf_cka": jaxsim.rbf_cka, "mean_cca": jaxsim.mean_cca, "pwcca": jaxsim.pwcca,
+        "svcca": functools.partial(jaxsim.svcca, keep_dims=3),
+        "procrustes": jaxsim.procrustes_similarity, "rsa": jaxsim.rsa,
+        "linear_predictivity": jaxsim.linear_predictivity,
+        "grid": lambda a, b: jaxsim.similarity_grid([a], [b], method="gram").values[0, 0],
+    }
+    for name, fn in invariant.items():
+        base = float(fn(x32, y32))
+        for scale in (1e18, 1e-18):
+            np.testing.assert_allclose(fn(x32 * scale, y32), base, rtol=1e-4, atol=1e-6,
+                                       err_msg=f"{name} at scale {scale}")
+
+
+def test_cka_of_grams_with_an_offset_is_documented():
+    assert "float32" in jaxsim.cka.__doc__ and "offset" in jaxsim.cka.__doc__
+
+
+# ------------------------------------------------------------------ derivatives
+
+
+def finite_difference(fn, x, direction, h=1e-6):
+    return (fn(x + h * direction) - fn(x - h * direction)) / (2 * h)
+
+
+DIFFERENTIABLE = {
+    "linear_cka": jaxsim.linear_cka,
+    "linear_cka gram": functools.partial(jaxsim.linear_cka, method="gram"),
+    "linear_cka debiased": functools.partial(jaxsim.linear_cka, debiased=True),
+    "rbf_cka": jaxsim.rbf_cka,
+    "mean_cca": jaxsim.mean_cca,
+    "svcca": functools.partial(jaxsim.svcca, keep_dims=3),
+    "pwcca": jaxsim.pwcca,
+    "pwcca variates": functools.partial(jaxsim.pwcca, directions="variates"),
+    "procrustes": jaxsim.procrustes_similarity,
+    "procrustes alpha=0.5": functools.partial(jaxsim.procrustes_similarity, alpha=0.5),
+    "linear_predictivity": jaxsim.linear_predictivity,
+}
+
+
+@pytest.mark.parametrize("name", sorted(DIFFERENTIABLE))
+def test_gradients(x64, rng, name):
+    """Against central finite differences on generic layers, and finite at degenerate
+    points (all with one shape, so each gradient compiles once)."""
+    fn = DIFFERENTIABLE[name]
+    x, y = related(rng, 40, 4, 4)
+    direction = rng.normal(size=x.shape)
+    loss = lambda a: fn(a, y)
+    grad = jax.grad(loss)(x)
+    np.testing.assert_allclose(np.vdot(grad, direction), finite_difference(loss, x, direction),
+                               rtol=1e-5, atol=1e-8)
+    # the second argument too
+    grad_y = jax.grad(lambda b: fn(x, b))(y)
+    direction_y = rng.normal(size=y.shape)
+    np.testing.assert_allclose(np.vdot(grad_y, direction_y),
+                               finite_difference(lambda b: fn(x, b), y, direction_y),
+                               rtol=1e-5, atol=1e-8)
+    degenerate = {
+        "zero variance": np.zeros((40, 4)),
+        "constant": np.full((40, 4), 2.0),
+        "rank deficient": np.concatenate([x[:, :2], x[:, :2] @ rng.normal(size=(2, 2))], axis=1),
+        "identical": x,
+    }
+    for label, y in degenerate.items():
+        grad = jax.grad(lambda a: fn(a, y))(x)
+        assert bool(jnp.all(jnp.isfinite(grad))), f"{name}: {label}"
