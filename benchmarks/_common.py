@@ -67,3 +67,55 @@ def classic_pwcca(x, y):
     q, _ = np.linalg.qr((acts - mean) @ vecs + mean)
     w = np.abs(q.T @ acts).sum(1)
     return np.sum(w / w.sum() * s)
+
+
+# ------------------------------------------------ the covariance route, in JAX (jaxsim 0.1)
+# Whitening through an eigendecomposition of X^T X, pseudo-inverting eigenvalues below
+# d * eps * max: what jaxsim did before its SVD-based preparation, and what google/svcca
+# does. Kept here to measure, in one run, what the stable route costs and what it fixes.
+
+
+def _cov_whiten(x):
+    import jax.numpy as jnp
+
+    n, d = x.shape
+    xc = x - x.mean(0)
+    cov = xc.T @ xc / (n - 1)
+    scale = jnp.max(jnp.abs(cov))
+    w, v = jnp.linalg.eigh(cov / scale)
+    tol = jnp.max(w) * d * jnp.finfo(w.dtype).eps
+    inv = jnp.where(w > tol, 1 / jnp.sqrt(jnp.where(w > tol, w, 1)), 0)
+    return xc, (v * inv) @ v.T / jnp.sqrt(scale * (n - 1)), jnp.sum(w > tol)
+
+
+def covariance_mean_cca(x, y):
+    import jax.numpy as jnp
+
+    xc, wx, rx = _cov_whiten(x)
+    yc, wy, ry = _cov_whiten(y)
+    s = jnp.linalg.svd(wx.T @ (xc.T @ yc) @ wy, compute_uv=False)
+    k = min(x.shape[1], y.shape[1])
+    return jnp.sum(jnp.clip(s, 0, 1)) / k
+
+
+def covariance_pwcca(x, y):
+    import jax.numpy as jnp
+
+    xc, wx, _ = _cov_whiten(x)
+    yc, wy, _ = _cov_whiten(y)
+    u, s, vh = jnp.linalg.svd(wx.T @ (xc.T @ yc) @ wy, full_matrices=False)
+    acts, vecs = (x, u) if x.shape[1] <= y.shape[1] else (y, vh.T)
+    mean = acts.mean(0)
+    q, _ = jnp.linalg.qr((acts - mean) @ vecs + mean[: vecs.shape[1]])
+    w = jnp.abs(q.T @ acts).sum(1)
+    return jnp.sum(w / w.sum() * jnp.clip(s, 0, 1))
+
+
+def covariance_svcca(x, y, k=20):
+    import jax.numpy as jnp
+
+    def reduce(a):
+        ac = a - a.mean(0)
+        w, v = jnp.linalg.eigh(ac.T @ ac)
+        return ac @ v[:, ::-1][:, :k]
+    return covariance_mean_cca(reduce(x), reduce(y))

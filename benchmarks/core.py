@@ -2,10 +2,14 @@
 
     python benchmarks/core.py [--quick]
 
-SVCCA (20 dims) and PWCCA on 500 neurons x 10000 examples of low-rank ReLU-like
-activations (float64), versus the original recipe in NumPy (covariance, pseudo-inverse
-square roots, SVD); linear CKA's Gram route versus its feature-space route at n=10000,
-d=512 (float32).
+1. SVCCA (20 dims) and PWCCA on 500 neurons x 10000 examples of low-rank ReLU-like
+   activations (float64), versus the original recipe in NumPy (covariance, pseudo-inverse
+   square roots, SVD).
+2. float32 speed of the CCA family: jaxsim (thin SVD of the centred data) versus the
+   covariance route it replaced (eigendecomposition of X^T X, in JAX), same data.
+3. float32 error against float64 on realistic spectra (power laws k^-1..k^-2, post-ReLU,
+   rank-deficient, dead units), jaxsim versus the covariance route.
+4. Linear CKA's Gram route versus its feature-space route at n=10000, d=512 (float32).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import classic_pwcca, classic_svcca, matmul_rate, relu_lowrank, timeit  # noqa: E402
+from _common import (classic_pwcca, classic_svcca, covariance_mean_cca,  # noqa: E402
+                     covariance_pwcca, covariance_svcca, matmul_rate, relu_lowrank, timeit)
 
 
 def main(argv=None):
@@ -54,8 +59,32 @@ def main(argv=None):
         print(f"  {name:22s} jaxsim {t:7.3f} s   classic NumPy {tb:7.3f} s   "
               f"speed-up {tb / t:6.1f}x   |diff| {diff:.1e}")
 
-    n2, d2 = (2000, 128) if args.quick else (10_000, 512)
     jax.config.update("jax_enable_x64", False)
+    x32, y32 = x.astype(np.float32), y.astype(np.float32)
+    print(f"\nCCA family in float32, {d} neurons x {n} examples: the stable route's price")
+    for name, ours, cov in [
+        ("mean_cca", jaxsim.mean_cca, covariance_mean_cca),
+        ("svcca(keep_dims=20)", lambda a, b: jaxsim.svcca(a, b, keep_dims=20), covariance_svcca),
+        ("pwcca", jaxsim.pwcca, covariance_pwcca),
+    ]:
+        cov = jax.jit(cov)
+        t, tc = timeit(ours, x32, y32), timeit(cov, x32, y32)
+        print(f"  {name:22s} jaxsim {t:7.3f} s   covariance route {tc:7.3f} s   "
+              f"jaxsim / covariance {t / tc:5.2f}x")
+
+    print("\nfloat32 error |f32 - f64| on realistic spectra (1e-3 is the promise)")
+    print(f"  {'layers':36s} {'measure':10s} {'jaxsim':>9s} {'covariance route':>17s}")
+    for label, (a, b) in spectra(rng, args.quick).items():
+        for name, ours, cov in [("mean_cca", jaxsim.mean_cca, covariance_mean_cca),
+                                ("pwcca", jaxsim.pwcca, covariance_pwcca)]:
+            with jax.enable_x64(True):  # each route against its own float64 value
+                ref, ref_cov = float(ours(a, b)), float(jax.jit(cov)(a, b))
+            a32, b32 = a.astype(np.float32), b.astype(np.float32)
+            e_ours = abs(float(ours(a32, b32)) - ref)
+            e_cov = abs(float(jax.jit(cov)(a32, b32)) - ref_cov)
+            print(f"  {label:36s} {name:10s} {e_ours:9.1e} {e_cov:17.1e}")
+
+    n2, d2 = (2000, 128) if args.quick else (10_000, 512)
     a = relu_lowrank(rng, n2, d2).astype(np.float32)
     b = relu_lowrank(rng, n2, d2).astype(np.float32)
     print(f"\nlinear CKA, n={n2}, d={d2}, float32")
@@ -66,6 +95,34 @@ def main(argv=None):
     print(f"  Gram route {tg:.3f} s   feature route {tf:.3f} s   feature speed-up {tg / tf:.1f}x"
           f"   values {vg:.6f} / {vf:.6f}")
     return rows
+
+
+def power_law(rng, n, d1, d2, alpha, offset=5.0):
+    lam = np.arange(1, d1 + 1) ** -alpha
+    z = rng.normal(size=(n, d1)) * np.sqrt(lam)
+    q1 = np.linalg.qr(rng.normal(size=(d1, d1)))[0]
+    q2 = np.linalg.qr(rng.normal(size=(d2, d2)))[0]
+    y = z[:, :d2] + 0.1 * rng.normal(size=(n, d2)) * np.sqrt(lam[:d2])
+    return z @ q1 + offset, y @ q2 - offset
+
+
+def spectra(rng, quick):
+    s = 4 if quick else 1
+    x, y = power_law(rng, 2000 // s, 512 // s, 256 // s, 1.0, offset=0.0)
+    dead_x, dead_y = power_law(rng, 1500 // s, 96, 64, 1.5, offset=0.0)
+    dead_x[:, ::7] = 0
+    dead_y[:, ::5] = 0
+    low_x, low_y = power_law(rng, 1500 // s, 48, 48, 1.0, offset=0.0)
+    return {
+        f"k^-2, {2000 // s} x {512 // s}/{256 // s}, offset 5":
+            power_law(rng, 2000 // s, 512 // s, 256 // s, 2.0),
+        f"k^-1.5, {4000 // s} x {1024 // s}/{512 // s}, offset 5":
+            power_law(rng, 4000 // s, 1024 // s, 512 // s, 1.5),
+        f"k^-1, {2000 // s} x {512 // s}/{256 // s}, post-ReLU":
+            (np.maximum(x + 0.05, 0), np.maximum(y + 0.02, 0)),
+        "rank 48 of width 64": (low_x @ rng.normal(size=(48, 64)), low_y),
+        "dead units, offsets 3/-2": (dead_x + 3, dead_y - 2),
+    }
 
 
 if __name__ == "__main__":

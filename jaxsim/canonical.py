@@ -122,16 +122,12 @@ def _whitening_input(x: Array, epsilon: float) -> tuple[Array, Array, Array, Arr
     return jnp.where(kept, xs, 0) / norm, offset, kept, 1 / (big * norm)
 
 
-def _summary(u: Array, s: Array, vh: Array, offset: Array, kept: Array, eps: float,
-             mask: Array | None = None) -> CCASummary:
-    """A prepared layer from the SVD of its scaled activations: singular values below the
-    numpy/LAPACK rank cut-off (size times the dtype's resolution, relative to the largest)
-    are null directions; google/svcca's epsilon shrinks direction i by
-    ``sqrt(lam_i / (lam_i + eps))``, as ``(Sigma + eps I)^(-1/2)`` does in the reference."""
-    tol = s[0] * max(u.shape[0], vh.shape[1]) * jnp.finfo(s.dtype).eps
-    live = s > tol
-    if mask is not None:
-        live = live & mask
+def _summary(u: Array, s: Array, vh: Array, live: Array, offset: Array, kept: Array,
+             eps: float) -> CCASummary:
+    """A prepared layer from the SVD of its scaled activations (``live``: the directions
+    above the rank cut-off of :func:`jaxsim._linalg.data_svd`); google/svcca's epsilon
+    shrinks direction i by ``sqrt(lam_i / (lam_i + eps))``, as ``(Sigma + eps I)^(-1/2)``
+    does in the reference."""
     lam = s * s
     f = safe_sqrt(safe_ratio(lam, lam + eps)) if eps else jnp.ones_like(s)
     f = jnp.where(live, f, 0)
@@ -140,16 +136,16 @@ def _summary(u: Array, s: Array, vh: Array, offset: Array, kept: Array, eps: flo
 
 def _prepare_cca(x: Array, epsilon: float) -> CCASummary:
     xk, offset, kept, _ = _whitening_input(x, epsilon)
-    u, s, vh = _la.svd(xk)
-    return _summary(u, s, vh, offset, kept, epsilon)
+    u, s, vh, live = _la.data_svd(xk)
+    return _summary(u, s, vh, live, offset, kept, epsilon)
 
 
 def _prepare_svcca(x: Array, keep_dims: int | None, keep_variance: float,
                    epsilon: float) -> CCASummary:
     n, d = x.shape
-    u, s, _ = _la.svd(_scaled(x)[0])
     m = keep_dims if keep_dims is not None else min(n, d)
-    u, s = u[:, :m], s[:m]
+    u, s, _, live = _la.data_svd(_scaled(x)[0], keep=m)
+    s, live = s[:m], live[:m]
     if keep_dims is None:
         w = s * s
         frac = jnp.cumsum(w) / jnp.where(jnp.sum(w) > 0, jnp.sum(w), 1)
@@ -163,8 +159,8 @@ def _prepare_svcca(x: Array, keep_dims: int | None, keep_variance: float,
     # basis is U_m itself, and the epsilon rule acts on S_m^2 / S_1^2
     rel = safe_ratio(s, s[0])
     kept = mask & (rel * rel >= epsilon)
-    return _summary(u, rel, jnp.eye(m, dtype=x.dtype), jnp.zeros(m, x.dtype), kept, epsilon,
-                    mask=kept)
+    return _summary(u, rel, jnp.eye(m, dtype=x.dtype), live & kept, jnp.zeros(m, x.dtype),
+                    kept, epsilon)
 
 
 # -------------------------------------------------------------------------------- pair

@@ -52,11 +52,10 @@ def _shape_normalise(x: Array, alpha: float) -> Array:
     xs, big = _scaled(x)
     if alpha == 1:
         return _unit(xs)
-    u, s, _ = _la.svd(xs)
-    tol = s[0] * max(xs.shape) * jnp.finfo(s.dtype).eps
+    u, s, _, live = _la.data_svd(xs)
     # in xs's units (the data divided by big) the whitening term is sqrt(n) / big
     d = alpha * s + (1 - alpha) * math.sqrt(xs.shape[0]) / big
-    return _unit(u * jnp.where(s > tol, d, 0))
+    return _unit(u * jnp.where(live, d, 0))
 
 
 def _procrustes_pair(a: Array, b: Array) -> Array:
@@ -231,11 +230,10 @@ class RidgeSummary(NamedTuple):
 
 def _ridge_prepare(x: Array, ridge: float) -> RidgeSummary:
     xs, _ = _scaled(x)
-    u, s, vh = _la.svd(xs)
+    u, s, vh, live = _la.data_svd(xs)
     lam2 = s * s
     lam = ridge * jnp.sum(lam2) / x.shape[1]
-    tol = s[0] * max(xs.shape) * jnp.finfo(s.dtype).eps
-    shrink = jnp.where(s > tol, safe_ratio(lam2, lam2 + lam), 0)
+    shrink = jnp.where(live, safe_ratio(lam2, lam2 + lam), 0)
     return RidgeSummary(u, s, vh, shrink)
 
 
