@@ -5,16 +5,24 @@ from __future__ import annotations
 import sys
 from typing import Iterable
 
+# with ``progress=None`` a bar appears only once a loop has run this long
+AUTO_DELAY_S = 3.0
 
-def bar(iterable: Iterable, enabled: bool, total: int | None, desc: str) -> Iterable:
-    """``iterable`` with a progress bar on stderr (none when ``enabled`` is false)."""
-    if not enabled:
+
+def bar(iterable: Iterable, enabled: bool | None, total: int | None, desc: str) -> Iterable:
+    """``iterable`` with a progress bar on stderr.
+
+    ``enabled``: True always shows one (tqdm, or a plain counter without it); False never;
+    None shows a tqdm bar only when the loop is still running after a few seconds.
+    """
+    if enabled is False:
         return iterable
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        return _plain(iterable, total, desc)
-    return tqdm(iterable, total=total, desc=desc, leave=False, file=sys.stderr)
+        return _plain(iterable, total, desc) if enabled else iterable
+    delay = 0.0 if enabled else AUTO_DELAY_S
+    return tqdm(iterable, total=total, desc=desc, leave=False, file=sys.stderr, delay=delay)
 
 
 def _plain(iterable: Iterable, total: int | None, desc: str) -> Iterable:
