@@ -50,10 +50,11 @@ def main(argv=None) -> dict:
     acts = []
     for seed in range(args.seeds):
         if args.model == "cnn":
-            model = C.PlainCNN(x.shape[-1], args.width, args.depth, data.num_classes,
-                               rngs=nnx.Rngs(seed))
+            model = C.create(C.PlainCNN, x.shape[-1], args.width, args.depth, data.num_classes,
+                             seed=seed)
         else:
-            model = C.MLP(in_dim, (args.width,) * args.depth, data.num_classes, rngs=nnx.Rngs(seed))
+            model = C.create(C.MLP, in_dim, (args.width,) * args.depth, data.num_classes,
+                             seed=seed)
         C.train(model, data, epochs=args.epochs, seed=seed, desc=f"seed {seed}",
                 progress=not args.no_progress)
         acts.append(collect_activations(model, C.batches(x, None, 512),

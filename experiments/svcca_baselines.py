@@ -44,7 +44,7 @@ def main(argv=None) -> dict:
 
     acts, accs = [], []
     for seed in (0, 1):
-        model = C.MLP(in_dim, (args.width,) * 3, data.num_classes, rngs=nnx.Rngs(seed))
+        model = C.create(C.MLP, in_dim, (args.width,) * 3, data.num_classes, seed=seed)
         accs.append(C.train(model, data, epochs=args.epochs, seed=seed, desc=f"seed {seed}",
                             progress=progress))
         acts.append(collect_activations(model, C.batches(x_all, None, 512), filter=hidden,

@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
         d.num_classes = int(d["train"][1].max() + 1)
 
     def model_for(task, seed):
-        return C.MLP(in_dim, (args.width,) * 3, split[task].num_classes, rngs=nnx.Rngs(seed))
+        return C.create(C.MLP, in_dim, (args.width,) * 3, split[task].num_classes, seed=seed)
 
     sources = {}
     for i, name in enumerate(names):

@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
     n_batches = len(x_test) // args.cka_batch
 
     def build(depth, width, seed):
-        return C.ResNet(channels, width, depth, data.num_classes, rngs=nnx.Rngs(seed))
+        return C.create(C.ResNet, channels, width, depth, data.num_classes, seed=seed)
 
     results, grids, models = {}, {}, {}
     for depth in args.depths:

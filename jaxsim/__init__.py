@@ -12,6 +12,7 @@ Submodules: ``jaxsim.stats`` (permutation tests, bootstrap, baselines), ``jaxsim
 import importlib
 
 from jaxsim.canonical import CCAResult as CCAResult
+from jaxsim.canonical import UnderdeterminedWarning as UnderdeterminedWarning
 from jaxsim.canonical import cca as cca
 from jaxsim.canonical import mean_cca as mean_cca
 from jaxsim.canonical import pwcca as pwcca
@@ -45,6 +46,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CCAResult",
     "Grid",
+    "UnderdeterminedWarning",
     "MinibatchCKAState",
     "cca",
     "center_gram",

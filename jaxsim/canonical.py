@@ -27,6 +27,13 @@ google/svcca's ``cca_core``; on rank-deficient ones (dead units, fewer distinct 
 than units) the reference divides by the number of units and weights null directions,
 so a layer compared with itself scores below 1 there; jaxsim gives 1.
 
+Examples per unit. With fewer than ``EXAMPLES_PER_UNIT`` (5) examples per unit CCA
+finds correlations in noise: unrelated layers score near 1 (google/svcca's tutorial,
+"How many datapoints?": "pick the number of datapoints to be at least a few times larger
+than the number of neurons"). Every function here then warns once
+(:class:`UnderdeterminedWarning`, ``warn=False`` silences it) with the numbers and the
+remedies; grids carry the same note.
+
 References:
   Bjorck & Golub, Numerical methods for computing angles between linear subspaces,
   Mathematics of Computation, 1973.
@@ -41,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -317,8 +325,50 @@ def pwcca_measure(*, epsilon: float = 0.0, directions: str = "reference") -> Mea
 # ---------------------------------------------------------------------- public functions
 
 
-def _checked(x: Any, y: Any, epsilon: float, check_finite: bool) -> tuple[Array, Array, float]:
+# google/svcca's tutorial ("How many datapoints?"): "pick the number of datapoints to be
+# at least a few times larger than the number of neurons", because with few examples per
+# unit CCA finds correlations in noise (unrelated layers score near 1).
+EXAMPLES_PER_UNIT = 5
+
+
+class UnderdeterminedWarning(UserWarning):
+    """CCA on fewer examples than a few per unit: canonical correlations are inflated."""
+
+
+def examples_note(n: int, widths: dict[str, int]) -> str | None:
+    """The under-determined-CCA message for n examples and the units CCA sees per layer
+    (the width, or SVCCA's keep_dims), or None when n is at least EXAMPLES_PER_UNIT times
+    every one of them."""
+    if not widths:
+        return None
+    name, width = max(widths.items(), key=lambda kv: kv[1])
+    if n >= EXAMPLES_PER_UNIT * width:
+        return None
+    note = (f"{name}: CCA on n={n} examples for {width} units (fewer than "
+            f"{EXAMPLES_PER_UNIT} per unit, google/svcca's advice): canonical correlations "
+            "are inflated toward 1, on unrelated layers too. Use more examples, svcca with "
+            f"keep_dims <= {max(1, n // EXAMPLES_PER_UNIT)}, or CKA (linear_cka), which "
+            "needs no more examples than units")
+    if all(n < w for w in widths.values()):
+        note += ("; if the arrays are laid out (neurons, n) as in google/svcca, pass their "
+                 "transposes (x.T)")
+    return note
+
+
+def warn_examples(n: int, widths: dict[str, int], warn: bool) -> str | None:
+    """Warns (once per call) when CCA is under-determined; returns the note."""
+    note = examples_note(n, widths)
+    if note and warn:
+        warnings.warn(note + ". Pass warn=False to silence this warning.",
+                      UnderdeterminedWarning, stacklevel=3)
+    return note
+
+
+def _checked(x: Any, y: Any, epsilon: float, check_finite: bool, warn: bool,
+             keep_dims: int | None = None) -> tuple[Array, Array, float]:
     x, y = _v.pair(x, y, min_n=2, check_finite=check_finite)
+    units = lambda a: a.shape[1] if keep_dims is None else min(keep_dims, a.shape[1])
+    warn_examples(x.shape[0], {"x": units(x), "y": units(y)}, warn)
     return x, y, _v.non_negative(epsilon, "epsilon")
 
 
@@ -328,7 +378,8 @@ def _cca(x: Array, y: Array, epsilon: float) -> CCAResult:
     return _cca_result(_prepare_cca(x, epsilon), _prepare_cca(y, epsilon), scale(x), scale(y))
 
 
-def cca(x: Any, y: Any, *, epsilon: float = 0.0, check_finite: bool = True) -> CCAResult:
+def cca(x: Any, y: Any, *, epsilon: float = 0.0, check_finite: bool = True,
+        warn: bool = True) -> CCAResult:
     r"""Canonical correlation analysis of two activation arrays.
 
     With :math:`\Sigma` the (scaled, regularised) covariance blocks, the coefficients are the
@@ -350,17 +401,18 @@ def cca(x: Any, y: Any, *, epsilon: float = 0.0, check_finite: bool = True) -> C
       >>> jaxsim.cca(x, x @ jax.random.normal(jax.random.key(1), (8, 8))).coefficients.round(4)
       Array([1., 1., 1., 1., 1., 1., 1., 1.], dtype=float32)
     """
-    return _cca(*_checked(x, y, epsilon, check_finite))
+    return _cca(*_checked(x, y, epsilon, check_finite, warn))
 
 
-def mean_cca(x: Any, y: Any, *, epsilon: float = 0.0, check_finite: bool = True) -> Array:
+def mean_cca(x: Any, y: Any, *, epsilon: float = 0.0, check_finite: bool = True,
+        warn: bool = True) -> Array:
     r"""Mean canonical correlation, :math:`\frac{1}{k} \sum_i \rho_i` over the ``rank``
     coefficients of :func:`cca`.
 
     Returns:
       Scalar array in [0, 1].
     """
-    x, y, epsilon = _checked(x, y, epsilon, check_finite)
+    x, y, epsilon = _checked(x, y, epsilon, check_finite, warn)
     return evaluate(cca_measure, x, y, epsilon=epsilon)
 
 
@@ -391,7 +443,7 @@ def check_keep_dims(keep_dims: int | None, named: dict[str, Array]) -> None:
 
 
 def svcca(x: Any, y: Any, *, keep_dims: int | None = None, keep_variance: float = 0.99,
-          epsilon: float = 0.0, check_finite: bool = True) -> Array:
+          epsilon: float = 0.0, check_finite: bool = True, warn: bool = True) -> Array:
     r"""Singular vector CCA: mean CCA of each layer's top principal directions.
 
     Each feature is centered, the layer is reduced to its top ``keep_dims`` singular
@@ -409,15 +461,15 @@ def svcca(x: Any, y: Any, *, keep_dims: int | None = None, keep_variance: float 
     References:
       Raghu et al., SVCCA, NeurIPS 2017.
     """
-    x, y, epsilon = _checked(x, y, epsilon, check_finite)
     keep_variance = _check_keep(keep_dims, keep_variance)
+    x, y, epsilon = _checked(x, y, epsilon, check_finite, warn, keep_dims)
     check_keep_dims(keep_dims, {"x": x, "y": y})
     return evaluate(svcca_measure, x, y, keep_dims=keep_dims, keep_variance=keep_variance,
                     epsilon=epsilon)
 
 
 def pwcca(x: Any, y: Any, *, epsilon: float = 0.0, directions: str = "reference",
-          check_finite: bool = True) -> Array:
+          check_finite: bool = True, warn: bool = True) -> Array:
     r"""Projection-weighted CCA (Morcos et al. 2018), as google/svcca computes it.
 
     .. math:: \mathrm{PWCCA} = \sum_i \alpha_i \rho_i, \qquad
@@ -439,5 +491,5 @@ def pwcca(x: Any, y: Any, *, epsilon: float = 0.0, directions: str = "reference"
     References:
       Morcos, Raghu & Bengio, NeurIPS 2018.
     """
-    x, y, epsilon = _checked(x, y, epsilon, check_finite)
+    x, y, epsilon = _checked(x, y, epsilon, check_finite, warn)
     return evaluate(pwcca_measure, x, y, epsilon=epsilon, directions=directions)

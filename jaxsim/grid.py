@@ -41,7 +41,7 @@ TRACE_COUNT: collections.Counter = collections.Counter()
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["values"],
-                   meta_fields=["rows", "cols", "metric", "row_label", "col_label"])
+                   meta_fields=["rows", "cols", "metric", "row_label", "col_label", "notes"])
 @dataclasses.dataclass(frozen=True)
 class Grid:
     """Similarity of every row layer with every column layer (a pytree).
@@ -54,6 +54,8 @@ class Grid:
       metric: the measure's name.
       row_label, col_label: what the row and column layers belong to (a model's name; by
         default the argument they came from), for titles and axis labels.
+      notes: caveats about the values (e.g. CCA on too few examples per unit), shown by
+        ``repr``.
     """
 
     values: Array
@@ -62,6 +64,7 @@ class Grid:
     metric: str = ""
     row_label: str = ""
     col_label: str = ""
+    notes: tuple[str, ...] = ()
 
     def to_numpy(self) -> np.ndarray:
         return np.asarray(self.values)
@@ -87,27 +90,30 @@ class Grid:
         path = path if path.endswith(".npz") else path + ".npz"
         np.savez(path, values=self.to_numpy(), rows=np.array(self.rows, dtype=str),
                  cols=np.array(self.cols, dtype=str), metric=np.array(self.metric),
-                 labels=np.array([self.row_label, self.col_label], dtype=str))
+                 labels=np.array([self.row_label, self.col_label], dtype=str),
+                 notes=np.array(self.notes, dtype=str))
         return path
 
     @classmethod
     def load(cls, path: str) -> "Grid":
         with np.load(path) as f:
             labels = [str(v) for v in f["labels"]] if "labels" in f.files else ["", ""]
+            notes = tuple(str(v) for v in f["notes"]) if "notes" in f.files else ()
             return cls(jnp.asarray(f["values"]), tuple(str(r) for r in f["rows"]),
-                       tuple(str(c) for c in f["cols"]), str(f["metric"]), *labels)
+                       tuple(str(c) for c in f["cols"]), str(f["metric"]), *labels, notes)
 
     def __repr__(self) -> str:
         values = self.to_numpy()
         head = f"Grid({self.metric or 'similarity'}, {values.shape[0]} x {values.shape[1]})"
+        notes = "".join(f"\nnote: {n}" for n in self.notes)
         if values.size > 400:
-            return head
+            return head + notes
         width = max([6] + [len(c) for c in self.cols])
         label = max([0] + [len(r) for r in self.rows])
         lines = [head, " " * label + "".join(f" {c:>{width}}" for c in self.cols)]
         for name, row in zip(self.rows, values):
             lines.append(f"{name:>{label}}" + "".join(f" {v:>{width}.4f}" for v in row))
-        return "\n".join(lines)
+        return "\n".join(lines) + notes
 
 
 def _position(names: tuple[str, ...], name: Any, side: str) -> int:
@@ -356,6 +362,8 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
       check_finite: raise on NaN/inf in any layer.
       labels: names of the two sides (e.g. ``("seed 0", "seed 1")``) for figures; default
         ``("acts_a", "acts_b")``.
+      warn: for the CCA family, warn when n is below 5 examples per unit (see
+        :mod:`jaxsim.canonical`); the grid's ``notes`` say so either way.
       **options: the metric's own keyword options (``debiased``, ``threshold``,
         ``epsilon``, ``keep_dims``, ``keep_variance``); for linear CKA ``method``:
         ``"auto"`` (the cheaper of the Gram and feature routes for the whole grid, see
@@ -376,6 +384,7 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
       (3, 3)
     """
     method = _v.choice(options.pop("method", "auto"), "method", ("auto", "gram", "features"))
+    warn = bool(options.pop("warn", True))
     reduce = {k: options.pop(k) for k in ("size", "subsample", "key") if k in options}
     reduce["reduce"] = options.pop("reduce", None)
     make, name = _measure_for(metric, dict(options))
@@ -389,10 +398,18 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
     dtype = _common_dtype(layers_a + ([] if self_grid else layers_b))
     layers_a = [a.astype(dtype) for a in layers_a]
     layers_b = layers_a if self_grid else [b.astype(dtype) for b in layers_b]
+    named = {**{f"acts_a[{k!r}]": a for k, a in zip(rows, layers_a)},
+             **({} if self_grid else {f"acts_b[{k!r}]": b for k, b in zip(cols, layers_b)})}
     if name == "svcca":
-        canonical.check_keep_dims(options.get("keep_dims"), {
-            **{f"acts_a[{k!r}]": a for k, a in zip(rows, layers_a)},
-            **({} if self_grid else {f"acts_b[{k!r}]": b for k, b in zip(cols, layers_b)})})
+        canonical.check_keep_dims(options.get("keep_dims"), named)
+    notes = ()
+    if name in ("mean_cca", "svcca", "pwcca"):
+        keep = options.get("keep_dims") if name == "svcca" else None
+        note = canonical.warn_examples(
+            layers_a[0].shape[0],
+            {k: a.shape[1] if keep is None else min(keep, a.shape[1]) for k, a in named.items()},
+            warn)
+        notes = (note,) if note else ()
     if measure.name == "linear_cka":
         measure = make(feature_space=kernel.feature_route(
             method, layers_a[0].shape[0], [a.shape[1] for a in layers_a],
@@ -407,7 +424,7 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
         sb = sa if self_grid else _prepare_all(measure, layers_b)
         values = jnp.asarray(_generic_grid(measure, sa, sb, self_grid, batch_size), dtype)
     row_label, col_label = _labels(labels, self_grid, ("acts_a", "acts_b"))
-    return Grid(values, tuple(rows), tuple(cols), name, row_label, col_label)
+    return Grid(values, tuple(rows), tuple(cols), name, row_label, col_label, notes)
 
 
 def _labels(labels: Any, self_grid: bool, default: tuple[str, str]) -> tuple[str, str]:

@@ -92,6 +92,8 @@ def _resolve(metric: Any, options: dict, x: Array, y: Array, permuted: bool = Fa
     method = _v.choice(options.pop("method", "auto"), "method", ("auto", "gram", "features"))
     make, _ = grid._measure_for(metric, options)
     measure = make()
+    if measure.name == "svcca":
+        canonical.check_keep_dims(options.get("keep_dims"), {"x": x, "y": y})
     if measure.name == "linear_cka":
         n, d1, d2 = x.shape[0], x.shape[1], y.shape[1]
         if method != "auto":

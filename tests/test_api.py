@@ -64,3 +64,92 @@ def test_namespace():
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == jaxsim.__version__
     assert set(jaxsim.__all__) <= set(dir(jaxsim))
+
+
+# ------------------------------------------------------------------ identity
+
+
+SIMILARITIES = {
+    # name: (function, invariant to any invertible linear map, or only to rotations)
+    "linear_cka": (jaxsim.linear_cka, "rotation"),
+    "linear_cka debiased": (lambda x, y: jaxsim.linear_cka(x, y, debiased=True), "rotation"),
+    "rbf_cka": (jaxsim.rbf_cka, "rotation"),
+    "mean_cca": (jaxsim.mean_cca, "invertible"),
+    "svcca": (jaxsim.svcca, "rotation"),
+    "svcca keep_variance=1": (lambda x, y: jaxsim.svcca(x, y, keep_variance=1.0), "invertible"),
+    "pwcca": (jaxsim.pwcca, "invertible"),
+    "pwcca variates": (lambda x, y: jaxsim.pwcca(x, y, directions="variates"), "invertible"),
+    "cca": (lambda x, y: jnp.mean(jaxsim.cca(x, y).coefficients[:int(jaxsim.cca(x, y).rank)]),
+            "invertible"),
+    "procrustes": (jaxsim.procrustes_similarity, "rotation"),
+    "procrustes alpha=0": (lambda x, y: jaxsim.procrustes_similarity(x, y, alpha=0.0),
+                           "invertible"),
+    # correlation RDMs and cosine neighbours are not invariant to rotations with offsets
+    "rsa": (jaxsim.rsa, "none"),
+    "mutual_knn": (jaxsim.mutual_knn, "none"),
+    "linear_predictivity ridge=0": (lambda x, y: jaxsim.linear_predictivity(x, y, ridge=0.0),
+                                    "invertible"),
+}
+
+
+def rank_deficient_layer(rng, n=500, width=100, rank=20):
+    """A layer of 100 units spanning 20 directions (a first conv layer of 64-pixel inputs
+    is such a layer), in float32."""
+    return (rng.normal(size=(n, rank)) @ rng.normal(size=(rank, width))).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(SIMILARITIES))
+def test_a_layer_against_itself_scores_one(rng, name):
+    fn, invariance = SIMILARITIES[name]
+    x = (rng.normal(size=(500, 12)) @ np.diag(np.linspace(3, 0.3, 12))).astype(np.float32)
+    np.testing.assert_allclose(fn(x, x), 1.0, atol=1e-5, err_msg="full rank")
+    q = np.linalg.qr(rng.normal(size=(12, 12)))[0].astype(np.float32)
+    if invariance != "none":
+        np.testing.assert_allclose(fn(x, 2.5 * x @ q + 1.0), 1.0, atol=1e-4, err_msg="rotated")
+    if invariance == "invertible":
+        a = (rng.normal(size=(12, 12)) + 3 * np.eye(12)).astype(np.float32)
+        np.testing.assert_allclose(fn(x, x @ a), 1.0, atol=1e-4, err_msg="linear map")
+    low = rank_deficient_layer(rng)
+    np.testing.assert_allclose(fn(low, low), 1.0, atol=1e-4, err_msg="rank 20 of width 100")
+
+
+def test_distances_vanish_on_identical_layers(rng):
+    x = rank_deficient_layer(rng)
+    assert float(jaxsim.procrustes_distance(x, x)) < 1e-3
+    assert float(jaxsim.procrustes_distance(x, x, angular=False)) < 1e-3
+
+
+def test_rank_deficient_cca_counts_its_effective_rank(rng):
+    x = rank_deficient_layer(rng)
+    res = jaxsim.cca(x, x)
+    assert int(res.rank) == 20
+    np.testing.assert_allclose(res.coefficients[:20], 1.0, atol=1e-4)
+    np.testing.assert_allclose(res.coefficients[20:], 0.0)
+
+
+# ------------------------------------------------------------------ too few examples
+
+
+def test_underdetermined_cca_warns_once_with_remedies(rng):
+    x, y = rng.normal(size=(20, 64)), rng.normal(size=(20, 64))
+    for fn in (jaxsim.mean_cca, jaxsim.pwcca, jaxsim.svcca,
+               lambda a, b, **kw: jaxsim.cca(a, b, **kw).coefficients):
+        with pytest.warns(jaxsim.UnderdeterminedWarning) as caught:
+            fn(x, y)
+        assert len(caught) == 1
+        text = str(caught[0].message)
+        for part in ("n=20 examples for 64 units", "keep_dims <= 4", "linear_cka",
+                     "transposes (x.T)", "warn=False"):
+            assert part in text, part
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jaxsim.mean_cca(x, y, warn=False)
+        jaxsim.svcca(rng.normal(size=(200, 64)), rng.normal(size=(200, 64)), keep_dims=10)
+        jaxsim.mean_cca(rng.normal(size=(400, 64)), rng.normal(size=(400, 32)))
+    with pytest.warns(jaxsim.UnderdeterminedWarning):
+        grid = jaxsim.similarity_grid([x, y], metric="mean_cca")
+    assert grid.notes and "n=20 examples" in repr(grid)
+    quiet = jaxsim.similarity_grid([x, y], metric="svcca", keep_dims=3, warn=False)
+    assert not quiet.notes

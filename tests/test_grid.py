@@ -16,7 +16,7 @@ from jaxsim.grid import TRACE_COUNT
 from test_kernel import np_hsic_unbiased, np_linear_cka
 
 
-def model_acts(rng, n=120, widths=(6, 10, 6, 14), noise=0.3):
+def model_acts(rng, n=120, widths=(6, 10, 6, 10), noise=0.3):
     """Layers of a random ReLU network with noise: related neighbours, mixed widths."""
     acts, h = {}, rng.normal(size=(n, 8))
     for i, d in enumerate(widths):
@@ -38,13 +38,17 @@ SINGLE = {
 def test_grid_equals_loop_of_pair_function(x64, rng, metric):
     fn, opts = SINGLE[metric]
     a = model_acts(rng)
-    b = [rng.normal(size=(120, 3, 3)), a["layer1"] @ rng.normal(size=(10, 7))]
+    # two widths on each side: few distinct shapes, so the loop compiles few functions
+    b = [rng.normal(size=(120, 2, 3)), a["layer1"] @ rng.normal(size=(10, 10))]
     for acts_b, cols in ((None, a), (b, {"0": b[0], "1": b[1]})):
         grid = jaxsim.similarity_grid(a, acts_b, metric=metric, **opts)
         assert grid.rows == tuple(a)
         assert grid.cols == tuple(cols)
         loop = [[float(fn(x, y, **opts)) for y in cols.values()] for x in a.values()]
-        np.testing.assert_allclose(grid.values, loop, rtol=1e-9, atol=1e-12)
+        # PWCCA of a layer with itself (all coefficients 1) depends on directions within a
+        # degenerate singular subspace: batched and single evaluations round differently
+        rtol = 1e-6 if metric == "pwcca" else 1e-9
+        np.testing.assert_allclose(grid.values, loop, rtol=rtol, atol=1e-12)
 
 
 @pytest.mark.parametrize("debiased", [False, True])

@@ -100,12 +100,12 @@ def test_intervals_contain_their_estimate(rng):
     classic = stats.bootstrap("linear_cka", x, y, key=key, num_samples=100,
                               resample="replacement")
     assert float(classic.low) > float(classic.statistic)  # what was wrong
-    for metric, opts in [("linear_cka", {}), ("linear_cka", {"debiased": True}),
-                         ("svcca", {"keep_dims": 10}), ("mean_cca", {}), ("pwcca", {}),
-                         ("procrustes", {})]:
-        res = stats.bootstrap(metric, x[:400], y[:400], key=key, num_samples=60, **opts)
+    for metric, opts in [("svcca", {"keep_dims": 5}), ("pwcca", {}), ("procrustes", {})]:
+        res = stats.bootstrap(metric, x[:400, :16], y[:400, :8], key=key, num_samples=40,
+                              batch_size=40, **opts)
         assert float(res.low) <= float(res.estimate) <= float(res.high), metric
     debiased = stats.bootstrap("linear_cka", x, y, key=key, num_samples=100, debiased=True)
+    assert float(debiased.low) <= float(debiased.estimate) <= float(debiased.high)
     assert float(debiased.low) <= float(debiased.statistic) <= float(debiased.high)
 
 
@@ -158,18 +158,19 @@ def test_coverage_with_more_replications(metric, opts, make, truth):
 
 def test_random_baseline(x64, rng):
     x, y = related(rng, 50, 20, 10)
-    res = stats.random_baseline("mean_cca", x, y, key=jax.random.key(0), num_samples=30)
+    res = stats.random_baseline("mean_cca", x, y, key=jax.random.key(0), num_samples=30,
+                                batch_size=30)
     assert res.samples.shape == (30,)
     assert 0 < float(res.mean) < float(jaxsim.mean_cca(x, y))
     more = stats.random_baseline("mean_cca", np.zeros((500, 20)), np.zeros((500, 10)),
-                                 key=jax.random.key(0), num_samples=10)
+                                 key=jax.random.key(0), num_samples=10, batch_size=10)
     assert float(more.mean) < float(res.mean)  # more data points, a lower baseline
     np.testing.assert_allclose(res.std, np.std(res.samples), rtol=1e-9)
 
 
 def test_on_grids(x64, rng):
-    x, y = related(rng, 40, 5, 4, noise=0.2)
-    noise = rng.normal(size=(40, 3))
+    x, y = related(rng, 40, 4, 4, noise=0.2)  # one width: every pair shares its compiles
+    noise = rng.normal(size=(40, 4))
     layers = {"x": x, "y": y, "noise": noise}
     key = jax.random.key(0)
     res = stats.permutation_test("linear_cka", layers, None, key=key, num_permutations=50)
