@@ -89,6 +89,14 @@ def safe_sqrt(v: jax.Array) -> jax.Array:
 def center_features(x: jax.Array) -> jax.Array:
     """Subtracts each feature's mean, in two passes: the second removes what rounding left
     of the first mean (in float32, a large common offset would otherwise leave a residual
-    mean comparable to the spread)."""
+    mean comparable to the spread). A feature whose centred values are within rounding of
+    its magnitude (``max |x - mean| <= 16 eps max |x|``) is constant: exactly zero, so that a
+    constant layer is recognised as one however the compiler orders the sums (a rounding
+    residue would otherwise be scaled up to a spurious direction)."""
     xc = x - jnp.mean(x, axis=0, keepdims=True)
-    return xc - jnp.mean(xc, axis=0, keepdims=True)
+    xc = xc - jnp.mean(xc, axis=0, keepdims=True)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return xc
+    resolution = 16 * jnp.finfo(x.dtype).eps * jnp.max(jnp.abs(x), axis=0, keepdims=True)
+    constant = jnp.max(jnp.abs(xc), axis=0, keepdims=True) <= resolution
+    return jnp.where(constant, jnp.zeros_like(xc), xc)

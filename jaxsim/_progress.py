@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Iterable
+from typing import Callable, Iterable
 
 # with ``progress=None`` a bar appears only once a loop has run this long
 AUTO_DELAY_S = 3.0
@@ -33,3 +33,12 @@ def _plain(iterable: Iterable, total: int | None, desc: str) -> Iterable:
               flush=True)
     if count:
         print(file=sys.stderr)
+
+
+def steps(enabled: bool | None, total: int, desc: str) -> tuple[Callable[[], None],
+                                                              Callable[[], None]]:
+    """``(advance, close)`` of a progress bar over ``total`` steps that are not the items of
+    one loop (see :func:`bar` for ``enabled``)."""
+    it = iter(bar(range(total), enabled, total, desc))
+    next(it, None)  # the bar starts at 0 and each later request counts one finished step
+    return (lambda: next(it, None) and None), it.close if hasattr(it, "close") else (lambda: None)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsim import _progress
 from jaxsim import _validation as _v
 from jaxsim import canonical, conv, geometry, kernel
 from jaxsim._measure import GramBlocks, Measure, safe_ratio, safe_sqrt
@@ -228,9 +229,32 @@ def _jit_prepare(prepare: Callable[[Array], Any]) -> Callable[[Array], Any]:
     return jax.jit(run)
 
 
-def _prepare_all(measure: Measure, layers: Sequence[Array]) -> list[Any]:
+def _prepare_all(measure: Measure, layers: Sequence[Array], tick: Callable[..., None]
+                 ) -> list[Any]:
     prepare = _jit_prepare(measure.prepare)
-    return [prepare(x) for x in layers]
+    out = []
+    for x in layers:
+        out.append(prepare(x))
+        tick(out[-1])
+    return out
+
+
+def _ticker(enabled: bool | None, total: int, desc: str, traced: bool
+            ) -> tuple[Callable[..., None], Callable[[], None]]:
+    """``(tick, close)`` for a progress bar over ``total`` steps of a grid:
+    ``tick(value, steps=1)`` waits for ``value`` (so that the bar follows the work, not its
+    dispatch) and advances.
+    No bar, and no waiting, when ``enabled`` is False or the layers are traced."""
+    if enabled is False or traced:
+        return (lambda value, steps=1: None), (lambda: None)
+    advance, close = _progress.steps(enabled, total, desc)
+
+    def tick(value, steps=1):
+        jax.block_until_ready(value)
+        for _ in range(steps):
+            advance()
+
+    return tick, close
 
 
 def _block_size(n: int) -> int:
@@ -318,9 +342,11 @@ def _groups(summaries: Sequence[Any]) -> dict[tuple, list[int]]:
 
 
 def _generic_grid(measure: Measure, sa: Sequence[Any], sb: Sequence[Any], self_grid: bool,
-                  batch_size: int) -> np.ndarray:
-    values = np.zeros((len(sa), len(sb)))
+                  batch_size: int, dtype: Any, tick: Callable[..., None]) -> Array:
+    """Every pair, one ``lax.map`` per pair of shape groups, scattered into the grid on
+    the device (jittable: no host round trip)."""
     triangle = self_grid and measure.symmetric
+    rows, cols, parts = [], [], []
     for idx_a in _groups(sa).values():
         stack_a = jax.tree.map(lambda *l: jnp.stack(l), *[sa[i] for i in idx_a])
         for idx_b in _groups(sb).values():
@@ -332,14 +358,15 @@ def _generic_grid(measure: Measure, sa: Sequence[Any], sb: Sequence[Any], self_g
                        else jax.tree.map(lambda *l: jnp.stack(l), *[sb[j] for j in idx_b]))
             ii = jnp.asarray([p for p, _ in pairs], jnp.int32)
             jj = jnp.asarray([q for _, q in pairs], jnp.int32)
-            out = np.asarray(_pairs(measure.pair, stack_a, stack_b, ii, jj,
-                                    min(batch_size, len(pairs))))
-            for (p, q), v in zip(pairs, out):
-                i, j = idx_a[p], idx_b[q]
-                values[i, j] = v
-                if triangle:
-                    values[j, i] = v
-    return values
+            out = _pairs(measure.pair, stack_a, stack_b, ii, jj, min(batch_size, len(pairs)))
+            tick(out, len(pairs))
+            rows += [idx_a[p] for p, _ in pairs]
+            cols += [idx_b[q] for _, q in pairs]
+            parts.append(out.astype(dtype))
+    out = jnp.concatenate(parts)
+    if triangle:
+        rows, cols, out = rows + cols, cols + rows, jnp.concatenate([out, out])
+    return jnp.zeros((len(sa), len(sb)), dtype).at[np.array(rows), np.array(cols)].set(out)
 
 
 def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_cka",
@@ -362,6 +389,9 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
       check_finite: raise on NaN/inf in any layer.
       labels: names of the two sides (e.g. ``("seed 0", "seed 1")``) for figures; default
         ``("acts_a", "acts_b")``.
+      progress: a progress bar for measures computed pair by pair (the CCA family,
+        Procrustes, RSA, ...): ``True``, ``False``, or ``None`` (default: tqdm, shown only
+        once the grid has run for a few seconds).
       warn: for the CCA family, warn when n is below 5 examples per unit (see
         :mod:`jaxsim.canonical`); the grid's ``notes`` say so either way.
       **options: the metric's own keyword options (``debiased``, ``threshold``,
@@ -385,6 +415,7 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
     """
     method = _v.choice(options.pop("method", "auto"), "method", ("auto", "gram", "features"))
     warn = bool(options.pop("warn", True))
+    progress = options.pop("progress", None)
     reduce = {k: options.pop(k) for k in ("size", "subsample", "key") if k in options}
     reduce["reduce"] = options.pop("reduce", None)
     make, name = _measure_for(metric, dict(options))
@@ -420,9 +451,18 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
         products = _gram_inner_products(measure.blocks, union, _block_size(union[0].shape[0]))
         values = _normalise(*_split(products, len(layers_a), self_grid))
     else:
-        sa = _prepare_all(measure, layers_a)
-        sb = sa if self_grid else _prepare_all(measure, layers_b)
-        values = jnp.asarray(_generic_grid(measure, sa, sb, self_grid, batch_size), dtype)
+        num_a, num_b = len(layers_a), len(layers_b)
+        pairs = (num_a * (num_a + 1) // 2 if self_grid and measure.symmetric
+                 else num_a * num_b)
+        total = num_a + (0 if self_grid else num_b) + pairs  # layers prepared, pairs
+        tick, close = _ticker(progress, total, f"{name} grid",
+                              any(isinstance(a, jax.core.Tracer) for a in named.values()))
+        try:
+            sa = _prepare_all(measure, layers_a, tick)
+            sb = sa if self_grid else _prepare_all(measure, layers_b, tick)
+            values = _generic_grid(measure, sa, sb, self_grid, batch_size, dtype, tick)
+        finally:
+            close()
     row_label, col_label = _labels(labels, self_grid, ("acts_a", "acts_b"))
     return Grid(values, tuple(rows), tuple(cols), name, row_label, col_label, notes)
 

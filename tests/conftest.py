@@ -1,7 +1,20 @@
-import jax
-import numpy as np
-import pytest
-from hypothesis import settings
+import os
+import tempfile
+
+# Tests compile hundreds of small programs and run each for milliseconds: XLA's cheapest
+# CPU code generation compiles ~40% faster (numerics are unchanged: no fast-math), and a
+# persistent cache lets the parallel workers (pytest-xdist) share what either compiled.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
+                                   "--xla_llvm_disable_expensive_passes=true")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(tempfile.gettempdir(), "jaxsim-test-compilation-cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=25)
 settings.load_profile("ci")

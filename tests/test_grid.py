@@ -300,3 +300,29 @@ def test_blocked_grams_with_padding(x64, rng, metric, debiased):
     np.testing.assert_allclose(selfgrid.values[0, 1], single(a[0], a[1], debiased=debiased),
                                rtol=1e-9)
     np.testing.assert_allclose(np.diag(selfgrid.values), 1.0, rtol=1e-10)
+
+
+def test_every_metric_grid_under_jit(rng):
+    # one set of layers (two widths) for every metric and route: the layers are the traced
+    # argument, names and options static; no host round trip may happen inside
+    acts = {k: v.astype(np.float32) for k, v in model_acts(rng, n=40, widths=(6, 4, 6)).items()}
+    others = [acts["layer1"], acts["layer0"]]
+    metrics = {m: {} for m in jaxsim.grid.METRICS if m not in ("cka", "linear_cka")}
+    metrics.update({"linear_cka": {"method": "features"}, "cka": {"method": "gram"},
+                    "svcca": {"keep_dims": 3}})
+    for metric, opts in metrics.items():
+        # a cross-grid, and a self-grid (one triangle for symmetric measures)
+        grid = lambda a, b: jaxsim.similarity_grid(a, b, metric=metric, warn=False, **opts).values
+        self_grid = lambda a: jaxsim.similarity_grid(a, metric=metric, warn=False, **opts).values
+        np.testing.assert_allclose(jax.jit(grid)(acts, others), grid(acts, others),
+                                   rtol=1e-5, atol=1e-6, err_msg=metric)
+        np.testing.assert_allclose(jax.jit(self_grid)(acts), self_grid(acts),
+                                   rtol=1e-5, atol=1e-6, err_msg=metric)
+
+
+def test_progress_bar_on_pairwise_grids(rng, capsys):
+    acts = model_acts(rng, n=40, widths=(6, 4))
+    jaxsim.similarity_grid(acts, metric="mean_cca", progress=True, warn=False)
+    assert "mean_cca grid" in capsys.readouterr().err
+    jaxsim.similarity_grid(acts, metric="mean_cca", progress=False, warn=False)
+    assert capsys.readouterr().err == ""
