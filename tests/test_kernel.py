@@ -260,3 +260,17 @@ def test_errors(rng):
         jaxsim.cka(x, x)
     with pytest.raises(ValueError, match=r"method: expected one of 'auto', 'gram', 'features'"):
         jaxsim.linear_cka(x, x, method="fast")
+
+
+def test_rbf_median_by_selection_equals_the_sorted_median(rng):
+    from jaxsim.kernel import _median_of_non_negative, _sq_distances
+
+    median = jax.jit(_median_of_non_negative)
+    for n in (6, 101):  # even and odd numbers of entries
+        d = _sq_distances(jnp.asarray(rng.normal(size=(n, 3)), jnp.float32))
+        assert float(median(d)) == float(jnp.median(d))
+    # ties at the middle, one value, extremes; one shape, one compile
+    for values in ([0, 0, 0, 1.0, 1], [0, 0, 1.0, 1.0, 9], [3.0] * 5, [1.0, 2, 2, 2, 5],
+                   [0, 1e-30, 1e30, 7, 7], [1.0, np.nan, 2, 3, 4]):
+        v = jnp.asarray(values, jnp.float32)
+        np.testing.assert_array_equal(median(v), jnp.median(v), err_msg=str(values))
