@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
@@ -35,17 +36,82 @@ def check_png(path):
 
 def test_width_depth_quick(tmp_path):
     summary = load("width_depth").main(["--quick", "--no-progress", "--out", str(tmp_path)])
-    for f in ("cka_grids.png", "cross_seed.png"):
-        check_png(tmp_path / f)
+    check_png(tmp_path / "cka_grids.png")
     saved = json.loads((tmp_path / "grids.json").read_text())
-    assert set(saved["models"]) == {f"depth {d}, width {w}" for d in (1, 2) for w in (4, 8)}
+    assert set(saved["models"]) == {"depth 1, width 4", "depth 2, width 4"}
     for model in saved["models"].values():
         values = [v for row in model["grid"]["values"] for v in row]
         assert all(math.isfinite(v) and -0.2 <= v <= 1 + 1e-5 for v in values)
-        assert 1 <= model["block_size"] <= model["layers"]
-        assert 0 < model["first_pc_share_block"] <= 1
-    assert len(saved["cross_seed"]["grid"]["rows"]) == 6  # stem, 2 blocks, down, 2 blocks
-    assert summary["cross_seed"]["mean_diagonal"] <= 1
+        assert 1 <= model["block"]["size"] <= len(model["layers"])
+        assert all(0 < s <= 1 for s in model["first_pc_share"])
+    assert saved["verdict"].startswith(("REPRODUCED", "NOT REPRODUCED"))
+    assert summary["reproduced"] == saved["verdict"].startswith("REPRODUCED")
+
+
+def smooth_grid(count, decay):
+    i = np.arange(count)
+    return decay ** np.abs(i[:, None] - i[None, :])
+
+
+def test_block_detector_on_planted_and_smooth_grids():
+    wd = load("width_depth")
+    grid = smooth_grid(12, 0.8)
+    grid[4:10, 4:10] = np.maximum(grid[4:10, 4:10], 0.95)
+    share = [0.2] * 4 + [0.7] * 6 + [0.2] * 2
+    block = wd.find_block(grid, share)
+    assert block["found"] and (block["start"], block["stop"]) == (4, 10)
+    # the same run of high CKA without a dominant component is not the paper's block
+    flat = wd.find_block(grid, [0.2] * 12)
+    assert not flat["found"] and "first PC" in flat["reason"]
+    # a smooth diagonal falloff: neighbours similar, no large run
+    smooth = wd.find_block(smooth_grid(12, 0.7), [0.8] * 12)
+    assert not smooth["found"] and "layer(s)" in smooth["reason"]
+    # two runs: the longer one lacks the dominant component, the shorter qualifies
+    two = smooth_grid(12, 0.5)
+    two[0:6, 0:6] = two[7:11, 7:11] = 0.95
+    np.fill_diagonal(two, 1)
+    chosen = wd.find_block(two, [0.2] * 7 + [0.8] * 4 + [0.2])
+    assert chosen["found"] and (chosen["start"], chosen["stop"]) == (7, 11)
+
+
+def test_block_detector_on_activations_with_a_dominant_component():
+    wd = load("width_depth")
+    rng = np.random.default_rng(0)
+    n, d = 300, 20
+    common = rng.normal(size=(n, 1)) @ rng.normal(size=(1, d))
+    acts = {}
+    for i in range(10):
+        if 3 <= i < 8:  # the block: one strong shared direction over small own noise
+            acts[f"l{i}"] = 4 * common + 0.5 * rng.normal(size=(n, d))
+        else:
+            acts[f"l{i}"] = rng.normal(size=(n, d))
+    result = wd.analyse(acts, None)
+    block = result["block"]
+    assert block["found"] and (block["start"], block["stop"]) == (3, 8)
+    assert block["share_in"] > 0.5 > block["share_out"]
+    # removing the first principal component removes the block
+    assert result["block_cka"] > 0.9 and result["block_cka_without_first_pc"] < 0.3
+    removed = wd.without_first_pc(acts["l4"])
+    assert wd.first_pc_share(removed) < 0.3
+    # what is left is the layer minus its rank-one top component
+    u, s, vt = np.linalg.svd(acts["l4"] - acts["l4"].mean(0), full_matrices=False)
+    np.testing.assert_allclose(removed, (u[:, 1:] * s[1:]) @ vt[1:], atol=1e-10)
+
+
+def test_verdict():
+    wd = load("width_depth")
+    block = lambda found: {"found": found, "reason": "" if found else "no run"}
+    models = {"small": {"depth": 1, "width": 8, "block": block(False)},
+              "wide": {"depth": 1, "width": 64, "block": block(True)},
+              "large": {"depth": 4, "width": 64, "block": block(True)}}
+    ok, line = wd.verdict(models)
+    assert ok and line.startswith("REPRODUCED") and "large" in line
+    models["large"]["block"] = block(False)
+    ok, line = wd.verdict(models)
+    assert not ok and "largest model (large) has none: no run" in line
+    models["large"]["block"] = models["small"]["block"] = block(True)
+    ok, line = wd.verdict(models)
+    assert not ok and "smallest model (small) has one too" in line
 
 
 def test_svcca_baselines_quick(tmp_path):
