@@ -335,3 +335,10 @@ def save_json(path: str, obj: Any) -> None:
 
 def grid_json(grid) -> dict:
     return {"rows": list(grid.rows), "cols": list(grid.cols), "values": grid.to_numpy()}
+
+
+def verdict_line(ok: bool, claim: str, observed: str, caveat: str = "") -> str:
+    """The one line every script ends with: whether this run reproduces the published
+    finding it names, the numbers behind the answer, and what limits the comparison."""
+    head = "REPRODUCED" if ok else "NOT REPRODUCED"
+    return f"{head}: {claim}; {observed}" + (f". {caveat}" if caveat else "")

@@ -32,6 +32,23 @@ def hidden(path: str, module) -> bool:
     return path.startswith("layers/")
 
 
+# the SVCCA tutorial's seed comparison (google/svcca): SVCCA with 20 directions between
+# two trained MLPs' layers vs the same measure on Gaussian activations of those shapes
+PUBLISHED = {"trained": 0.73, "gaussian": 0.035}
+
+
+def verdict(svcca_trained: list[float], svcca_gaussian: float, keep_dims: int) -> tuple[bool, str]:
+    """Reproduced when trained seeds agree far above the Gaussian baseline: mean SVCCA
+    >= 0.5 and >= 5x the baseline (published: 0.73 vs 0.035)."""
+    mean = float(np.mean(svcca_trained))
+    ok = mean >= 0.5 and mean >= 5 * svcca_gaussian
+    return ok, C.verdict_line(
+        ok, "SVCCA between two seeds' layers far above the Gaussian baseline",
+        f"here {mean:.2f} vs {svcca_gaussian:.3f} with {keep_dims} directions, published "
+        f"{PUBLISHED['trained']} vs {PUBLISHED['gaussian']} (20 directions)",
+        "" if keep_dims == 20 else f"{keep_dims} directions here, not 20")
+
+
 def main(argv=None) -> dict:
     p = C.parser(__doc__, "out/svcca_baselines")
     p.add_argument("--width", type=int, default=96, help="neurons per hidden layer")
@@ -109,6 +126,8 @@ def main(argv=None) -> dict:
                "topk_trained": topk_t, "topk_gaussian": topk_g,
                "svcca": svcca_t, "svcca_gaussian": svcca_g, "pwcca": pwcca_t,
                "pwcca_gaussian": pwcca_g}
+    ok, line_ = verdict(svcca_t, svcca_g, args.keep_dims)
+    summary.update(reproduced=ok, verdict=line_)
     C.save_json(os.path.join(out, "results.json"), summary)
     print(f"\nSVCCA baselines, {args.data}, MLP {args.width}x3, test accuracy "
           f"{accs[0]:.3f} / {accs[1]:.3f}, n={n}")
@@ -118,6 +137,7 @@ def main(argv=None) -> dict:
     print(f"{'Gaussian':>10} {'':8} {'':6} {svcca_g:6.3f} {pwcca_g:6.3f}")
     print("mean CCA of Gaussian pairs vs datapoints: " +
           ", ".join(f"n={s}: {v:.2f}" for s, v in zip(sizes, curve_random)))
+    print(line_)
     print(f"figures and results.json in {out}")
     return summary
 

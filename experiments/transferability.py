@@ -53,6 +53,16 @@ def hidden(path: str, module) -> bool:
     return path.startswith("layers/")
 
 
+def verdict(r: float, p: float, pairs: int) -> tuple[bool, str]:
+    """Reproduced when similarity and transfer gain are positively rank-correlated at the
+    5% level (the claim that more similar representations transfer better)."""
+    ok = r > 0 and p < 0.05
+    return ok, C.verdict_line(
+        ok, "more similar source models transfer better (positive rank correlation)",
+        f"Spearman r={r:.2f}, p={p:.2g} over {pairs} pairs",
+        "" if pairs >= 20 else f"only {pairs} pairs: little power")
+
+
 def main(argv=None) -> dict:
     p = C.parser(__doc__, "out/transferability")
     p.add_argument("--metric", default="linear_cka", choices=["linear_cka", "svcca"])
@@ -120,6 +130,8 @@ def main(argv=None) -> dict:
                "similarity_per_layer": per_layer, "layers": layers, "transfer_gain": gain,
                "spearman": {"r": float(spearman.statistic), "p": float(spearman.pvalue)},
                "pearson": {"r": float(pearson.statistic), "p": float(pearson.pvalue)}}
+    ok, line = verdict(float(spearman.statistic), float(spearman.pvalue), int(off.sum()))
+    summary.update(reproduced=ok, verdict=line)
     C.save_json(os.path.join(out, "results.json"), summary)
     print(f"\nTransferability vs similarity ({args.metric}), {args.data}, {len(names)} tasks, "
           f"{args.finetune_examples} fine-tuning examples:")
@@ -127,6 +139,7 @@ def main(argv=None) -> dict:
     print(gain_grid)
     print(f"over {int(off.sum())} source != target pairs: Spearman r={spearman.statistic:.3f} "
           f"(p={spearman.pvalue:.3g}), Pearson r={pearson.statistic:.3f} (p={pearson.pvalue:.3g})")
+    print(line)
     print(f"figures and results.json in {out}")
     return summary
 

@@ -170,11 +170,13 @@ def _short(name: str) -> str:
     return name.replace("stage", "s").replace("/", ".")
 
 
-def _heatmap(ax, values, names, title, block=None):
-    image = ax.imshow(values, vmin=0, vmax=1, cmap="magma")
+def _heatmap(ax, values, names, title, block=None, xticks=True):
+    image = ax.imshow(values, vmin=0, vmax=1, cmap="magma", aspect="auto")
     ticks = range(len(names))
-    ax.set_xticks(ticks, [_short(n) for n in names], rotation=90, fontsize=6)
-    ax.set_yticks(ticks, [_short(n) for n in names], fontsize=6)
+    size = 6 if len(names) > 10 else 7
+    ax.set_yticks(ticks, [_short(n) for n in names], fontsize=size)
+    ax.set_xticks(ticks, [_short(n) for n in names] if xticks else [], rotation=90,
+                  fontsize=size)
     ax.set_title(title, fontsize=8)
     if block is not None and block["found"]:
         from matplotlib.patches import Rectangle
@@ -186,32 +188,34 @@ def _heatmap(ax, values, names, title, block=None):
 
 def figure_models(results: dict, depths: list[int], widths: list[int], data: str):
     """Depth x width panels: each model's CKA grid (block outlined) over its first-PC
-    share per layer."""
+    share per layer, on one colour scale."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(3.0 * len(widths) + 0.8, 4.2 * len(depths)), dpi=130,
-                 layout="constrained")
-    outer = fig.add_gridspec(len(depths), len(widths))
+    rows, cols = len(depths), len(widths)
+    fig = Figure(figsize=(3.2 * cols + 0.9, 4.4 * rows + 0.5), dpi=130)
+    spec = fig.add_gridspec(2 * rows, cols + 1, height_ratios=[3, 1] * rows,
+                            width_ratios=[1] * cols + [0.06], left=0.1, right=0.93,
+                            bottom=0.06, top=1 - 0.75 / (4.4 * rows + 0.5),
+                            hspace=0.25 + 0.35 / rows, wspace=0.45)
     image = None
-    axes = []
     for i, depth in enumerate(depths):
         for j, width in enumerate(widths):
             r = results[f"depth {depth}, width {width}"]
-            inner = outer[i, j].subgridspec(2, 1, height_ratios=[3, 1])
-            ax, ax_pc = fig.add_subplot(inner[0]), fig.add_subplot(inner[1])
+            ax, ax_pc = fig.add_subplot(spec[2 * i, j]), fig.add_subplot(spec[2 * i + 1, j])
             status = "block" if r["block"]["found"] else "no block"
             image = _heatmap(ax, r["values"], r["layers"],
-                             f"depth {depth}, width {width}: {status}", r["block"])
-            axes.append(ax)
-            ax_pc.plot(range(len(r["layers"])), r["first_pc_share"], "o-", ms=3)
+                             f"depth {depth}, width {width}: {status}", r["block"], xticks=False)
+            count = len(r["layers"])
+            ax_pc.plot(range(count), r["first_pc_share"], "o-", ms=3)
             ax_pc.axhline(DOMINANCE, color="grey", lw=0.8, ls="--")
-            ax_pc.set_xlim(-0.5, len(r["layers"]) - 0.5)
+            ax_pc.set_xlim(-0.5, count - 0.5)
             ax_pc.set_ylim(0, 1)
-            ax_pc.set_xticks([])
-            ax_pc.set_ylabel("1st-PC share", fontsize=7)
-            ax_pc.tick_params(labelsize=6)
-    fig.colorbar(image, ax=axes, shrink=0.6, label="linear CKA")
-    fig.suptitle(f"Linear CKA between layers (rows: depth, columns: width), {data}; "
+            ax_pc.set_xticks(range(count), [_short(n) for n in r["layers"]], rotation=90,
+                             fontsize=6 if count > 10 else 7)
+            ax_pc.set_ylabel("1st-PC\nshare", fontsize=7)
+            ax_pc.tick_params(axis="y", labelsize=6)
+    fig.colorbar(image, cax=fig.add_subplot(spec[:, cols]), label="linear CKA")
+    fig.suptitle(f"Linear CKA between layers, {data} (rows: depth, columns: width); "
                  f"block outlined; dashed: {DOMINANCE:.0%} first-PC share", fontsize=9)
     return fig
 
@@ -240,14 +244,14 @@ def _fmt(v: float | None) -> str:
 
 def main(argv=None) -> dict:
     p = C.parser(__doc__, "out/width_depth")
-    p.add_argument("--depths", type=int, nargs="+", default=[1, 4],
+    p.add_argument("--depths", type=int, nargs="+", default=[1, 6],
                    help="residual blocks per stage")
-    p.add_argument("--widths", type=int, nargs="+", default=[8, 64],
+    p.add_argument("--widths", type=int, nargs="+", default=[8, 32],
                    help="channels of the first stage")
-    p.add_argument("--train-size", type=int, default=400,
+    p.add_argument("--train-size", type=int, default=200,
                    help="training images (the rest are held out for CKA); the paper finds "
                         "blocks sooner with less data")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seeds", type=int, default=2, choices=[1, 2],

@@ -125,6 +125,7 @@ def test_svcca_baselines_quick(tmp_path):
     # the tutorial's falling curve: random data look less correlated with more datapoints
     curve = r["mean_cca_vs_n_gaussian"]
     assert curve[0] > 0.5 and curve[-1] < curve[0] / 2
+    assert r["verdict"].startswith(("REPRODUCED", "NOT REPRODUCED"))
 
 
 def test_layer_identification_quick(tmp_path):
@@ -132,7 +133,8 @@ def test_layer_identification_quick(tmp_path):
     check_png(tmp_path / "grids.png")
     assert set(r["accuracy"]) == {"linear CKA", "RBF CKA", "mean CCA", "SVCCA", "PWCCA"}
     assert all(0 <= a <= 1 for a in r["accuracy"].values())
-    assert json.loads((tmp_path / "results.json").read_text())["seeds"] == 2
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["seeds"] == 2 and saved["verdict"] == r["verdict"]
 
 
 def test_transferability_quick(tmp_path):
@@ -144,14 +146,16 @@ def test_transferability_quick(tmp_path):
     assert all(-1 <= v <= 1 for v in numbers(saved["transfer_gain"]))
     assert 0 <= saved["spearman"]["p"] <= 1 and -1 <= saved["pearson"]["r"] <= 1
     assert r["similarity"].shape == (6, 6)
+    assert saved["verdict"].startswith(("REPRODUCED", "NOT REPRODUCED"))
 
 
 @pytest.mark.slow
 def test_width_depth_default_run(tmp_path):
     """The README's main job, in full (minutes): not part of CI."""
     summary = load("width_depth").main(["--no-progress", "--out", str(tmp_path)])
-    assert summary["seconds"] < 300
-    assert all(m["test_accuracy"] > 0.8 for m in summary["models"].values())
+    assert summary["seconds"] < 600  # the README's promise: under 10 minutes on 2 cores
+    assert all(m["test_accuracy"] > 0.5 for m in summary["models"].values())
+    assert summary["verdict"].startswith(("REPRODUCED", "NOT REPRODUCED"))
 
 
 def test_cifar10_loader_reads_python_batches(tmp_path):
@@ -173,3 +177,20 @@ def test_cifar10_loader_reads_python_batches(tmp_path):
     np.testing.assert_allclose(data["train"][0].mean((0, 1, 2)), 0, atol=1e-5)
     with pytest.raises(SystemExit, match="CIFAR-10 not found"):
         common.load_data("cifar10", str(tmp_path / "missing"))
+
+
+def test_verdicts_of_the_other_scripts():
+    sv = load("svcca_baselines")
+    ok, line = sv.verdict([0.8, 0.7, 0.75], 0.04, 20)
+    assert ok and line.startswith("REPRODUCED") and "0.73 vs 0.035" in line
+    ok, line = sv.verdict([0.3, 0.2], 0.1, 10)
+    assert not ok and "10 directions here, not 20" in line
+    li = load("layer_identification")
+    acc = {"linear CKA": 1.0, "RBF CKA": 1.0, "mean CCA": 0.4, "SVCCA": 0.5, "PWCCA": 0.6}
+    assert li.verdict(acc, 6)[0]
+    assert not li.verdict({**acc, "PWCCA": 1.0}, 6)[0]  # the CCA family must do worse
+    assert not li.verdict({**acc, "linear CKA": 0.8}, 6)[0]
+    tr = load("transferability")
+    assert tr.verdict(0.5, 0.01, 30)[0]
+    assert not tr.verdict(-0.5, 0.01, 30)[0] and not tr.verdict(0.5, 0.2, 30)[0]
+    assert "little power" in tr.verdict(0.9, 0.01, 6)[1]
