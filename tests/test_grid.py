@@ -282,7 +282,7 @@ def test_sharded_equals_single_device():
 @pytest.mark.parametrize("metric,debiased", [("linear_cka", False), ("linear_cka", True),
                                              ("rbf_cka", True)])
 def test_blocked_grams_with_padding(x64, rng, metric, debiased):
-    # n > 1024: Grams are accumulated in 512-row blocks, the last one padded
+    # n > 1024: Grams are accumulated in blocks (here 3 of 368 rows), the last one padded
     n = 1100
     a = [rng.normal(size=(n, 3)), rng.normal(size=(n, 4))]
     a[1][:, :3] += a[0]
@@ -326,3 +326,13 @@ def test_progress_bar_on_pairwise_grids(rng, capsys):
     assert "mean_cca grid" in capsys.readouterr().err
     jaxsim.similarity_grid(acts, metric="mean_cca", progress=False, warn=False)
     assert capsys.readouterr().err == ""
+
+
+def test_block_size_has_no_padding_cliff():
+    from jaxsim.grid import _block_size
+
+    for n in list(range(2, 1025, 97)) + [1024, 1025, 1100, 1536, 1537, 2048, 2049, 4097, 10000]:
+        b = _block_size(n)
+        blocks = -(-n // b)
+        assert b <= max(n, 512) and b % 8 == 0 or b == n, n
+        assert blocks * b - n < 8 * blocks, (n, b)  # a few rows of padding per block at most
