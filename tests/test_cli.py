@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import jaxsim
 from jaxsim.cli import main
@@ -60,35 +61,38 @@ def test_help_lists_metrics():
         assert name in out
 
 
-def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "jaxsim.cli", *args], capture_output=True,
-                          text=True, cwd=cwd)
+def test_failures_are_one_line_and_nothing_is_overwritten(tmp_path, rng, monkeypatch, capsys):
+    # in-process (the CLI's main returns the exit status; any traceback would fail the
+    # test): five interpreters would cost ~20 s of imports
+    monkeypatch.chdir(tmp_path)
 
+    def cli(*args):
+        code = main(list(args))
+        out = capsys.readouterr()
+        return code, out.out, out.err
 
-def test_failures_are_one_line_and_nothing_is_overwritten(tmp_path, rng):
-    out = run_cli("grid", "missing.npz", cwd=tmp_path)
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip() == "jaxsim: cannot read missing.npz: No such file or directory"
+    code, _, err = cli("grid", "missing.npz")
+    assert code == 2 and err.strip() == "jaxsim: cannot read missing.npz: No such file or directory"
     (tmp_path / "junk.npz").write_text("not an npz")
-    out = run_cli("grid", "junk.npz", cwd=tmp_path)
-    assert out.returncode == 2 and out.stderr.startswith("jaxsim: cannot read junk.npz")
-    assert len(out.stderr.strip().splitlines()) == 1
+    code, _, err = cli("grid", "junk.npz")
+    assert code == 2 and err.startswith("jaxsim: cannot read junk.npz")
+    assert len(err.strip().splitlines()) == 1
 
     write(tmp_path / "a.npz", rng, (4, 6))
-    first = run_cli("grid", "a.npz", cwd=tmp_path)
-    assert first.returncode == 0 and "saved grid.npz" in first.stdout
+    code, out, _ = cli("grid", "a.npz")
+    assert code == 0 and "saved grid.npz" in out
     before = (tmp_path / "grid.npz").read_bytes()
-    again = run_cli("grid", "a.npz", "--metric", "svcca", cwd=tmp_path)
-    assert again.returncode == 2
-    assert again.stderr.strip().startswith("jaxsim: grid.npz exists; pass --out PATH")
+    code, _, err = cli("grid", "a.npz", "--metric", "svcca")
+    assert code == 2 and err.strip().startswith("jaxsim: grid.npz exists; pass --out PATH")
     assert (tmp_path / "grid.npz").read_bytes() == before
     # an explicit --out may overwrite; the message names the file numpy really wrote
-    named = run_cli("grid", "a.npz", "--out", "result", cwd=tmp_path)
-    assert named.returncode == 0 and "saved result.npz" in named.stdout
+    code, out, _ = cli("grid", "a.npz", "--out", "result")
+    assert code == 0 and "saved result.npz" in out
     assert (tmp_path / "result.npz").exists()
 
 
-def test_version():
-    out = subprocess.run([sys.executable, "-m", "jaxsim.cli", "--version"], capture_output=True,
-                         text=True, check=True).stdout
-    assert out.strip() == f"jaxsim {jaxsim.__version__}"
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"jaxsim {jaxsim.__version__}"

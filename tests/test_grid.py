@@ -302,13 +302,14 @@ def test_blocked_grams_with_padding(x64, rng, metric, debiased):
     np.testing.assert_allclose(np.diag(selfgrid.values), 1.0, rtol=1e-10)
 
 
-def test_every_metric_grid_under_jit(rng):
-    # every metric and route, the layers (two widths) the traced argument, names and
-    # options static: no host round trip may happen inside
+def test_grids_under_jit(rng):
+    # every route, the layers (two widths) the traced argument, names and options
+    # static: no host round trip may happen inside
     acts = {k: v.astype(np.float32) for k, v in model_acts(rng, n=40, widths=(6, 4, 6)).items()}
-    metrics = {m: {} for m in jaxsim.grid.METRICS if m not in ("cka", "linear_cka")}
-    metrics.update({"linear_cka": {"method": "features"}, "cka": {"method": "gram"},
-                    "svcca": {"keep_dims": 3}})
+    # the distinct paths: feature route, Gram blocks (linear, RBF), pairwise symmetric
+    # (one triangle) and asymmetric; every pair function is jitted alone in test_api
+    metrics = {"linear_cka": {"method": "features"}, "cka": {"method": "gram"},
+               "rbf_cka": {}, "svcca": {"keep_dims": 3}, "linear_predictivity": {}}
     for metric, opts in metrics.items():
         grid = lambda a: jaxsim.similarity_grid(a, metric=metric, warn=False, **opts).values
         np.testing.assert_allclose(jax.jit(grid)(acts), grid(acts), rtol=1e-5, atol=1e-6,

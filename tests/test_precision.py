@@ -118,8 +118,9 @@ def test_float32_agrees_with_float64_on_realistic_layers(case):
 def test_float32_grids_agree_with_float64(rng):
     x, y = power_law(rng, 800, 128, 64, 2.0)
     layers = [x, y, np.maximum(y, 0)]
-    for metric, opts in [("linear_cka", {"method": "gram"}), ("linear_cka", {"method": "features"}),
-                         ("mean_cca", {}), ("pwcca", {}), ("procrustes", {"alpha": 0.5})]:
+    # the feature route is linear_cka's pair function, covered on every realistic case above
+    for metric, opts in [("linear_cka", {"method": "gram"}), ("mean_cca", {}), ("pwcca", {}),
+                         ("procrustes", {"alpha": 0.5})]:
         with jax.enable_x64(True):
             ref = np.asarray(jaxsim.similarity_grid(layers, metric=metric, **opts).values)
         got = jaxsim.similarity_grid([a.astype(np.float32) for a in layers], metric=metric, **opts)
