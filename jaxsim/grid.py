@@ -450,7 +450,8 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
     if measure.name == "linear_cka":
         measure = make(feature_space=kernel.feature_route(
             method, layers_a[0].shape[0], [a.shape[1] for a in layers_a],
-            None if self_grid else [b.shape[1] for b in layers_b]))
+            None if self_grid else [b.shape[1] for b in layers_b],
+            shards=kernel.example_shards(layers_a + ([] if self_grid else layers_b))))
 
     if measure.blocks is not None:
         union = layers_a if self_grid else layers_a + layers_b

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -293,7 +293,8 @@ def _feature_pair(a: FeatureSummary, b: FeatureSummary, debiased: bool) -> Array
     return safe_ratio(xty, _norm_product(a, b))
 
 
-def use_feature_space(n: int, widths_a: list[int], widths_b: list[int] | None = None) -> bool:
+def use_feature_space(n: int, widths_a: list[int], widths_b: list[int] | None = None, *,
+                      shards: int = 1) -> bool:
     """Cost model of linear CKA: Gram route versus feature-space route.
 
     Multiply-adds, for row layers of widths ``widths_a`` and column layers ``widths_b``
@@ -304,7 +305,11 @@ def use_feature_space(n: int, widths_a: list[int], widths_b: list[int] | None = 
     * feature route: each layer's ``d x d`` covariance for its norm, ``n d^2``, and each
       pair's cross-covariance, ``n d_a d_b`` (one triangle for a self-grid).
 
-    The cheaper route wins; ties go to the Gram route.
+    With the examples sharded over ``shards`` devices, the feature route's products divide
+    among them (each device reduces its rows, then one all-reduce of the d x d results,
+    counted as their size), while the Gram blocks pair rows held by different devices and
+    are computed whole on each. The cheaper route per device wins; ties go to the Gram
+    route.
     """
     union = list(widths_a) + list(widths_b or [])
     gram = n * n / 2 * (sum(union) + len(union) ** 2)
@@ -312,17 +317,32 @@ def use_feature_space(n: int, widths_a: list[int], widths_b: list[int] | None = 
         pairs = (sum(widths_a) ** 2 + sum(d * d for d in widths_a)) / 2
     else:
         pairs = sum(widths_a) * sum(widths_b)
-    feat = n * (sum(d * d for d in union) + pairs)
+    sizes = sum(d * d for d in union) + pairs
+    feat = n * sizes / shards + (sizes if shards > 1 else 0)
     return feat < gram
 
 
-def feature_route(method: str, n: int, widths_a: list[int], widths_b: list[int] | None = None
-                  ) -> bool:
+def example_shards(arrays: Iterable[Any]) -> int:
+    """Into how many pieces the examples (axis 0) of these arrays are split across
+    devices: 1 for host arrays, single-device or replicated arrays, and traced values."""
+    most = 1
+    for a in arrays:
+        sharding = getattr(a, "sharding", None)
+        if sharding is None or isinstance(a, jax.core.Tracer) or not a.shape:
+            continue
+        rows = sharding.shard_shape(a.shape)[0]
+        if rows:
+            most = max(most, a.shape[0] // rows)
+    return most
+
+
+def feature_route(method: str, n: int, widths_a: list[int], widths_b: list[int] | None = None,
+                  *, shards: int = 1) -> bool:
     """Whether linear CKA takes the feature-space route: ``method`` "gram", "features" or
     "auto" (the cost model :func:`use_feature_space`)."""
     method = _v.choice(method, "method", ("auto", "gram", "features"))
     if method == "auto":
-        return use_feature_space(n, widths_a, widths_b)
+        return use_feature_space(n, widths_a, widths_b, shards=shards)
     return method == "features"
 
 
@@ -469,7 +489,8 @@ def linear_cka(x: Any, y: Any, *, debiased: bool = False, method: str = "auto",
     _v.choice(method, "method", ("auto", "gram", "features"))
     x, y = _v.pair(x, y, min_n=4 if debiased else 2, why=_UNBIASED_WHY if debiased else "",
                    check_finite=check_finite)
-    feature_space = feature_route(method, x.shape[0], [x.shape[1]], [y.shape[1]])
+    feature_space = feature_route(method, x.shape[0], [x.shape[1]], [y.shape[1]],
+                                  shards=example_shards((x, y)))
     return evaluate(linear_measure, x, y, debiased=debiased, feature_space=feature_space)
 
 
