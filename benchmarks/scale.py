@@ -1,0 +1,144 @@
+"""Scale: RBF bandwidth by selection, Gram block sizes, compile counts, sharded grids.
+
+    python benchmarks/scale.py            # ~3 minutes on 2 CPU cores
+
+Every ratio compares two ways of computing the same thing in this run:
+1. the RBF median bandwidth by exact selection on the float bit pattern vs the sort behind
+   ``jnp.median`` (same value), and ``gram_rbf`` against a linear Gram plus its exp;
+2. the Gram-route grid at n just above a block boundary, with blocks sized from n vs the
+   former fixed 512-row blocks (padding cliff);
+3. first call (compiles) vs steady state of a 24-layer mean-CCA grid over 1 and 4 widths;
+4. (8 host devices, a subprocess) linear-CKA grids of example-sharded layers: per-device
+   FLOPs from the compiled programs and wall time against one device, for the feature
+   route and the Gram route.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import timeit  # noqa: E402
+
+import jaxsim  # noqa: E402
+from jaxsim import grid as grid_module  # noqa: E402
+from jaxsim import kernel  # noqa: E402
+
+
+def rbf_median(rng):
+    print("1. RBF bandwidth: median of the n^2 squared distances (float32)")
+    print(f"{'n':>6} {'selection s':>12} {'sort s':>8} {'ratio':>6} {'same':>5}  "
+          f"{'gram_rbf / (linear Gram + exp)':>31}")
+    select = jax.jit(kernel._median_of_non_negative)
+    sort = jax.jit(jnp.median)
+    rbf = jax.jit(lambda x: kernel._gram_rbf(x, jnp.float32(1)))
+    linear_exp = jax.jit(lambda x: jnp.exp(-kernel._sq_distances(x)))
+    for n in (2048, 4096):
+        x = jnp.asarray(rng.normal(size=(n, 64)), jnp.float32)
+        d = jax.jit(kernel._sq_distances)(x)
+        t_sel, t_sort = timeit(select, d), timeit(sort, d)
+        same = float(select(d)) == float(sort(d))
+        ratio = timeit(rbf, x) / timeit(linear_exp, x)
+        print(f"{n:6d} {t_sel:12.3f} {t_sort:8.3f} {t_sort / t_sel:5.1f}x {str(same):>5}  "
+              f"{ratio:30.1f}x")
+
+
+def padding(rng):
+    print("\n2. Gram-route grid, 8 layers of width 64: blocks sized from n vs fixed 512 rows")
+    print(f"{'n':>6} {'rows now':>9} {'s now':>7} {'rows before':>12} {'s before':>9} "
+          f"{'before/now':>10}")
+    sized = grid_module._block_size
+    fixed = lambda n: n if n <= 1024 else 512
+    for n in (1025, 1537, 2049):
+        layers = [rng.normal(size=(n, 64)).astype(np.float32) for _ in range(8)]
+        run = lambda: jaxsim.similarity_grid(layers, method="gram").values
+        times = {}
+        for label, rule in (("now", sized), ("before", fixed)):
+            grid_module._block_size = rule
+            try:
+                times[label] = timeit(run)
+            finally:
+                grid_module._block_size = sized
+        rows = lambda rule: -(-n // rule(n)) * rule(n)
+        print(f"{n:6d} {rows(sized):9d} {times['now']:7.3f} {rows(fixed):12d} "
+              f"{times['before']:9.3f} {times['before'] / times['now']:9.2f}x")
+
+
+def compiles(rng):
+    print("\n3. 24-layer mean-CCA self-grid, n=1024: first call (compiles) vs steady state")
+    print(f"{'widths':>14} {'first s':>8} {'steady s':>9} {'prepare traces':>15} "
+          f"{'pair traces':>12}")
+    for widths in ((64,), (32, 48, 64, 96)):
+        layers = [rng.normal(size=(1024, widths[i % len(widths)])).astype(np.float32)
+                  for i in range(24)]
+        before = dict(grid_module.TRACE_COUNT)
+        t0 = time.perf_counter()
+        jax.block_until_ready(jaxsim.similarity_grid(layers, metric="mean_cca",
+                                                     progress=False).values)
+        first = time.perf_counter() - t0
+        traced = {k: grid_module.TRACE_COUNT[k] - before.get(k, 0) for k in ("prepare", "pairs")}
+        steady = timeit(lambda: jaxsim.similarity_grid(layers, metric="mean_cca",
+                                                       progress=False).values)
+        print(f"{str(widths):>14} {first:8.2f} {steady:9.3f} {traced['prepare']:15d} "
+              f"{traced['pairs']:12d}")
+
+
+SHARDED = textwrap.dedent("""
+    import time, jax, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import jaxsim
+    from jaxsim import kernel
+
+    def best(fn, *args, repeat=3):
+        jax.block_until_ready(fn(*args))
+        out = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            out.append(time.perf_counter() - t0)
+        return min(out)
+
+    def flops(fn, *args):
+        cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return cost.get("flops", float("nan"))
+
+    mesh = Mesh(np.array(jax.devices()), ("batch",))
+    rng = np.random.default_rng(0)
+    print(f"{'route':>9} {'n':>5} {'widths':>10} {'FLOPs/device 8 vs 1':>20} "
+          f"{'s 1 device':>11} {'s 8 devices':>12}")
+    for method, n, d in (("features", 4096, 64), ("gram", 1024, 512)):
+        layers = [rng.normal(size=(n, d)).astype(np.float32) for _ in range(6)]
+        spread = [jax.device_put(x, NamedSharding(mesh, P("batch"))) for x in layers]
+        one = [jax.device_put(x, jax.devices()[0]) for x in layers]
+        fn = lambda l: jaxsim.similarity_grid(l, method=method).values
+        ratio = flops(fn, spread) / flops(fn, one)
+        print(f"{method:>9} {n:5d} {str((d,) * 6)[:10]:>10} {ratio:19.3f}x "
+              f"{best(jax.jit(fn), one):11.3f} {best(jax.jit(fn), spread):12.3f}")
+""")
+
+
+def sharded():
+    print("\n4. linear-CKA grids of 6 layers sharded along examples over 8 host devices "
+          "(ideal FLOPs/device 0.125x)")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True,
+                         text=True, timeout=900)
+    print(out.stdout.rstrip() or out.stderr[-2000:])
+
+
+if __name__ == "__main__":
+    rng = np.random.default_rng(0)
+    rbf_median(rng)
+    padding(rng)
+    compiles(rng)
+    sharded()
