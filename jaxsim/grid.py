@@ -269,21 +269,22 @@ def _block_size(n: int, target: int = 512) -> int:
     return -(-rows // 8) * 8
 
 
-@functools.partial(jax.jit, static_argnames=("blocks", "b"))
-def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int) -> Array:
-    """``<K~_i, K~_j>`` for every pair of layers, ``(L, L)``.
+def _block_pairs(n: int, b: int) -> list[tuple[int, int]]:
+    nb = -(-n // b)
+    return [(r, c) for r in range(nb) for c in range(r, nb)]
 
-    The centered Grams are never stored: for each block (r, c) of the n x n index space
-    with r <= c, every layer's block is produced and flattened into a column of an
-    ``(b^2, L)`` slab, and ``slab^T slab`` is added with weight 1 (r == c) or 2 (r < c,
-    standing for the mirrored block too, as the Grams are symmetric). The Gram work is
-    thus about halved and memory is ``L b^2``, not ``L n^2``.
-    """
+
+@functools.partial(jax.jit, static_argnames=("blocks", "b", "first", "count"))
+def _gram_block_sum(blocks: GramBlocks, layers: list[Array], b: int, first: int = 0,
+                    count: int | None = None) -> Array:
+    """The sum over block pairs ``first .. first + count`` of :func:`_block_pairs` of the
+    weighted ``slab^T slab`` terms of :func:`_gram_inner_products` (not symmetrised)."""
     TRACE_COUNT["blocks"] += 1
     n = layers[0].shape[0]
+    pairs = _block_pairs(n, b)
     nb = -(-n // b)
+    pairs = pairs[first:] if count is None else pairs[first:first + count]
     sources = [blocks.source(x, nb * b) for x in layers]
-    pairs = [(r, c) for r in range(nb) for c in range(r, nb)]
     r0 = jnp.array([r * b for r, _ in pairs], jnp.int32)
     c0 = jnp.array([c * b for _, c in pairs], jnp.int32)
     dtype = layers[0].dtype
@@ -305,7 +306,38 @@ def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int) -> Arr
     if len(pairs) > 1:
         acc, _ = jax.lax.scan(lambda a, args: (a + term(*args), None), acc,
                               (r0[1:], c0[1:], weight[1:]))
+    return acc
+
+
+def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
+                         tick: Callable[..., None] | None = None) -> Array:
+    """``<K~_i, K~_j>`` for every pair of layers, ``(L, L)``.
+
+    The centered Grams are never stored: for each block (r, c) of the n x n index space
+    with r <= c, every layer's block is produced and flattened into a column of an
+    ``(b^2, L)`` slab, and ``slab^T slab`` is added with weight 1 (r == c) or 2 (r < c,
+    standing for the mirrored block too, as the Grams are symmetric). The Gram work is
+    thus about halved and memory is ``L b^2``, not ``L n^2``.
+
+    With ``tick`` (a progress bar, see :func:`_ticker`), more than ``_CHUNK`` block pairs
+    run as several compiled calls of ``_CHUNK`` pairs (at most two programs), so that the
+    bar can follow them; otherwise one call.
+    """
+    total = len(_block_pairs(layers[0].shape[0], b))
+    if tick is None or total <= _CHUNK:
+        acc = _gram_block_sum(blocks, layers, b)
+        if tick is not None:
+            tick(acc)
+    else:
+        acc = None
+        for first in range(0, total, _CHUNK):
+            part = _gram_block_sum(blocks, layers, b, first, min(_CHUNK, total - first))
+            tick(part)
+            acc = part if acc is None else acc + part
     return (acc + acc.T) / 2
+
+
+_CHUNK = 16  # block pairs per compiled call when a progress bar follows a Gram-route grid
 
 
 @jax.jit
@@ -447,6 +479,7 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
             {k: a.shape[1] if keep is None else min(keep, a.shape[1]) for k, a in named.items()},
             warn)
         notes = (note,) if note else ()
+    traced = any(isinstance(a, jax.core.Tracer) for a in named.values())
     if measure.name == "linear_cka":
         measure = make(feature_space=kernel.feature_route(
             method, layers_a[0].shape[0], [a.shape[1] for a in layers_a],
@@ -455,15 +488,21 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
 
     if measure.blocks is not None:
         union = layers_a if self_grid else layers_a + layers_b
-        products = _gram_inner_products(measure.blocks, union, _block_size(union[0].shape[0]))
+        b = _block_size(union[0].shape[0])
+        total = -(-len(_block_pairs(union[0].shape[0], b)) // _CHUNK)
+        tick, close = _ticker(progress, total, f"{name} grid", traced)
+        try:
+            follow = total > 1 and progress is not False and not traced
+            products = _gram_inner_products(measure.blocks, union, b, tick if follow else None)
+        finally:
+            close()
         values = _normalise(*_split(products, len(layers_a), self_grid))
     else:
         num_a, num_b = len(layers_a), len(layers_b)
         pairs = (num_a * (num_a + 1) // 2 if self_grid and measure.symmetric
                  else num_a * num_b)
         total = num_a + (0 if self_grid else num_b) + pairs  # layers prepared, pairs
-        tick, close = _ticker(progress, total, f"{name} grid",
-                              any(isinstance(a, jax.core.Tracer) for a in named.values()))
+        tick, close = _ticker(progress, total, f"{name} grid", traced)
         try:
             sa = _prepare_all(measure, layers_a, tick)
             sb = sa if self_grid else _prepare_all(measure, layers_b, tick)

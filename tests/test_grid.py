@@ -343,6 +343,12 @@ def test_progress_bar_on_pairwise_grids(rng, capsys):
     assert "mean_cca grid" in capsys.readouterr().err
     jaxsim.similarity_grid(acts, metric="mean_cca", progress=False, warn=False)
     assert capsys.readouterr().err == ""
+    # a Gram-route grid of many blocks runs in chunks that the bar follows, same values
+    layers = [rng.normal(size=(2600, 2)).astype(np.float32) for _ in range(2)]
+    followed = jaxsim.similarity_grid(layers, method="gram", progress=True).values
+    assert "linear_cka grid" in capsys.readouterr().err
+    np.testing.assert_allclose(followed, jaxsim.similarity_grid(
+        layers, method="gram", progress=False).values, rtol=1e-6)
 
 
 def test_block_size_has_no_padding_cliff():
