@@ -549,14 +549,16 @@ def minibatch_cka_init(num_a: int, num_b: int | None = None, *, dtype: Any = Non
                              jnp.zeros(num_b, dtype), jnp.zeros((), dtype))
 
 
-def _batch_layers(batch: Any, arg: str, expected: int, check_finite: bool
-                  ) -> dict[str, Array]:
+def _batch_layers(batch: Any, arg: str, expected: int) -> tuple[dict[str, Any],
+                                                                 dict[str, Array]]:
+    """A batch's layers as given and flattened (finiteness is checked by the caller, for
+    both sides in one fused reduction)."""
     names, arrays = _named(batch, arg)
     if len(arrays) != expected:
         raise ValueError(f"{arg}: the state has {expected} layer(s) on this side but the batch "
                          f"has {len(arrays)}")
-    return _v.layers({f"{arg}[{k!r}]": a for k, a in zip(names, arrays)},
-                     check_finite_values=check_finite)
+    raw = {f"{arg}[{k!r}]": a for k, a in zip(names, arrays)}
+    return raw, _v.layers(raw, check_finite_values=False)
 
 
 @functools.partial(jax.jit, static_argnames=("axis_name",))
@@ -601,12 +603,14 @@ def minibatch_cka_update(state: MinibatchCKAState, batch_acts_a: Any, batch_acts
     magnitude can overflow a batch's HSIC; divide such a layer by one constant first.
     """
     num_a, num_b = state.cross.shape
-    named = _batch_layers(batch_acts_a, "batch_acts_a", num_a, check_finite)
+    raw, named = _batch_layers(batch_acts_a, "batch_acts_a", num_a)
     if batch_acts_b is not None:
-        named_b = _batch_layers(batch_acts_b, "batch_acts_b", num_b, check_finite)
+        raw_b, named_b = _batch_layers(batch_acts_b, "batch_acts_b", num_b)
+        raw = {**raw, **raw_b}
     elif num_a != num_b:
         raise ValueError(f"batch_acts_b: missing, but the state compares {num_a} row layers "
                          f"with {num_b} column layers")
+    _v.finite(raw, check_finite)  # every layer of both sides: one sync
     _v.same_n({**named, **(named_b if batch_acts_b is not None else {})}, min_n=4,
               why=" per minibatch for the unbiased HSIC estimator")
     layers_b = None if batch_acts_b is None else list(named_b.values())

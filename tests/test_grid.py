@@ -359,3 +359,16 @@ def test_block_size_has_no_padding_cliff():
         blocks = -(-n // b)
         assert b <= max(n, 512) and b % 8 == 0 or b == n, n
         assert blocks * b - n < 8 * blocks, (n, b)  # a few rows of padding per block at most
+
+
+def test_one_finiteness_sync_per_call(rng, monkeypatch):
+    from jaxsim import _validation
+
+    calls = []
+    counts = _validation._nonfinite_counts
+    monkeypatch.setattr(_validation, "_nonfinite_counts",
+                        lambda arrays: calls.append(len(arrays)) or counts(arrays))
+    a = [jax.numpy.asarray(rng.normal(size=(8, w)), jax.numpy.float32) for w in (3, 4, 5)]
+    jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3, 2), a, a[:2])
+    jaxsim.similarity_grid(a, a[:2])
+    assert calls == [5, 5]  # every layer of both sides in one fused reduction, per call
