@@ -1,6 +1,7 @@
 """The CCA family against NumPy float64 implementations of the classic algorithms."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -138,15 +139,22 @@ def test_rank_deficient_layer_is_finite(x64, rng):
     assert np.isfinite(float(jaxsim.svcca(dup, y)))
 
 
-def test_zero_variance_gives_zero(x64, rng):
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+def test_zero_variance_gives_zero(rng, dtype):
     x = rng.normal(size=(50, 4))
     # constants whose mean is inexact in binary: the rounding residue of centring must not
     # be scaled up into a direction, whatever order the compiler sums in
-    for value in (2.0, 0.1, 1 / 3, -1234.567):
-        const = np.full((50, 3), value)
-        for f in (jaxsim.mean_cca, jaxsim.pwcca, jaxsim.svcca, jaxsim.linear_cka):
-            assert float(f(x, const)) == 0.0, (f.__name__, value)
-    np.testing.assert_array_equal(jaxsim.cca(const, x).coefficients, 0)
+    with jax.enable_x64(dtype == "float64"):
+        for value in (2.0, 0.1, 1 / 3, -1234.567):
+            const = jnp.asarray(np.full((50, 3), value), dtype)
+            for f in (jaxsim.mean_cca, jaxsim.pwcca, jaxsim.svcca, jaxsim.linear_cka):
+                assert float(f(jnp.asarray(x, dtype), const)) == 0.0, (f.__name__, value)
+            # a constant unit inside a realistic layer changes nothing
+            layer = np.concatenate([x, np.full((50, 1), value)], axis=1)
+            np.testing.assert_allclose(jaxsim.mean_cca(jnp.asarray(layer, dtype), x[:, :3] ** 2),
+                                       jaxsim.mean_cca(jnp.asarray(x, dtype), x[:, :3] ** 2),
+                                       rtol=1e-5)
+        np.testing.assert_array_equal(jaxsim.cca(const, x).coefficients, 0)
 
 
 # -------------------------------------------------------------------- invariances

@@ -262,13 +262,21 @@ def test_errors(rng):
         jaxsim.linear_cka(x, x, method="fast")
 
 
-def test_rbf_median_by_selection_equals_the_sorted_median(rng):
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_rbf_median_by_selection_equals_the_sorted_median(rng, dtype):
     from jaxsim.kernel import _median_of_non_negative, _sq_distances
 
     median = jax.jit(_median_of_non_negative)
-    for n in (6, 101):  # even and odd numbers of entries
-        d = _sq_distances(jnp.asarray(rng.normal(size=(n, 3)), jnp.float32))
+    with jax.enable_x64(dtype == "float64"):  # the float64 route bisects int64 patterns
+        for n in (6, 101):  # even and odd numbers of entries
+            d = _sq_distances(jnp.asarray(rng.normal(size=(n, 3)), dtype))
+            assert d.dtype == dtype and float(median(d)) == float(jnp.median(d))
+        # realistic activations: a power-law spectrum with an offset, n even
+        x = (rng.normal(size=(300, 32)) * np.arange(1, 33) ** -1.0 + 5).astype(dtype)
+        d = _sq_distances(jnp.asarray(x))
         assert float(median(d)) == float(jnp.median(d))
+    if dtype == "float64":
+        return
     # ties at the middle, one value, extremes; one shape, one compile
     for values in ([0, 0, 0, 1.0, 1], [0, 0, 1.0, 1.0, 9], [3.0] * 5, [1.0, 2, 2, 2, 5],
                    [0, 1e-30, 1e30, 7, 7], [1.0, np.nan, 2, 3, 4]):
