@@ -282,6 +282,24 @@ SHARDED = textwrap.dedent("""
     route = lambda l: jaxsim.similarity_grid(l, method="features").values
     hlo = jax.jit(route).lower(spread).compile().as_text()
     assert "all-gather" not in hlo, "the feature route must not gather the activations"
+
+    # 4. float32 layers sharded over the mesh, eager and under jit, against one device:
+    # Gram blocks sized from n with chunks a progress bar follows (n = 2600: 21 block
+    # pairs), the RBF median by selection, pairwise grids scattered on the device
+    put = lambda layers: [jax.device_put(x, NamedSharding(mesh, P("batch"))) for x in layers]
+    long = [rng.normal(size=(2600, d)).astype(np.float32) for d in (2, 3)]
+    long[1][:, :2] += long[0]
+    ref = jaxsim.similarity_grid(long, method="gram", progress=False).values
+    np.testing.assert_allclose(jaxsim.similarity_grid(put(long), method="gram",
+                                                      progress=True).values, ref, rtol=2e-5)
+    small = [rng.normal(size=(64, d)).astype(np.float32) for d in (5, 9, 5)]
+    small[1][:, :5] += small[0]
+    for metric, opts in (("rbf_cka", {}), ("pwcca", {}), ("mean_cca", {"warn": False})):
+        grid = lambda l: jaxsim.similarity_grid(l, metric=metric, **opts).values
+        ref = grid(small)
+        np.testing.assert_allclose(grid(put(small)), ref, rtol=1e-5, atol=1e-6, err_msg=metric)
+        np.testing.assert_allclose(jax.jit(grid)(put(small)), ref, rtol=1e-5, atol=1e-6,
+                                   err_msg=metric)
     print("sharded ok")
 """)
 
