@@ -3,42 +3,56 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 # with ``progress=None`` a bar appears only once a loop has run this long
 AUTO_DELAY_S = 3.0
 
 
-def bar(iterable: Iterable, enabled: bool | None, total: int | None, desc: str) -> Iterable:
-    """``iterable`` with a progress bar on stderr.
+def _nothing() -> None:
+    return None
+
+
+def steps(enabled: bool | None, total: int | None, desc: str
+          ) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``(advance, close)`` of a progress bar on stderr over ``total`` steps.
 
     ``enabled``: True always shows one (tqdm, or a plain counter without it); False never;
-    None shows a tqdm bar only when the loop is still running after a few seconds.
+    None shows a tqdm bar only when the work is still running after a few seconds.
     """
     if enabled is False:
-        return iterable
+        return _nothing, _nothing
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        return _plain(iterable, total, desc) if enabled else iterable
-    delay = 0.0 if enabled else AUTO_DELAY_S
-    return tqdm(iterable, total=total, desc=desc, leave=False, file=sys.stderr, delay=delay)
+        return _plain(total, desc) if enabled else (_nothing, _nothing)
+    shown = tqdm(total=total, desc=desc, leave=False, file=sys.stderr,
+                 delay=0.0 if enabled else AUTO_DELAY_S)
+    return (lambda: shown.update(1) and None), shown.close
 
 
-def _plain(iterable: Iterable, total: int | None, desc: str) -> Iterable:
+def _plain(total: int | None, desc: str) -> tuple[Callable[[], None], Callable[[], None]]:
     count = 0
-    for count, item in enumerate(iterable, 1):
-        yield item
+
+    def advance():
+        nonlocal count
+        count += 1
         print(f"\r{desc}: {count}" + (f"/{total}" if total else ""), end="", file=sys.stderr,
               flush=True)
-    if count:
-        print(file=sys.stderr)
+
+    def close():
+        if count:
+            print(file=sys.stderr)
+
+    return advance, close
 
 
-def steps(enabled: bool | None, total: int, desc: str) -> tuple[Callable[[], None],
-                                                              Callable[[], None]]:
-    """``(advance, close)`` of a progress bar over ``total`` steps that are not the items of
-    one loop (see :func:`bar` for ``enabled``)."""
-    it = iter(bar(range(total), enabled, total, desc))
-    next(it, None)  # the bar starts at 0 and each later request counts one finished step
-    return (lambda: next(it, None) and None), it.close if hasattr(it, "close") else (lambda: None)
+def bar(iterable: Iterable, enabled: bool | None, total: int | None, desc: str) -> Iterator:
+    """``iterable`` with a progress bar (see :func:`steps` for ``enabled``)."""
+    advance, close = steps(enabled, total, desc)
+    try:
+        for item in iterable:
+            yield item
+            advance()
+    finally:
+        close()

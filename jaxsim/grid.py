@@ -245,9 +245,11 @@ def _ticker(enabled: bool | None, total: int, desc: str, traced: bool
     ``tick(value, steps=1)`` waits for ``value`` (so that the bar follows the work, not its
     dispatch) and advances.
     No bar, and no waiting, when ``enabled`` is False or the layers are traced."""
-    if enabled is False or traced:
-        return (lambda value, steps=1: None), (lambda: None)
+    if traced:
+        enabled = False
     advance, close = _progress.steps(enabled, total, desc)
+    if enabled is False:
+        return (lambda value, steps=1: None), close
 
     def tick(value, steps=1):
         jax.block_until_ready(value)
@@ -274,6 +276,15 @@ def _block_pairs(n: int, b: int) -> list[tuple[int, int]]:
     return [(r, c) for r in range(nb) for c in range(r, nb)]
 
 
+_CHUNK = 16  # block pairs per compiled call when a progress bar follows a Gram-route grid
+
+
+def _chunks(n: int, b: int) -> list[tuple[int, int]]:
+    """(first, count) of the compiled calls a followed Gram-route grid makes."""
+    total = len(_block_pairs(n, b))
+    return [(first, min(_CHUNK, total - first)) for first in range(0, total, _CHUNK)]
+
+
 @functools.partial(jax.jit, static_argnames=("blocks", "b", "first", "count"))
 def _gram_block_sum(blocks: GramBlocks, layers: list[Array], b: int, first: int = 0,
                     count: int | None = None) -> Array:
@@ -281,10 +292,8 @@ def _gram_block_sum(blocks: GramBlocks, layers: list[Array], b: int, first: int 
     weighted ``slab^T slab`` terms of :func:`_gram_inner_products` (not symmetrised)."""
     TRACE_COUNT["blocks"] += 1
     n = layers[0].shape[0]
-    pairs = _block_pairs(n, b)
-    nb = -(-n // b)
-    pairs = pairs[first:] if count is None else pairs[first:first + count]
-    sources = [blocks.source(x, nb * b) for x in layers]
+    pairs = _block_pairs(n, b)[first:None if count is None else first + count]
+    sources = [blocks.source(x, -(-n // b) * b) for x in layers]
     r0 = jnp.array([r * b for r, _ in pairs], jnp.int32)
     c0 = jnp.array([c * b for _, c in pairs], jnp.int32)
     dtype = layers[0].dtype
@@ -319,25 +328,20 @@ def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
     standing for the mirrored block too, as the Grams are symmetric). The Gram work is
     thus about halved and memory is ``L b^2``, not ``L n^2``.
 
-    With ``tick`` (a progress bar, see :func:`_ticker`), more than ``_CHUNK`` block pairs
-    run as several compiled calls of ``_CHUNK`` pairs (at most two programs), so that the
-    bar can follow them; otherwise one call.
+    With ``tick`` (a progress bar, see :func:`_ticker`), the block pairs run as the
+    compiled calls of :func:`_chunks` (at most two programs), so that the bar can follow
+    them; otherwise as one call.
     """
-    total = len(_block_pairs(layers[0].shape[0], b))
-    if tick is None or total <= _CHUNK:
+    chunks = _chunks(layers[0].shape[0], b)
+    if tick is None or len(chunks) == 1:
         acc = _gram_block_sum(blocks, layers, b)
-        if tick is not None:
-            tick(acc)
     else:
         acc = None
-        for first in range(0, total, _CHUNK):
-            part = _gram_block_sum(blocks, layers, b, first, min(_CHUNK, total - first))
+        for first, count in chunks:
+            part = _gram_block_sum(blocks, layers, b, first, count)
             tick(part)
             acc = part if acc is None else acc + part
     return (acc + acc.T) / 2
-
-
-_CHUNK = 16  # block pairs per compiled call when a progress bar follows a Gram-route grid
 
 
 @jax.jit
@@ -489,10 +493,10 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
     if measure.blocks is not None:
         union = layers_a if self_grid else layers_a + layers_b
         b = _block_size(union[0].shape[0])
-        total = -(-len(_block_pairs(union[0].shape[0], b)) // _CHUNK)
-        tick, close = _ticker(progress, total, f"{name} grid", traced)
+        calls = len(_chunks(union[0].shape[0], b))
+        follow = calls > 1 and progress is not False and not traced
+        tick, close = _ticker(progress if follow else False, calls, f"{name} grid", traced)
         try:
-            follow = total > 1 and progress is not False and not traced
             products = _gram_inner_products(measure.blocks, union, b, tick if follow else None)
         finally:
             close()

@@ -367,6 +367,9 @@ def test_progress_bar_on_pairwise_grids(rng, capsys):
     assert "linear_cka grid" in capsys.readouterr().err
     np.testing.assert_allclose(followed, jaxsim.similarity_grid(
         layers, method="gram", progress=False).values, rtol=1e-6)
+    # and equal to the published formula, computed independently in NumPy
+    np.testing.assert_allclose(followed[0, 1], np_linear_cka(*[a.astype(np.float64)
+                                                               for a in layers]), rtol=1e-5)
 
 
 def test_block_size_has_no_padding_cliff():
