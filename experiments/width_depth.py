@@ -66,11 +66,6 @@ def runs(values: np.ndarray, threshold: float = THRESHOLD) -> list[tuple[int, in
     return sorted(found, key=lambda r: (r[0] - r[1], r[0]))
 
 
-def largest_block(values: np.ndarray, threshold: float = THRESHOLD) -> tuple[int, int]:
-    """(start, stop) of the longest run of :func:`runs`."""
-    return runs(values, threshold)[0]
-
-
 def first_pc_share(x: np.ndarray) -> float:
     """Fraction of a layer's variance along its first principal component."""
     x = x.reshape(len(x), -1)
@@ -127,11 +122,13 @@ def verdict(models: dict[str, dict]) -> tuple[bool, str]:
     ok = models[largest]["block"]["found"] and not models[smallest]["block"]["found"]
     where = f"blocks in: {', '.join(found)}" if found else "no model has a block"
     if ok:
-        return True, (f"REPRODUCED: a block dominated by the first PC in the largest model "
-                      f"({largest}), none in the smallest ({smallest}); {where}.")
-    why = (f"the smallest model ({smallest}) has one too" if models[smallest]["block"]["found"]
-           else f"the largest model ({largest}) has none: {models[largest]['block']['reason']}")
-    return False, f"NOT REPRODUCED: {why}; {where}."
+        observed = f"the largest model ({largest}) has one, the smallest ({smallest}) none"
+    elif models[smallest]["block"]["found"]:
+        observed = f"the smallest model ({smallest}) has one too"
+    else:
+        observed = f"the largest model ({largest}) has none: {models[largest]['block']['reason']}"
+    return ok, C.verdict_line(ok, "a block dominated by the first PC in the largest model, "
+                              "none in the smallest", f"{observed}; {where}")
 
 
 def mean_offdiag(values: np.ndarray) -> float | None:
