@@ -40,7 +40,8 @@ def main(argv=None):
     x = x + 0.1 * rng.normal(size=x.shape)  # keep the covariance invertible
     y = y + 0.1 * rng.normal(size=y.shape)
     print(f"machine: float64 matmul {matmul_rate(np.float64) / 1e9:.0f} GFLOP/s, "
-          f"float32 {matmul_rate(np.float32) / 1e9:.0f} GFLOP/s (jax, 2048^3)")
+          f"float32 {matmul_rate(np.float32) / 1e9:.0f} GFLOP/s (jax, full precision) on "
+          f"{jax.devices()[0].device_kind}")
     print(f"\nCCA family, {d} neurons x {n} examples, float64")
     rows = []
     for name, ours, base in [

@@ -6,6 +6,7 @@ W1  linear-CKA self-grid, 24 layers (8 each of widths 256/512/1024), n=2048, flo
 W2  linear-CKA cross-grid, 24 x 36 layers, n=4096, float32
 W4  minibatch CKA, 24 x 24 layers, batches of 256: time per batch, and peak memory for
     20 versus 200 batches (each in a fresh process)
+--large N L: a self-grid of L layers at N examples, both routes, first call and steady state
 
 Baselines, timed in the same run: the notebook loop (each pair recomputes both Grams and
 the unbiased HSIC with traces of n x n matrix products; timed on a few pairs and
@@ -153,15 +154,48 @@ def minibatch_workload(rng, n, widths, quick):
           f"batches {peaks[1]:.0f} MiB (ratio {peaks[1] / peaks[0]:.3f})")
 
 
+def large_workload(rng, n, num_layers, rate):
+    """A self-grid of ``num_layers`` layers (widths 256/512/1024 in turn) at ``n`` examples,
+    both linear-CKA routes: first call (compiles included) and steady state, and the
+    useful FLOPs (the cost model's multiply-adds x 2) as a fraction of the matmul rate."""
+    import jaxsim
+    from jaxsim.kernel import use_feature_space
+
+    widths = [(256, 512, 1024)[i % 3] for i in range(num_layers)]
+    acts = [jax.device_put(x) for x in layers(rng, n, widths)]
+    picked = "features" if use_feature_space(n, widths) else "gram"
+    flops = {"gram": n * n * (sum(widths) + num_layers**2),
+             "features": n * (sum(d * d for d in widths) * 3 + sum(widths) ** 2)}
+    print(f"{num_layers} layers, n={n} (self-grid; the cost model picks the {picked} route)")
+    values = {}
+    for method in ("gram", "features"):
+        grid = lambda: jaxsim.similarity_grid(acts, method=method, progress=False).values
+        t0 = time.perf_counter()
+        values[method] = np.asarray(jax.block_until_ready(grid()))
+        first = time.perf_counter() - t0
+        t = timeit(grid, repeat=3, warmup=0)
+        print(f"    {method:8s} route: first call {first:.2f} s, then {t:.3f} s; "
+              f"{flops[method] / 1e9:.0f} useful GFLOP -> {flops[method] / t / 1e9:.0f} "
+              f"GFLOP/s = {flops[method] / t / rate:.0%} of the float32 matmul rate")
+    print(f"    max |gram - features| = {np.abs(values['gram'] - values['features']).max():.1e}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke test")
     parser.add_argument("--skip-notebook", action="store_true", help="skip the slow baseline")
+    parser.add_argument("--large", nargs=2, type=int, metavar=("N", "LAYERS"),
+                        help="also a self-grid of LAYERS layers at N examples, both routes "
+                             "(on a GPU: --large 10000 50)")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     rate = matmul_rate(np.float32)
-    print(f"machine: float32 matmul {rate / 1e9:.0f} GFLOP/s (jax, 2048^3), "
-          f"{os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform}")
+    where = f"{os.cpu_count()} cores" if jax.default_backend() == "cpu" else \
+        f"{jax.devices()[0].device_kind}, TF32 {matmul_rate(np.float32, precision='default') / 1e12:.0f} TFLOP/s"
+    print(f"machine: float32 matmul {rate / 1e9:.0f} GFLOP/s (jax, full precision), "
+          f"{where}, jax {jax.__version__} on {jax.default_backend()}")
+    if args.large:
+        large_workload(rng, *args.large, rate)
     base = [256] * 8 + [512] * 8 + [1024] * 8
     if args.quick:
         grid_workload("W1 (quick)", rng, 512, base[::4], None, rate, args.skip_notebook)

@@ -34,6 +34,21 @@ import jax.numpy as jnp
 import numpy as np
 
 
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Matrix product at full precision: on recent GPUs a float32 product defaults to TF32
+    (10-bit mantissa, ~1e-3 relative error) and on TPUs to bfloat16 passes; every product
+    in jaxsim goes through here or :func:`inner` (a test reads the compiled programs)."""
+    return jnp.matmul(a, b, precision=HIGHEST)
+
+
+def inner(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``sum(a * b)`` over all entries (flattened), at full precision."""
+    return jnp.vdot(a, b, precision=HIGHEST)
+
+
 def _on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
@@ -117,7 +132,7 @@ def svd_reference_signs(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 def _svd_tangents(a, da, u, s, vh):
     v = vh.T
     m, n = a.shape
-    ds_mat = u.T @ da @ v
+    ds_mat = dot(dot(u.T, da), v)
     ds = jnp.diagonal(ds_mat)
     tol = _tolerance(s[0], a.shape, a.dtype)
     s_inv = _safe_inverse(s, tol)
@@ -126,14 +141,14 @@ def _svd_tangents(a, da, u, s, vh):
     f = _safe_inverse(diffs, 2 * tol * s[0])
     dss = ds_mat * s[None, :]
     sds = s[:, None] * ds_mat
-    du = u @ (f * (dss + dss.T))
-    dv = v @ (f * (sds + sds.T))
+    du = dot(u, f * (dss + dss.T))
+    dv = dot(v, f * (sds + sds.T))
     if m > n:
-        dav = da @ v
-        du = du + (dav - u @ (u.T @ dav)) * s_inv[None, :]
+        dav = dot(da, v)
+        du = du + (dav - dot(u, dot(u.T, dav))) * s_inv[None, :]
     if n > m:
-        dau = da.T @ u
-        dv = dv + (dau - v @ (v.T @ dau)) * s_inv[None, :]
+        dau = dot(da.T, u)
+        dv = dv + (dau - dot(v, dot(v.T, dau))) * s_inv[None, :]
     return du, ds, dv.T
 
 
@@ -148,11 +163,11 @@ def eigh(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _eigh_jvp(primals, tangents):
     (a,), (da,) = primals, tangents
     w, v = eigh(a)
-    vdv = v.T @ ((da + da.T) / 2) @ v
+    vdv = dot(dot(v.T, (da + da.T) / 2), v)
     tol = jnp.max(jnp.abs(w)) * a.shape[-1] * jnp.finfo(a.dtype).eps
     # F_ij = 1 / (w_j - w_i), 0 on the diagonal and between (numerically) equal values
     f = _safe_inverse(w[None, :] - w[:, None], tol)
-    return (w, v), (jnp.diagonal(vdv), v @ (f * vdv))
+    return (w, v), (jnp.diagonal(vdv), dot(v, f * vdv))
 
 
 def data_svd(x: jax.Array, keep: int | None = None
@@ -178,15 +193,15 @@ def data_svd(x: jax.Array, keep: int | None = None
         u, s, vh = svd(x)
         return u[:, :k], s, vh[:k], s > s[0] * size
     tall = n >= d
-    w, vecs = eigh(x.T @ x if tall else x @ x.T)
+    w, vecs = eigh(dot(x.T, x) if tall else dot(x, x.T))
     w, vecs = w[::-1], vecs[:, ::-1]
     live = w > w[0] * size
     s = jnp.where(live, jnp.sqrt(jnp.where(live, w, 1)), 0)
     inv = _safe_inverse(s, 0)[:k]
     vecs = vecs[:, :k]
     if tall:  # only the kept columns of u are formed: n d k, not n d^2
-        return (x @ vecs) * inv, s, vecs.T, live
-    return vecs * live[:k], s, (x.T @ vecs * inv).T, live
+        return dot(x, vecs) * inv, s, vecs.T, live
+    return vecs * live[:k], s, (dot(x.T, vecs) * inv).T, live
 
 
 def singular_values(x: jax.Array) -> jax.Array:
@@ -212,9 +227,9 @@ def _qr_jvp(primals, tangents):
     r_safe = r + jnp.diag(jnp.where(live, 0, 1 - diag))
     dx_rinv = jax.scipy.linalg.solve_triangular(r_safe, dx.T, trans="T", lower=False).T
     dx_rinv = dx_rinv * live[None, :]
-    qt_dx_rinv = q.T @ dx_rinv
+    qt_dx_rinv = dot(q.T, dx_rinv)
     lower = jnp.tril(qt_dx_rinv, -1)
     do = lower - lower.T
-    dq = q @ (do - qt_dx_rinv) + dx_rinv
-    dr = (qt_dx_rinv - do) @ r
+    dq = dot(q, do - qt_dx_rinv) + dx_rinv
+    dr = dot(qt_dx_rinv - do, r)
     return (q, r), (dq, dr)

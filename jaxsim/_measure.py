@@ -12,7 +12,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-HIGHEST = jax.lax.Precision.HIGHEST
+from jaxsim._linalg import HIGHEST, dot, inner  # noqa: F401  (re-exported for the measures)
 
 
 class Measure(NamedTuple):
@@ -63,11 +63,6 @@ def evaluate(factory: Callable[..., Measure], x: jax.Array, y: jax.Array, **opti
     """``pair(prepare(x), prepare(y))`` of the measure ``factory(**options)``, jitted once
     per measure, options and shapes: every public single-pair function is this."""
     return _evaluate(factory, tuple(sorted(options.items())), x, y)
-
-
-def dot(a: jax.Array, b: jax.Array) -> jax.Array:
-    """Matrix product at full precision (float32 dots default to TF32 on recent GPUs)."""
-    return jnp.matmul(a, b, precision=HIGHEST)
 
 
 def safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:

@@ -206,8 +206,8 @@ def _cca_result(a: CCASummary, b: CCASummary, scale_a: Array, scale_b: Array) ->
     p, s, qh = _la.svd(_cross(a, b))
     rank = _rank(a, b)
     root = math.sqrt(n - 1)
-    xv = a.basis @ p * root
-    yv = b.basis @ qh.T * root
+    xv = dot(a.basis, p) * root
+    yv = dot(b.basis, qh.T) * root
     # variates = X_c W: W = V (F / S) P / scale, the pseudo-inverse on null directions
     xw = dot(a.right.T * (safe_ratio(a.factor, a.values) * scale_a), p) * root
     yw = dot(b.right.T * (safe_ratio(b.factor, b.values) * scale_b), qh.T) * root

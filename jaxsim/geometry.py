@@ -26,7 +26,8 @@ from jax.scipy.stats import rankdata
 
 from jaxsim import _linalg as _la
 from jaxsim import _validation as _v
-from jaxsim._measure import Measure, center_features, dot, evaluate, safe_ratio, safe_sqrt
+from jaxsim._measure import (Measure, center_features, dot, evaluate, inner, safe_ratio,
+                             safe_sqrt)
 from jaxsim.canonical import _scaled
 
 Array = jax.Array
@@ -137,7 +138,7 @@ def _upper(m: Array) -> Array:
 
 def _pearson(a: Array, b: Array) -> Array:
     a, b = a - jnp.mean(a), b - jnp.mean(b)
-    return safe_ratio(jnp.vdot(a, b), safe_sqrt(jnp.vdot(a, a)) * safe_sqrt(jnp.vdot(b, b)))
+    return safe_ratio(inner(a, b), safe_sqrt(inner(a, a)) * safe_sqrt(inner(b, b)))
 
 
 def _kendall_tau_b(a: Array, b: Array) -> Array:

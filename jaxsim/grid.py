@@ -30,7 +30,7 @@ import numpy as np
 from jaxsim import _progress
 from jaxsim import _validation as _v
 from jaxsim import canonical, conv, geometry, kernel
-from jaxsim._measure import GramBlocks, Measure, safe_ratio, safe_sqrt
+from jaxsim._measure import HIGHEST, GramBlocks, Measure, dot, safe_ratio, safe_sqrt
 
 Array = jax.Array
 
@@ -305,9 +305,9 @@ def _gram_block_sum(blocks: GramBlocks, layers: list[Array], b: int, first: int 
             # XLA's CPU dot accumulates a (L, b^2) @ (b^2, L) product with L <= 3 in one long
             # float32 sum (relative error ~1e-4 at b = 512); contracting both example axes
             # of the (b, b, L) blocks is as fast and accurate (~1e-6)
-            return w * jnp.einsum("ijl,ijm->lm", slab, slab, precision=jax.lax.Precision.HIGHEST)
+            return w * jnp.einsum("ijl,ijm->lm", slab, slab, precision=HIGHEST)
         flat = slab.reshape(b * b, -1)
-        return w * jnp.matmul(flat.T, flat, precision=jax.lax.Precision.HIGHEST)
+        return w * dot(flat.T, flat)
 
     # the first block starts the sum (not zeros), so the carry has the type of the terms,
     # also inside shard_map where the terms vary across devices

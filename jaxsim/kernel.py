@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxsim import _validation as _v
-from jaxsim._measure import (GramBlocks, Measure, center_features, dot, evaluate, safe_ratio,
-                             safe_sqrt)
+from jaxsim._measure import (GramBlocks, Measure, center_features, dot, evaluate, inner,
+                             safe_ratio, safe_sqrt)
 
 Array = jax.Array
 
@@ -210,7 +210,7 @@ def _hsic_scale(n: int, unbiased: bool) -> float:
 @functools.partial(jax.jit, static_argnames="unbiased")
 def _hsic(k: Array, l: Array, unbiased: bool) -> Array:
     kc, lc = _center_gram(k, unbiased), _center_gram(l, unbiased)
-    return jnp.vdot(kc, lc) / _hsic_scale(k.shape[0], unbiased)
+    return inner(kc, lc) / _hsic_scale(k.shape[0], unbiased)
 
 
 def hsic(gram_x: Any, gram_y: Any, *, debiased: bool = False, unbiased: bool | None = None,
@@ -260,7 +260,7 @@ class FeatureSummary(NamedTuple):
 
 def _gram_summary(k: Array, debiased: bool) -> GramSummary:
     kc = _center_gram(k, debiased)
-    return GramSummary(kc, jnp.vdot(kc, kc))
+    return GramSummary(kc, inner(kc, kc))
 
 
 def _norm_product(a: Any, b: Any) -> Array:
@@ -269,13 +269,13 @@ def _norm_product(a: Any, b: Any) -> Array:
 
 
 def _cosine_pair(a: Any, b: Any) -> Array:
-    return safe_ratio(jnp.vdot(a.vec, b.vec), _norm_product(a, b))
+    return safe_ratio(inner(a.vec, b.vec), _norm_product(a, b))
 
 
 def _debias_inner(xty: Array, rx: Array, ry: Array, sx: Array, sy: Array, n: int) -> Array:
     # <K~, L~> from <K, L> for linearly-kernelled centered features: the U-centering terms
     # reduce to the Grams' diagonals (row norms) and traces.
-    return xty - n / (n - 2) * jnp.matmul(rx, ry) + sx * sy / ((n - 1) * (n - 2))
+    return xty - n / (n - 2) * dot(rx, ry) + sx * sy / ((n - 1) * (n - 2))
 
 
 def _feature_summary(x: Array, debiased: bool) -> FeatureSummary:
@@ -283,7 +283,7 @@ def _feature_summary(x: Array, debiased: bool) -> FeatureSummary:
     row_sq = jnp.sum(xc * xc, axis=1)
     total = jnp.sum(row_sq)
     cov = dot(xc.T, xc)
-    self = jnp.vdot(cov, cov)
+    self = inner(cov, cov)
     if debiased:
         self = _debias_inner(self, row_sq, row_sq, total, total, x.shape[0])
     return FeatureSummary(xc, row_sq, total, self)
@@ -291,7 +291,7 @@ def _feature_summary(x: Array, debiased: bool) -> FeatureSummary:
 
 def _feature_pair(a: FeatureSummary, b: FeatureSummary, debiased: bool) -> Array:
     cross = dot(a.features.T, b.features)
-    xty = jnp.vdot(cross, cross)
+    xty = inner(cross, cross)
     if debiased:
         xty = _debias_inner(xty, a.row_sq, b.row_sq, a.total, b.total, a.features.shape[0])
     return safe_ratio(xty, _norm_product(a, b))

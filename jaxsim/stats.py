@@ -35,7 +35,7 @@ import scipy.stats
 
 from jaxsim import _validation as _v
 from jaxsim import canonical, geometry, grid, kernel
-from jaxsim._measure import Measure, safe_ratio, safe_sqrt
+from jaxsim._measure import Measure, dot, safe_ratio, safe_sqrt
 from jaxsim._progress import bar
 
 Array = jax.Array
@@ -126,7 +126,7 @@ def _feature_null(sx: kernel.FeatureSummary, sy: kernel.FeatureSummary, perms: A
     b, n = perms.shape
     d2 = sy.features.shape[1]
     stacked = sy.features[perms.T].reshape(n, b * d2)  # gathered straight into (n, b, d2)
-    cross = jnp.matmul(sx.features.T, stacked, precision=jax.lax.Precision.HIGHEST)
+    cross = dot(sx.features.T, stacked)
     xty = jnp.sum(cross.reshape(-1, b, d2) ** 2, axis=(0, 2))
     if debiased:
         xty = kernel._debias_inner(xty, sx.row_sq, sy.row_sq[perms].T, sx.total, sy.total, n)

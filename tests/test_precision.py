@@ -295,3 +295,49 @@ def test_gradients(x64, rng, name):
     }
     for label, y in degenerate.items():
         assert bool(jnp.all(jnp.isfinite(grad_x(x, y)))), f"{name}: {label}"
+
+
+# ------------------------------------------------------- full-precision products on GPU/TPU
+
+
+def _reduced_precision_products(fn, *args):
+    """The matrix products in ``fn``'s lowered program that do not ask for full precision:
+    a float32 product at the default precision runs in TF32 on recent NVIDIA GPUs (10-bit
+    mantissa) and in bfloat16 passes on TPUs, ~1e-3 relative error, which the CCA family
+    turns into wrong answers on ill-conditioned layers."""
+    import re
+    text = jax.jit(fn).lower(*args).as_text()
+    products = re.findall(r"stablehlo\.dot(?:_general)?\b.*", text)
+    assert products, "no matrix product found: the check would pass vacuously"
+    return [p[:120] for p in products if "HIGHEST" not in p]
+
+
+def test_every_float32_product_is_full_precision(rng):
+    """Read on the CPU from the lowered programs, so it guards the GPU and TPU behaviour:
+    every public measure, grid, streaming update and gradient asks for HIGHEST."""
+    x = rng.normal(size=(120, 24)).astype(np.float32)
+    y = (x[:, :21] @ rng.normal(size=(21, 21)) + 1).astype(np.float32)
+    direction = rng.normal(size=24).astype(np.float32)
+    state = jaxsim.minibatch_cka_init(2, 1)
+    programs = {
+        **{name: (f, x, y) for name, f in {**MEASURES, **SMALL_N}.items()},
+        **{f"grad {name}": (jax.grad(f, argnums=(0, 1)), x, y)
+           for name, f in DIFFERENTIABLE.items()},
+        "cca": (lambda a, b: jaxsim.cca(a, b, warn=False), x, y),
+        "gram_linear": (jaxsim.gram_linear, x),
+        "cka of grams": (lambda a, b: jaxsim.cka(jaxsim.gram_linear(a), jaxsim.gram_linear(b),
+                                                 debiased=True), x, y),
+        "hsic": (lambda a, b: jaxsim.hsic(jaxsim.gram_rbf(a), jaxsim.gram_rbf(b)), x, y),
+        "rdm": (jaxsim.rdm, x),
+        "most_similar_neurons": (jaxsim.most_similar_neurons, x, y),
+        "predict_direction": (jaxsim.predict_direction, x, y, direction),
+        "minibatch_cka_update": (lambda a, b: jaxsim.minibatch_cka_update(state, [a, a], [b]),
+                                 x, y),
+        **{f"grid {metric}": (lambda a, b, m=metric: jaxsim.similarity_grid(
+            [a, 2 * a], [b], metric=m, progress=False, warn=False).values, x, y)
+           for metric in ["linear_cka", "rbf_cka", "mean_cca", "svcca", "pwcca", "procrustes",
+                          "linear_predictivity", "rsa", "mutual_knn"]},
+    }
+    reduced = {name: found for name, (fn, *args) in programs.items()
+               if (found := _reduced_precision_products(fn, *args))}
+    assert not reduced, reduced

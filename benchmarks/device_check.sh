@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The accelerator check, in one run (what was run on a lent H100/H200; see the README):
+# the precision and measure tests on the GPU (float32 against float64 computed there too),
+# then the grid benchmarks (with W1 at n=10000 and 50 layers) and the core benchmarks.
+#
+#     bash benchmarks/device_check.sh [OUTDIR]
+set -u
+out=${1:-/tmp/jaxsim-device}
+mkdir -p "$out"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS=" "
+nvidia-smi -L
+python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+timeout 180 python3 -m pytest -o addopts="" -p no:cacheprovider -q -n 8 -m "not slow" \
+    -k "not sharded and not deadlock" tests/test_precision.py tests/test_canonical.py \
+    tests/test_kernel.py tests/test_geometry.py tests/test_grid.py 2>&1 | tee "$out/tests.log" | tail -40
+timeout 150 python3 benchmarks/grids.py --skip-notebook --large 10000 50 2>&1 | tee "$out/grids.log"
+timeout 120 python3 benchmarks/core.py 2>&1 | tee "$out/core.log"
