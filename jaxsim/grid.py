@@ -320,7 +320,7 @@ def _gram_block_sum(blocks: GramBlocks, layers: list[Array], b: int, first: int 
 
 def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
                          tick: Callable[..., None] | None = None) -> Array:
-    """``<K~_i, K~_j>`` for every pair of layers, ``(L, L)``.
+    """``<K~_i, K~_j>`` for every pair of layers, ``(L, L)``, up to :func:`_symmetrise`.
 
     The centered Grams are never stored: for each block (r, c) of the n x n index space
     with r <= c, every layer's block is produced and flattened into a column of an
@@ -341,6 +341,11 @@ def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
             part = _gram_block_sum(blocks, layers, b, first, count)
             tick(part)
             acc = part if acc is None else acc + part
+    return acc
+
+
+def _symmetrise(acc: Array) -> Array:
+    """The inner products from :func:`_gram_inner_products`' weighted sums."""
     return (acc + acc.T) / 2
 
 
@@ -348,6 +353,12 @@ def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
 def _normalise(cross: Array, self_a: Array, self_b: Array) -> Array:
     """``cross[i, j] / sqrt(self_a[i] self_b[j])``, 0 where a layer has no variance."""
     return safe_ratio(cross, safe_sqrt(self_a)[:, None] * safe_sqrt(self_b)[None, :])
+
+
+@functools.partial(jax.jit, static_argnames=("num_a", "self_grid"))
+def _gram_values(acc: Array, num_a: int, self_grid: bool) -> Array:
+    """The grid from :func:`_gram_inner_products`' sums, in one compiled program."""
+    return _normalise(*_split(_symmetrise(acc), num_a, self_grid))
 
 
 def _split(products: Array, num_a: int, self_grid: bool) -> tuple[Array, Array, Array]:
@@ -359,10 +370,18 @@ def _split(products: Array, num_a: int, self_grid: bool) -> tuple[Array, Array, 
     return products[:num_a, num_a:], norms[:num_a], norms[num_a:]
 
 
+def _stack(group: Sequence[Any]) -> Any:
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *group)
+
+
 @functools.partial(jax.jit, static_argnames=("pair", "batch_size"))
-def _pairs(pair: Callable, stack_a: Any, stack_b: Any, ii: Array, jj: Array,
+def _pairs(pair: Callable, group_a: tuple, group_b: tuple | None, ii: Array, jj: Array,
            batch_size: int) -> Array:
+    """``pair`` over the pairs ``(group_a[ii[k]], group_b[jj[k]])`` of two shape groups
+    (``group_b`` None: the same group), stacked inside the compiled program."""
     TRACE_COUNT["pairs"] += 1
+    stack_a = _stack(group_a)
+    stack_b = stack_a if group_b is None else _stack(group_b)
 
     def one(ij):
         i, j = ij
@@ -372,43 +391,55 @@ def _pairs(pair: Callable, stack_a: Any, stack_b: Any, ii: Array, jj: Array,
     return jax.lax.map(one, (ii, jj), batch_size=batch_size)
 
 
+@functools.partial(jax.jit, static_argnames=("shape", "dtype", "mirror"))
+def _assemble(parts: tuple, rows: Array, cols: Array, shape: tuple[int, int], dtype: Any,
+              mirror: bool) -> Array:
+    """The grid from the values of its computed pairs (and their mirror images)."""
+    out = jnp.concatenate([p.astype(dtype) for p in parts])
+    if mirror:
+        rows, cols, out = (jnp.concatenate([rows, cols]), jnp.concatenate([cols, rows]),
+                           jnp.concatenate([out, out]))
+    return jnp.zeros(shape, dtype).at[rows, cols].set(out)
+
+
 def _shape_key(summary: Any) -> tuple:
     return tuple((leaf.shape, str(leaf.dtype)) for leaf in jax.tree.leaves(summary))
 
 
-def _groups(summaries: Sequence[Any]) -> dict[tuple, list[int]]:
+def _groups(summaries: Sequence[Any]) -> list[list[int]]:
     out: dict[tuple, list[int]] = {}
     for i, s in enumerate(summaries):
         out.setdefault(_shape_key(s), []).append(i)
-    return out
+    return list(out.values())
 
 
 def _generic_grid(measure: Measure, sa: Sequence[Any], sb: Sequence[Any], self_grid: bool,
                   batch_size: int, dtype: Any, tick: Callable[..., None]) -> Array:
-    """Every pair, one ``lax.map`` per pair of shape groups, scattered into the grid on
-    the device (jittable: no host round trip)."""
-    triangle = self_grid and measure.symmetric
+    """Every pair, one compiled ``lax.map`` per pair of shape groups (for a symmetric
+    measure on a self-grid, per unordered pair of groups, mirrored), scattered into the
+    grid on the device (jittable: no host round trip)."""
+    mirror = self_grid and measure.symmetric
+    groups_a = _groups(sa)
+    groups_b = groups_a if self_grid else _groups(sb)
     rows, cols, parts = [], [], []
-    for idx_a in _groups(sa).values():
-        stack_a = jax.tree.map(lambda *l: jnp.stack(l), *[sa[i] for i in idx_a])
-        for idx_b in _groups(sb).values():
-            pairs = [(p, q) for p, i in enumerate(idx_a) for q, j in enumerate(idx_b)
-                     if not triangle or i <= j]
-            if not pairs:
-                continue
-            stack_b = (stack_a if self_grid and idx_b == idx_a
-                       else jax.tree.map(lambda *l: jnp.stack(l), *[sb[j] for j in idx_b]))
-            ii = jnp.asarray([p for p, _ in pairs], jnp.int32)
-            jj = jnp.asarray([q for _, q in pairs], jnp.int32)
-            out = _pairs(measure.pair, stack_a, stack_b, ii, jj, min(batch_size, len(pairs)))
+    for ga, idx_a in enumerate(groups_a):
+        for gb, idx_b in enumerate(groups_b):
+            if mirror and gb < ga:
+                continue  # the mirror image of (gb, ga)
+            same = self_grid and ga == gb
+            pairs = [(p, q) for p in range(len(idx_a)) for q in range(len(idx_b))
+                     if not (mirror and same and q < p)]
+            out = _pairs(measure.pair, tuple(sa[i] for i in idx_a),
+                         None if same else tuple(sb[j] for j in idx_b),
+                         np.array([p for p, _ in pairs], np.int32),
+                         np.array([q for _, q in pairs], np.int32),
+                         min(batch_size, len(pairs)))
             tick(out, len(pairs))
             rows += [idx_a[p] for p, _ in pairs]
             cols += [idx_b[q] for _, q in pairs]
-            parts.append(out.astype(dtype))
-    out = jnp.concatenate(parts)
-    if triangle:
-        rows, cols, out = rows + cols, cols + rows, jnp.concatenate([out, out])
-    return jnp.zeros((len(sa), len(sb)), dtype).at[np.array(rows), np.array(cols)].set(out)
+            parts.append(out)
+    return _assemble(tuple(parts), np.array(rows, np.int32), np.array(cols, np.int32),
+                     (len(sa), len(sb)), np.dtype(dtype), mirror)
 
 
 def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_cka",
@@ -497,10 +528,10 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
         follow = calls > 1 and progress is not False and not traced
         tick, close = _ticker(progress if follow else False, calls, f"{name} grid", traced)
         try:
-            products = _gram_inner_products(measure.blocks, union, b, tick if follow else None)
+            sums = _gram_inner_products(measure.blocks, union, b, tick if follow else None)
         finally:
             close()
-        values = _normalise(*_split(products, len(layers_a), self_grid))
+        values = _gram_values(sums, len(layers_a), self_grid)
     else:
         num_a, num_b = len(layers_a), len(layers_b)
         pairs = (num_a * (num_a + 1) // 2 if self_grid and measure.symmetric
@@ -572,8 +603,8 @@ def _minibatch_update(state: MinibatchCKAState, layers_a: list[Array],
     dtype = state.cross.dtype
     union = [x.astype(dtype) for x in layers_a + (layers_b or [])]
     m = union[0].shape[0]
-    products = _gram_inner_products(kernel.minibatch_blocks(), union,
-                                    _block_size(m)) / (m * (m - 3))
+    products = _symmetrise(_gram_inner_products(kernel.minibatch_blocks(), union,
+                                                _block_size(m))) / (m * (m - 3))
     step = MinibatchCKAState(*_split(products, len(layers_a), layers_b is None),
                              jnp.ones((), dtype))
     if axis_name is not None:

@@ -341,3 +341,26 @@ def test_every_float32_product_is_full_precision(rng):
     reduced = {name: found for name, (fn, *args) in programs.items()
                if (found := _reduced_precision_products(fn, *args))}
     assert not reduced, reduced
+
+
+def test_large_svds_use_the_polar_solver_on_cuda():
+    """Read from the programs lowered for each platform (no GPU needed): a layer with more
+    than 1024 examples or units is factorised by cuSOLVER's gesvdp on CUDA (3x faster than
+    gesvd there), smaller ones by the batched Jacobi solver, and other platforms keep
+    their default."""
+    import re
+
+    from jaxsim import _linalg
+
+    def solvers(shape, platform):
+        x = jax.ShapeDtypeStruct(shape, jnp.float32)
+        text = jax.jit(_linalg.svd).trace(x).lower(lowering_platforms=(platform,)).as_text()
+        return set(re.findall(r"\w*solver_gesv\w*", text))
+
+    assert solvers((2000, 64), "cuda") == {"cusolver_gesvdp_ffi"}
+    assert solvers((64, 2000), "cuda") == {"cusolver_gesvdp_ffi"}  # through the transpose
+    assert solvers((1000, 64), "cuda") == {"cusolver_gesvdj_ffi"}
+    assert "gesvdp" not in str(solvers((2000, 64), "rocm"))
+    x = np.random.default_rng(0).normal(size=(1100, 6)).astype(np.float32)
+    np.testing.assert_allclose(_linalg.svd(x)[1], np.linalg.svd(x, compute_uv=False),
+                               rtol=1e-5)
