@@ -20,6 +20,15 @@ settings.register_profile("ci", derandomize=True, deadline=None, max_examples=25
 settings.load_profile("ci")
 
 
+def subprocess_env(xla_flags: str = "", **extra: str) -> dict[str, str]:
+    """Environment of a test's child Python process: CPU only, the same cheap XLA code
+    generation as here plus ``xla_flags``, and the shared persistent compilation cache."""
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip(),
+                JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.1", **extra)
+
+
 @pytest.fixture
 def x64():
     """float64 for one test, restored even when the test fails."""

@@ -1,7 +1,6 @@
 """Grids and minibatch CKA: equal to loops of the pair functions and to NumPy references."""
 
 import operator
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxsim
-from conftest import orthogonal
+from conftest import orthogonal, subprocess_env
 from jaxsim.grid import TRACE_COUNT
 from test_kernel import np_hsic_unbiased, np_linear_cka
 
@@ -332,8 +331,7 @@ SHARDED = textwrap.dedent("""
 
 
 def test_sharded_equals_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
+    env = subprocess_env("--xla_force_host_platform_device_count=8")
     out = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

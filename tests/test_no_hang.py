@@ -5,10 +5,11 @@ same process, and 8 host devices must be requested before jax starts), which pri
 line per finished step, so a hang names the step that hung.
 """
 
-import os
 import subprocess
 import sys
 import textwrap
+
+from conftest import subprocess_env
 
 PRELUDE = """
 import jax, numpy as np
@@ -51,7 +52,7 @@ SHARDED = textwrap.dedent("""
 
 
 def run(script, timeout, **env):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **env)
+    env = subprocess_env(**env)
     try:
         proc = subprocess.run([sys.executable, "-c", PRELUDE + script], capture_output=True,
                               text=True, timeout=timeout, env=env)
@@ -68,4 +69,4 @@ def test_decompositions_never_deadlock():
 
 
 def test_sharded_decompositions_never_deadlock():
-    assert run(SHARDED, 120, XLA_FLAGS="--xla_force_host_platform_device_count=8") == 1
+    assert run(SHARDED, 120, xla_flags="--xla_force_host_platform_device_count=8") == 1
