@@ -10,7 +10,9 @@ Every ratio compares two ways of computing the same thing in this run:
 3. first call (compiles) vs steady state of a 24-layer mean-CCA grid over 1 and 4 widths;
 4. (8 host devices, a subprocess) linear-CKA grids of example-sharded layers: per-device
    FLOPs from the compiled programs and wall time against one device, for the feature
-   route and the Gram route.
+   route and the Gram route;
+5. the memory an RBF-CKA grid's and a mutual-kNN layer's compiled programs need at
+   n = 4096 and 8192, against the n x n matrices they held before.
 """
 
 from __future__ import annotations
@@ -126,6 +128,32 @@ SHARDED = textwrap.dedent("""
 """)
 
 
+def rbf_memory():
+    print("\n5. RBF-CKA self-grid of 8 layers (width 256, float32): temporaries of the compiled "
+          "programs")
+    print(f"{'n':>6} {'one layer source MB':>20} {'block sum MB':>13} {'8 n x n kernels MB':>19}")
+    blocks = kernel.rbf_measure().blocks
+    for n in (4096, 8192):
+        b = grid_module._block_size(n)
+        n_pad = -(-n // b) * b
+        x = jax.ShapeDtypeStruct((n, 256), np.float32)
+        one = grid_module._source.lower(blocks.source, x, n_pad).compile().memory_analysis()
+        sources = [jax.eval_shape(lambda a: blocks.source(a, n_pad), x)] * 8
+        total = grid_module._gram_block_sum.lower(blocks, sources, n, b).compile()
+        mb = lambda v: v / 2**20
+        print(f"{n:6d} {mb(one.temp_size_in_bytes):20.0f} "
+              f"{mb(total.memory_analysis().temp_size_in_bytes):13.0f} {mb(8 * n * n * 4):19.0f}")
+    print("   mutual kNN (k=10): a layer's neighbours, kept and temporary, vs its former "
+          "n x n 0/1 matrix")
+    from jaxsim import geometry
+    for n in (4096, 8192):
+        x = jax.ShapeDtypeStruct((n, 256), np.float32)
+        memory = jax.jit(lambda a: geometry._knn_indices(a, 10)).lower(x).compile() \
+            .memory_analysis()
+        print(f"{n:6d} kept {memory.output_size_in_bytes / 2**20:.2f} MB, temporary "
+              f"{memory.temp_size_in_bytes / 2**20:.0f} MB, n x n {n * n * 4 / 2**20:.0f} MB")
+
+
 def sharded():
     print("\n4. linear-CKA grids of 6 layers sharded along examples over 8 host devices "
           "(ideal FLOPs/device 0.125x)")
@@ -142,3 +170,4 @@ if __name__ == "__main__":
     padding(rng)
     compiles(rng)
     sharded()
+    rbf_memory()

@@ -179,26 +179,46 @@ def rsa(x: Any, y: Any, *, dissimilarity: str = "correlation", compare: str = "s
 # ------------------------------------------------------------------ mutual nearest neighbours
 
 
-def _knn_indicator(x: Array, k: int) -> Array:
-    """``(n, n)`` 0/1 matrix: row i marks the k nearest neighbours of example i (cosine
-    similarity of the feature vectors, the example itself excluded)."""
+class Neighbours(NamedTuple):
+    """A layer's k nearest neighbours of every example."""
+
+    indices: Array  # (n, k) int32, in no particular order
+    weight: Array  # () 1 / (n k), in the activations' dtype (the measure's result dtype)
+
+
+def _knn_indices(x: Array, k: int, block_entries: int = 2**22) -> Neighbours:
+    """Each example's k nearest neighbours (cosine similarity of the feature vectors, the
+    example itself excluded). Rows are done in blocks of at most ``block_entries``
+    similarities, so memory is O(n k + b n), never an n x n matrix."""
+    n = x.shape[0]
     norm = jnp.linalg.norm(x, axis=1, keepdims=True)
     z = x / jnp.where(norm > 0, norm, 1)
-    sim = dot(z, z.T) - 3 * jnp.eye(x.shape[0], dtype=x.dtype)  # cosine >= -1 > -2
-    _, idx = jax.lax.top_k(sim, k)
-    return jnp.zeros_like(sim).at[jnp.arange(x.shape[0])[:, None], idx].set(1)
+    b = max(1, min(n, block_entries // n))
+    blocks = -(-n // b)
+    rows = jnp.pad(z, [(0, blocks * b - n), (0, 0)]).reshape(blocks, b, -1)
+
+    def nearest(args):
+        start, zr = args
+        own = (start + jnp.arange(b))[:, None] == jnp.arange(n)[None, :]
+        sim = dot(zr, z.T) - 3 * own.astype(z.dtype)  # cosine >= -1 > -2
+        return jax.lax.top_k(sim, k)[1]
+
+    starts = jnp.arange(blocks, dtype=jnp.int32) * b
+    idx = jax.lax.map(nearest, (starts, rows)).reshape(blocks * b, k)[:n]
+    return Neighbours(idx, jnp.asarray(1 / (n * k), x.dtype))
 
 
-def _knn_pair(a: Array, b: Array, k: int) -> Array:
-    return jnp.sum(a * b) / (a.shape[0] * k)
+def _knn_pair(a: Neighbours, b: Neighbours) -> Array:
+    """Shared neighbours, counted from the two index sets: O(n k^2) comparisons."""
+    shared = jnp.sum(a.indices[:, :, None] == b.indices[:, None, :], dtype=jnp.int32)
+    return shared.astype(a.weight.dtype) * a.weight
 
 
 @functools.lru_cache(maxsize=None)
 def mutual_knn_measure(*, k: int = 10) -> Measure:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k: expected a positive int, got {k!r}")
-    return Measure("mutual_knn", functools.partial(_knn_indicator, k=k),
-                   functools.partial(_knn_pair, k=k))
+    return Measure("mutual_knn", functools.partial(_knn_indices, k=k), _knn_pair)
 
 
 def _check_k(k: Any, n: int) -> int:

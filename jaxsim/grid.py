@@ -285,18 +285,23 @@ def _chunks(n: int, b: int) -> list[tuple[int, int]]:
     return [(first, min(_CHUNK, total - first)) for first in range(0, total, _CHUNK)]
 
 
-@functools.partial(jax.jit, static_argnames=("blocks", "b", "first", "count"))
-def _gram_block_sum(blocks: GramBlocks, layers: list[Array], b: int, first: int = 0,
+@functools.partial(jax.jit, static_argnames=("source", "n_pad"))
+def _source(source: Callable[[Array, int], Any], x: Array, n_pad: int) -> Any:
+    """One layer's block source, compiled on its own: whatever n x n temporaries it needs
+    (the RBF bandwidth's distances) exist for one layer at a time, not for all at once."""
+    return source(x, n_pad)
+
+
+@functools.partial(jax.jit, static_argnames=("blocks", "n", "b", "first", "count"))
+def _gram_block_sum(blocks: GramBlocks, sources: list[Any], n: int, b: int, first: int = 0,
                     count: int | None = None) -> Array:
     """The sum over block pairs ``first .. first + count`` of :func:`_block_pairs` of the
     weighted ``slab^T slab`` terms of :func:`_gram_inner_products` (not symmetrised)."""
     TRACE_COUNT["blocks"] += 1
-    n = layers[0].shape[0]
     pairs = _block_pairs(n, b)[first:None if count is None else first + count]
-    sources = [blocks.source(x, -(-n // b) * b) for x in layers]
     r0 = jnp.array([r * b for r, _ in pairs], jnp.int32)
     c0 = jnp.array([c * b for _, c in pairs], jnp.int32)
-    dtype = layers[0].dtype
+    dtype = jax.tree.leaves(sources[0])[0].dtype
     weight = jnp.array([1.0 if r == c else 2.0 for r, c in pairs], dtype)
 
     def term(r, c, w):
@@ -332,13 +337,15 @@ def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
     compiled calls of :func:`_chunks` (at most two programs), so that the bar can follow
     them; otherwise as one call.
     """
-    chunks = _chunks(layers[0].shape[0], b)
+    n = layers[0].shape[0]
+    sources = [_source(blocks.source, x, -(-n // b) * b) for x in layers]
+    chunks = _chunks(n, b)
     if tick is None or len(chunks) == 1:
-        acc = _gram_block_sum(blocks, layers, b)
+        acc = _gram_block_sum(blocks, sources, n, b)
     else:
         acc = None
         for first, count in chunks:
-            part = _gram_block_sum(blocks, layers, b, first, count)
+            part = _gram_block_sum(blocks, sources, n, b, first, count)
             tick(part)
             acc = part if acc is None else acc + part
     return acc

@@ -54,9 +54,25 @@ def _sq_distances(x: Array) -> Array:
     # divides by the median distance, so the scale of x does not matter either.
     xc = _unit_scale(x)
     sq = jnp.sum(xc * xc, axis=1)
-    d = sq[:, None] + sq[None, :] - 2 * _gram_linear(xc)
-    d = jnp.maximum(d, 0)
-    return d * (1 - jnp.eye(d.shape[0], dtype=d.dtype))
+    idx = jnp.arange(x.shape[0])
+    return _distance_block(xc, xc, sq, sq, idx, idx)
+
+
+def _distance_block(xr: Array, xc: Array, sq_r: Array, sq_c: Array, i: Array, j: Array
+                    ) -> Array:
+    """Squared distances between rows ``i`` (features ``xr``, squared norms ``sq_r``) and
+    rows ``j``; exactly 0 between a row and itself."""
+    d = jnp.maximum(sq_r[:, None] + sq_c[None, :] - 2 * dot(xr, xc.T), 0)
+    return jnp.where(i[:, None] == j[None, :], 0, d)
+
+
+def _rbf_of(d: Array, median: Array, threshold: Array) -> Array:
+    """The RBF kernel of squared distances ``d`` at bandwidth ``threshold^2 * median``.
+    When more than half the pairs coincide the median is 0: the kernel's limit for a
+    vanishing bandwidth is the indicator of identical points."""
+    scale = 2 * threshold**2 * median
+    return jnp.where(median > 0, jnp.exp(-d / jnp.where(median > 0, scale, 1)),
+                     (d == 0).astype(d.dtype))
 
 
 def _median_of_non_negative(d: Array) -> Array:
@@ -104,12 +120,7 @@ def _median_of_non_negative(d: Array) -> Array:
 @jax.jit
 def _gram_rbf(x: Array, threshold: Array) -> Array:
     d = _sq_distances(x)
-    median = _median_of_non_negative(d)
-    # When more than half the pairs coincide the median is 0: the kernel's limit for a
-    # vanishing bandwidth is the indicator of identical points.
-    scale = 2 * threshold**2 * median
-    return jnp.where(median > 0, jnp.exp(-d / jnp.where(median > 0, scale, 1)),
-                     (d == 0).astype(d.dtype))
+    return _rbf_of(d, _median_of_non_negative(d), threshold)
 
 
 def gram_linear(x: Any, *, check_finite: bool = True) -> Array:
@@ -146,18 +157,25 @@ def gram_rbf(x: Any, *, threshold: float = 1.0, check_finite: bool = True) -> Ar
     return _gram_rbf(x, jnp.asarray(t, x.dtype))
 
 
-def _u_center(k: Array) -> Array:
+def _centering_row(k: Array, unbiased: bool) -> Array:
+    """``r`` with the centred Gram ``K_ij - r_i - r_j`` (off the diagonal when unbiased,
+    the diagonal of K then counted as 0)."""
     n = k.shape[0]
-    off = 1 - jnp.eye(n, dtype=k.dtype)
-    k = k * off
-    row = jnp.sum(k, axis=0) / (n - 2)
-    row = row - jnp.sum(row) / (2 * (n - 1))
+    if unbiased:
+        row = (jnp.sum(k, axis=0) - jnp.diagonal(k)) / (n - 2)
+        return row - jnp.sum(row) / (2 * (n - 1))
+    row = jnp.mean(k, axis=0)
+    return row - jnp.mean(row) / 2
+
+
+def _u_center(k: Array) -> Array:
+    off = 1 - jnp.eye(k.shape[0], dtype=k.dtype)
+    row = _centering_row(k, True)
     return (k - row[:, None] - row[None, :]) * off
 
 
 def _double_center(k: Array) -> Array:
-    row = jnp.mean(k, axis=0)
-    row = row - jnp.mean(row) / 2
+    row = _centering_row(k, False)
     return k - row[:, None] - row[None, :]
 
 
@@ -388,15 +406,6 @@ def _linear_block(src: LinearSource, r0: Array, c0: Array, b: int, *, debiased: 
     return jnp.where(keep, k, 0)
 
 
-def _matrix_source(k: Array, n_pad: int) -> Array:
-    pad = n_pad - k.shape[0]
-    return jnp.pad(k, ((0, pad), (0, pad)))
-
-
-def _matrix_block(k: Array, r0: Array, c0: Array, b: int) -> Array:
-    return jax.lax.dynamic_slice(k, (r0, c0), (b, b))
-
-
 @functools.lru_cache(maxsize=None)
 def linear_measure(*, debiased: bool = False, feature_space: bool = False) -> Measure:
     """Linear CKA as a :class:`Measure` (Gram route, or feature route when asked)."""
@@ -417,14 +426,51 @@ def minibatch_blocks() -> GramBlocks:
                       functools.partial(_linear_block, debiased=True))
 
 
+class RBFSource(NamedTuple):
+    """What the blocks of a layer's centred RBF Gram are made from: O(n d), not O(n^2)."""
+
+    features: Array  # (n_pad, d) centred, unit-scaled features, zero rows past n
+    sq: Array  # (n_pad,) their squared norms
+    median: Array  # () median squared distance (the bandwidth's scale)
+    row: Array  # (n_pad,) centring row of the Gram (see _centering_row)
+    count: Array  # n, as an integer
+
+
+def _rbf_source(x: Array, n_pad: int, *, threshold: float, debiased: bool) -> RBFSource:
+    """The layer's n x n distances exist only here, once, for the median and the centring
+    row (a reduction XLA fuses with the kernel): a grid never holds them for all layers."""
+    xc = _unit_scale(x)
+    sq = jnp.sum(xc * xc, axis=1)
+    d = _sq_distances(x)
+    median = _median_of_non_negative(d)
+    row = _centering_row(_rbf_of(d, median, jnp.asarray(threshold, x.dtype)), debiased)
+    return RBFSource(_pad_rows(xc, n_pad), _pad_rows(sq, n_pad), median, _pad_rows(row, n_pad),
+                     jnp.asarray(x.shape[0], jnp.int32))
+
+
+def _rbf_block(src: RBFSource, r0: Array, c0: Array, b: int, *, threshold: float,
+               debiased: bool) -> Array:
+    i = r0 + jnp.arange(b)
+    j = c0 + jnp.arange(b)
+    take = lambda a, start: jax.lax.dynamic_slice_in_dim(a, start, b)
+    d = _distance_block(take(src.features, r0), take(src.features, c0), take(src.sq, r0),
+                        take(src.sq, c0), i, j)
+    k = _rbf_of(d, src.median, jnp.asarray(threshold, d.dtype))
+    k = k - take(src.row, r0)[:, None] - take(src.row, c0)[None, :]
+    keep = (i[:, None] < src.count) & (j[None, :] < src.count)
+    if debiased:
+        keep = keep & (i[:, None] != j[None, :])
+    return jnp.where(keep, k, 0)
+
+
 @functools.lru_cache(maxsize=None)
 def rbf_measure(*, threshold: float = 1.0, debiased: bool = False) -> Measure:
-    """RBF CKA as a :class:`Measure`."""
+    """RBF CKA as a :class:`Measure`; in grids, its centred Grams are formed block by block
+    from the features (see :class:`RBFSource`)."""
     t = _v.positive(threshold, "threshold")
-    gram = lambda x: _gram_rbf(x, jnp.asarray(t, x.dtype))
-    prepare = lambda x: _gram_summary(gram(x), debiased)
-    source = lambda x, n_pad: _matrix_source(_center_gram(gram(x), debiased), n_pad)
-    blocks = GramBlocks(source, _matrix_block)
+    prepare = lambda x: _gram_summary(_gram_rbf(x, jnp.asarray(t, x.dtype)), debiased)
+    blocks = GramBlocks(functools.partial(_rbf_source, threshold=t, debiased=debiased),
+                        functools.partial(_rbf_block, threshold=t, debiased=debiased))
     return Measure("rbf_cka", prepare, _cosine_pair, blocks=blocks, min_n=4 if debiased else 2)
 
 

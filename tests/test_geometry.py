@@ -66,9 +66,28 @@ def test_mutual_knn_against_brute_force(x64, rng):
     nx, ny = neighbours(x), neighbours(y)
     ref = np.mean([len(a & b) / k for a, b in zip(nx, ny)])
     np.testing.assert_allclose(jaxsim.mutual_knn(x, y, k=k), ref, rtol=1e-12)
+    # neighbours found in row blocks (here 3 rows, 17 blocks, the last padded): the same
+    # sets, with O(b n) memory instead of an n x n matrix
+    from jaxsim.geometry import _knn_indices
+    blocked = np.asarray(jax.jit(lambda a: _knn_indices(a, k, block_entries=150))(x).indices)
+    assert [set(row) for row in blocked] == nx
     assert float(jaxsim.mutual_knn(x, 2 * x, k=k)) == 1.0
     with pytest.raises(ValueError, match=r"k: expected an int in \[1, n - 1\] = \[1, 49\], got 50"):
         jaxsim.mutual_knn(x, y, k=50)
+
+
+def test_mutual_knn_memory_is_not_n_squared():
+    """Read from the compiled program: a layer's neighbours take O(n k) to keep and
+    O(b n) to find, where before each layer was a dense n x n 0/1 matrix (a grid of 8
+    layers at n = 4096 held 2.1 GB more)."""
+    from jaxsim import geometry
+
+    n, k = 6000, 10
+    x = jax.ShapeDtypeStruct((n, 8), np.float32)
+    compiled = jax.jit(lambda a: geometry._knn_indices(a, k)).lower(x).compile()
+    memory = compiled.memory_analysis()
+    assert memory.output_size_in_bytes < 2 * n * k * 4
+    assert memory.temp_size_in_bytes < n * n * 4 / 4
 
 
 def test_linear_predictivity_and_helpers(x64, rng):

@@ -12,14 +12,15 @@ from jaxsim import stats
 @pytest.mark.parametrize("metric,opts", [
     ("linear_cka", {"method": "features"}), ("linear_cka", {"method": "gram"}),
     ("linear_cka", {"debiased": True, "method": "features"}), ("rbf_cka", {}),
-    ("mean_cca", {}), ("rsa", {"compare": "pearson"}),
+    ("mean_cca", {}), ("rsa", {"compare": "pearson"}), ("mutual_knn", {"k": 4}),
 ])
 def test_vmapped_permutations_equal_loop(x64, rng, metric, opts):
     x, y = related(rng, 40, 5, 4)
     key = jax.random.key(3)
     res = stats.permutation_test(metric, x, y, key=key, num_permutations=7, batch_size=3, **opts)
     single = {"linear_cka": jaxsim.linear_cka, "rbf_cka": jaxsim.rbf_cka,
-              "mean_cca": jaxsim.mean_cca, "rsa": jaxsim.rsa}[metric]
+              "mean_cca": jaxsim.mean_cca, "rsa": jaxsim.rsa,
+              "mutual_knn": jaxsim.mutual_knn}[metric]
     kw = {k: v for k, v in opts.items() if k != "method"}
     loop = [float(single(x, y[np.asarray(jax.random.permutation(k, 40))], **kw))
             for k in jax.random.split(key, 7)]
