@@ -81,17 +81,27 @@ def safe_sqrt(v: jax.Array) -> jax.Array:
     return jnp.where(live, jnp.sqrt(jnp.where(live, v, 1)), jnp.where(jnp.isnan(v), v, 0))
 
 
-def center_features(x: jax.Array) -> jax.Array:
+def center_features(x: jax.Array, axis_name: Any = None) -> jax.Array:
     """Subtracts each feature's mean, in two passes: the second removes what rounding left
     of the first mean (in float32, a large common offset would otherwise leave a residual
     mean comparable to the spread). A feature whose centred values are within rounding of
     its magnitude (``max |x - mean| <= 16 eps max |x|``) is constant: exactly zero, so that a
     constant layer is recognised as one however the compiler orders the sums (a rounding
-    residue would otherwise be scaled up to a spurious direction)."""
-    xc = x - jnp.mean(x, axis=0, keepdims=True)
-    xc = xc - jnp.mean(xc, axis=0, keepdims=True)
+    residue would otherwise be scaled up to a spurious direction).
+
+    ``axis_name``: inside ``shard_map``, x is this device's share of the examples, and the
+    means and maxima are over all devices along that mesh axis."""
+    if axis_name is None:
+        mean = lambda a: jnp.mean(a, axis=0, keepdims=True)
+        top = lambda a: jnp.max(a, axis=0, keepdims=True)
+    else:
+        n = x.shape[0] * jax.lax.psum(1, axis_name)
+        mean = lambda a: jax.lax.psum(jnp.sum(a, axis=0, keepdims=True), axis_name) / n
+        top = lambda a: jax.lax.pmax(jnp.max(a, axis=0, keepdims=True), axis_name)
+    xc = x - mean(x)
+    xc = xc - mean(xc)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         return xc
-    resolution = 16 * jnp.finfo(x.dtype).eps * jnp.max(jnp.abs(x), axis=0, keepdims=True)
-    constant = jnp.max(jnp.abs(xc), axis=0, keepdims=True) <= resolution
+    resolution = 16 * jnp.finfo(x.dtype).eps * top(jnp.abs(x))
+    constant = top(jnp.abs(xc)) <= resolution
     return jnp.where(constant, jnp.zeros_like(xc), xc)

@@ -305,22 +305,97 @@ def _gram_block_sum(blocks: GramBlocks, sources: list[Any], n: int, b: int, firs
     weight = jnp.array([1.0 if r == c else 2.0 for r, c in pairs], dtype)
 
     def term(r, c, w):
-        slab = jnp.stack([blocks.block(s, r, c, b) for s in sources], axis=-1)  # (b, b, L)
-        if len(sources) <= 3:
-            # XLA's CPU dot accumulates a (L, b^2) @ (b^2, L) product with L <= 3 in one long
-            # float32 sum (relative error ~1e-4 at b = 512); contracting both example axes
-            # of the (b, b, L) blocks is as fast and accurate (~1e-6)
-            return w * jnp.einsum("ijl,ijm->lm", slab, slab, precision=HIGHEST)
-        flat = slab.reshape(b * b, -1)
-        return w * dot(flat.T, flat)
+        return w * _slab_products([blocks.block(s, r, c, b) for s in sources])
 
-    # the first block starts the sum (not zeros), so the carry has the type of the terms,
-    # also inside shard_map where the terms vary across devices
-    acc = term(r0[0], c0[0], weight[0])
-    if len(pairs) > 1:
-        acc, _ = jax.lax.scan(lambda a, args: (a + term(*args), None), acc,
-                              (r0[1:], c0[1:], weight[1:]))
+    return _scan_sum(term, r0, c0, weight)
+
+
+def _slab_products(grams: list[Array]) -> Array:
+    """``<G_l, G_m>`` for every pair of these (b, b) blocks, one per layer: ``(L, L)``."""
+    slab = jnp.stack(grams, axis=-1)  # (b, b, L)
+    if len(grams) <= 3:
+        # XLA's CPU dot accumulates a (L, b^2) @ (b^2, L) product with L <= 3 in one long
+        # float32 sum (relative error ~1e-4 at b = 512); contracting both example axes
+        # of the (b, b, L) blocks is as fast and accurate (~1e-6)
+        return jnp.einsum("ijl,ijm->lm", slab, slab, precision=HIGHEST)
+    flat = slab.reshape(-1, len(grams))
+    return dot(flat.T, flat)
+
+
+def _scan_sum(term: Callable[..., Array], *args: Array) -> Array:
+    """``sum_k term(args[0][k], args[1][k], ...)``, as a scan. The first term starts the
+    sum (not zeros), so the carry has the type of the terms, also inside shard_map where
+    the terms vary across devices."""
+    acc = term(*(a[0] for a in args))
+    if args[0].shape[0] > 1:
+        acc, _ = jax.lax.scan(lambda total, xs: (total + term(*xs), None), acc,
+                              tuple(a[1:] for a in args))
     return acc
+
+
+# ------------------------------------------------- linear CKA of example-sharded layers
+
+
+def ring_axis(layers: Sequence[Any]) -> tuple[Any, str] | None:
+    """``(mesh, axis)`` when every layer is a ``jax.Array`` sharded along its examples over
+    the same single mesh axis (of size > 1, dividing n), features replicated; else None."""
+    found = None
+    for a in layers:
+        sharding = getattr(a, "sharding", None)
+        if isinstance(a, jax.core.Tracer) or not isinstance(sharding,
+                                                              jax.sharding.NamedSharding):
+            return None
+        spec = tuple(sharding.spec) + (None,) * (a.ndim - len(sharding.spec))
+        axis = spec[0][0] if isinstance(spec[0], tuple) and len(spec[0]) == 1 else spec[0]
+        if not isinstance(axis, str) or any(p is not None for p in spec[1:]):
+            return None
+        if found is not None and found != (sharding.mesh, axis):
+            return None
+        found = (sharding.mesh, axis)
+    if found is None or found[0].shape[found[1]] < 2 or layers[0].shape[0] % found[0].shape[found[1]]:
+        return None
+    return found
+
+
+def _cross_products(rows: list[Array], cols: list[Array], b: int) -> Array:
+    """``<R_l C_l^T, R_m C_m^T>`` for every pair of layers, the (m x m) blocks formed b x b
+    at a time."""
+    m = rows[0].shape[0]
+    tiles = -(-m // b)
+    pad = lambda x: jnp.pad(x, [(0, tiles * b - m), (0, 0)])
+    rows, cols = [pad(x) for x in rows], [pad(x) for x in cols]
+    starts = [(r * b, c * b) for r in range(tiles) for c in range(tiles)]
+
+    def term(r0, c0):
+        take = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, b)
+        return _slab_products([dot(take(x, r0), take(y, c0).T) for x, y in zip(rows, cols)])
+
+    return _scan_sum(term, jnp.array([r for r, _ in starts], jnp.int32),
+                     jnp.array([c for _, c in starts], jnp.int32))
+
+
+@functools.lru_cache(maxsize=32)
+def _ring_program(mesh: Any, axis: str) -> Callable[[list[Array]], Array]:
+    """The inner products of the centred linear Grams of layers sharded along examples
+    over ``axis``, without gathering them: device p holds rows p of every layer and pairs
+    them with rows p, p+1, ..., p + D/2 as they come round a ring (``ppermute``), each
+    block pair once (the mirrored blocks by symmetry, weight 2), and the ``(L, L)`` sums
+    are all-reduced. Per device ~``(D + 2) / (2 D)`` of one device's Gram products."""
+    size = mesh.shape[axis]
+    shift = [(j, (j - 1) % size) for j in range(size)]  # device p receives from p + 1
+
+    def local(layers):
+        mine = [kernel._unit_scale(x, axis) for x in layers]
+        b = _block_size(mine[0].shape[0])
+        acc, theirs = _cross_products(mine, mine, b), mine
+        for step in range(1, size // 2 + 1):
+            theirs = [jax.lax.ppermute(x, axis, shift) for x in theirs]
+            weight = 1.0 if 2 * step == size else 2.0
+            acc = acc + weight * _cross_products(mine, theirs, b)
+        return jax.lax.psum(acc, axis)
+
+    P = jax.sharding.PartitionSpec
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(axis),), out_specs=P()))
 
 
 def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
@@ -522,22 +597,30 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
             warn)
         notes = (note,) if note else ()
     traced = any(isinstance(a, jax.core.Tracer) for a in named.values())
+    debiased = bool(options.get("debiased", False))
     if measure.name == "linear_cka":
+        union = layers_a + ([] if self_grid else layers_b)
         measure = make(feature_space=kernel.feature_route(
             method, layers_a[0].shape[0], [a.shape[1] for a in layers_a],
             None if self_grid else [b.shape[1] for b in layers_b],
-            shards=kernel.example_shards(layers_a + ([] if self_grid else layers_b))))
+            shards=kernel.example_shards(union),
+            ring=not debiased and ring_axis(union) is not None))
 
     if measure.blocks is not None:
         union = layers_a if self_grid else layers_a + layers_b
-        b = _block_size(union[0].shape[0])
-        calls = len(_chunks(union[0].shape[0], b))
-        follow = calls > 1 and progress is not False and not traced
-        tick, close = _ticker(progress if follow else False, calls, f"{name} grid", traced)
-        try:
-            sums = _gram_inner_products(measure.blocks, union, b, tick if follow else None)
-        finally:
-            close()
+        ring = ring_axis(union) if name == "linear_cka" and not debiased else None
+        if ring is not None:  # sharded along examples: each device its share of the blocks
+            sums = _ring_program(*ring)(union)
+        else:
+            b = _block_size(union[0].shape[0])
+            calls = len(_chunks(union[0].shape[0], b))
+            follow = calls > 1 and progress is not False and not traced
+            tick, close = _ticker(progress if follow else False, calls, f"{name} grid",
+                                  traced)
+            try:
+                sums = _gram_inner_products(measure.blocks, union, b, tick if follow else None)
+            finally:
+                close()
         values = _gram_values(sums, len(layers_a), self_grid)
     else:
         num_a, num_b = len(layers_a), len(layers_b)

@@ -39,12 +39,14 @@ def _gram_linear(x: Array) -> Array:
     return dot(x, x.T)
 
 
-def _unit_scale(x: Array) -> Array:
+def _unit_scale(x: Array, axis_name: Any = None) -> Array:
     """Centred features divided by their largest absolute value: Grams and covariances of
     the result cannot overflow (or underflow), whatever the input's scale, and every
-    scale-invariant measure is unchanged."""
-    xc = center_features(x)
+    scale-invariant measure is unchanged. ``axis_name``: see :func:`center_features`."""
+    xc = center_features(x, axis_name)
     big = jnp.max(jnp.abs(xc))
+    if axis_name is not None:
+        big = jax.lax.pmax(big, axis_name)
     return xc / jnp.where(big > 0, big, 1)
 
 
@@ -316,7 +318,7 @@ def _feature_pair(a: FeatureSummary, b: FeatureSummary, debiased: bool) -> Array
 
 
 def use_feature_space(n: int, widths_a: list[int], widths_b: list[int] | None = None, *,
-                      shards: int = 1) -> bool:
+                      shards: int = 1, ring: bool = False) -> bool:
     """Cost model of linear CKA: Gram route versus feature-space route.
 
     Multiply-adds, for row layers of widths ``widths_a`` and column layers ``widths_b``
@@ -329,12 +331,16 @@ def use_feature_space(n: int, widths_a: list[int], widths_b: list[int] | None = 
 
     With the examples sharded over ``shards`` devices, the feature route's products divide
     among them (each device reduces its rows, then one all-reduce of the d x d results,
-    counted as their size), while the Gram blocks pair rows held by different devices and
-    are computed whole on each. The cheaper route per device wins; ties go to the Gram
-    route.
+    counted as their size). The Gram blocks pair rows held by different devices: with
+    ``ring`` (the layers' sharding is visible, see :func:`jaxsim.grid.ring_axis`) each
+    device computes ``shards / 2 + 1`` blocks of ``(n / shards)^2`` per layer, full, and
+    passes its rows on (``n sum(d) / 2`` values sent); otherwise every device computes
+    every block. The cheaper route per device wins; ties go to the Gram route.
     """
     union = list(widths_a) + list(widths_b or [])
     gram = n * n / 2 * (sum(union) + len(union) ** 2)
+    if ring and shards > 1:
+        gram = gram * (shards + 2) / shards**2 + n * sum(union) / 2
     if widths_b is None:
         pairs = (sum(widths_a) ** 2 + sum(d * d for d in widths_a)) / 2
     else:
@@ -359,12 +365,12 @@ def example_shards(arrays: Iterable[Any]) -> int:
 
 
 def feature_route(method: str, n: int, widths_a: list[int], widths_b: list[int] | None = None,
-                  *, shards: int = 1) -> bool:
+                  *, shards: int = 1, ring: bool = False) -> bool:
     """Whether linear CKA takes the feature-space route: ``method`` "gram", "features" or
     "auto" (the cost model :func:`use_feature_space`)."""
     method = _v.choice(method, "method", ("auto", "gram", "features"))
     if method == "auto":
-        return use_feature_space(n, widths_a, widths_b, shards=shards)
+        return use_feature_space(n, widths_a, widths_b, shards=shards, ring=ring)
     return method == "features"
 
 

@@ -293,31 +293,56 @@ SHARDED = textwrap.dedent("""
                                jaxsim.minibatch_cka_result(seq).values, rtol=1e-6)
     assert float(dist.count) == 8
 
-    # 3. a grid of sharded layers: the cost model counts the work per device, so wide
-    # layers on few examples take the feature route (d x d partial products, all-reduced)
+    # 3. a grid of sharded layers: the cost model counts the work per device. The Gram
+    # route goes round a ring (each device its rows against the others' as they pass,
+    # ppermute), the feature route all-reduces d x d partial products: neither gathers
+    # the activations, both equal one device's grid
+    from jaxsim import grid as grid_module
     from jaxsim import kernel
     widths = [48, 80, 48]
-    wide = [rng.normal(size=(64, d)) for d in widths]
+    wide = [rng.normal(size=(64, d)) + 3 for d in widths]
+    wide[1][:, :48] += wide[0]
+    wide.append(np.full((64, 4), 2.0))  # a constant layer stays exactly 0 on the mesh
+    widths.append(4)
     spread = [jax.device_put(x, NamedSharding(mesh, P("batch"))) for x in wide]
     assert kernel.example_shards(spread) == 8 and kernel.example_shards(wide) == 1
+    assert grid_module.ring_axis(spread) == (mesh, "batch") and not grid_module.ring_axis(wide)
     assert not kernel.use_feature_space(64, widths)
-    assert kernel.use_feature_space(64, widths, shards=8)
-    np.testing.assert_allclose(jaxsim.similarity_grid(spread).values,
-                               jaxsim.similarity_grid(wide).values, rtol=1e-9)
+    assert kernel.use_feature_space(64, widths, shards=8)  # Gram blocks computed whole
+    assert not kernel.use_feature_space(64, widths, shards=8, ring=True)
+    single = jaxsim.similarity_grid(wide).values
+    for method in ("auto", "gram", "features"):
+        np.testing.assert_allclose(jaxsim.similarity_grid(spread, method=method).values,
+                                   single, rtol=1e-12, atol=1e-15, err_msg=method)
+    np.testing.assert_allclose(jaxsim.similarity_grid(spread[:2], spread[2:]).values,
+                               single[:2, 2:], rtol=1e-12, atol=1e-15)
+    # the README's multi-host recipe (one process here holds every host's share)
+    sharding = NamedSharding(mesh, P("batch"))
+    global_arrays = [jax.make_array_from_process_local_data(sharding, x) for x in wide]
+    np.testing.assert_allclose(jaxsim.similarity_grid(global_arrays).values, single,
+                               rtol=1e-12, atol=1e-15)
+    ring = grid_module._ring_program(mesh, "batch").lower(spread).compile()
+    assert "all-gather" not in ring.as_text() and "collective-permute" in ring.as_text()
+    flops = lambda compiled: (lambda c: (c[0] if isinstance(c, list) else c)["flops"])(
+        compiled.cost_analysis())
+    gram_one = jax.jit(lambda l: jaxsim.similarity_grid(l, method="gram").values)
+    per_device = flops(ring) / flops(gram_one.lower(wide).compile())
+    assert per_device <= 0.25, per_device
     # (under jit the layers are traced and their sharding unknown: name the route there)
     route = lambda l: jaxsim.similarity_grid(l, method="features").values
     hlo = jax.jit(route).lower(spread).compile().as_text()
     assert "all-gather" not in hlo, "the feature route must not gather the activations"
 
     # 4. float32 layers sharded over the mesh, eager and under jit, against one device:
-    # Gram blocks sized from n with chunks a progress bar follows (n = 2600: 21 block
-    # pairs), the RBF median by selection, pairwise grids scattered on the device
+    # the Gram ring (tiled: 1200 rows per device in blocks of 400) and, under jit, the
+    # blocked Gram route; the RBF median by selection, pairwise grids scattered on the device
     put = lambda layers: [jax.device_put(x, NamedSharding(mesh, P("batch"))) for x in layers]
-    long = [rng.normal(size=(2600, d)).astype(np.float32) for d in (2, 3)]
+    long = [rng.normal(size=(9600, d)).astype(np.float32) for d in (2, 3)]
     long[1][:, :2] += long[0]
     ref = jaxsim.similarity_grid(long, method="gram", progress=False).values
-    np.testing.assert_allclose(jaxsim.similarity_grid(put(long), method="gram",
-                                                      progress=True).values, ref, rtol=2e-5)
+    gram = lambda l: jaxsim.similarity_grid(l, method="gram", progress=True).values
+    np.testing.assert_allclose(gram(put(long)), ref, rtol=2e-5)
+    np.testing.assert_allclose(jax.jit(gram)(put(long)), ref, rtol=2e-5)
     small = [rng.normal(size=(64, d)).astype(np.float32) for d in (5, 9, 5)]
     small[1][:, :5] += small[0]
     for metric, opts in (("rbf_cka", {}), ("pwcca", {}), ("mean_cca", {"warn": False})):
