@@ -74,10 +74,16 @@ def _svd_thin(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     if max(x.shape) <= 1024:
         return default(x)
 
-    def polar(a):  # gesvdp wants a tall matrix
+    def polar(a):  # gesvdp wants a tall matrix, and one that is not all zeros (a constant
+        # layer, centred): the polar iteration scales by the norm. That one is replaced by a
+        # tall identity, whose factors are valid for it, with singular values 0.
         tall = a.shape[0] >= a.shape[1]
-        u, s, vh = jax.lax.linalg.svd(a if tall else a.T, full_matrices=False,
+        a = a if tall else a.T
+        zero = jnp.all(a == 0)
+        u, s, vh = jax.lax.linalg.svd(jnp.where(zero, jnp.eye(*a.shape, dtype=a.dtype), a),
+                                      full_matrices=False,
                                       algorithm=jax.lax.linalg.SvdAlgorithm.POLAR)
+        s = jnp.where(zero, 0, s)
         return (u, s, vh) if tall else (vh.T, s, u.T)
 
     return tuple(jax.lax.platform_dependent(x, cuda=polar, default=default))
