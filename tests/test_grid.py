@@ -334,10 +334,10 @@ SHARDED = textwrap.dedent("""
     assert "all-gather" not in hlo, "the feature route must not gather the activations"
 
     # 4. float32 layers sharded over the mesh, eager and under jit, against one device:
-    # the Gram ring (tiled: 1200 rows per device in blocks of 400) and, under jit, the
-    # blocked Gram route; the RBF median by selection, pairwise grids scattered on the device
+    # the Gram ring and, under jit, the blocked Gram route (n = 1600: 4 block pairs);
+    # the RBF median by selection, pairwise grids scattered on the device
     put = lambda layers: [jax.device_put(x, NamedSharding(mesh, P("batch"))) for x in layers]
-    long = [rng.normal(size=(9600, d)).astype(np.float32) for d in (2, 3)]
+    long = [rng.normal(size=(1600, d)).astype(np.float32) for d in (2, 3)]
     long[1][:, :2] += long[0]
     ref = jaxsim.similarity_grid(long, method="gram", progress=False).values
     gram = lambda l: jaxsim.similarity_grid(l, method="gram", progress=True).values
@@ -353,6 +353,22 @@ SHARDED = textwrap.dedent("""
                                    err_msg=metric)
     print("sharded ok")
 """)
+
+
+def test_ring_blocks_tile_the_cross_grams(x64, rng):
+    """The ring's per-step products, tiled b x b (the last tile padded): <R_l C_l^T,
+    R_m C_m^T> for every pair of layers, as in NumPy."""
+    from jaxsim import grid as grid_module
+
+    rows = [rng.normal(size=(7, d)) for d in (2, 3, 5, 4)]
+    cols = [rng.normal(size=(7, d)) for d in (2, 3, 5, 4)]
+    grams = [r @ c.T for r, c in zip(rows, cols)]
+    want = [[np.vdot(g, h) for h in grams] for g in grams]
+    for b in (3, 7):
+        np.testing.assert_allclose(grid_module._cross_products(rows, cols, b), want,
+                                   rtol=1e-12)
+    np.testing.assert_allclose(grid_module._cross_products(rows[:2], cols[:2], 3),
+                               np.asarray(want)[:2, :2], rtol=1e-12)
 
 
 def test_sharded_equals_single_device():
