@@ -30,7 +30,8 @@ import numpy as np
 from jaxsim import _progress
 from jaxsim import _validation as _v
 from jaxsim import canonical, conv, geometry, kernel
-from jaxsim._measure import HIGHEST, GramBlocks, Measure, dot, safe_ratio, safe_sqrt
+from jaxsim._measure import (HIGHEST, GramBlocks, Measure, center_features, dot, safe_ratio,
+                             safe_sqrt)
 
 Array = jax.Array
 
@@ -357,41 +358,77 @@ def ring_axis(layers: Sequence[Any]) -> tuple[Any, str] | None:
     return found
 
 
-def _cross_products(rows: list[Array], cols: list[Array], b: int) -> Array:
-    """``<R_l C_l^T, R_m C_m^T>`` for every pair of layers, the (m x m) blocks formed b x b
-    at a time."""
-    m = rows[0].shape[0]
+class _Rows(NamedTuple):
+    """One device's rows of a layer, as they go round the ring."""
+
+    features: Array  # (m, d) centred (and scaled) features
+    row_sq: Array  # (m,) the centred Gram's diagonal (debiased estimator only)
+
+
+def _cross_products(rows: list[_Rows], cols: list[_Rows], b: int, debiased: bool = False,
+                    same: bool = False, totals: Array | None = None, n: int = 0) -> Array:
+    """``<K_l, K_m>`` over one (m x m) block of every layer's centred Gram, rows ``rows``
+    and columns ``cols`` (``same``: the very same examples, so the block holds the
+    diagonal), for every pair of layers; formed b x b at a time. ``debiased``: the
+    U-centred Gram (see :func:`jaxsim.kernel._linear_block`), with the layers' traces
+    ``totals`` and the number of examples ``n`` over all devices."""
+    m = rows[0].features.shape[0]
     tiles = -(-m // b)
-    pad = lambda x: jnp.pad(x, [(0, tiles * b - m), (0, 0)])
-    rows, cols = [pad(x) for x in rows], [pad(x) for x in cols]
+    pad = lambda x: jnp.pad(x, [(0, tiles * b - m)] + [(0, 0)] * (x.ndim - 1))
+    rows = [jax.tree.map(pad, r) for r in rows]
+    cols = [jax.tree.map(pad, c) for c in cols]
     starts = [(r * b, c * b) for r in range(tiles) for c in range(tiles)]
 
-    def term(r0, c0):
+    def block(r, c, r0, c0, total):
         take = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, b)
-        return _slab_products([dot(take(x, r0), take(y, c0).T) for x, y in zip(rows, cols)])
+        k = dot(take(r.features, r0), take(c.features, c0).T)
+        if not debiased:
+            return k  # centred features: an exactly centred Gram, zero in padded rows
+        k = (k + (take(r.row_sq, r0)[:, None] + take(c.row_sq, c0)[None, :]) / (n - 2)
+             - total / ((n - 1) * (n - 2)))
+        i, j = r0 + jnp.arange(b), c0 + jnp.arange(b)
+        keep = (i[:, None] < m) & (j[None, :] < m)
+        if same:
+            keep = keep & (i[:, None] != j[None, :])
+        return jnp.where(keep, k, 0)
+
+    totals = [None] * len(rows) if totals is None else totals
+
+    def term(r0, c0):
+        return _slab_products([block(r, c, r0, c0, t) for r, c, t in zip(rows, cols, totals)])
 
     return _scan_sum(term, jnp.array([r for r, _ in starts], jnp.int32),
                      jnp.array([c for _, c in starts], jnp.int32))
 
 
 @functools.lru_cache(maxsize=32)
-def _ring_program(mesh: Any, axis: str) -> Callable[[list[Array]], Array]:
-    """The inner products of the centred linear Grams of layers sharded along examples
-    over ``axis``, without gathering them: device p holds rows p of every layer and pairs
-    them with rows p, p+1, ..., p + D/2 as they come round a ring (``ppermute``), each
-    block pair once (the mirrored blocks by symmetry, weight 2), and the ``(L, L)`` sums
-    are all-reduced. Per device ~``(D + 2) / (2 D)`` of one device's Gram products."""
+def _ring_program(mesh: Any, axis: str, debiased: bool = False, rescale: bool = True,
+                  dtype: Any = None) -> Callable[[list[Array]], Array]:
+    """The inner products of the centred (``debiased``: U-centred) linear Grams of layers
+    sharded along examples over ``axis``, without gathering them: device p holds rows p
+    of every layer and pairs them with rows p, p+1, ..., p + D/2 as they come round a ring
+    (``ppermute``), each block pair once (the mirrored blocks by symmetry, weight 2), and
+    the ``(L, L)`` sums are all-reduced. Per device ~``(D + 2) / (2 D)`` of one device's
+    Gram products. ``rescale=False``: the activations' own units (minibatch CKA);
+    ``dtype``: computed in it."""
     size = mesh.shape[axis]
     shift = [(j, (j - 1) % size) for j in range(size)]  # device p receives from p + 1
 
     def local(layers):
-        mine = [kernel._unit_scale(x, axis) for x in layers]
-        b = _block_size(mine[0].shape[0])
-        acc, theirs = _cross_products(mine, mine, b), mine
+        layers = [x if dtype is None else x.astype(dtype) for x in layers]
+        feats = [kernel._unit_scale(x, axis) if rescale else center_features(x, axis)
+                 for x in layers]
+        mine = [_Rows(f, jnp.sum(f * f, axis=1)) for f in feats]
+        m = feats[0].shape[0]
+        options = dict(debiased=debiased, n=m * size,
+                       totals=[jax.lax.psum(jnp.sum(r.row_sq), axis) for r in mine])
+        b = _block_size(m)
+        acc, theirs = _cross_products(mine, mine, b, same=True, **options), mine
         for step in range(1, size // 2 + 1):
-            theirs = [jax.lax.ppermute(x, axis, shift) for x in theirs]
+            theirs = [jax.tree.map(lambda x: jax.lax.ppermute(x, axis, shift), t)
+                      for t in theirs]
             weight = 1.0 if 2 * step == size else 2.0
-            acc = acc + weight * _cross_products(mine, theirs, b)
+            acc = acc + weight * _cross_products(mine, theirs, b, **options)
         return jax.lax.psum(acc, axis)
 
     P = jax.sharding.PartitionSpec
@@ -604,13 +641,13 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
             method, layers_a[0].shape[0], [a.shape[1] for a in layers_a],
             None if self_grid else [b.shape[1] for b in layers_b],
             shards=kernel.example_shards(union),
-            ring=not debiased and ring_axis(union) is not None))
+            ring=ring_axis(union) is not None))
 
     if measure.blocks is not None:
         union = layers_a if self_grid else layers_a + layers_b
-        ring = ring_axis(union) if name == "linear_cka" and not debiased else None
+        ring = ring_axis(union) if name == "linear_cka" else None
         if ring is not None:  # sharded along examples: each device its share of the blocks
-            sums = _ring_program(*ring)(union)
+            sums = _ring_program(*ring, debiased)(union)
         else:
             b = _block_size(union[0].shape[0])
             calls = len(_chunks(union[0].shape[0], b))
@@ -693,13 +730,23 @@ def _minibatch_update(state: MinibatchCKAState, layers_a: list[Array],
     dtype = state.cross.dtype
     union = [x.astype(dtype) for x in layers_a + (layers_b or [])]
     m = union[0].shape[0]
-    products = _symmetrise(_gram_inner_products(kernel.minibatch_blocks(), union,
-                                                _block_size(m))) / (m * (m - 3))
-    step = MinibatchCKAState(*_split(products, len(layers_a), layers_b is None),
-                             jnp.ones((), dtype))
+    sums = _gram_inner_products(kernel.minibatch_blocks(), union, _block_size(m))
+    return _minibatch_add(state, sums, len(layers_a), layers_b is None, m, axis_name)
+
+
+def _minibatch_add(state: MinibatchCKAState, sums: Array, num_a: int, self_grid: bool,
+                   m: int, axis_name: Any = None) -> MinibatchCKAState:
+    """The state plus one batch of m examples, from its U-centred Grams' inner products
+    (``sums``, up to :func:`_symmetrise`)."""
+    products = _symmetrise(sums) / (m * (m - 3))
+    step = MinibatchCKAState(*_split(products, num_a, self_grid),
+                             jnp.ones((), state.cross.dtype))
     if axis_name is not None:
         step = jax.lax.psum(step, axis_name)
     return jax.tree.map(operator.add, state, step)
+
+
+_minibatch_add_jit = jax.jit(_minibatch_add, static_argnames=("num_a", "self_grid", "m"))
 
 
 def minibatch_cka_update(state: MinibatchCKAState, batch_acts_a: Any, batch_acts_b: Any = None,
@@ -717,8 +764,10 @@ def minibatch_cka_update(state: MinibatchCKAState, batch_acts_a: Any, batch_acts
         arrays (m >= 4, shared); trailing axes are flattened per example.
       batch_acts_b: the column layers on the same examples; ``None`` for a self-grid.
       axis_name: inside ``shard_map``/``pmap``, the mapped axis: each device's shard counts
-        as one minibatch and the increments are summed with ``psum``. Outside, sharded
-        inputs under plain ``jit`` need nothing: XLA partitions the batch itself.
+        as one minibatch and the increments are summed with ``psum``. Outside, a batch
+        sharded along its examples over one mesh axis is one minibatch, its Gram blocks
+        divided among the devices (see :func:`similarity_grid`); under ``jit`` XLA
+        partitions it itself.
       check_finite: raise on NaN/inf (skipped automatically when traced).
     Returns:
       The new state.
@@ -738,8 +787,16 @@ def minibatch_cka_update(state: MinibatchCKAState, batch_acts_a: Any, batch_acts
     _v.finite(raw, check_finite)  # every layer of both sides: one sync
     _v.same_n({**named, **(named_b if batch_acts_b is not None else {})}, min_n=4,
               why=" per minibatch for the unbiased HSIC estimator")
+    layers_a = list(named.values())
     layers_b = None if batch_acts_b is None else list(named_b.values())
-    return _minibatch_update(state, list(named.values()), layers_b, axis_name)
+    union = layers_a + (layers_b or [])
+    ring = ring_axis(union) if axis_name is None else None
+    if ring is not None:  # sharded along examples: each device its share of the blocks
+        sums = _ring_program(*ring, debiased=True, rescale=False,
+                             dtype=np.dtype(state.cross.dtype))(union)
+        return _minibatch_add_jit(state, sums, len(layers_a), layers_b is None,
+                                  union[0].shape[0])
+    return _minibatch_update(state, layers_a, layers_b, axis_name)
 
 
 def minibatch_cka_result(state: MinibatchCKAState, *, rows: Sequence[str] | None = None,

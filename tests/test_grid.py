@@ -275,11 +275,18 @@ SHARDED = textwrap.dedent("""
 
     single = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3), layers)
 
-    # 1. one minibatch sharded over the mesh: XLA partitions it, same numbers
+    # 1. one minibatch sharded over the mesh: its U-centred Gram blocks go round the ring
+    # (no activations gathered), same numbers; under jit XLA partitions it
+    from jaxsim import grid as grid_module
     sharded = [jax.device_put(x, NamedSharding(mesh, P("batch"))) for x in layers]
     spmd = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3), sharded)
     np.testing.assert_allclose(jaxsim.minibatch_cka_result(spmd).values,
-                               jaxsim.minibatch_cka_result(single).values, rtol=1e-6)
+                               jaxsim.minibatch_cka_result(single).values, rtol=1e-12)
+    np.testing.assert_allclose(spmd.cross, single.cross, rtol=1e-12)
+    ring = grid_module._ring_program(mesh, "batch", True, False, np.dtype("float64"))
+    assert "all-gather" not in ring.lower(sharded).compile().as_text()
+    jitted = jax.jit(jaxsim.minibatch_cka_update)(jaxsim.minibatch_cka_init(3), sharded)
+    np.testing.assert_allclose(jitted.cross, single.cross, rtol=1e-9)
 
     # 2. shard_map: each device's shard is a minibatch, increments summed with psum
     step = jax.shard_map(
@@ -297,7 +304,6 @@ SHARDED = textwrap.dedent("""
     # route goes round a ring (each device its rows against the others' as they pass,
     # ppermute), the feature route all-reduces d x d partial products: neither gathers
     # the activations, both equal one device's grid
-    from jaxsim import grid as grid_module
     from jaxsim import kernel
     widths = [48, 80, 48]
     wide = [rng.normal(size=(64, d)) + 3 for d in widths]
@@ -314,6 +320,9 @@ SHARDED = textwrap.dedent("""
     for method in ("auto", "gram", "features"):
         np.testing.assert_allclose(jaxsim.similarity_grid(spread, method=method).values,
                                    single, rtol=1e-12, atol=1e-15, err_msg=method)
+    np.testing.assert_allclose(jaxsim.similarity_grid(spread, method="gram", debiased=True)
+                               .values, jaxsim.similarity_grid(wide, debiased=True).values,
+                               rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(jaxsim.similarity_grid(spread[:2], spread[2:]).values,
                                single[:2, 2:], rtol=1e-12, atol=1e-15)
     # the README's multi-host recipe (one process here holds every host's share)
@@ -362,13 +371,27 @@ def test_ring_blocks_tile_the_cross_grams(x64, rng):
 
     rows = [rng.normal(size=(7, d)) for d in (2, 3, 5, 4)]
     cols = [rng.normal(size=(7, d)) for d in (2, 3, 5, 4)]
+    wrap = lambda xs: [grid_module._Rows(x, np.sum(x * x, axis=1)) for x in xs]
     grams = [r @ c.T for r, c in zip(rows, cols)]
     want = [[np.vdot(g, h) for h in grams] for g in grams]
     for b in (3, 7):
-        np.testing.assert_allclose(grid_module._cross_products(rows, cols, b), want,
-                                   rtol=1e-12)
-    np.testing.assert_allclose(grid_module._cross_products(rows[:2], cols[:2], 3),
+        np.testing.assert_allclose(grid_module._cross_products(wrap(rows), wrap(cols), b),
+                                   want, rtol=1e-12)
+    np.testing.assert_allclose(grid_module._cross_products(wrap(rows[:2]), wrap(cols[:2]), 3),
                                np.asarray(want)[:2, :2], rtol=1e-12)
+    # debiased, the diagonal block (rows == cols): the U-centred Gram's terms, n = 7 here
+    n, totals = 7, [np.sum(r * r) for r in rows]
+    u_grams = []
+    for x in rows:
+        k = x @ x.T
+        u = k + (np.diag(k)[:, None] + np.diag(k)[None, :]) / (n - 2) - np.trace(k) / (
+            (n - 1) * (n - 2))
+        np.fill_diagonal(u, 0)
+        u_grams.append(u)
+    want = [[np.vdot(g, h) for h in u_grams] for g in u_grams]
+    got = grid_module._cross_products(wrap(rows), wrap(rows), 3, debiased=True, same=True,
+                                      totals=totals, n=n)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 def test_sharded_equals_single_device():
