@@ -62,7 +62,25 @@ def evaluate(factory: Callable[..., Measure], x: jax.Array, y: jax.Array, **opti
              ) -> jax.Array:
     """``pair(prepare(x), prepare(y))`` of the measure ``factory(**options)``, jitted once
     per measure, options and shapes: every public single-pair function is this."""
-    return _evaluate(factory, tuple(sorted(options.items())), x, y)
+    return _evaluate(factory, tuple(sorted(options.items())), replicated(x), replicated(y))
+
+
+def replicated(x: Any) -> Any:
+    """``x`` replicated over its mesh if it is sharded over an explicit mesh axis
+    (``AxisType.Explicit``), else ``x`` itself. With explicit sharding JAX refuses a
+    product that contracts a sharded axis without being told how to shard the result,
+    and every measure contracts the examples: such layers are gathered first (the
+    linear-CKA grid and minibatch CKA instead divide the work, see
+    :func:`jaxsim.grid.ring_axis`)."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return x
+    types = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_types))
+    names = [n for p in sharding.spec if p is not None for n in (p if isinstance(p, tuple) else (p,))]
+    if not any(types.get(n) == jax.sharding.AxisType.Explicit for n in names):
+        return x
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh,
+                                                              jax.sharding.PartitionSpec()))
 
 
 def safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:

@@ -30,8 +30,8 @@ import numpy as np
 from jaxsim import _progress
 from jaxsim import _validation as _v
 from jaxsim import canonical, conv, geometry, kernel
-from jaxsim._measure import (HIGHEST, GramBlocks, Measure, center_features, dot, safe_ratio,
-                             safe_sqrt)
+from jaxsim._measure import (HIGHEST, GramBlocks, Measure, center_features, dot, replicated,
+                             safe_ratio, safe_sqrt)
 
 Array = jax.Array
 
@@ -342,9 +342,10 @@ def ring_axis(layers: Sequence[Any]) -> tuple[Any, str] | None:
     the same single mesh axis (of size > 1, dividing n), features replicated; else None."""
     found = None
     for a in layers:
-        sharding = getattr(a, "sharding", None)
-        if isinstance(a, jax.core.Tracer) or not isinstance(sharding,
-                                                              jax.sharding.NamedSharding):
+        # a traced layer carries its sharding in its type only on explicit mesh axes
+        sharding = jax.typeof(a).sharding if isinstance(a, jax.core.Tracer) else \
+            getattr(a, "sharding", None)
+        if not isinstance(sharding, jax.sharding.NamedSharding):
             return None
         spec = tuple(sharding.spec) + (None,) * (a.ndim - len(sharding.spec))
         axis = spec[0][0] if isinstance(spec[0], tuple) and len(spec[0]) == 1 else spec[0]
@@ -649,6 +650,7 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
         if ring is not None:  # sharded along examples: each device its share of the blocks
             sums = _ring_program(*ring, debiased)(union)
         else:
+            union = [replicated(x) for x in union]
             b = _block_size(union[0].shape[0])
             calls = len(_chunks(union[0].shape[0], b))
             follow = calls > 1 and progress is not False and not traced
@@ -666,8 +668,9 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
         total = num_a + (0 if self_grid else num_b) + pairs  # layers prepared, pairs
         tick, close = _ticker(progress, total, f"{name} grid", traced)
         try:
-            sa = _prepare_all(measure, layers_a, tick)
-            sb = sa if self_grid else _prepare_all(measure, layers_b, tick)
+            sa = _prepare_all(measure, [replicated(x) for x in layers_a], tick)
+            sb = sa if self_grid else _prepare_all(measure, [replicated(x) for x in layers_b],
+                                                   tick)
             values = _generic_grid(measure, sa, sb, self_grid, batch_size, dtype, tick)
         finally:
             close()
@@ -796,7 +799,9 @@ def minibatch_cka_update(state: MinibatchCKAState, batch_acts_a: Any, batch_acts
                              dtype=np.dtype(state.cross.dtype))(union)
         return _minibatch_add_jit(state, sums, len(layers_a), layers_b is None,
                                   union[0].shape[0])
-    return _minibatch_update(state, layers_a, layers_b, axis_name)
+    return _minibatch_update(state, [replicated(x) for x in layers_a],
+                             None if layers_b is None else [replicated(x) for x in layers_b],
+                             axis_name)
 
 
 def minibatch_cka_result(state: MinibatchCKAState, *, rows: Sequence[str] | None = None,

@@ -360,6 +360,29 @@ SHARDED = textwrap.dedent("""
         np.testing.assert_allclose(grid(put(small)), ref, rtol=1e-5, atol=1e-6, err_msg=metric)
         np.testing.assert_allclose(jax.jit(grid)(put(small)), ref, rtol=1e-5, atol=1e-6,
                                    err_msg=metric)
+
+    # 5. explicit sharding (AxisType.Explicit), where JAX refuses products that contract a
+    # sharded axis unasked: the ring divides linear CKA (eager, and under jit, where the
+    # sharding is in the layers' types); every other measure and route gathers first
+    from jax.sharding import AxisType
+    explicit = jax.make_mesh((8,), ("batch",), axis_types=(AxisType.Explicit,))
+    with jax.set_mesh(explicit):
+        spread = [jax.device_put(x, NamedSharding(explicit, P("batch"))) for x in wide]
+        assert grid_module.ring_axis(spread)[1] == "batch"
+        for opts in ({"method": "gram"}, {"method": "features"}, {"debiased": True},
+                     {"metric": "mean_cca", "warn": False}):
+            want = jaxsim.similarity_grid(wide, **opts).values
+            fn = lambda l: jaxsim.similarity_grid(l, **opts).values
+            np.testing.assert_allclose(fn(spread), want, rtol=1e-12, atol=1e-15,
+                                       err_msg=str(opts))
+            np.testing.assert_allclose(jax.jit(fn)(spread), want, rtol=1e-12, atol=1e-15,
+                                       err_msg=str(opts))
+        np.testing.assert_allclose(jaxsim.linear_cka(spread[0], spread[1]),
+                                   jaxsim.linear_cka(wide[0], wide[1]), rtol=1e-12)
+        batch = [jax.device_put(x, NamedSharding(explicit, P("batch"))) for x in layers]
+        np.testing.assert_allclose(
+            jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3), batch).cross,
+            jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3), layers).cross, rtol=1e-12)
     print("sharded ok")
 """)
 
