@@ -260,7 +260,7 @@ def test_minibatch_errors(rng):
         jaxsim.minibatch_cka_result(state)
 
 
-SHARDED = textwrap.dedent("""
+MESH_PRELUDE = """
     import jax
     jax.config.update("jax_enable_x64", True)
     import numpy as np
@@ -272,7 +272,11 @@ SHARDED = textwrap.dedent("""
     rng = np.random.default_rng(0)
     layers = [rng.normal(size=(64, d)) for d in (5, 9, 5)]
     layers[1][:, :5] += layers[0]
+    from jaxsim import grid as grid_module
+"""
 
+SHARDED = {
+    "minibatch, ring and feature route": MESH_PRELUDE + """
     single = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3), layers)
 
     # 1. one minibatch sharded over the mesh: its U-centred Gram blocks go round the ring
@@ -341,7 +345,15 @@ SHARDED = textwrap.dedent("""
     route = lambda l: jaxsim.similarity_grid(l, method="features").values
     hlo = jax.jit(route).lower(spread).compile().as_text()
     assert "all-gather" not in hlo, "the feature route must not gather the activations"
-
+    print("sharded ok")
+""",
+    "float32 and under jit": MESH_PRELUDE + """
+    from jaxsim import kernel
+    widths = [48, 80, 48]
+    wide = [rng.normal(size=(64, d)) + 3 for d in widths]
+    wide[1][:, :48] += wide[0]
+    wide.append(np.full((64, 4), 2.0))  # a constant layer stays exactly 0 on the mesh
+    widths.append(4)
     # 4. float32 layers sharded over the mesh, eager and under jit, against one device:
     # the Gram ring and, under jit, the blocked Gram route (n = 1600: 4 block pairs);
     # the RBF median by selection, pairwise grids scattered on the device
@@ -360,7 +372,15 @@ SHARDED = textwrap.dedent("""
         np.testing.assert_allclose(grid(put(small)), ref, rtol=1e-5, atol=1e-6, err_msg=metric)
         np.testing.assert_allclose(jax.jit(grid)(put(small)), ref, rtol=1e-5, atol=1e-6,
                                    err_msg=metric)
-
+    print("sharded ok")
+""",
+    "explicit mesh axes": MESH_PRELUDE + """
+    from jaxsim import kernel
+    widths = [48, 80, 48]
+    wide = [rng.normal(size=(64, d)) + 3 for d in widths]
+    wide[1][:, :48] += wide[0]
+    wide.append(np.full((64, 4), 2.0))  # a constant layer stays exactly 0 on the mesh
+    widths.append(4)
     # 5. explicit sharding (AxisType.Explicit), where JAX refuses products that contract a
     # sharded axis unasked: the ring divides linear CKA (eager, and under jit, where the
     # sharding is in the layers' types); every other measure and route gathers first
@@ -384,7 +404,8 @@ SHARDED = textwrap.dedent("""
             jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3), batch).cross,
             jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3), layers).cross, rtol=1e-12)
     print("sharded ok")
-""")
+""",
+}
 
 
 def test_ring_blocks_tile_the_cross_grams(x64, rng):
@@ -417,10 +438,11 @@ def test_ring_blocks_tile_the_cross_grams(x64, rng):
     np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
-def test_sharded_equals_single_device():
+@pytest.mark.parametrize("part", sorted(SHARDED))
+def test_sharded_equals_single_device(part):
     env = subprocess_env("--xla_force_host_platform_device_count=8")
-    out = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(SHARDED[part])], env=env,
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "sharded ok" in out.stdout
 
