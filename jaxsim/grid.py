@@ -359,44 +359,23 @@ def ring_axis(layers: Sequence[Any]) -> tuple[Any, str] | None:
     return found
 
 
-class _Rows(NamedTuple):
-    """One device's rows of a layer, as they go round the ring."""
-
-    features: Array  # (m, d) centred (and scaled) features
-    row_sq: Array  # (m,) the centred Gram's diagonal (debiased estimator only)
-
-
-def _cross_products(rows: list[_Rows], cols: list[_Rows], b: int, debiased: bool = False,
-                    same: bool = False, totals: Array | None = None, n: int = 0) -> Array:
+def _cross_products(rows: list[kernel.LinearSource], cols: list[kernel.LinearSource], b: int,
+                    debiased: bool = False, same: bool = False) -> Array:
     """``<K_l, K_m>`` over one (m x m) block of every layer's centred Gram, rows ``rows``
     and columns ``cols`` (``same``: the very same examples, so the block holds the
-    diagonal), for every pair of layers; formed b x b at a time. ``debiased``: the
-    U-centred Gram (see :func:`jaxsim.kernel._linear_block`), with the layers' traces
-    ``totals`` and the number of examples ``n`` over all devices."""
+    diagonal), for every pair of layers; formed b x b at a time (see
+    :func:`jaxsim.kernel.linear_cross_block`; ``count`` and ``total``: over all devices)."""
     m = rows[0].features.shape[0]
     tiles = -(-m // b)
     pad = lambda x: jnp.pad(x, [(0, tiles * b - m)] + [(0, 0)] * (x.ndim - 1))
-    rows = [jax.tree.map(pad, r) for r in rows]
-    cols = [jax.tree.map(pad, c) for c in cols]
+    padded = lambda src: src._replace(features=pad(src.features), row_sq=pad(src.row_sq))
+    rows, cols = [padded(r) for r in rows], [padded(c) for c in cols]
     starts = [(r * b, c * b) for r in range(tiles) for c in range(tiles)]
 
-    def block(r, c, r0, c0, total):
-        take = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, b)
-        k = dot(take(r.features, r0), take(c.features, c0).T)
-        if not debiased:
-            return k  # centred features: an exactly centred Gram, zero in padded rows
-        k = (k + (take(r.row_sq, r0)[:, None] + take(c.row_sq, c0)[None, :]) / (n - 2)
-             - total / ((n - 1) * (n - 2)))
-        i, j = r0 + jnp.arange(b), c0 + jnp.arange(b)
-        keep = (i[:, None] < m) & (j[None, :] < m)
-        if same:
-            keep = keep & (i[:, None] != j[None, :])
-        return jnp.where(keep, k, 0)
-
-    totals = [None] * len(rows) if totals is None else totals
-
     def term(r0, c0):
-        return _slab_products([block(r, c, r0, c0, t) for r, c, t in zip(rows, cols, totals)])
+        return _slab_products([kernel.linear_cross_block(r, c, r0, c0, b, debiased=debiased,
+                                                         same=same, valid=m)
+                               for r, c in zip(rows, cols)])
 
     return _scan_sum(term, jnp.array([r for r, _ in starts], jnp.int32),
                      jnp.array([c for _, c in starts], jnp.int32))
@@ -419,17 +398,21 @@ def _ring_program(mesh: Any, axis: str, debiased: bool = False, rescale: bool = 
         layers = [x if dtype is None else x.astype(dtype) for x in layers]
         feats = [kernel._unit_scale(x, axis) if rescale else center_features(x, axis)
                  for x in layers]
-        mine = [_Rows(f, jnp.sum(f * f, axis=1)) for f in feats]
         m = feats[0].shape[0]
-        options = dict(debiased=debiased, n=m * size,
-                       totals=[jax.lax.psum(jnp.sum(r.row_sq), axis) for r in mine])
+        count = jnp.asarray(m * size, feats[0].dtype)
+        mine = []
+        for f in feats:
+            row_sq = jnp.sum(f * f, axis=1)
+            mine.append(kernel.LinearSource(f, row_sq, jax.lax.psum(jnp.sum(row_sq), axis),
+                                            count))
         b = _block_size(m)
-        acc, theirs = _cross_products(mine, mine, b, same=True, **options), mine
+        acc, theirs = _cross_products(mine, mine, b, debiased, same=True), mine
         for step in range(1, size // 2 + 1):
-            theirs = [jax.tree.map(lambda x: jax.lax.ppermute(x, axis, shift), t)
+            theirs = [t._replace(features=jax.lax.ppermute(t.features, axis, shift),
+                                 row_sq=jax.lax.ppermute(t.row_sq, axis, shift))
                       for t in theirs]
             weight = 1.0 if 2 * step == size else 2.0
-            acc = acc + weight * _cross_products(mine, theirs, b, **options)
+            acc = acc + weight * _cross_products(mine, theirs, b, debiased)
         return jax.lax.psum(acc, axis)
 
     P = jax.sharding.PartitionSpec

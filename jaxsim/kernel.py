@@ -395,20 +395,31 @@ def _linear_source(x: Array, n_pad: int, rescale: bool = True) -> LinearSource:
 
 
 def _linear_block(src: LinearSource, r0: Array, c0: Array, b: int, *, debiased: bool) -> Array:
-    rows = jax.lax.dynamic_slice_in_dim(src.features, r0, b)
-    cols = jax.lax.dynamic_slice_in_dim(src.features, c0, b)
-    k = dot(rows, cols.T)
-    if not debiased:  # centered features give an exactly centered Gram
+    return linear_cross_block(src, src, r0, c0, b, debiased=debiased)
+
+
+def linear_cross_block(rows: LinearSource, cols: LinearSource, r0: Array, c0: Array, b: int,
+                       *, debiased: bool, same: bool = True, valid: Any = None) -> Array:
+    """Block (r0, c0) of size b of the centred linear Gram between the examples of ``rows``
+    and those of ``cols`` (``same``: the very same examples, as in a layer's own Gram;
+    otherwise two devices' shares of them). ``debiased``: U-centred, with ``count`` and
+    ``total`` (the trace) of the whole Gram, and zero past ``valid`` rows and columns
+    (default ``count``: padding). U-centring a centred Gram involves only its diagonal and
+    trace: K~_ij = K_ij + (k_i + k_j) / (n - 2) - tr K / ((n - 1)(n - 2)) off the diagonal,
+    0 on it."""
+    take = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, b)
+    k = dot(take(rows.features, r0), take(cols.features, c0).T)
+    if not debiased:  # centered features give an exactly centered Gram (0 in padded rows)
         return k
-    # U-centering of a centered Gram only involves its diagonal and trace:
-    # K~_ij = K_ij + (k_i + k_j) / (n - 2) - tr K / ((n - 1)(n - 2)) off the diagonal.
-    n = src.count
-    kr = jax.lax.dynamic_slice_in_dim(src.row_sq, r0, b)
-    kc = jax.lax.dynamic_slice_in_dim(src.row_sq, c0, b)
-    k = k + (kr[:, None] + kc[None, :]) / (n - 2) - src.total / ((n - 1) * (n - 2))
+    n = rows.count
+    valid = n if valid is None else valid
+    k = (k + (take(rows.row_sq, r0)[:, None] + take(cols.row_sq, c0)[None, :]) / (n - 2)
+         - rows.total / ((n - 1) * (n - 2)))
     i = r0 + jnp.arange(b)
     j = c0 + jnp.arange(b)
-    keep = (i[:, None] != j[None, :]) & (i[:, None] < n) & (j[None, :] < n)
+    keep = (i[:, None] < valid) & (j[None, :] < valid)
+    if same:
+        keep = keep & (i[:, None] != j[None, :])
     return jnp.where(keep, k, 0)
 
 

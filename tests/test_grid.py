@@ -412,10 +412,13 @@ def test_ring_blocks_tile_the_cross_grams(x64, rng):
     """The ring's per-step products, tiled b x b (the last tile padded): <R_l C_l^T,
     R_m C_m^T> for every pair of layers, as in NumPy."""
     from jaxsim import grid as grid_module
+    from jaxsim import kernel
 
     rows = [rng.normal(size=(7, d)) for d in (2, 3, 5, 4)]
     cols = [rng.normal(size=(7, d)) for d in (2, 3, 5, 4)]
-    wrap = lambda xs: [grid_module._Rows(x, np.sum(x * x, axis=1)) for x in xs]
+    n = 7
+    wrap = lambda xs: [kernel.LinearSource(x, np.sum(x * x, axis=1), np.sum(x * x), n)
+                       for x in xs]
     grams = [r @ c.T for r, c in zip(rows, cols)]
     want = [[np.vdot(g, h) for h in grams] for g in grams]
     for b in (3, 7):
@@ -424,7 +427,6 @@ def test_ring_blocks_tile_the_cross_grams(x64, rng):
     np.testing.assert_allclose(grid_module._cross_products(wrap(rows[:2]), wrap(cols[:2]), 3),
                                np.asarray(want)[:2, :2], rtol=1e-12)
     # debiased, the diagonal block (rows == cols): the U-centred Gram's terms, n = 7 here
-    n, totals = 7, [np.sum(r * r) for r in rows]
     u_grams = []
     for x in rows:
         k = x @ x.T
@@ -433,8 +435,7 @@ def test_ring_blocks_tile_the_cross_grams(x64, rng):
         np.fill_diagonal(u, 0)
         u_grams.append(u)
     want = [[np.vdot(g, h) for h in u_grams] for g in u_grams]
-    got = grid_module._cross_products(wrap(rows), wrap(rows), 3, debiased=True, same=True,
-                                      totals=totals, n=n)
+    got = grid_module._cross_products(wrap(rows), wrap(rows), 3, debiased=True, same=True)
     np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
