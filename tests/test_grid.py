@@ -272,7 +272,12 @@ MESH_PRELUDE = """
     rng = np.random.default_rng(0)
     layers = [rng.normal(size=(64, d)) for d in (5, 9, 5)]
     layers[1][:, :5] += layers[0]
+    widths = [48, 80, 48, 4]  # wide layers on few examples, and a constant one (which must
+    wide = [rng.normal(size=(64, d)) + 3 for d in widths[:3]]  # stay exactly 0 on a mesh)
+    wide[1][:, :48] += wide[0]
+    wide.append(np.full((64, 4), 2.0))
     from jaxsim import grid as grid_module
+    from jaxsim import kernel
 """
 
 SHARDED = {
@@ -308,12 +313,6 @@ SHARDED = {
     # route goes round a ring (each device its rows against the others' as they pass,
     # ppermute), the feature route all-reduces d x d partial products: neither gathers
     # the activations, both equal one device's grid
-    from jaxsim import kernel
-    widths = [48, 80, 48]
-    wide = [rng.normal(size=(64, d)) + 3 for d in widths]
-    wide[1][:, :48] += wide[0]
-    wide.append(np.full((64, 4), 2.0))  # a constant layer stays exactly 0 on the mesh
-    widths.append(4)
     spread = [jax.device_put(x, NamedSharding(mesh, P("batch"))) for x in wide]
     assert kernel.example_shards(spread) == 8 and kernel.example_shards(wide) == 1
     assert grid_module.ring_axis(spread) == (mesh, "batch") and not grid_module.ring_axis(wide)
@@ -348,12 +347,6 @@ SHARDED = {
     print("sharded ok")
 """,
     "float32 and under jit": MESH_PRELUDE + """
-    from jaxsim import kernel
-    widths = [48, 80, 48]
-    wide = [rng.normal(size=(64, d)) + 3 for d in widths]
-    wide[1][:, :48] += wide[0]
-    wide.append(np.full((64, 4), 2.0))  # a constant layer stays exactly 0 on the mesh
-    widths.append(4)
     # 4. float32 layers sharded over the mesh, eager and under jit, against one device:
     # the Gram ring and, under jit, the blocked Gram route (n = 1600: 4 block pairs);
     # the RBF median by selection, pairwise grids scattered on the device
@@ -375,12 +368,6 @@ SHARDED = {
     print("sharded ok")
 """,
     "explicit mesh axes": MESH_PRELUDE + """
-    from jaxsim import kernel
-    widths = [48, 80, 48]
-    wide = [rng.normal(size=(64, d)) + 3 for d in widths]
-    wide[1][:, :48] += wide[0]
-    wide.append(np.full((64, 4), 2.0))  # a constant layer stays exactly 0 on the mesh
-    widths.append(4)
     # 5. explicit sharding (AxisType.Explicit), where JAX refuses products that contract a
     # sharded axis unasked: the ring divides linear CKA (eager, and under jit, where the
     # sharding is in the layers' types); every other measure and route gathers first
