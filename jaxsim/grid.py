@@ -582,6 +582,14 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
     Returns:
       :class:`Grid` with ``values`` of shape ``(len(acts_a), len(acts_b))``.
 
+    Layers sharded along their examples over one axis of a device mesh: linear CKA divides
+    the work among the devices without gathering the activations (the Gram route as a ring
+    of ``ppermute``-ed rows, see :func:`ring_axis`; the feature route as all-reduced
+    ``d x d`` products); layers on explicit mesh axes are gathered first for the other
+    measures. Memory: linear and RBF CKA accumulate ``b x b`` blocks (RBF forms one
+    layer's ``n x n`` distances at a time, for its bandwidth); mutual kNN keeps ``n x k``
+    neighbour indices per layer; RSA an ``n x n`` RDM per layer.
+
     Example:
       >>> import jax, jaxsim
       >>> keys = jax.random.split(jax.random.key(0), 3)

@@ -198,6 +198,22 @@ def test_pwcca_sides(x64, rng):
     np.testing.assert_allclose(jaxsim.pwcca(x, x @ rng.normal(size=(5, 5))), 1.0, rtol=1e-9)
 
 
+def test_dead_units_and_pwcca_side(x64, rng):
+    """The README's caveat: at epsilon = 0 dead (zero) units count as kept, so padding a
+    layer with them can switch the side whose directions PWCCA weighs (google/svcca's
+    rule); epsilon = 1e-6 drops them. Mean CCA and SVCCA ignore them either way."""
+    x, y = related(rng, 300, 20, 12)
+    dead = lambda a, width: np.pad(a, ((0, 0), (0, width - a.shape[1])))
+    xd, yd = dead(x, 32), dead(y, 32)
+    assert abs(float(jaxsim.pwcca(xd, yd)) - float(jaxsim.pwcca(x, y))) > 0.1
+    np.testing.assert_allclose(jaxsim.pwcca(xd, yd, epsilon=1e-6),
+                               jaxsim.pwcca(x, y, epsilon=1e-6), rtol=1e-10)
+    np.testing.assert_allclose(jaxsim.pwcca(xd, yd, epsilon=1e-6),
+                               np_pwcca(x, y, epsilon=1e-6), rtol=1e-9)
+    for fn in (jaxsim.mean_cca, lambda a, b: jaxsim.svcca(a, b, keep_dims=8)):
+        np.testing.assert_allclose(fn(xd, yd), fn(x, y), rtol=1e-10)
+
+
 # --------------------------------------------------------------- float32, jit, vmap
 
 
