@@ -35,7 +35,7 @@ import scipy.stats
 
 from jaxsim import _validation as _v
 from jaxsim import canonical, geometry, grid, kernel
-from jaxsim._measure import Measure, dot, safe_ratio, safe_sqrt
+from jaxsim._measure import Measure, dot, replicated, safe_ratio, safe_sqrt
 from jaxsim._progress import bar
 
 Array = jax.Array
@@ -294,10 +294,12 @@ def _on_pairs(single, x: Any, y: Any, check_finite: bool, progress: Any, desc: s
     pairs; returns the results and the grid's names (None for one pair)."""
     if not _is_layers(x):
         x, y = _v.pair(x, y, check_finite=check_finite)
-        return single(x, y, progress), None
+        return single(replicated(x), replicated(y), progress), None
     rows, layers_a, cols, layers_b = grid._reduced_layers(x, y, {"reduce": None}, check_finite)
     if y is None:
         cols, layers_b = rows, layers_a
+    layers_a = [replicated(a) for a in layers_a]
+    layers_b = [replicated(b) for b in layers_b]
     pairs = [(a, b) for a in layers_a for b in layers_b]
     flat = [single(a, b, False) for a, b in bar(pairs, progress, len(pairs), desc)]
     out = [flat[i * len(layers_b):(i + 1) * len(layers_b)] for i in range(len(layers_a))]

@@ -386,6 +386,14 @@ SHARDED = {
                                        err_msg=str(opts))
         np.testing.assert_allclose(jaxsim.linear_cka(spread[0], spread[1]),
                                    jaxsim.linear_cka(wide[0], wide[1]), rtol=1e-12)
+        from jaxsim import stats
+        key = jax.random.key(0)
+        for metric in ("linear_cka", "mean_cca"):
+            test = stats.permutation_test(metric, spread[0], spread[1], key=key,
+                                          num_permutations=8)
+            plain = stats.permutation_test(metric, wide[0], wide[1], key=key,
+                                           num_permutations=8)
+            np.testing.assert_allclose(test.null, plain.null, rtol=1e-12, err_msg=metric)
         batch = [jax.device_put(x, NamedSharding(explicit, P("batch"))) for x in layers]
         np.testing.assert_allclose(
             jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3), batch).cross,
