@@ -627,21 +627,26 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
         notes = (note,) if note else ()
     traced = any(isinstance(a, jax.core.Tracer) for a in named.values())
     debiased = bool(options.get("debiased", False))
+    union = layers_a if self_grid else layers_a + layers_b
+    # sharded along examples: the linear-CKA Gram route divides the work as a ring of
+    # rows (the feature route's d x d products are all-reduced by XLA); everything else
+    # gathers layers on explicit mesh axes first
+    ring = ring_axis(union) if measure.name == "linear_cka" else None
     if measure.name == "linear_cka":
-        union = layers_a + ([] if self_grid else layers_b)
         measure = make(feature_space=kernel.feature_route(
             method, layers_a[0].shape[0], [a.shape[1] for a in layers_a],
             None if self_grid else [b.shape[1] for b in layers_b],
-            shards=kernel.example_shards(union),
-            ring=ring_axis(union) is not None))
+            shards=kernel.example_shards(union), ring=ring is not None))
+    if measure.blocks is None or ring is None:
+        ring = None
+        layers_a = [replicated(x) for x in layers_a]
+        layers_b = layers_a if self_grid else [replicated(x) for x in layers_b]
+        union = layers_a if self_grid else layers_a + layers_b
 
     if measure.blocks is not None:
-        union = layers_a if self_grid else layers_a + layers_b
-        ring = ring_axis(union) if name == "linear_cka" else None
-        if ring is not None:  # sharded along examples: each device its share of the blocks
+        if ring is not None:
             sums = _ring_program(*ring, debiased)(union)
         else:
-            union = [replicated(x) for x in union]
             b = _block_size(union[0].shape[0])
             calls = len(_chunks(union[0].shape[0], b))
             follow = calls > 1 and progress is not False and not traced
@@ -659,9 +664,8 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
         total = num_a + (0 if self_grid else num_b) + pairs  # layers prepared, pairs
         tick, close = _ticker(progress, total, f"{name} grid", traced)
         try:
-            sa = _prepare_all(measure, [replicated(x) for x in layers_a], tick)
-            sb = sa if self_grid else _prepare_all(measure, [replicated(x) for x in layers_b],
-                                                   tick)
+            sa = _prepare_all(measure, layers_a, tick)
+            sb = sa if self_grid else _prepare_all(measure, layers_b, tick)
             values = _generic_grid(measure, sa, sb, self_grid, batch_size, dtype, tick)
         finally:
             close()

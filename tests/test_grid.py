@@ -320,6 +320,11 @@ SHARDED = {
     assert kernel.use_feature_space(64, widths, shards=8)  # Gram blocks computed whole
     assert not kernel.use_feature_space(64, widths, shards=8, ring=True)
     single = jaxsim.similarity_grid(wide).values
+    rings = grid_module._ring_program.cache_info()
+    alias = jaxsim.similarity_grid(spread, metric="cka", method="gram").values  # the alias too
+    after = grid_module._ring_program.cache_info()
+    assert after.hits + after.misses > rings.hits + rings.misses, "cka alias skipped the ring"
+    np.testing.assert_allclose(alias, single, rtol=1e-12, atol=1e-15)
     for method in ("auto", "gram", "features"):
         np.testing.assert_allclose(jaxsim.similarity_grid(spread, method=method).values,
                                    single, rtol=1e-12, atol=1e-15, err_msg=method)
@@ -357,6 +362,17 @@ SHARDED = {
     gram = lambda l: jaxsim.similarity_grid(l, method="gram", progress=True).values
     np.testing.assert_allclose(gram(put(long)), ref, rtol=2e-5)
     np.testing.assert_allclose(jax.jit(gram)(put(long)), ref, rtol=2e-5)
+    # the ring in float32 for the debiased estimator and a minibatch, and on bfloat16
+    # activations (computed in float32), against one device
+    debiased = lambda l: jaxsim.similarity_grid(l, method="gram", debiased=True).values
+    np.testing.assert_allclose(debiased(put(long)), debiased(long), rtol=2e-5)
+    init = jaxsim.minibatch_cka_init(1, 1, dtype=np.float32)
+    np.testing.assert_allclose(
+        jaxsim.minibatch_cka_update(init, put(long[:1]), put(long[1:])).cross,
+        jaxsim.minibatch_cka_update(init, long[:1], long[1:]).cross, rtol=2e-5)
+    half = [x.astype(jax.numpy.bfloat16) for x in long]
+    np.testing.assert_allclose(gram(put(half)), gram(half), rtol=2e-5)
+    assert gram(put(half)).dtype == np.float32
     small = [rng.normal(size=(64, d)).astype(np.float32) for d in (5, 9, 5)]
     small[1][:, :5] += small[0]
     for metric, opts in (("rbf_cka", {}), ("pwcca", {}), ("mean_cca", {"warn": False})):
@@ -384,6 +400,12 @@ SHARDED = {
                                        err_msg=str(opts))
             np.testing.assert_allclose(jax.jit(fn)(spread), want, rtol=1e-12, atol=1e-15,
                                        err_msg=str(opts))
+        # float32 under jit: the ring from the layers' types
+        spread32 = [jax.device_put(x.astype(np.float32), NamedSharding(explicit, P("batch")))
+                    for x in wide]
+        ring32 = jax.jit(lambda l: jaxsim.similarity_grid(l, method="gram").values)(spread32)
+        np.testing.assert_allclose(ring32, jaxsim.similarity_grid(
+            [x.astype(np.float32) for x in wide], method="gram").values, rtol=2e-5, atol=1e-6)
         np.testing.assert_allclose(jaxsim.linear_cka(spread[0], spread[1]),
                                    jaxsim.linear_cka(wide[0], wide[1]), rtol=1e-12)
         from jaxsim import stats
