@@ -50,12 +50,17 @@ def _unit_scale(x: Array, axis_name: Any = None) -> Array:
     return xc / jnp.where(big > 0, big, 1)
 
 
-def _sq_distances(x: Array) -> Array:
-    # Centering first keeps the |a|^2 + |b|^2 - 2<a, b> expansion from cancelling when
-    # the activations have a large common offset; distances do not change. The kernel
-    # divides by the median distance, so the scale of x does not matter either.
+def _distance_terms(x: Array) -> tuple[Array, Array]:
+    """Centred, unit-scaled features and their squared norms. Centering first keeps the
+    |a|^2 + |b|^2 - 2<a, b> expansion from cancelling when the activations have a large
+    common offset; distances do not change. The kernel divides by the median distance,
+    so the scale of x does not matter either."""
     xc = _unit_scale(x)
-    sq = jnp.sum(xc * xc, axis=1)
+    return xc, jnp.sum(xc * xc, axis=1)
+
+
+def _sq_distances(x: Array) -> Array:
+    xc, sq = _distance_terms(x)
     idx = jnp.arange(x.shape[0])
     return _distance_block(xc, xc, sq, sq, idx, idx)
 
@@ -161,13 +166,23 @@ def gram_rbf(x: Any, *, threshold: float = 1.0, check_finite: bool = True) -> Ar
 
 def _centering_row(k: Array, unbiased: bool) -> Array:
     """``r`` with the centred Gram ``K_ij - r_i - r_j`` (off the diagonal when unbiased,
-    the diagonal of K then counted as 0)."""
+    the diagonal of K then counted as 0).
+
+    Both centrings ignore a constant added to every (off-diagonal) entry, so the sums are
+    taken after subtracting one off-diagonal entry ``c`` and ``c / 2`` is added back: a
+    constant Gram (a constant layer's RBF kernel) then centres to exactly 0, not to a
+    rounding residue that a cosine would scale up to 1, and a large common offset costs
+    no precision in the sums."""
     n = k.shape[0]
+    c = k[0, 1]
+    k = k - c
     if unbiased:
         row = (jnp.sum(k, axis=0) - jnp.diagonal(k)) / (n - 2)
-        return row - jnp.sum(row) / (2 * (n - 1))
-    row = jnp.mean(k, axis=0)
-    return row - jnp.mean(row) / 2
+        row = row - jnp.sum(row) / (2 * (n - 1))
+    else:
+        row = jnp.mean(k, axis=0)
+        row = row - jnp.mean(row) / 2
+    return row + c / 2
 
 
 def _u_center(k: Array) -> Array:
@@ -415,10 +430,17 @@ def linear_cross_block(rows: LinearSource, cols: LinearSource, r0: Array, c0: Ar
     valid = n if valid is None else valid
     k = (k + (take(rows.row_sq, r0)[:, None] + take(cols.row_sq, c0)[None, :]) / (n - 2)
          - rows.total / ((n - 1) * (n - 2)))
+    return _masked_block(k, r0, c0, b, valid, off_diagonal=same)
+
+
+def _masked_block(k: Array, r0: Array, c0: Array, b: int, valid: Any, off_diagonal: bool
+                  ) -> Array:
+    """Block ``k`` at (r0, c0) with the rows and columns past ``valid`` (padding) zeroed,
+    and its entries on the Gram's diagonal too when ``off_diagonal``."""
     i = r0 + jnp.arange(b)
     j = c0 + jnp.arange(b)
     keep = (i[:, None] < valid) & (j[None, :] < valid)
-    if same:
+    if off_diagonal:
         keep = keep & (i[:, None] != j[None, :])
     return jnp.where(keep, k, 0)
 
@@ -456,9 +478,9 @@ class RBFSource(NamedTuple):
 def _rbf_source(x: Array, n_pad: int, *, threshold: float, debiased: bool) -> RBFSource:
     """The layer's n x n distances exist only here, once, for the median and the centring
     row (a reduction XLA fuses with the kernel): a grid never holds them for all layers."""
-    xc = _unit_scale(x)
-    sq = jnp.sum(xc * xc, axis=1)
-    d = _sq_distances(x)
+    xc, sq = _distance_terms(x)
+    idx = jnp.arange(x.shape[0])
+    d = _distance_block(xc, xc, sq, sq, idx, idx)
     median = _median_of_non_negative(d)
     row = _centering_row(_rbf_of(d, median, jnp.asarray(threshold, x.dtype)), debiased)
     return RBFSource(_pad_rows(xc, n_pad), _pad_rows(sq, n_pad), median, _pad_rows(row, n_pad),
@@ -467,17 +489,12 @@ def _rbf_source(x: Array, n_pad: int, *, threshold: float, debiased: bool) -> RB
 
 def _rbf_block(src: RBFSource, r0: Array, c0: Array, b: int, *, threshold: float,
                debiased: bool) -> Array:
-    i = r0 + jnp.arange(b)
-    j = c0 + jnp.arange(b)
     take = lambda a, start: jax.lax.dynamic_slice_in_dim(a, start, b)
     d = _distance_block(take(src.features, r0), take(src.features, c0), take(src.sq, r0),
-                        take(src.sq, c0), i, j)
+                        take(src.sq, c0), r0 + jnp.arange(b), c0 + jnp.arange(b))
     k = _rbf_of(d, src.median, jnp.asarray(threshold, d.dtype))
     k = k - take(src.row, r0)[:, None] - take(src.row, c0)[None, :]
-    keep = (i[:, None] < src.count) & (j[None, :] < src.count)
-    if debiased:
-        keep = keep & (i[:, None] != j[None, :])
-    return jnp.where(keep, k, 0)
+    return _masked_block(k, r0, c0, b, src.count, off_diagonal=debiased)
 
 
 @functools.lru_cache(maxsize=None)

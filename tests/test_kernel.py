@@ -193,6 +193,18 @@ def test_zero_variance_gives_zero_not_nan(x64, rng):
         assert float(jaxsim.linear_cka(x, const, method=method)) == 0.0
         assert float(jaxsim.linear_cka(const, const, method=method, debiased=True)) == 0.0
     assert np.isfinite(float(jaxsim.rbf_cka(x, const)))
+    # a constant layer's RBF kernel is constant: its centred kernel is exactly zero, so its
+    # similarity to anything, itself included, is 0 (a rounding residue of the U-centring
+    # once scored 1.0 in float64, 0 in float32), on the single-pair and the grid routes
+    for dtype in (np.float64, np.float32):
+        zero = np.zeros((40, 4), dtype)
+        for debiased in (False, True):
+            assert float(jaxsim.rbf_cka(zero, zero, debiased=debiased)) == 0.0, (dtype, debiased)
+            grid = jaxsim.similarity_grid([zero, x.repeat(2, 0).astype(dtype)],
+                                          metric="rbf_cka", debiased=debiased).values
+            assert float(grid[0, 0]) == float(grid[0, 1]) == 0.0, (dtype, debiased)
+        ones = np.ones((30, 30), dtype)
+        assert float(jaxsim.cka(ones, ones, debiased=True)) == 0.0, dtype
 
 
 def test_integer_inputs_are_cast(rng):

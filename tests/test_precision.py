@@ -119,12 +119,30 @@ def test_float32_grids_agree_with_float64(rng):
     x, y = power_law(rng, 800, 128, 64, 2.0)
     layers = [x, y, np.maximum(y, 0)]
     # the feature route is linear_cka's pair function, covered on every realistic case above
+    # (the RBF grid forms its kernel blocks from the features, not from the pair's kernel;
+    # the third layer is constant: 0 everywhere, also debiased)
     for metric, opts in [("linear_cka", {"method": "gram"}), ("mean_cca", {}), ("pwcca", {}),
-                         ("procrustes", {"alpha": 0.5})]:
+                         ("procrustes", {"alpha": 0.5}), ("rbf_cka", {}),
+                         ("rbf_cka", {"debiased": True})]:
         with jax.enable_x64(True):
             ref = np.asarray(jaxsim.similarity_grid(layers, metric=metric, **opts).values)
         got = jaxsim.similarity_grid([a.astype(np.float32) for a in layers], metric=metric, **opts)
         np.testing.assert_allclose(got.values, ref, atol=1e-3, err_msg=metric)
+
+
+def test_float32_neighbours_found_in_row_blocks(rng):
+    """Mutual kNN's blocked neighbour search in float32 against the float64 value (the
+    whole row at once), within the tolerance for nearly tied neighbours."""
+    from jaxsim import geometry
+    x, y = relu_layers(rng, 600, 64, 32)
+    with jax.enable_x64(True):
+        ref = float(jaxsim.mutual_knn(x, y))
+    blocked = jax.jit(lambda a, b: geometry._knn_pair(
+        geometry._knn_indices(a, 10, block_entries=600 * 64),
+        geometry._knn_indices(b, 10, block_entries=600 * 64)))
+    got = blocked(x.astype(np.float32), y.astype(np.float32))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, atol=TOLERANCE["mutual_knn"])
 
 
 def test_small_float32_grids_as_accurate_as_one_pair(rng):
