@@ -26,9 +26,10 @@ from jax.scipy.stats import rankdata
 
 from jaxsim import _linalg as _la
 from jaxsim import _validation as _v
-from jaxsim._measure import (Measure, center_features, dot, evaluate, inner, safe_ratio,
-                             safe_sqrt)
+from jaxsim._measure import (GramBlocks, Measure, center_features, dot, evaluate, inner,
+                             safe_ratio, safe_sqrt)
 from jaxsim.canonical import _scaled
+from jaxsim.kernel import _distance_block, _masked_block, _pad_rows
 
 Array = jax.Array
 
@@ -120,15 +121,31 @@ def rdm(x: Any, *, dissimilarity: str = "correlation", check_finite: bool = True
     return _rdm(x, dissimilarity)
 
 
-def _rdm(x: Array, dissimilarity: str) -> Array:
+def _rdm_terms(x: Array, dissimilarity: str) -> tuple[Array, Array]:
+    """Per-example terms that RDM entries are formed from: the unit-norm centred patterns
+    (correlation; a constant pattern stays 0), or the centred features and their squared
+    norms (Euclidean; centring changes no distance and keeps the expansion below from
+    cancelling)."""
     if dissimilarity == "correlation":
         z = x - jnp.mean(x, axis=1, keepdims=True)
         norm = jnp.linalg.norm(z, axis=1, keepdims=True)
-        z = z / jnp.where(norm > 0, norm, 1)
-        return 1 - dot(z, z.T)
-    sq = jnp.sum(x * x, axis=1)
-    d = sq[:, None] + sq[None, :] - 2 * dot(x, x.T)
-    return jnp.sqrt(jnp.maximum(d, 0) * (1 - jnp.eye(x.shape[0], dtype=x.dtype)))
+        return z / jnp.where(norm > 0, norm, 1), jnp.zeros(x.shape[:1], x.dtype)
+    xc = center_features(x)
+    return xc, jnp.sum(xc * xc, axis=1)
+
+
+def _rdm_entries(zr: Array, zc: Array, sq_r: Array, sq_c: Array, i: Array, j: Array,
+                 dissimilarity: str) -> Array:
+    """RDM entries between examples ``i`` and ``j`` from their :func:`_rdm_terms`."""
+    if dissimilarity == "correlation":
+        return 1 - dot(zr, zc.T)
+    return jnp.sqrt(_distance_block(zr, zc, sq_r, sq_c, i, j))
+
+
+def _rdm(x: Array, dissimilarity: str) -> Array:
+    z, sq = _rdm_terms(x, dissimilarity)
+    idx = jnp.arange(x.shape[0])
+    return _rdm_entries(z, z, sq, sq, idx, idx, dissimilarity)
 
 
 def _upper(m: Array) -> Array:
@@ -141,10 +158,29 @@ def _pearson(a: Array, b: Array) -> Array:
     return safe_ratio(inner(a, b), safe_sqrt(inner(a, a)) * safe_sqrt(inner(b, b)))
 
 
-def _kendall_tau_b(a: Array, b: Array) -> Array:
-    sa = jnp.sign(a[:, None] - a[None, :])
-    sb = jnp.sign(b[:, None] - b[None, :])
-    return safe_ratio(jnp.sum(sa * sb), safe_sqrt(jnp.sum(sa * sa)) * safe_sqrt(jnp.sum(sb * sb)))
+_KENDALL_ENTRIES = 1 << 18  # sign comparisons per step of Kendall's tau
+
+
+def _kendall_tau_b(a: Array, b: Array, block_entries: int = _KENDALL_ENTRIES) -> Array:
+    """Kendall's tau-b of two vectors of m values: the m x m sign comparisons are made a
+    few rows at a time (``block_entries`` at once), so memory is O(m), not O(m^2); the
+    counts are exact integers per step."""
+    m = a.shape[0]
+    rows = max(1, min(m, block_entries // m))
+    steps = -(-m // rows)
+    pad = lambda v: jnp.pad(v, (0, steps * rows - m))
+    ap, bp, live = pad(a), pad(b), pad(jnp.ones(m, bool))
+
+    def step(k):
+        take = lambda v: jax.lax.dynamic_slice_in_dim(v, k * rows, rows)
+        signs = lambda vp, v: jnp.where(take(live)[:, None],
+                                        jnp.sign(take(vp)[:, None] - v[None, :]), 0
+                                        ).astype(jnp.int32)
+        sa, sb = signs(ap, a), signs(bp, b)
+        return jnp.stack([jnp.sum(sa * sb), jnp.sum(sa * sa), jnp.sum(sb * sb)])
+
+    counts = jnp.sum(jax.lax.map(step, jnp.arange(steps)).astype(a.dtype), axis=0)
+    return safe_ratio(counts[0], safe_sqrt(counts[1]) * safe_sqrt(counts[2]))
 
 
 def _rsa_prepare(x: Array, dissimilarity: str, compare: str) -> Array:
@@ -156,20 +192,73 @@ def _rsa_pair(a: Array, b: Array, compare: str) -> Array:
     return _kendall_tau_b(a, b) if compare == "kendall" else _pearson(a, b)
 
 
+class RDMSource(NamedTuple):
+    """What the blocks of a layer's centred RDM are made from: O(n d), not O(n^2)."""
+
+    terms: Array  # (n_pad, d) see _rdm_terms, zero rows past n
+    sq: Array  # (n_pad,)
+    mean: Array  # () mean of the RDM's off-diagonal entries
+    count: Array  # n, as an integer
+
+
+_MEAN_ENTRIES = 1 << 22  # RDM entries formed at once while the mean is found
+
+
+def _rdm_source(x: Array, n_pad: int, *, dissimilarity: str) -> RDMSource:
+    """The layer's terms and the mean of its off-diagonal RDM entries, found a few rows
+    at a time (``_MEAN_ENTRIES`` entries at once): no n x n array."""
+    n = x.shape[0]
+    z, sq = _rdm_terms(x, dissimilarity)
+    rows = max(1, min(n, _MEAN_ENTRIES // n))
+    steps = -(-n // rows)
+    zp, sqp = _pad_rows(z, steps * rows), _pad_rows(sq, steps * rows)
+    cols = jnp.arange(n)
+
+    def row_sum(k):
+        take = lambda v: jax.lax.dynamic_slice_in_dim(v, k * rows, rows)
+        i = k * rows + jnp.arange(rows)
+        d = _rdm_entries(take(zp), z, take(sqp), sq, i, cols, dissimilarity)
+        return jnp.sum(jnp.where((i[:, None] < n) & (i[:, None] != cols[None, :]), d, 0))
+
+    mean = jnp.sum(jax.lax.map(row_sum, jnp.arange(steps))) / (n * (n - 1))
+    return RDMSource(_pad_rows(z, n_pad), _pad_rows(sq, n_pad), mean,
+                     jnp.asarray(n, jnp.int32))
+
+
+def _rdm_block(src: RDMSource, r0: Array, c0: Array, b: int, *, dissimilarity: str) -> Array:
+    """Block (r0, c0) of the layer's RDM minus its mean, 0 on the diagonal and past n: the
+    cosine of two such matrices (all blocks) is the Pearson correlation of the RDMs'
+    upper triangles."""
+    take = lambda v, start: jax.lax.dynamic_slice_in_dim(v, start, b)
+    i, j = r0 + jnp.arange(b), c0 + jnp.arange(b)
+    d = _rdm_entries(take(src.terms, r0), take(src.terms, c0), take(src.sq, r0),
+                     take(src.sq, c0), i, j, dissimilarity)
+    return _masked_block(d - src.mean, r0, c0, b, src.count, off_diagonal=True)
+
+
 @functools.lru_cache(maxsize=None)
 def rsa_measure(*, dissimilarity: str = "correlation", compare: str = "spearman") -> Measure:
-    """RSA as a Measure: the RDM's upper triangle (ranked for Spearman) once per layer."""
+    """RSA as a Measure: the RDM's upper triangle (ranked for Spearman) once per layer. With
+    ``compare="pearson"`` grids form the centred RDMs block by block from the features
+    (memory O(L b^2 + n d)); Spearman and Kendall need every entry of each layer's RDM
+    (its ranks), so their grids keep ``n (n - 1) / 2`` values per layer."""
     _v.choice(dissimilarity, "dissimilarity", _DISSIMILARITIES)
     _v.choice(compare, "compare", _COMPARISONS)
-    return Measure("rsa", functools.partial(_rsa_prepare, dissimilarity=dissimilarity, compare=compare),
-                   functools.partial(_rsa_pair, compare=compare))
+    blocks = None
+    if compare == "pearson":
+        blocks = GramBlocks(functools.partial(_rdm_source, dissimilarity=dissimilarity),
+                            functools.partial(_rdm_block, dissimilarity=dissimilarity))
+    return Measure("rsa", functools.partial(_rsa_prepare, dissimilarity=dissimilarity,
+                                            compare=compare),
+                   functools.partial(_rsa_pair, compare=compare), blocks=blocks)
 
 
 def rsa(x: Any, y: Any, *, dissimilarity: str = "correlation", compare: str = "spearman",
         check_finite: bool = True) -> Array:
     """Representational similarity analysis: the correlation (Spearman, Pearson or Kendall's
-    tau-b) of the upper triangles of the two layers' RDMs. Kendall costs O(n^4) memory and
-    time in the number of examples; keep n in the hundreds for it."""
+    tau-b) of the upper triangles of the two layers' RDMs (``m = n (n - 1) / 2`` entries).
+    Kendall's tau-b compares every pair of entries: O(m^2) = O(n^4) time (memory O(m));
+    keep n in the hundreds for it."""
     _v.choice(dissimilarity, "dissimilarity", _DISSIMILARITIES)
     _v.choice(compare, "compare", _COMPARISONS)
     x, y = _v.pair(x, y, min_n=3, why=" for an RDM with more than one pair", check_finite=check_finite)

@@ -588,7 +588,8 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
     ``d x d`` products); layers on explicit mesh axes are gathered first for the other
     measures. Memory: linear and RBF CKA accumulate ``b x b`` blocks (RBF forms one
     layer's ``n x n`` distances at a time, for its bandwidth); mutual kNN keeps ``n x k``
-    neighbour indices per layer; RSA an ``n x n`` RDM per layer.
+    neighbour indices per layer; Pearson RSA accumulates blocks of centred RDMs; Spearman
+    and Kendall RSA keep each layer's ``n (n - 1) / 2`` RDM entries (they rank them all).
 
     Example:
       >>> import jax, jaxsim
