@@ -143,16 +143,19 @@ def test_rank_deficient_layer_is_finite(x64, rng):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
 def test_zero_variance_gives_zero(rng, dtype):
-    x = rng.normal(size=(50, 4))
+    # n > 1024: on CUDA such layers take the polar SVD, whose all-zero input (a centred
+    # constant) is guarded
+    n = 1100
+    x = rng.normal(size=(n, 4))
     # constants whose mean is inexact in binary: the rounding residue of centring must not
     # be scaled up into a direction, whatever order the compiler sums in
     with jax.enable_x64(dtype == "float64"):
         for value in (2.0, 0.1, 1 / 3, -1234.567):
-            const = jnp.asarray(np.full((50, 3), value), dtype)
+            const = jnp.asarray(np.full((n, 3), value), dtype)
             for f in (jaxsim.mean_cca, jaxsim.pwcca, jaxsim.svcca, jaxsim.linear_cka):
                 assert float(f(jnp.asarray(x, dtype), const)) == 0.0, (f.__name__, value)
             # a constant unit inside a realistic layer changes nothing
-            layer = np.concatenate([x, np.full((50, 1), value)], axis=1)
+            layer = np.concatenate([x, np.full((n, 1), value)], axis=1)
             np.testing.assert_allclose(jaxsim.mean_cca(jnp.asarray(layer, dtype), x[:, :3] ** 2),
                                        jaxsim.mean_cca(jnp.asarray(x, dtype), x[:, :3] ** 2),
                                        rtol=1e-5)
