@@ -7,7 +7,8 @@ Every ratio compares two ways of computing the same thing in this run:
    ``jnp.median`` (same value), and ``gram_rbf`` against a linear Gram plus its exp;
 2. the Gram-route grid at n just above a block boundary, with blocks sized from n vs the
    former fixed 512-row blocks (padding cliff);
-3. first call (compiles) vs steady state of a 24-layer mean-CCA grid over 1 and 4 widths;
+3. first call (compiles) vs steady state of a 24-layer mean-CCA grid over 1 and 4 widths,
+   and over 4 close widths with and without width buckets;
 4. (8 host devices, a subprocess) linear-CKA grids of example-sharded layers: per-device
    FLOPs from the compiled programs and wall time against one device, for the feature
    route and the Gram route;
@@ -78,9 +79,14 @@ def compiles(rng):
     print("\n3. 24-layer mean-CCA self-grid, n=1024: first call (compiles) vs steady state")
     print(f"{'widths':>14} {'first s':>8} {'steady s':>9} {'prepare traces':>15} "
           f"{'pair traces':>12}")
-    for widths in ((64,), (32, 48, 64, 96)):
+    default = grid_module._WIDEN_SLACK
+    # close widths, first without width buckets (every width its own shape group), then
+    # padded to one bucket (jaxsim's default); the widths of each row are new shapes
+    for widths, slack in (((91, 93, 95, 97), 0.0), ((91, 93, 95, 97), None), ((64,), None),
+                          ((32, 48, 64, 96), None)):
         layers = [rng.normal(size=(1024, widths[i % len(widths)])).astype(np.float32)
                   for i in range(24)]
+        grid_module._WIDEN_SLACK = default if slack is None else slack
         before = dict(grid_module.TRACE_COUNT)
         t0 = time.perf_counter()
         jax.block_until_ready(jaxsim.similarity_grid(layers, metric="mean_cca",
@@ -90,7 +96,8 @@ def compiles(rng):
         steady = timeit(lambda: jaxsim.similarity_grid(layers, metric="mean_cca",
                                                        progress=False).values)
         print(f"{str(widths):>14} {first:8.2f} {steady:9.3f} {traced['prepare']:15d} "
-              f"{traced['pairs']:12d}")
+              f"{traced['pairs']:12d}{'   (no width buckets)' if slack == 0 else ''}")
+    grid_module._WIDEN_SLACK = default
 
 
 SHARDED = textwrap.dedent("""

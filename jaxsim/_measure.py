@@ -28,6 +28,10 @@ class Measure(NamedTuple):
         block of K~. Grids then accumulate all inner products block by block, one matrix
         product per block, using the Grams' symmetry, without storing n x n matrices.
       min_n: fewest examples the estimator accepts.
+      widen: ``(summary, k) -> summary`` of width k, for measures whose summaries can be
+        padded to a larger width without changing any pair's value (the width is a
+        summary's last axis, see :func:`summary_width`): grids then pad layers of close
+        widths to one shape and compile one pair step for them.
     """
 
     name: str
@@ -36,6 +40,13 @@ class Measure(NamedTuple):
     symmetric: bool = True
     blocks: "GramBlocks | None" = None
     min_n: int = 2
+    widen: "Callable[[Any, int], Any] | None" = None
+
+
+def summary_width(summary: Any) -> int:
+    """The width that :attr:`Measure.widen` pads: the last axis of the summary's first
+    leaf."""
+    return jax.tree.leaves(summary)[0].shape[-1]
 
 
 class GramBlocks(NamedTuple):

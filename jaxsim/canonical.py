@@ -102,6 +102,25 @@ class CCASummary(NamedTuple):
     rank: Array  # () effective rank: number of directions with F > 0
 
 
+class Subspace(NamedTuple):
+    """What mean CCA and SVCCA need of a prepared layer: its whitened directions and
+    their number. Zero columns appended to ``basis`` add only zero canonical correlations,
+    past the effective rank, so the pair's value does not change (see :func:`_widen`)."""
+
+    basis: Array  # (n, k) as CCASummary.basis
+    rank: Array  # () effective rank
+
+
+def _subspace(s: CCASummary) -> Subspace:
+    return Subspace(s.basis, s.rank)
+
+
+def _widen(s: Subspace, k: int) -> Subspace:
+    """The same layer with ``k - width`` zero directions appended (grids pad close widths
+    to one shape: one compiled pair step for them)."""
+    return s._replace(basis=jnp.pad(s.basis, [(0, 0), (0, k - s.basis.shape[1])]))
+
+
 # ----------------------------------------------------------------------------- prepare
 
 
@@ -298,7 +317,8 @@ def _pwcca_pair(a: CCASummary, b: CCASummary, *, epsilon: float,
 def cca_measure(*, epsilon: float = 0.0) -> Measure:
     """Mean CCA as a :class:`Measure`."""
     epsilon = _v.non_negative(epsilon, "epsilon")
-    return Measure("mean_cca", functools.partial(_prepare_cca, epsilon=epsilon), _mean_pair)
+    prepare = lambda x: _subspace(_prepare_cca(x, epsilon))
+    return Measure("mean_cca", prepare, _mean_pair, widen=_widen)
 
 
 @functools.lru_cache(maxsize=None)
@@ -306,10 +326,10 @@ def svcca_measure(*, keep_dims: int | None = None, keep_variance: float = 0.99,
                   epsilon: float = 0.0) -> Measure:
     """SVCCA as a :class:`Measure` (keep_dims is checked against each layer's shape by
     :func:`check_keep_dims`)."""
-    prepare = functools.partial(_prepare_svcca, keep_dims=keep_dims,
+    summary = functools.partial(_prepare_svcca, keep_dims=keep_dims,
                                 keep_variance=_check_keep(keep_dims, keep_variance),
                                 epsilon=_v.non_negative(epsilon, "epsilon"))
-    return Measure("svcca", prepare, _mean_pair)
+    return Measure("svcca", lambda x: _subspace(summary(x)), _mean_pair, widen=_widen)
 
 
 @functools.lru_cache(maxsize=None)

@@ -114,7 +114,7 @@ def _permuted(measure: Measure, summary: Any, y: Array, perm: Array) -> Any:
         return summary._replace(vec=summary.vec[perm][:, perm])
     if isinstance(summary, kernel.FeatureSummary):
         return summary._replace(features=summary.features[perm], row_sq=summary.row_sq[perm])
-    if isinstance(summary, (canonical.CCASummary, geometry.RidgeSummary)):
+    if isinstance(summary, (canonical.CCASummary, canonical.Subspace, geometry.RidgeSummary)):
         return summary._replace(basis=summary.basis[perm])
     if isinstance(summary, geometry.Neighbours):  # example perm[i] is now example i
         return summary._replace(indices=jnp.argsort(perm)[summary.indices[perm]])
