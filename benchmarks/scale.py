@@ -155,7 +155,8 @@ def rbf_memory():
         x = jax.ShapeDtypeStruct((n, 256), np.float32)
         one = grid_module._source.lower(blocks.source, x, n_pad).compile().memory_analysis()
         sources = [jax.eval_shape(lambda a: blocks.source(a, n_pad), x)] * 8
-        total = grid_module._gram_block_sum.lower(blocks, sources, n, b).compile()
+        total = grid_module._gram_block_sum.lower(
+            blocks, sources, *grid_module._block_offsets(n, b, np.float32), b).compile()
         mb = lambda v: v / 2**20
         print(f"{n:6d} {mb(one.temp_size_in_bytes):20.0f} "
               f"{mb(total.memory_analysis().temp_size_in_bytes):13.0f} {mb(8 * n * n * 4):19.0f}")

@@ -294,17 +294,24 @@ def _source(source: Callable[[Array, int], Any], x: Array, n_pad: int) -> Any:
     return source(x, n_pad)
 
 
-@functools.partial(jax.jit, static_argnames=("blocks", "n", "b", "first", "count"))
-def _gram_block_sum(blocks: GramBlocks, sources: list[Any], n: int, b: int, first: int = 0,
-                    count: int | None = None) -> Array:
-    """The sum over block pairs ``first .. first + count`` of :func:`_block_pairs` of the
-    weighted ``slab^T slab`` terms of :func:`_gram_inner_products` (not symmetrised)."""
-    TRACE_COUNT["blocks"] += 1
+def _block_offsets(n: int, b: int, dtype: Any, first: int = 0, count: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row and column offsets of the block pairs ``first .. first + count`` of
+    :func:`_block_pairs`, and their weights (1 on the diagonal, 2 for a block standing for
+    its mirror image too)."""
     pairs = _block_pairs(n, b)[first:None if count is None else first + count]
-    r0 = jnp.array([r * b for r, _ in pairs], jnp.int32)
-    c0 = jnp.array([c * b for _, c in pairs], jnp.int32)
-    dtype = jax.tree.leaves(sources[0])[0].dtype
-    weight = jnp.array([1.0 if r == c else 2.0 for r, c in pairs], dtype)
+    return (np.array([r * b for r, _ in pairs], np.int32),
+            np.array([c * b for _, c in pairs], np.int32),
+            np.array([1.0 if r == c else 2.0 for r, c in pairs], dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("blocks", "b"))
+def _gram_block_sum(blocks: GramBlocks, sources: list[Any], r0: Array, c0: Array,
+                    weight: Array, b: int) -> Array:
+    """The sum over the block pairs at ``(r0[k], c0[k])`` (see :func:`_block_offsets`) of
+    the weighted ``slab^T slab`` terms of :func:`_gram_inner_products` (not symmetrised).
+    The offsets are arguments: chunks of equal length share one compiled program."""
+    TRACE_COUNT["blocks"] += 1
 
     def term(r, c, w):
         return w * _slab_products([blocks.block(s, r, c, b) for s in sources])
@@ -431,18 +438,20 @@ def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
     thus about halved and memory is ``L b^2``, not ``L n^2``.
 
     With ``tick`` (a progress bar, see :func:`_ticker`), the block pairs run as the
-    compiled calls of :func:`_chunks` (at most two programs), so that the bar can follow
-    them; otherwise as one call.
+    calls of :func:`_chunks` (at most two compiled programs: full chunks and the last),
+    so that the bar can follow them; otherwise as one call.
     """
     n = layers[0].shape[0]
     sources = [_source(blocks.source, x, -(-n // b) * b) for x in layers]
+    dtype = jax.tree.leaves(sources[0])[0].dtype
     chunks = _chunks(n, b)
     if tick is None or len(chunks) == 1:
-        acc = _gram_block_sum(blocks, sources, n, b)
+        acc = _gram_block_sum(blocks, sources, *_block_offsets(n, b, dtype), b)
     else:
         acc = None
         for first, count in chunks:
-            part = _gram_block_sum(blocks, sources, n, b, first, count)
+            part = _gram_block_sum(blocks, sources, *_block_offsets(n, b, dtype, first, count),
+                                   b)
             tick(part)
             acc = part if acc is None else acc + part
     return acc

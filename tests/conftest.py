@@ -51,3 +51,19 @@ def related(rng, n=200, d1=12, d2=9, noise=0.5):
 def orthogonal(rng, d):
     q, r = np.linalg.qr(rng.normal(size=(d, d)))
     return q * np.sign(np.diag(r))
+
+
+def block_grid_memory(blocks, n, d, num_layers):
+    """Memory statistics of the two compiled programs of a block-accumulated grid over
+    ``num_layers`` float32 layers of shape (n, d), read without running them: one layer's
+    source, and the sum over all block pairs. Returns ``(source, block_sum, n_pad)``."""
+    from jaxsim import grid as grid_module
+
+    b = grid_module._block_size(n)
+    n_pad = -(-n // b) * b
+    x = jax.ShapeDtypeStruct((n, d), np.float32)
+    one = grid_module._source.lower(blocks.source, x, n_pad).compile()
+    sources = [jax.eval_shape(lambda v: blocks.source(v, n_pad), x)] * num_layers
+    total = grid_module._gram_block_sum.lower(
+        blocks, sources, *grid_module._block_offsets(n, b, np.float32), b).compile()
+    return one.memory_analysis(), total.memory_analysis(), n_pad

@@ -7,7 +7,7 @@ from scipy import linalg, stats
 from scipy.spatial.distance import pdist
 
 import jaxsim
-from conftest import orthogonal, related
+from conftest import block_grid_memory, orthogonal, related
 
 
 def np_normalise(x):
@@ -75,20 +75,14 @@ def test_rsa_grid_memory_is_not_layers_times_n_squared():
     and its block sum holds L blocks of b x b. Before, every layer's prepared RDM (n^2 / 2
     values) was held at once: 8 layers at n = 4096 in float32, 268 MB."""
     from jaxsim import geometry
-    from jaxsim import grid as grid_module
 
-    n, num_layers, d = 3000, 6, 16
-    blocks = geometry.rsa_measure(compare="pearson").blocks
-    b = grid_module._block_size(n)
-    n_pad = -(-n // b) * b
-    x = jax.ShapeDtypeStruct((n, d), np.float32)
-    one = grid_module._source.lower(blocks.source, x, n_pad).compile()
-    sources = [jax.eval_shape(lambda v: blocks.source(v, n_pad), x)] * num_layers
-    total = grid_module._gram_block_sum.lower(blocks, sources, n, b).compile()
+    n, d = 3000, 16
+    one, total, n_pad = block_grid_memory(geometry.rsa_measure(compare="pearson").blocks,
+                                          n, d, num_layers=6)
     rdm_bytes = n * n * 4
-    assert one.memory_analysis().temp_size_in_bytes < rdm_bytes / 2
-    assert one.memory_analysis().output_size_in_bytes < 2 * n_pad * (d + 1) * 4
-    assert total.memory_analysis().temp_size_in_bytes < rdm_bytes / 2
+    assert one.temp_size_in_bytes < rdm_bytes / 2
+    assert one.output_size_in_bytes < 2 * n_pad * (d + 1) * 4
+    assert total.temp_size_in_bytes < rdm_bytes / 2
 
 
 def test_kendall_in_row_blocks_with_ties(x64, rng):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxsim
-from conftest import orthogonal, subprocess_env
+from conftest import block_grid_memory, orthogonal, subprocess_env
 from jaxsim.grid import TRACE_COUNT
 from test_kernel import np_hsic_unbiased, np_linear_cka
 
@@ -512,20 +512,13 @@ def test_rbf_grid_memory_does_not_grow_with_layers_times_n_squared():
     n x n distances alone, and the grid's block sum holds L blocks of b x b, never L n x n
     kernels. Before, one program formed every layer's kernel: 640 MB of temporaries for
     8 layers at n = 2048 in float32, now 80 MB (one layer's) and 16 MB."""
-    from jaxsim import grid as grid_module
     from jaxsim import kernel
 
-    n, num_layers, d = 2000, 6, 16
-    blocks = kernel.rbf_measure().blocks
-    b = grid_module._block_size(n)
-    n_pad = -(-n // b) * b
-    x = jax.ShapeDtypeStruct((n, d), np.float32)
-    one = grid_module._source.lower(blocks.source, x, n_pad).compile()
-    sources = [jax.eval_shape(lambda a: blocks.source(a, n_pad), x)] * num_layers
-    total = grid_module._gram_block_sum.lower(blocks, sources, n, b).compile()
+    n = 2000
+    one, total, _ = block_grid_memory(kernel.rbf_measure().blocks, n, 16, num_layers=6)
     kernel_bytes = n * n * 4
-    assert one.memory_analysis().temp_size_in_bytes < 8 * kernel_bytes
-    assert total.memory_analysis().temp_size_in_bytes < kernel_bytes  # not num_layers x
+    assert one.temp_size_in_bytes < 8 * kernel_bytes
+    assert total.temp_size_in_bytes < kernel_bytes  # not num_layers x
 
 
 def test_grids_under_jit(rng):
@@ -547,15 +540,23 @@ def test_grids_under_jit(rng):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_progress_bar_on_pairwise_grids(rng, capsys):
+def test_progress_bar_on_pairwise_grids(rng, capsys, monkeypatch):
+    from jaxsim import grid as grid_module
+
     acts = model_acts(rng, n=40, widths=(6, 4))
     jaxsim.similarity_grid(acts, metric="mean_cca", progress=True, warn=False)
     assert "mean_cca grid" in capsys.readouterr().err
     jaxsim.similarity_grid(acts, metric="mean_cca", progress=False, warn=False)
     assert capsys.readouterr().err == ""
-    # a Gram-route grid of many blocks runs in chunks that the bar follows, same values
-    layers = [rng.normal(size=(2600, 2)).astype(np.float32) for _ in range(2)]
+    # a Gram-route grid of many blocks runs in chunks that the bar follows, same values:
+    # n = 1600 is 4 blocks, 10 block pairs, here 3 chunks (4, 4, 2) of at most two
+    # compiled programs (the chunks' offsets are arguments; they were constants, one
+    # program per chunk: 5 at n = 6000)
+    monkeypatch.setattr(grid_module, "_CHUNK", 4)
+    layers = [rng.normal(size=(1600, 2)).astype(np.float32) for _ in range(2)]
+    before = TRACE_COUNT["blocks"]
     followed = jaxsim.similarity_grid(layers, method="gram", progress=True).values
+    assert TRACE_COUNT["blocks"] - before == 2
     assert "linear_cka grid" in capsys.readouterr().err
     np.testing.assert_allclose(followed, jaxsim.similarity_grid(
         layers, method="gram", progress=False).values, rtol=1e-6)
