@@ -62,8 +62,12 @@ def main(argv=None) -> dict:
     p.add_argument("--depth", type=int, default=6, help="hidden layers")
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--epochs", type=int, default=20)
-    args, data, out = C.setup(p, argv, {"seeds": 2, "depth": 3, "width": 16, "epochs": 1})
+    p.add_argument("--probe", type=int, default=None,
+                   help="examples the layers are compared on (default: all images)")
+    args, data, out = C.setup(p, argv, {"seeds": 2, "depth": 3, "width": 16, "epochs": 1,
+                                        "probe": 600})
     x = np.concatenate([data["train"][0], data["test"][0]])  # a probe set, labels unused
+    x = x[:args.probe]
     in_dim = int(np.prod(x.shape[1:]))
 
     acts = []
