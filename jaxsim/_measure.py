@@ -134,3 +134,16 @@ def center_features(x: jax.Array, axis_name: Any = None) -> jax.Array:
     resolution = 16 * jnp.finfo(x.dtype).eps * top(jnp.abs(x))
     constant = top(jnp.abs(xc)) <= resolution
     return jnp.where(constant, jnp.zeros_like(xc), xc)
+
+
+def unit_scaled(x: jax.Array, axis_name: Any = None) -> tuple[jax.Array, jax.Array]:
+    """Centred features (:func:`center_features`) divided by their largest absolute value,
+    and that value (1 for a constant layer): Grams and covariances of the result cannot
+    overflow (or underflow) whatever the input's scale, and every scale-invariant measure
+    is unchanged. ``axis_name``: see :func:`center_features`."""
+    xc = center_features(x, axis_name)
+    big = jnp.max(jnp.abs(xc))
+    if axis_name is not None:
+        big = jax.lax.pmax(big, axis_name)
+    big = jnp.where(big > 0, big, 1)
+    return xc / big, big

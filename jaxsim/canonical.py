@@ -56,7 +56,7 @@ import jax.numpy as jnp
 
 from jaxsim import _linalg as _la
 from jaxsim import _validation as _v
-from jaxsim._measure import Measure, center_features, dot, evaluate, safe_ratio, safe_sqrt
+from jaxsim._measure import Measure, dot, evaluate, safe_ratio, safe_sqrt, unit_scaled
 
 Array = jax.Array
 
@@ -124,15 +124,6 @@ def _widen(s: Subspace, k: int) -> Subspace:
 # ----------------------------------------------------------------------------- prepare
 
 
-def _scaled(x: Array) -> tuple[Array, Array]:
-    """Centred x divided by its largest absolute value (scale invariance in practice: no
-    square of the raw values is ever formed), and that value."""
-    xc = center_features(x)
-    big = jnp.max(jnp.abs(xc))
-    big = jnp.where(big > 0, big, 1)
-    return xc / big, big
-
-
 def _whitening_input(x: Array, epsilon: float) -> tuple[Array, Array, Array, Array]:
     """The matrix whose SVD prepares a layer for CCA: centred, the units that the epsilon
     rule drops zeroed, scaled so that its Gram is google/svcca's scaled covariance (each
@@ -140,7 +131,7 @@ def _whitening_input(x: Array, epsilon: float) -> tuple[Array, Array, Array, Arr
     the unit means in its units, the kept units, and the overall factor applied to the
     centred activations."""
     n = x.shape[0]
-    xs, big = _scaled(x)
+    xs, big = unit_scaled(x)
     var = jnp.sum(xs * xs, axis=0) / (n - 1)
     top = jnp.max(var)
     kept = safe_ratio(var, top) >= epsilon
@@ -171,7 +162,7 @@ def _prepare_svcca(x: Array, keep_dims: int | None, keep_variance: float,
                    epsilon: float) -> CCASummary:
     n, d = x.shape
     m = keep_dims if keep_dims is not None else min(n, d)
-    u, s, _, live = _la.data_svd(_scaled(x)[0], keep=m)
+    u, s, _, live = _la.data_svd(unit_scaled(x)[0], keep=m)
     s, live = s[:m], live[:m]
     if keep_dims is None:
         w = s * s

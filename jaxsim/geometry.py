@@ -27,8 +27,7 @@ from jax.scipy.stats import rankdata
 from jaxsim import _linalg as _la
 from jaxsim import _validation as _v
 from jaxsim._measure import (GramBlocks, Measure, center_features, dot, evaluate, inner,
-                             safe_ratio, safe_sqrt)
-from jaxsim.canonical import _scaled
+                             safe_ratio, safe_sqrt, unit_scaled)
 from jaxsim.kernel import _distance_block, _masked_block, _pad_rows
 
 Array = jax.Array
@@ -51,7 +50,7 @@ def _shape_normalise(x: Array, alpha: float) -> Array:
     on the directions x has (its numerical rank): computed from the SVD of the data, not
     from the square root of a covariance whose condition number is squared.
     """
-    xs, big = _scaled(x)
+    xs, big = unit_scaled(x)
     if alpha == 1:
         return _unit(xs)
     u, s, _, live = _la.data_svd(xs)
@@ -118,20 +117,25 @@ def rdm(x: Any, *, dissimilarity: str = "correlation", check_finite: bool = True
     examples' activation patterns, or their Euclidean distance."""
     _v.choice(dissimilarity, "dissimilarity", _DISSIMILARITIES)
     x = _v.activations(x, "x", check_finite_values=check_finite)
-    return _rdm(x, dissimilarity)
+    return _rdm(x, dissimilarity, in_units=True)
 
 
-def _rdm_terms(x: Array, dissimilarity: str) -> tuple[Array, Array]:
-    """Per-example terms that RDM entries are formed from: the unit-norm centred patterns
-    (correlation; a constant pattern stays 0), or the centred features and their squared
-    norms (Euclidean; centring changes no distance and keeps the expansion below from
-    cancelling)."""
+def _rdm_terms(x: Array, dissimilarity: str) -> tuple[Array, Array, Array]:
+    """Per-example terms that RDM entries are formed from, computed from x divided by its
+    largest (centred, for Euclidean) absolute value, so that no square of the raw values
+    is formed (RSA's comparisons are scale-free: they never overflow or underflow): the
+    unit-norm centred patterns (correlation; a constant pattern stays 0), or the centred,
+    unit-scaled features and their squared norms (Euclidean; centring changes no distance
+    and keeps the expansion from cancelling). Also returns the divisor (Euclidean
+    distances in x's units are it times these)."""
     if dissimilarity == "correlation":
-        z = x - jnp.mean(x, axis=1, keepdims=True)
+        big = jnp.max(jnp.abs(x))
+        big = jnp.where(big > 0, big, 1)
+        z = x / big - jnp.mean(x / big, axis=1, keepdims=True)
         norm = jnp.linalg.norm(z, axis=1, keepdims=True)
-        return z / jnp.where(norm > 0, norm, 1), jnp.zeros(x.shape[:1], x.dtype)
-    xc = center_features(x)
-    return xc, jnp.sum(xc * xc, axis=1)
+        return z / jnp.where(norm > 0, norm, 1), jnp.zeros(x.shape[:1], x.dtype), big
+    xs, big = unit_scaled(x)
+    return xs, jnp.sum(xs * xs, axis=1), big
 
 
 def _rdm_entries(zr: Array, zc: Array, sq_r: Array, sq_c: Array, i: Array, j: Array,
@@ -142,10 +146,13 @@ def _rdm_entries(zr: Array, zc: Array, sq_r: Array, sq_c: Array, i: Array, j: Ar
     return jnp.sqrt(_distance_block(zr, zc, sq_r, sq_c, i, j))
 
 
-def _rdm(x: Array, dissimilarity: str) -> Array:
-    z, sq = _rdm_terms(x, dissimilarity)
+def _rdm(x: Array, dissimilarity: str, in_units: bool = False) -> Array:
+    """The RDM, Euclidean distances in x's units only when ``in_units`` (comparisons do
+    not need them)."""
+    z, sq, big = _rdm_terms(x, dissimilarity)
     idx = jnp.arange(x.shape[0])
-    return _rdm_entries(z, z, sq, sq, idx, idx, dissimilarity)
+    d = _rdm_entries(z, z, sq, sq, idx, idx, dissimilarity)
+    return d * big if in_units and dissimilarity == "euclidean" else d
 
 
 def _upper(m: Array) -> Array:
@@ -208,7 +215,7 @@ def _rdm_source(x: Array, n_pad: int, *, dissimilarity: str) -> RDMSource:
     """The layer's terms and the mean of its off-diagonal RDM entries, found a few rows
     at a time (``_MEAN_ENTRIES`` entries at once): no n x n array."""
     n = x.shape[0]
-    z, sq = _rdm_terms(x, dissimilarity)
+    z, sq, _ = _rdm_terms(x, dissimilarity)
     rows = max(1, min(n, _MEAN_ENTRIES // n))
     steps = -(-n // rows)
     zp, sqp = _pad_rows(z, steps * rows), _pad_rows(sq, steps * rows)
@@ -339,7 +346,7 @@ class RidgeSummary(NamedTuple):
 
 
 def _ridge_prepare(x: Array, ridge: float) -> RidgeSummary:
-    xs, _ = _scaled(x)
+    xs, _ = unit_scaled(x)
     u, s, vh, live = _la.data_svd(xs)
     lam2 = s * s
     lam = ridge * jnp.sum(lam2) / x.shape[1]

@@ -31,8 +31,7 @@ from jaxsim import _progress
 from jaxsim import _validation as _v
 from jaxsim import canonical, conv, geometry, kernel
 from jaxsim._measure import (HIGHEST, GramBlocks, Measure, center_features, dot, replicated,
-                             summary_width,
-                             safe_ratio, safe_sqrt)
+                             safe_ratio, safe_sqrt, summary_width, unit_scaled)
 
 Array = jax.Array
 
@@ -404,7 +403,7 @@ def _ring_program(mesh: Any, axis: str, debiased: bool = False, rescale: bool = 
 
     def local(layers):
         layers = [x if dtype is None else x.astype(dtype) for x in layers]
-        feats = [kernel._unit_scale(x, axis) if rescale else center_features(x, axis)
+        feats = [unit_scaled(x, axis)[0] if rescale else center_features(x, axis)
                  for x in layers]
         m = feats[0].shape[0]
         count = jnp.asarray(m * size, feats[0].dtype)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from jaxsim import _validation as _v
 from jaxsim._measure import (GramBlocks, Measure, center_features, dot, evaluate, inner,
-                             safe_ratio, safe_sqrt)
+                             safe_ratio, safe_sqrt, unit_scaled)
 
 Array = jax.Array
 
@@ -39,23 +39,12 @@ def _gram_linear(x: Array) -> Array:
     return dot(x, x.T)
 
 
-def _unit_scale(x: Array, axis_name: Any = None) -> Array:
-    """Centred features divided by their largest absolute value: Grams and covariances of
-    the result cannot overflow (or underflow), whatever the input's scale, and every
-    scale-invariant measure is unchanged. ``axis_name``: see :func:`center_features`."""
-    xc = center_features(x, axis_name)
-    big = jnp.max(jnp.abs(xc))
-    if axis_name is not None:
-        big = jax.lax.pmax(big, axis_name)
-    return xc / jnp.where(big > 0, big, 1)
-
-
 def _distance_terms(x: Array) -> tuple[Array, Array]:
     """Centred, unit-scaled features and their squared norms. Centering first keeps the
     |a|^2 + |b|^2 - 2<a, b> expansion from cancelling when the activations have a large
     common offset; distances do not change. The kernel divides by the median distance,
     so the scale of x does not matter either."""
-    xc = _unit_scale(x)
+    xc, _ = unit_scaled(x)
     return xc, jnp.sum(xc * xc, axis=1)
 
 
@@ -314,7 +303,7 @@ def _debias_inner(xty: Array, rx: Array, ry: Array, sx: Array, sy: Array, n: int
 
 
 def _feature_summary(x: Array, debiased: bool) -> FeatureSummary:
-    xc = _unit_scale(x)
+    xc, _ = unit_scaled(x)
     row_sq = jnp.sum(xc * xc, axis=1)
     total = jnp.sum(row_sq)
     cov = dot(xc.T, xc)
@@ -403,7 +392,7 @@ def _pad_rows(x: Array, n_pad: int) -> Array:
 
 
 def _linear_source(x: Array, n_pad: int, rescale: bool = True) -> LinearSource:
-    xc = _unit_scale(x) if rescale else center_features(x)
+    xc = unit_scaled(x)[0] if rescale else center_features(x)
     row_sq = jnp.sum(xc * xc, axis=1)
     return LinearSource(_pad_rows(xc, n_pad), _pad_rows(row_sq, n_pad), jnp.sum(row_sq),
                         jnp.asarray(x.shape[0], x.dtype))
@@ -452,7 +441,7 @@ def linear_measure(*, debiased: bool = False, feature_space: bool = False) -> Me
     if feature_space:
         return Measure("linear_cka", functools.partial(_feature_summary, debiased=debiased),
                        functools.partial(_feature_pair, debiased=debiased), min_n=min_n)
-    prepare = lambda x: _gram_summary(_gram_linear(_unit_scale(x)), debiased)
+    prepare = lambda x: _gram_summary(_gram_linear(unit_scaled(x)[0]), debiased)
     blocks = GramBlocks(_linear_source, functools.partial(_linear_block, debiased=debiased))
     return Measure("linear_cka", prepare, _cosine_pair, blocks=blocks, min_n=min_n)
 

@@ -251,12 +251,15 @@ def test_scale_invariant_measures_never_overflow(rng):
         "rbf_cka": jaxsim.rbf_cka, "mean_cca": jaxsim.mean_cca, "pwcca": jaxsim.pwcca,
         "svcca": functools.partial(jaxsim.svcca, keep_dims=3),
         "procrustes": jaxsim.procrustes_similarity, "rsa": jaxsim.rsa,
+        "rsa euclidean": functools.partial(jaxsim.rsa, dissimilarity="euclidean"),
         "linear_predictivity": jaxsim.linear_predictivity,
         "grid": lambda a, b: jaxsim.similarity_grid([a], [b], method="gram").values[0, 0],
+        "rsa grid": lambda a, b: jaxsim.similarity_grid(
+            [a], [b], metric="rsa", compare="pearson", dissimilarity="euclidean").values[0, 0],
     }
     for name, fn in invariant.items():
         base = float(fn(x32, y32))
-        for scale in (1e18, 1e-18):
+        for scale in (1e18, 1e-18, 1e25, 1e-25):
             np.testing.assert_allclose(fn(x32 * scale, y32), base, rtol=1e-4, atol=1e-6,
                                        err_msg=f"{name} at scale {scale}")
 
