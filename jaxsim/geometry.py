@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +106,22 @@ def procrustes_distance(x: Any, y: Any, *, alpha: float = 1.0, angular: bool = T
     return jnp.where(below, jnp.arccos(jnp.where(below, s, 0)), 0)
 
 
+def _row_blocks(fn: Callable[[Array, Any], Any], values: Any, width: int,
+                block_entries: int) -> Any:
+    """``fn(rows, block)`` over consecutive blocks of the rows of ``values`` (arrays
+    sharing axis 0, zero-padded past its end), each of at most ``block_entries // width``
+    rows (at least one), stacked along a new first axis (``lax.map``): ``rows`` are the
+    block's row indices, those past the end padding. For row-by-everything computations
+    whose full ``n x width`` result must not exist at once."""
+    n = jax.tree.leaves(values)[0].shape[0]
+    b = max(1, min(n, block_entries // width))
+    count = -(-n // b)
+    blocks = jax.tree.map(lambda v: _pad_rows(v, count * b).reshape(count, b, *v.shape[1:]),
+                          values)
+    starts = jnp.arange(count, dtype=jnp.int32) * b
+    return jax.lax.map(lambda args: fn(args[0] + jnp.arange(b), args[1]), (starts, blocks))
+
+
 # ---------------------------------------------------------------------------------- RSA
 
 _DISSIMILARITIES = ("correlation", "euclidean")
@@ -173,20 +189,15 @@ def _kendall_tau_b(a: Array, b: Array, block_entries: int = _KENDALL_ENTRIES) ->
     few rows at a time (``block_entries`` at once), so memory is O(m), not O(m^2); the
     counts are exact integers per step."""
     m = a.shape[0]
-    rows = max(1, min(m, block_entries // m))
-    steps = -(-m // rows)
-    pad = lambda v: jnp.pad(v, (0, steps * rows - m))
-    ap, bp, live = pad(a), pad(b), pad(jnp.ones(m, bool))
 
-    def step(k):
-        take = lambda v: jax.lax.dynamic_slice_in_dim(v, k * rows, rows)
-        signs = lambda vp, v: jnp.where(take(live)[:, None],
-                                        jnp.sign(take(vp)[:, None] - v[None, :]), 0
-                                        ).astype(jnp.int32)
-        sa, sb = signs(ap, a), signs(bp, b)
+    def step(rows, block):
+        signs = lambda v, every: jnp.where((rows < m)[:, None],
+                                           jnp.sign(v[:, None] - every[None, :]), 0
+                                           ).astype(jnp.int32)
+        sa, sb = signs(block[0], a), signs(block[1], b)
         return jnp.stack([jnp.sum(sa * sb), jnp.sum(sa * sa), jnp.sum(sb * sb)])
 
-    counts = jnp.sum(jax.lax.map(step, jnp.arange(steps)).astype(a.dtype), axis=0)
+    counts = jnp.sum(_row_blocks(step, (a, b), m, block_entries).astype(a.dtype), axis=0)
     return safe_ratio(counts[0], safe_sqrt(counts[1]) * safe_sqrt(counts[2]))
 
 
@@ -216,18 +227,13 @@ def _rdm_source(x: Array, n_pad: int, *, dissimilarity: str) -> RDMSource:
     at a time (``_MEAN_ENTRIES`` entries at once): no n x n array."""
     n = x.shape[0]
     z, sq, _ = _rdm_terms(x, dissimilarity)
-    rows = max(1, min(n, _MEAN_ENTRIES // n))
-    steps = -(-n // rows)
-    zp, sqp = _pad_rows(z, steps * rows), _pad_rows(sq, steps * rows)
     cols = jnp.arange(n)
 
-    def row_sum(k):
-        take = lambda v: jax.lax.dynamic_slice_in_dim(v, k * rows, rows)
-        i = k * rows + jnp.arange(rows)
-        d = _rdm_entries(take(zp), z, take(sqp), sq, i, cols, dissimilarity)
-        return jnp.sum(jnp.where((i[:, None] < n) & (i[:, None] != cols[None, :]), d, 0))
+    def row_sum(rows, block):
+        d = _rdm_entries(block[0], z, block[1], sq, rows, cols, dissimilarity)
+        return jnp.sum(jnp.where((rows[:, None] < n) & (rows[:, None] != cols[None, :]), d, 0))
 
-    mean = jnp.sum(jax.lax.map(row_sum, jnp.arange(steps))) / (n * (n - 1))
+    mean = jnp.sum(_row_blocks(row_sum, (z, sq), n, _MEAN_ENTRIES)) / (n * (n - 1))
     return RDMSource(_pad_rows(z, n_pad), _pad_rows(sq, n_pad), mean,
                      jnp.asarray(n, jnp.int32))
 
@@ -289,18 +295,13 @@ def _knn_indices(x: Array, k: int, block_entries: int = 2**22) -> Neighbours:
     n = x.shape[0]
     norm = jnp.linalg.norm(x, axis=1, keepdims=True)
     z = x / jnp.where(norm > 0, norm, 1)
-    b = max(1, min(n, block_entries // n))
-    blocks = -(-n // b)
-    rows = jnp.pad(z, [(0, blocks * b - n), (0, 0)]).reshape(blocks, b, -1)
 
-    def nearest(args):
-        start, zr = args
-        own = (start + jnp.arange(b))[:, None] == jnp.arange(n)[None, :]
+    def nearest(rows, zr):
+        own = rows[:, None] == jnp.arange(n)[None, :]
         sim = dot(zr, z.T) - 3 * own.astype(z.dtype)  # cosine >= -1 > -2
         return jax.lax.top_k(sim, k)[1]
 
-    starts = jnp.arange(blocks, dtype=jnp.int32) * b
-    idx = jax.lax.map(nearest, (starts, rows)).reshape(blocks * b, k)[:n]
+    idx = _row_blocks(nearest, z, n, block_entries).reshape(-1, k)[:n]
     return Neighbours(idx, jnp.asarray(1 / (n * k), x.dtype))
 
 
