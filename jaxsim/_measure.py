@@ -136,14 +136,20 @@ def center_features(x: jax.Array, axis_name: Any = None) -> jax.Array:
     return jnp.where(constant, jnp.zeros_like(xc), xc)
 
 
-def unit_scaled(x: jax.Array, axis_name: Any = None) -> tuple[jax.Array, jax.Array]:
-    """Centred features (:func:`center_features`) divided by their largest absolute value,
-    and that value (1 for a constant layer): Grams and covariances of the result cannot
-    overflow (or underflow) whatever the input's scale, and every scale-invariant measure
-    is unchanged. ``axis_name``: see :func:`center_features`."""
-    xc = center_features(x, axis_name)
-    big = jnp.max(jnp.abs(xc))
+def max_scaled(x: jax.Array, axis_name: Any = None) -> tuple[jax.Array, jax.Array]:
+    """``x`` divided by its largest absolute value, and that value (1 when x is all zero):
+    for scale-free measures, so that no square of the raw values can overflow or
+    underflow. ``axis_name``: the maximum over all devices along that mesh axis."""
+    big = jnp.max(jnp.abs(x))
     if axis_name is not None:
         big = jax.lax.pmax(big, axis_name)
     big = jnp.where(big > 0, big, 1)
-    return xc / big, big
+    return x / big, big
+
+
+def unit_scaled(x: jax.Array, axis_name: Any = None) -> tuple[jax.Array, jax.Array]:
+    """Centred features (:func:`center_features`) divided by their largest absolute value,
+    and that value (see :func:`max_scaled`): Grams and covariances of the result cannot
+    overflow (or underflow) whatever the input's scale, and every scale-invariant measure
+    is unchanged. ``axis_name``: see :func:`center_features`."""
+    return max_scaled(center_features(x, axis_name), axis_name)

@@ -27,7 +27,7 @@ from jax.scipy.stats import rankdata
 from jaxsim import _linalg as _la
 from jaxsim import _validation as _v
 from jaxsim._measure import (GramBlocks, Measure, center_features, dot, evaluate, inner,
-                             safe_ratio, safe_sqrt, unit_scaled)
+                             max_scaled, safe_ratio, safe_sqrt, unit_scaled)
 from jaxsim.kernel import _distance_block, _masked_block, _pad_rows
 
 Array = jax.Array
@@ -145,9 +145,8 @@ def _rdm_terms(x: Array, dissimilarity: str) -> tuple[Array, Array, Array]:
     and keeps the expansion from cancelling). Also returns the divisor (Euclidean
     distances in x's units are it times these)."""
     if dissimilarity == "correlation":
-        big = jnp.max(jnp.abs(x))
-        big = jnp.where(big > 0, big, 1)
-        z = x / big - jnp.mean(x / big, axis=1, keepdims=True)
+        xs, big = max_scaled(x)
+        z = xs - jnp.mean(xs, axis=1, keepdims=True)
         norm = jnp.linalg.norm(z, axis=1, keepdims=True)
         return z / jnp.where(norm > 0, norm, 1), jnp.zeros(x.shape[:1], x.dtype), big
     xs, big = unit_scaled(x)
@@ -293,6 +292,7 @@ def _knn_indices(x: Array, k: int, block_entries: int = 2**22) -> Neighbours:
     example itself excluded). Rows are done in blocks of at most ``block_entries``
     similarities, so memory is O(n k + b n), never an n x n matrix."""
     n = x.shape[0]
+    x, _ = max_scaled(x)  # cosines are scale-free: no square may overflow
     norm = jnp.linalg.norm(x, axis=1, keepdims=True)
     z = x / jnp.where(norm > 0, norm, 1)
 

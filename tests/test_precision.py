@@ -252,7 +252,7 @@ def test_scale_invariant_measures_never_overflow(rng):
         "svcca": functools.partial(jaxsim.svcca, keep_dims=3),
         "procrustes": jaxsim.procrustes_similarity, "rsa": jaxsim.rsa,
         "rsa euclidean": functools.partial(jaxsim.rsa, dissimilarity="euclidean"),
-        "linear_predictivity": jaxsim.linear_predictivity,
+        "linear_predictivity": jaxsim.linear_predictivity, "mutual_knn": jaxsim.mutual_knn,
         "grid": lambda a, b: jaxsim.similarity_grid([a], [b], method="gram").values[0, 0],
         "rsa grid": lambda a, b: jaxsim.similarity_grid(
             [a], [b], metric="rsa", compare="pearson", dissimilarity="euclidean").values[0, 0],
