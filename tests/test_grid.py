@@ -148,6 +148,11 @@ def test_close_widths_share_a_compiled_pair_step(x64, rng):
         for i, j in ((0, 1), (1, 3), (0, 0)):
             np.testing.assert_allclose(grid[i, j], fn(acts[i], acts[j], **opts), rtol=1e-12,
                                        err_msg=f"{metric} {widths[i]} {widths[j]}")
+    # the SVCCA grid padded in float32 and under jit: as in float64 (these layers are well
+    # conditioned: 1e-5)
+    f32 = jax.jit(lambda a: jaxsim.similarity_grid(a, metric="svcca", **opts).values)(
+        [a.astype(np.float32) for a in acts])
+    np.testing.assert_allclose(f32, grid, atol=1e-5)
 
 
 def test_grid_save_load_and_repr(x64, rng, tmp_path):
@@ -394,9 +399,11 @@ SHARDED = {
     half = [x.astype(jax.numpy.bfloat16) for x in long]
     np.testing.assert_allclose(gram(put(half)), gram(half), rtol=2e-5)
     assert gram(put(half)).dtype == np.float32
-    small = [rng.normal(size=(64, d)).astype(np.float32) for d in (5, 9, 5)]
+    # (widths 9 and 8: mean CCA pads the 8 to 9; Pearson RSA accumulates RDM blocks)
+    small = [rng.normal(size=(64, d)).astype(np.float32) for d in (5, 9, 8)]
     small[1][:, :5] += small[0]
-    for metric, opts in (("rbf_cka", {}), ("pwcca", {}), ("mean_cca", {"warn": False})):
+    for metric, opts in (("rbf_cka", {}), ("pwcca", {}), ("mean_cca", {"warn": False}),
+                         ("rsa", {"compare": "pearson"})):
         grid = lambda l: jaxsim.similarity_grid(l, metric=metric, **opts).values
         ref = grid(small)
         np.testing.assert_allclose(grid(put(small)), ref, rtol=1e-5, atol=1e-6, err_msg=metric)

@@ -119,11 +119,12 @@ def test_float32_grids_agree_with_float64(rng):
     x, y = power_law(rng, 800, 128, 64, 2.0)
     layers = [x, y, np.maximum(y, 0)]
     # the feature route is linear_cka's pair function, covered on every realistic case above
-    # (the RBF grid forms its kernel blocks from the features, not from the pair's kernel;
-    # the third layer is constant: 0 everywhere, also debiased)
+    # (the RBF and Pearson-RSA grids form their blocks from the features, not from the
+    # pair's kernel or RDM; the third layer is constant: 0 everywhere, also debiased)
     for metric, opts in [("linear_cka", {"method": "gram"}), ("mean_cca", {}), ("pwcca", {}),
                          ("procrustes", {"alpha": 0.5}), ("rbf_cka", {}),
-                         ("rbf_cka", {"debiased": True})]:
+                         ("rbf_cka", {"debiased": True}), ("rsa", {"compare": "pearson"}),
+                         ("rsa", {"compare": "pearson", "dissimilarity": "euclidean"})]:
         with jax.enable_x64(True):
             ref = np.asarray(jaxsim.similarity_grid(layers, metric=metric, **opts).values)
         got = jaxsim.similarity_grid([a.astype(np.float32) for a in layers], metric=metric, **opts)
