@@ -95,6 +95,9 @@ def test_kendall_in_row_blocks_with_ties(x64, rng):
     want = stats.kendalltau(a, b)[0]
     for entries in (150 * 7, 150 * 150):
         np.testing.assert_allclose(geometry._kendall_tau_b(a, b, entries), want, rtol=1e-12)
+        # float32: the same order and ties, the counts exact integers
+        got = geometry._kendall_tau_b(a.astype(np.float32), b.astype(np.float32), entries)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
     # memory, from the compiled program: O(m), where before the two m x m sign matrices
     # were formed (m = 4000 values: 128 MB in float32)
     m = 4000
