@@ -632,6 +632,9 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
     layer's ``n x n`` distances at a time, for its bandwidth); mutual kNN keeps ``n x k``
     neighbour indices per layer; Pearson RSA accumulates blocks of centred RDMs; Spearman
     and Kendall RSA keep each layer's ``n (n - 1) / 2`` RDM entries (they rank them all).
+    Compiles: one pair step per pair of layer shapes; mean CCA and SVCCA pad layers whose
+    widths lie within 1/8 of each other to the widest (same values), so that close widths
+    share one.
 
     Example:
       >>> import jax, jaxsim
