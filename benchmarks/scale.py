@@ -11,7 +11,8 @@ Every ratio compares two ways of computing the same thing in this run:
    and over 4 close widths with and without width buckets;
 4. (8 host devices, a subprocess) linear-CKA grids of example-sharded layers: per-device
    FLOPs from the compiled programs and wall time against one device, for the feature
-   route and the Gram route;
+   route and the Gram route; and a 48-layer PWCCA grid whose pairs are divided among the
+   devices (the layer axis);
 5. the memory an RBF-CKA grid's and a mutual-kNN layer's compiled programs need at
    n = 4096 and 8192, against the n x n matrices they held before.
 """
@@ -115,10 +116,13 @@ SHARDED = textwrap.dedent("""
             out.append(time.perf_counter() - t0)
         return min(out)
 
-    def flops(fn, *args):
-        cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    def flops_of(compiled):
+        cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         return cost.get("flops", float("nan"))
+
+    def flops(fn, *args):
+        return flops_of(jax.jit(fn).lower(*args).compile())
 
     mesh = Mesh(np.array(jax.devices()), ("batch",))
     rng = np.random.default_rng(0)
@@ -141,6 +145,26 @@ SHARDED = textwrap.dedent("""
         print(f"{method:>9} {n:5d} {str((d,) * 6)[:10]:>10} {ratio:19.3f}x "
               f"{best(jax.jit(fn), one):11.3f} {best(jax.jit(fn), spread):12.3f}"
               f"{'   (under jit, XLA partitions it, gathering the activations)' if method == 'gram' else ''}")
+
+    # pair-by-pair measures: the layer axis. 48 layers give 1176 pairs; on the mesh each
+    # device evaluates 147 of them (FLOPs of the pair programs evaluating all their pairs in
+    # one batch, so that XLA's count, one loop body, is all of them)
+    from jaxsim import canonical
+    print(f"{'pairs':>9} {'layers':>6} {'metric':>7} {'FLOPs/device 8 vs 1':>20} "
+          f"{'s 1 device':>11} {'s 8 devices':>12}")
+    layers = [rng.normal(size=(256, 24)).astype(np.float32) for _ in range(48)]
+    m = canonical.pwcca_measure()
+    summaries = tuple(m.prepare(x) for x in layers)
+    ii, jj = (np.asarray(v, np.int32) for v in np.triu_indices(48))
+    one = grid._pairs.lower(m.pair, summaries, None, ii, jj, len(ii)).compile()
+    k = -(-len(ii) // 8) * 8
+    spread = grid._spread_pairs(m.pair, k // 8, mesh).lower(
+        summaries, None, np.resize(ii, k), np.resize(jj, k)).compile()
+    ratio = flops_of(spread) / flops_of(one)
+    fn = lambda l: jaxsim.similarity_grid(l, metric="pwcca", progress=False, warn=False).values
+    on_mesh = [jax.device_put(x, NamedSharding(mesh, P())) for x in layers]
+    print(f"{'spread':>9} {48:6d} {'pwcca':>7} {ratio:19.3f}x {best(fn, layers):11.3f} "
+          f"{best(fn, on_mesh):12.3f}")
 """)
 
 

@@ -304,9 +304,8 @@ def _block_offsets(n: int, b: int, dtype: Any, first: int = 0, count: int | None
             np.array([1.0 if r == c else 2.0 for r, c in pairs], dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("blocks", "b"))
-def _gram_block_sum(blocks: GramBlocks, sources: list[Any], r0: Array, c0: Array,
-                    weight: Array, b: int) -> Array:
+def _block_sum(blocks: GramBlocks, sources: list[Any], r0: Array, c0: Array,
+               weight: Array, b: int) -> Array:
     """The sum over the block pairs at ``(r0[k], c0[k])`` (see :func:`_block_offsets`) of
     the weighted ``slab^T slab`` terms of :func:`_gram_inner_products` (not symmetrised).
     The offsets are arguments: chunks of equal length share one compiled program."""
@@ -316,6 +315,22 @@ def _gram_block_sum(blocks: GramBlocks, sources: list[Any], r0: Array, c0: Array
         return w * _slab_products([blocks.block(s, r, c, b) for s in sources])
 
     return _scan_sum(term, r0, c0, weight)
+
+
+_gram_block_sum = jax.jit(_block_sum, static_argnames=("blocks", "b"))
+
+
+@functools.lru_cache(maxsize=32)
+def _spread_block_sum(blocks: GramBlocks, b: int, mesh: Any) -> Callable[..., Array]:
+    """:func:`_gram_block_sum` with the block pairs divided among the devices of ``mesh``
+    (all axes flattened; the offsets a multiple of ``mesh.size`` long, padded with weight
+    0): ``(sources, r0, c0, weight) -> (L, L)``, the sources replicated, the partial sums
+    all-reduced."""
+    spec = jax.sharding.PartitionSpec
+    axes = tuple(mesh.axis_names)
+    local = lambda sources, r0, c0, w: jax.lax.psum(_block_sum(blocks, sources, r0, c0, w, b),
+                                                    axes)
+    return jax.jit(_on_mesh(local, mesh, (spec(), spec(axes), spec(axes), spec(axes)), spec()))
 
 
 def _slab_products(grams: list[Array]) -> Array:
@@ -427,7 +442,7 @@ def _ring_program(mesh: Any, axis: str, debiased: bool = False, rescale: bool = 
 
 
 def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
-                         tick: Callable[..., None] | None = None) -> Array:
+                         tick: Callable[..., None] | None = None, mesh: Any = None) -> Array:
     """``<K~_i, K~_j>`` for every pair of layers, ``(L, L)``, up to :func:`_symmetrise`.
 
     The centered Grams are never stored: for each block (r, c) of the n x n index space
@@ -438,12 +453,19 @@ def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
 
     With ``tick`` (a progress bar, see :func:`_ticker`), the block pairs run as the
     calls of :func:`_chunks` (at most two compiled programs: full chunks and the last),
-    so that the bar can follow them; otherwise as one call.
+    so that the bar can follow them; otherwise as one call. With a ``mesh`` (layers that
+    live on several devices), each device sums an equal share of the block pairs
+    (:func:`_spread_block_sum`), one call.
     """
     n = layers[0].shape[0]
     sources = [_source(blocks.source, x, -(-n // b) * b) for x in layers]
     dtype = jax.tree.leaves(sources[0])[0].dtype
     chunks = _chunks(n, b)
+    if mesh is not None and len(_block_pairs(n, b)) > 1:
+        offsets = _block_offsets(n, b, dtype)
+        total = -(-len(offsets[0]) // mesh.size) * mesh.size
+        padded = [np.concatenate([a, np.zeros(total - len(a), a.dtype)]) for a in offsets]
+        return _spread_block_sum(blocks, b, mesh)(sources, *padded)
     if tick is None or len(chunks) == 1:
         acc = _gram_block_sum(blocks, sources, *_block_offsets(n, b, dtype), b)
     else:
@@ -486,9 +508,8 @@ def _stack(group: Sequence[Any]) -> Any:
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *group)
 
 
-@functools.partial(jax.jit, static_argnames=("pair", "batch_size"))
-def _pairs(pair: Callable, group_a: tuple, group_b: tuple | None, ii: Array, jj: Array,
-           batch_size: int) -> Array:
+def _pair_values(pair: Callable, group_a: tuple, group_b: tuple | None, ii: Array,
+                 jj: Array, batch_size: int) -> Array:
     """``pair`` over the pairs ``(group_a[ii[k]], group_b[jj[k]])`` of two shape groups
     (``group_b`` None: the same group), stacked inside the compiled program."""
     TRACE_COUNT["pairs"] += 1
@@ -501,6 +522,56 @@ def _pairs(pair: Callable, group_a: tuple, group_b: tuple | None, ii: Array, jj:
         return pair(take(stack_a, i), take(stack_b, j))
 
     return jax.lax.map(one, (ii, jj), batch_size=batch_size)
+
+
+_pairs = jax.jit(_pair_values, static_argnames=("pair", "batch_size"))
+
+
+@functools.lru_cache(maxsize=64)
+def _spread_pairs(pair: Callable, batch_size: int, mesh: Any, count: int | None = None
+                  ) -> Callable[..., Array]:
+    """:func:`_pairs` with the pairs divided among the devices of ``mesh`` (all its axes
+    flattened): ``(group_a, group_b, ii, jj) -> values``, the summaries replicated and
+    the pair indices (a multiple of ``mesh.size`` of them) split into equal shares; the
+    first ``count`` values (default all), replicated."""
+    spec = jax.sharding.PartitionSpec
+    shares = spec(tuple(mesh.axis_names))
+    local = lambda ga, gb, ii, jj: _pair_values(pair, ga, gb, ii, jj, batch_size)
+    program = _on_mesh(local, mesh, (spec(), spec(), shares, shares), shares)
+    return jax.jit(lambda *args: program(*args)[:count])
+
+
+def _on_mesh(local: Callable[..., Any], mesh: Any, in_specs: tuple, out_specs: Any
+             ) -> Callable[..., Any]:
+    """``shard_map(local)`` over ``mesh``, to be jitted. On explicit axes, where
+    shard_map takes only arguments already sharded as ``in_specs`` says, they are
+    resharded first, and the result is replicated."""
+    program = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+    if jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return program
+    put = lambda tree, s: jax.tree.map(
+        lambda leaf: jax.sharding.reshard(leaf, jax.sharding.NamedSharding(mesh, s)), tree)
+    return lambda *args: put(program(*(put(a, s) for a, s in zip(args, in_specs))),
+                             jax.sharding.PartitionSpec())
+
+
+def layer_mesh(layers: Sequence[Any]) -> Any | None:
+    """The device mesh that every layer lives on, when it has more than one device: read
+    from the layers' shardings (arrays placed with a ``NamedSharding``, replicated or
+    sharded in any way; traced layers on explicit mesh axes), or for layers traced on
+    auto axes from the mesh set with ``jax.set_mesh``. None for host arrays, arrays on one
+    device, and layers on different meshes."""
+    found = None
+    for a in layers:
+        traced = isinstance(a, jax.core.Tracer)
+        sharding = jax.typeof(a).sharding if traced else getattr(a, "sharding", None)
+        mesh = sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
+        if traced and (mesh is None or mesh.empty):
+            mesh = jax.sharding.get_abstract_mesh()
+        if mesh is None or mesh.empty or (found is not None and mesh != found):
+            return None
+        found = mesh
+    return found if found is not None and found.size > 1 else None
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "dtype", "mirror"))
@@ -557,10 +628,12 @@ def _widened(measure: Measure, sa: Sequence[Any], sb: Sequence[Any], self_grid: 
 
 
 def _generic_grid(measure: Measure, sa: Sequence[Any], sb: Sequence[Any], self_grid: bool,
-                  batch_size: int, dtype: Any, tick: Callable[..., None]) -> Array:
+                  batch_size: int, dtype: Any, tick: Callable[..., None],
+                  mesh: Any = None) -> Array:
     """Every pair, one compiled ``lax.map`` per pair of shape groups (for a symmetric
     measure on a self-grid, per unordered pair of groups, mirrored), scattered into the
-    grid on the device (jittable: no host round trip)."""
+    grid on the device (jittable: no host round trip). With a ``mesh``, each device
+    evaluates an equal share of the pairs (:func:`_spread_pairs`)."""
     mirror = self_grid and measure.symmetric
     if measure.widen is not None:
         sa, sb = _widened(measure, sa, sb, self_grid)
@@ -574,11 +647,17 @@ def _generic_grid(measure: Measure, sa: Sequence[Any], sb: Sequence[Any], self_g
             same = self_grid and ga == gb
             pairs = [(p, q) for p in range(len(idx_a)) for q in range(len(idx_b))
                      if not (mirror and same and q < p)]
-            out = _pairs(measure.pair, tuple(sa[i] for i in idx_a),
-                         None if same else tuple(sb[j] for j in idx_b),
-                         np.array([p for p, _ in pairs], np.int32),
-                         np.array([q for _, q in pairs], np.int32),
-                         min(batch_size, len(pairs)))
+            group_a = tuple(sa[i] for i in idx_a)
+            group_b = None if same else tuple(sb[j] for j in idx_b)
+            ii = np.array([p for p, _ in pairs], np.int32)
+            jj = np.array([q for _, q in pairs], np.int32)
+            if mesh is None:
+                out = _pairs(measure.pair, group_a, group_b, ii, jj, min(batch_size, len(pairs)))
+            else:  # padded with repeats of the first pairs to equal shares
+                share = -(-len(pairs) // mesh.size)
+                spread = _spread_pairs(measure.pair, min(batch_size, share), mesh, len(pairs))
+                out = spread(group_a, group_b, np.resize(ii, share * mesh.size),
+                             np.resize(jj, share * mesh.size))
             tick(out, len(pairs))
             rows += [idx_a[p] for p, _ in pairs]
             cols += [idx_b[q] for _, q in pairs]
@@ -628,7 +707,10 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
     the work among the devices without gathering the activations (the Gram route as a ring
     of ``ppermute``-ed rows, see :func:`ring_axis`; the feature route as all-reduced
     ``d x d`` products); layers on explicit mesh axes are gathered first for the other
-    measures. Memory: linear and RBF CKA accumulate ``b x b`` blocks (RBF forms one
+    measures. Measures evaluated pair by pair (CCA family, Procrustes, RSA, ...) on layers
+    that live on a mesh (any ``NamedSharding``; under jit on auto axes, the mesh of
+    ``jax.set_mesh``) divide the pairs among its devices, each summary replicated once.
+    Memory: linear and RBF CKA accumulate ``b x b`` blocks (RBF forms one
     layer's ``n x n`` distances at a time, for its bandwidth); mutual kNN keeps ``n x k``
     neighbour indices per layer; Pearson RSA accumulates blocks of centred RDMs; Spearman
     and Kendall RSA keep each layer's ``n (n - 1) / 2`` RDM entries (they rank them all).
@@ -683,6 +765,10 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
             method, layers_a[0].shape[0], [a.shape[1] for a in layers_a],
             None if self_grid else [b.shape[1] for b in layers_b],
             shards=kernel.example_shards(union), ring=ring is not None))
+    # layers on a mesh (not going round the ring): block pairs or pairs of layers are
+    # divided among its devices, what they are made from replicated first; not linear
+    # CKA's feature route, whose d x d products XLA already divides along the examples
+    mesh = layer_mesh(union)
     if measure.blocks is None or ring is None:
         ring = None
         layers_a = [replicated(x) for x in layers_a]
@@ -695,11 +781,12 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
         else:
             b = _block_size(union[0].shape[0])
             calls = len(_chunks(union[0].shape[0], b))
-            follow = calls > 1 and progress is not False and not traced
+            follow = calls > 1 and progress is not False and not traced and mesh is None
             tick, close = _ticker(progress if follow else False, calls, f"{name} grid",
                                   traced)
             try:
-                sums = _gram_inner_products(measure.blocks, union, b, tick if follow else None)
+                sums = _gram_inner_products(measure.blocks, union, b,
+                                            tick if follow else None, mesh)
             finally:
                 close()
         values = _gram_values(sums, len(layers_a), self_grid)
@@ -712,7 +799,8 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
         try:
             sa = _prepare_all(measure, layers_a, tick)
             sb = sa if self_grid else _prepare_all(measure, layers_b, tick)
-            values = _generic_grid(measure, sa, sb, self_grid, batch_size, dtype, tick)
+            values = _generic_grid(measure, sa, sb, self_grid, batch_size, dtype, tick,
+                                   None if measure.name == "linear_cka" else mesh)
         finally:
             close()
     row_label, col_label = _labels(labels, self_grid, ("acts_a", "acts_b"))

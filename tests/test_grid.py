@@ -389,6 +389,47 @@ SHARDED = {
     route = lambda l: jaxsim.similarity_grid(l, method="features").values
     hlo = jax.jit(route).lower(spread).compile().as_text()
     assert "all-gather" not in hlo, "the feature route must not gather the activations"
+
+    # 4. measures evaluated pair by pair (CCA family, Procrustes, RSA, ...) on layers that
+    # live on a mesh, replicated or sharded along examples: the pairs are divided among
+    # the devices (the layer axis), the same values as one device, eager and under jit
+    from jax.sharding import AxisType
+    reps = [jax.device_put(x, NamedSharding(mesh, P())) for x in layers]
+    for metric, placed, jit in (("mean_cca", reps, False), ("mean_cca", sharded, True),
+                                ("pwcca", sharded, False), ("procrustes", reps, True)):
+        grid = lambda l: jaxsim.similarity_grid(l, metric=metric, warn=False).values
+        np.testing.assert_allclose((jax.jit(grid) if jit else grid)(placed), grid(layers),
+                                   rtol=1e-10, err_msg=metric)
+    # under jit on auto axes the layers' types name no mesh: the mesh set by jax.set_mesh
+    # serves, also for layers that were not placed at all
+    with jax.set_mesh(jax.make_mesh((8,), ("batch",), axis_types=(AxisType.Auto,))):
+        np.testing.assert_allclose(jax.jit(lambda l: jaxsim.similarity_grid(
+            l, metric="mean_cca", warn=False).values)(layers), jaxsim.similarity_grid(
+            layers, metric="mean_cca", warn=False).values, rtol=1e-10)
+    # kernel grids of layers replicated on the mesh: each device sums its share of the
+    # block pairs (n = 1100: 6 block pairs), the partial sums all-reduced
+    long = [rng.normal(size=(1100, d)) for d in (3, 4)]
+    long[1][:, :3] += long[0]
+    on_mesh = [jax.device_put(x, NamedSharding(mesh, P())) for x in long]
+    for metric, opts in (("rbf_cka", {}), ("linear_cka", {"method": "gram"})):
+        before = grid_module._spread_block_sum.cache_info()
+        np.testing.assert_allclose(
+            jaxsim.similarity_grid(on_mesh, metric=metric, **opts).values,
+            jaxsim.similarity_grid(long, metric=metric, **opts).values, rtol=1e-12)
+        after = grid_module._spread_block_sum.cache_info()
+        assert after.hits + after.misses > before.hits + before.misses, metric
+    # per device 1/8 of the pairs: 36 pairs of 8 layers, 5 per device (the last padded),
+    # FLOPs of the compiled programs evaluating all pairs in one batch
+    from jaxsim import canonical
+    m = canonical.cca_measure()
+    eight = tuple(m.prepare(rng.normal(size=(64, 6))) for _ in range(8))
+    ii, jj = (np.asarray(v, np.int32) for v in np.triu_indices(8))
+    one = grid_module._pairs.lower(m.pair, eight, None, ii, jj, 36).compile()
+    assert grid_module.layer_mesh(reps) == mesh and grid_module.layer_mesh(layers) is None
+    spread_pairs = grid_module._spread_pairs(m.pair, 5, mesh)
+    ii, jj = np.resize(ii, 40), np.resize(jj, 40)
+    per_device = flops(spread_pairs.lower(eight, None, ii, jj).compile()) / flops(one)
+    assert per_device <= 0.25, per_device
     print("sharded ok")
 """,
     "float32 and under jit": MESH_PRELUDE + """
