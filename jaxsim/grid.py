@@ -361,7 +361,19 @@ def _scan_sum(term: Callable[..., Array], *args: Array) -> Array:
 
 def ring_axis(layers: Sequence[Any]) -> tuple[Any, str] | None:
     """``(mesh, axis)`` when every layer is a ``jax.Array`` sharded along its examples over
-    the same single mesh axis (of size > 1, dividing n), features replicated; else None."""
+    the same single mesh axis (of size > 1, dividing n), features replicated; else None.
+
+    Under ``jax.jit`` on auto mesh axes the layers' types say nothing of their sharding;
+    there the mesh set with ``jax.set_mesh`` serves when it has a single axis of size > 1
+    (the data axis): the ring's ``shard_map`` takes each device's rows of the layers,
+    without communication if they are already sharded so, by slicing if replicated."""
+    if layers and all(isinstance(a, jax.core.Tracer) and not _named_axes(a) for a in layers):
+        context = jax.sharding.get_abstract_mesh()
+        data = [] if context.empty else [k for k, v in context.shape.items() if v > 1]
+        auto = all(t == jax.sharding.AxisType.Auto for t in context.axis_types)
+        if auto and len(data) == 1 and layers[0].shape[0] % context.shape[data[0]] == 0:
+            return context, data[0]
+        return None
     found = None
     for a in layers:
         # a traced layer carries its sharding in its type only on explicit mesh axes
@@ -379,6 +391,13 @@ def ring_axis(layers: Sequence[Any]) -> tuple[Any, str] | None:
     if found is None or found[0].shape[found[1]] < 2 or layers[0].shape[0] % found[0].shape[found[1]]:
         return None
     return found
+
+
+def _named_axes(x: Any) -> list[str]:
+    """The mesh axes a traced array's type shards it over (explicit axes only)."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", ())
+    return [n for p in spec if p is not None for n in (p if isinstance(p, tuple) else (p,))]
 
 
 def _cross_products(rows: list[kernel.LinearSource], cols: list[kernel.LinearSource], b: int,
@@ -705,7 +724,8 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
 
     Layers sharded along their examples over one axis of a device mesh: linear CKA divides
     the work among the devices without gathering the activations (the Gram route as a ring
-    of ``ppermute``-ed rows, see :func:`ring_axis`; the feature route as all-reduced
+    of ``ppermute``-ed rows, see :func:`ring_axis`, also under jit on explicit axes or
+    with a one-axis mesh set by ``jax.set_mesh``; the feature route as all-reduced
     ``d x d`` products); layers on explicit mesh axes are gathered first for the other
     measures. Measures evaluated pair by pair (CCA family, Procrustes, RSA, ...) on layers
     that live on a mesh (any ``NamedSharding``; under jit on auto axes, the mesh of
@@ -764,7 +784,8 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
         measure = make(feature_space=kernel.feature_route(
             method, layers_a[0].shape[0], [a.shape[1] for a in layers_a],
             None if self_grid else [b.shape[1] for b in layers_b],
-            shards=kernel.example_shards(union), ring=ring is not None))
+            shards=ring[0].shape[ring[1]] if ring else kernel.example_shards(union),
+            ring=ring is not None))
     # layers on a mesh (not going round the ring): block pairs or pairs of layers are
     # divided among its devices, what they are made from replicated first; not linear
     # CKA's feature route, whose d x d products XLA already divides along the examples

@@ -393,7 +393,6 @@ SHARDED = {
     # 4. measures evaluated pair by pair (CCA family, Procrustes, RSA, ...) on layers that
     # live on a mesh, replicated or sharded along examples: the pairs are divided among
     # the devices (the layer axis), the same values as one device, eager and under jit
-    from jax.sharding import AxisType
     reps = [jax.device_put(x, NamedSharding(mesh, P())) for x in layers]
     for metric, placed, jit in (("mean_cca", reps, False), ("mean_cca", sharded, True),
                                 ("pwcca", sharded, False), ("procrustes", reps, True)):
@@ -402,10 +401,16 @@ SHARDED = {
                                    rtol=1e-10, err_msg=metric)
     # under jit on auto axes the layers' types name no mesh: the mesh set by jax.set_mesh
     # serves, also for layers that were not placed at all
-    with jax.set_mesh(jax.make_mesh((8,), ("batch",), axis_types=(AxisType.Auto,))):
+    # (and a jitted minibatch update goes round the ring there)
+    with jax.set_mesh(mesh):
         np.testing.assert_allclose(jax.jit(lambda l: jaxsim.similarity_grid(
             l, metric="mean_cca", warn=False).values)(layers), jaxsim.similarity_grid(
             layers, metric="mean_cca", warn=False).values, rtol=1e-10)
+        update = jax.jit(jaxsim.minibatch_cka_update)
+        np.testing.assert_allclose(update(jaxsim.minibatch_cka_init(3), sharded).cross,
+                                   spmd.cross, rtol=1e-12)
+        hlo = update.lower(jaxsim.minibatch_cka_init(3), sharded).compile().as_text()
+        assert "collective-permute" in hlo and "all-gather" not in hlo
     # kernel grids of layers replicated on the mesh: each device sums its share of the
     # block pairs (n = 1100: 6 block pairs), the partial sums all-reduced
     long = [rng.normal(size=(1100, d)) for d in (3, 4)]
@@ -443,6 +448,12 @@ SHARDED = {
     gram = lambda l: jaxsim.similarity_grid(l, method="gram", progress=True).values
     np.testing.assert_allclose(gram(put(long)), ref, rtol=2e-5)
     np.testing.assert_allclose(jax.jit(gram)(put(long)), ref, rtol=2e-5)
+    # under jit on auto axes the layers' types carry no sharding: the mesh set with
+    # jax.set_mesh names the data axis, and the ring runs there too (no gather)
+    with jax.set_mesh(mesh):
+        np.testing.assert_allclose(jax.jit(gram)(put(long)), ref, rtol=2e-5)
+        hlo = jax.jit(gram).lower(put(long)).compile().as_text()
+        assert "collective-permute" in hlo and "all-gather" not in hlo
     # the ring in float32 for the debiased estimator and a minibatch, and on bfloat16
     # activations (computed in float32), against one device
     debiased = lambda l: jaxsim.similarity_grid(l, method="gram", debiased=True).values
