@@ -14,7 +14,9 @@ Every ratio compares two ways of computing the same thing in this run:
    route and the Gram route; and a 48-layer PWCCA grid whose pairs are divided among the
    devices (the layer axis);
 5. the memory an RBF-CKA grid's and a mutual-kNN layer's compiled programs need at
-   n = 4096 and 8192, against the n x n matrices they held before.
+   n = 4096 and 8192, against the n x n matrices they held before, and the time of an
+   RBF layer's source (bandwidth and centring row) block by block vs from its n x n
+   distances.
 """
 
 from __future__ import annotations
@@ -168,22 +170,42 @@ SHARDED = textwrap.dedent("""
 """)
 
 
-def rbf_memory():
+@jax.jit
+def _materialized_source(x):
+    """The former RBF source: the layer's n x n distances at once, for the median
+    (selection) and the centring row."""
+    xc, sq = kernel._distance_terms(x)
+    idx = jnp.arange(x.shape[0])
+    d = kernel._distance_block(xc, xc, sq, sq, idx, idx)
+    median = kernel._median_of_non_negative(d)
+    return median, kernel._centering_row(kernel._rbf_of(d, median, jnp.float32(1)), False)
+
+
+def rbf_memory(rng):
     print("\n5. RBF-CKA self-grid of 8 layers (width 256, float32): temporaries of the compiled "
-          "programs")
-    print(f"{'n':>6} {'one layer source MB':>20} {'block sum MB':>13} {'8 n x n kernels MB':>19}")
+          "programs; a layer's source (median bandwidth, centring row) block by block vs "
+          "from its n x n distances")
+    print(f"{'n':>6} {'source MB':>10} {'n x n source MB':>16} {'block sum MB':>13} "
+          f"{'8 n x n kernels MB':>19} {'source s':>9} {'n x n source s':>15}")
     blocks = kernel.rbf_measure().blocks
     for n in (4096, 8192):
         b = grid_module._block_size(n)
         n_pad = -(-n // b) * b
         x = jax.ShapeDtypeStruct((n, 256), np.float32)
-        one = grid_module._source.lower(blocks.source, x, n_pad).compile().memory_analysis()
+        one = grid_module._source.lower(blocks.source, x, n_pad).compile()
+        before = _materialized_source.lower(x).compile()
         sources = [jax.eval_shape(lambda a: blocks.source(a, n_pad), x)] * 8
         total = grid_module._gram_block_sum.lower(
             blocks, sources, *grid_module._block_offsets(n, b, np.float32), b).compile()
         mb = lambda v: v / 2**20
-        print(f"{n:6d} {mb(one.temp_size_in_bytes):20.0f} "
-              f"{mb(total.memory_analysis().temp_size_in_bytes):13.0f} {mb(8 * n * n * 4):19.0f}")
+        data = jnp.asarray(rng.normal(size=(n, 256)).astype(np.float32))
+        new = grid_module._source(blocks.source, data, n_pad)
+        same = float(new.median) == float(before(data)[0])
+        print(f"{n:6d} {mb(one.memory_analysis().temp_size_in_bytes):10.0f} "
+              f"{mb(before.memory_analysis().temp_size_in_bytes):16.0f} "
+              f"{mb(total.memory_analysis().temp_size_in_bytes):13.0f} {mb(8 * n * n * 4):19.0f} "
+              f"{timeit(lambda: one(data)):9.3f} {timeit(lambda: before(data)):15.3f}"
+              f"{'' if same else '  (medians differ in the last bit: block-wise rounding)'}")
     print("   mutual kNN (k=10): a layer's neighbours, kept and temporary, vs its former "
           "n x n 0/1 matrix")
     from jaxsim import geometry
@@ -211,4 +233,4 @@ if __name__ == "__main__":
     padding(rng)
     compiles(rng)
     sharded()
-    rbf_memory()
+    rbf_memory(rng)

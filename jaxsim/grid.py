@@ -288,8 +288,8 @@ def _chunks(n: int, b: int) -> list[tuple[int, int]]:
 
 @functools.partial(jax.jit, static_argnames=("source", "n_pad"))
 def _source(source: Callable[[Array, int], Any], x: Array, n_pad: int) -> Any:
-    """One layer's block source, compiled on its own: whatever n x n temporaries it needs
-    (the RBF bandwidth's distances) exist for one layer at a time, not for all at once."""
+    """One layer's block source, compiled on its own: whatever temporaries it needs exist
+    for one layer at a time, not for all at once."""
     return source(x, n_pad)
 
 
@@ -730,8 +730,8 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
     measures. Measures evaluated pair by pair (CCA family, Procrustes, RSA, ...) on layers
     that live on a mesh (any ``NamedSharding``; under jit on auto axes, the mesh of
     ``jax.set_mesh``) divide the pairs among its devices, each summary replicated once.
-    Memory: linear and RBF CKA accumulate ``b x b`` blocks (RBF forms one
-    layer's ``n x n`` distances at a time, for its bandwidth); mutual kNN keeps ``n x k``
+    Memory: linear and RBF CKA accumulate ``b x b`` blocks (RBF finds each layer's
+    bandwidth block by block too); mutual kNN keeps ``n x k``
     neighbour indices per layer; Pearson RSA accumulates blocks of centred RDMs; Spearman
     and Kendall RSA keep each layer's ``n (n - 1) / 2`` RDM entries (they rank them all).
     Compiles: one pair step per pair of layer shapes; mean CCA and SVCCA pad layers whose

@@ -21,6 +21,7 @@ from typing import Any, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsim import _validation as _v
 from jaxsim._measure import (GramBlocks, Measure, center_features, dot, evaluate, inner,
@@ -464,16 +465,158 @@ class RBFSource(NamedTuple):
     count: Array  # n, as an integer
 
 
+def _source_blocks(n_pad: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """``(b, r0, c0, weight)``: the upper-triangle blocks (b x b, b dividing ``n_pad``: one
+    block up to 1024 rows, else the largest divisor up to 512) that a layer's source
+    passes over, and their weights (2 off the diagonal: a block stands for its mirror)."""
+    b = n_pad if n_pad <= 1024 else max(k for k in range(1, 513) if n_pad % k == 0)
+    pairs = [(r, c) for r in range(n_pad // b) for c in range(r, n_pad // b)]
+    return (b, np.array([r * b for r, _ in pairs], np.int32),
+            np.array([c * b for _, c in pairs], np.int32),
+            np.array([1 if r == c else 2 for r, c in pairs], np.uint32))
+
+
+def _source_distances(xc: Array, sq: Array, n: int, b: int, r0: Array, c0: Array
+                      ) -> tuple[Array, Array]:
+    """Block ``(r0, c0)`` of the squared distances of the (padded) rows ``xc``, and which
+    of its entries are real (rows and columns below n)."""
+    take = lambda a, start: jax.lax.dynamic_slice_in_dim(a, start, b)
+    i, j = r0 + jnp.arange(b), c0 + jnp.arange(b)
+    d = _distance_block(take(xc, r0), take(xc, c0), take(sq, r0), take(sq, c0), i, j)
+    return d, (i[:, None] < n) & (j[None, :] < n)
+
+
+def _patterns(d: Array) -> Array:
+    int_type = jnp.int64 if d.dtype == jnp.float64 else jnp.int32
+    return jax.lax.bitcast_convert_type(jax.lax.stop_gradient(d), int_type)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _blockwise_median(xc: Array, sq: Array, n: int) -> Array:
+    """The median of a layer's n^2 squared distances (zero diagonal included), the value
+    :func:`_median_of_non_negative` gives, found block by block without the n x n matrix:
+    a radix selection on the bit pattern (non-negative floats order like their patterns),
+    8 bits per pass (4 passes in float32, 8 in float64), each pass recomputing the
+    distance blocks and counting the next 8 bits of the entries that share the prefix
+    found so far. Memory O(b^2 + n d). The derivative is the mean of the derivatives of
+    the entries equal to the median's two order statistics, as through a sort."""
+    lower, upper = _median_patterns(xc, sq, n)
+    value = lambda p: jax.lax.bitcast_convert_type(p, xc.dtype)
+    return (value(lower) + value(upper)) / 2
+
+
+def _median_patterns(xc: Array, sq: Array, n: int) -> tuple[Array, Array]:
+    """Bit patterns of the order statistics (n^2 - 1) // 2 and n^2 // 2 of the squared
+    distances."""
+    b, r0, c0, weight = _source_blocks(xc.shape[0])
+    int_type = jnp.int64 if xc.dtype == jnp.float64 else jnp.int32
+    bits = jnp.iinfo(int_type).bits
+    k = jnp.asarray((n * n - 1) // 2, jnp.uint32)  # counts: n <= 65535
+    prefix = jnp.zeros((), int_type)
+    for level in range(bits // 8):
+        shift = bits - 8 * (level + 1)
+
+        def count(hist, block, shift=shift, prefix=prefix, level=level):
+            r, c, w = block
+            d, real = _source_distances(xc, sq, n, b, r, c)
+            pattern = _patterns(d)
+            if level:
+                real = real & ((pattern >> (shift + 8)) == prefix)
+            digit = ((pattern >> shift) & 255).astype(jnp.int32)
+            return hist.at[digit.ravel()].add(jnp.where(real, w, 0).ravel()), None
+
+        hist, _ = jax.lax.scan(count, jnp.zeros(256, jnp.uint32), (r0, c0, weight))
+        below = jnp.cumsum(hist)
+        digit = jnp.argmax(below > k)
+        k = k - jnp.where(digit > 0, below[digit - 1], 0)
+        prefix = (prefix << 8) | digit.astype(int_type)
+    lower = prefix
+    if (n * n) % 2:
+        return lower, lower
+    # the next value up: the lower one again if it occurs once more, else the next
+    # pattern counted in the last pass, else (none shares the prefix) the least above it
+    later = jnp.arange(256) > digit
+    following = jnp.argmax(later & (hist > 0))
+    in_group = (prefix - digit.astype(int_type)) | following.astype(int_type)
+
+    def least_above(_):
+        def smallest(low, block):
+            r, c, _ = block
+            d, real = _source_distances(xc, sq, n, b, r, c)
+            pattern = _patterns(d)
+            above = real & (pattern > lower)
+            return jnp.minimum(low, jnp.min(jnp.where(above, pattern, low))), None
+        return jax.lax.scan(smallest, jnp.asarray(jnp.iinfo(int_type).max, int_type),
+                            (r0, c0, weight))[0]
+
+    upper = jnp.where(
+        k + 1 < hist[digit], lower,
+        jax.lax.cond(jnp.any(later & (hist > 0)), lambda _: in_group, least_above, None))
+    return lower, upper
+
+
+@_blockwise_median.defjvp
+def _blockwise_median_jvp(n, primals, tangents):
+    xc, sq = primals
+    lower, upper = _median_patterns(xc, sq, n)
+    b, r0, c0, weight = _source_blocks(xc.shape[0])
+
+    def hits(r, c):  # the block's entries equal to the two order statistics
+        d, real = _source_distances(xc, sq, n, b, r, c)
+        return [real & (_patterns(d) == p) for p in (lower, upper)]
+
+    def counts(acc, block):
+        r, c, w = block
+        return acc + w * jnp.stack([jnp.sum(h, dtype=jnp.uint32) for h in hits(r, c)]), None
+
+    def sums(acc, block):  # linear in the tangents alone (a transposable carry)
+        r, c, w = block
+        d_dot = jax.jvp(lambda a, s: _source_distances(a, s, n, b, r, c)[0], primals,
+                        tangents)[1]
+        return acc + w.astype(d_dot.dtype) * jnp.stack(
+            [jnp.sum(jnp.where(h, d_dot, 0)) for h in hits(r, c)]), None
+
+    many = jax.lax.scan(counts, jnp.zeros(2, jnp.uint32), (r0, c0, weight))[0]
+    total = jax.lax.scan(sums, jnp.zeros(2, xc.dtype), (r0, c0, weight))[0]
+    value = lambda p: jax.lax.bitcast_convert_type(p, xc.dtype)
+    mean = total / jnp.maximum(many, 1).astype(xc.dtype)
+    return (value(lower) + value(upper)) / 2, (mean[0] + mean[1]) / 2
+
+
 def _rbf_source(x: Array, n_pad: int, *, threshold: float, debiased: bool) -> RBFSource:
-    """The layer's n x n distances exist only here, once, for the median and the centring
-    row (a reduction XLA fuses with the kernel): a grid never holds them for all layers."""
+    """A layer's RBF source, in O(n d + b^2) memory: the median distance by blockwise
+    selection (:func:`_blockwise_median`), then the centring row (see
+    :func:`_centering_row`) from the column sums of the kernel's blocks, one more pass."""
+    n = x.shape[0]
     xc, sq = _distance_terms(x)
-    idx = jnp.arange(x.shape[0])
-    d = _distance_block(xc, xc, sq, sq, idx, idx)
-    median = _median_of_non_negative(d)
-    row = _centering_row(_rbf_of(d, median, jnp.asarray(threshold, x.dtype)), debiased)
-    return RBFSource(_pad_rows(xc, n_pad), _pad_rows(sq, n_pad), median, _pad_rows(row, n_pad),
-                     jnp.asarray(x.shape[0], jnp.int32))
+    xc, sq = _pad_rows(xc, n_pad), _pad_rows(sq, n_pad)
+    median = _blockwise_median(xc, sq, n)
+    t = jnp.asarray(threshold, x.dtype)
+    b, r0, c0, weight = _source_blocks(n_pad)
+    # the first off-diagonal entry c is subtracted before summing (see _centering_row)
+    first = _rbf_of(_distance_block(xc[:1], xc[1:2], sq[:1], sq[1:2], jnp.zeros(1),
+                                    jnp.ones(1))[0, 0], median, t)
+
+    def column_sums(acc, block):
+        r, c, w = block
+        d, real = _source_distances(xc, sq, n, b, r, c)
+        k = jnp.where(real, _rbf_of(d, median, t) - first, 0)
+        acc = jax.lax.dynamic_update_slice_in_dim(
+            acc, jax.lax.dynamic_slice_in_dim(acc, c, b) + jnp.sum(k, axis=0), c, 0)
+        mirrored = jax.lax.dynamic_slice_in_dim(acc, r, b) + jnp.where(w > 1, 1, 0) * jnp.sum(
+            k, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(acc, mirrored, r, 0), None
+
+    sums, _ = jax.lax.scan(column_sums, jnp.zeros(n_pad, x.dtype), (r0, c0, weight))
+    real = jnp.arange(n_pad) < n
+    if debiased:  # the diagonal of K is 1 (exp(0), or the indicator of d == 0)
+        row = (sums - (1 - first)) / (n - 2)
+        row = row - jnp.sum(jnp.where(real, row, 0)) / (2 * (n - 1))
+    else:
+        row = sums / n
+        row = row - jnp.sum(jnp.where(real, row, 0)) / (2 * n)
+    row = jnp.where(real, row + first / 2, 0)
+    return RBFSource(xc, sq, median, row, jnp.asarray(n, jnp.int32))
 
 
 def _rbf_block(src: RBFSource, r0: Array, c0: Array, b: int, *, threshold: float,

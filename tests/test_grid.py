@@ -582,17 +582,21 @@ def test_blocked_grams_with_padding(x64, rng, metric, debiased):
     np.testing.assert_allclose(np.diag(selfgrid.values), 1.0, rtol=1e-10)
 
 
-def test_rbf_grid_memory_does_not_grow_with_layers_times_n_squared():
-    """Read from the compiled programs (no run needed): each layer's RBF source holds its
-    n x n distances alone, and the grid's block sum holds L blocks of b x b, never L n x n
+@pytest.mark.parametrize("debiased", [False, True])
+def test_rbf_grid_memory_does_not_grow_with_layers_times_n_squared(debiased):
+    """Read from the compiled programs (no run needed): each layer's RBF source (median
+    bandwidth and centring row) passes over b x b blocks of its distances, never holding
+    its n x n matrix, and the grid's block sum holds L blocks of b x b, never L n x n
     kernels. Before, one program formed every layer's kernel: 640 MB of temporaries for
-    8 layers at n = 2048 in float32, now 80 MB (one layer's) and 16 MB."""
+    8 layers at n = 2048 in float32; then one layer's n x n distances (80 MB) at a time;
+    now a few b x b blocks."""
     from jaxsim import kernel
 
     n = 2000
-    one, total, _ = block_grid_memory(kernel.rbf_measure().blocks, n, 16, num_layers=6)
+    blocks = kernel.rbf_measure(debiased=debiased).blocks
+    one, total, _ = block_grid_memory(blocks, n, 16, num_layers=6)
     kernel_bytes = n * n * 4
-    assert one.temp_size_in_bytes < 8 * kernel_bytes
+    assert one.temp_size_in_bytes < kernel_bytes / 2, one.temp_size_in_bytes
     assert total.temp_size_in_bytes < kernel_bytes  # not num_layers x
 
 

@@ -275,6 +275,37 @@ def test_errors(rng):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_blockwise_median_of_distances(rng, dtype):
+    """The grid's RBF bandwidth, found block by block from the features (radix selection,
+    8 bits a pass), against the sorted median of the n x n distances: n even and odd, rows
+    padded to 1032 (3 blocks of 344, nearly all padding), ties at the middle (repeated
+    points, two clusters whose median falls between them, more than half the pairs
+    coinciding), and its derivative against that of the median of the full matrix."""
+    from jaxsim.kernel import _blockwise_median, _distance_terms, _pad_rows, _sq_distances
+
+    def both(x):
+        xc, sq = _distance_terms(x)
+        got = _blockwise_median(_pad_rows(xc, 1032), _pad_rows(sq, 1032), x.shape[0])
+        return got, jnp.median(_sq_distances(x))
+
+    check = jax.jit(both)
+    with jax.enable_x64(dtype == "float64"):
+        cases = [rng.normal(size=(12, 2)), rng.normal(size=(9, 2)) ** 3,
+                 np.repeat(rng.normal(size=(3, 2)), 4, axis=0),  # many ties
+                 np.repeat([[0.0, 0], [1, 1]], [6, 6], axis=0),  # two values, median between
+                 np.repeat([[0.0, 0], [1, 1]], [9, 3], axis=0)]  # most pairs coincide
+        for x in cases:
+            got, want = check(jnp.asarray(x, dtype))
+            assert got.dtype == dtype, got.dtype
+            # (float32: the blocks' distances may round differently from the whole matrix's)
+            np.testing.assert_allclose(got, want, rtol=0 if dtype == "float64" else 3e-7)
+        grad, want = jax.jit(lambda a: [jax.grad(lambda v, k=k: both(v)[k])(a) for k in (0, 1)])(
+            jnp.asarray(cases[0], dtype))
+        np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
+        assert np.abs(np.asarray(grad)).max() > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_rbf_median_by_selection_equals_the_sorted_median(rng, dtype):
     from jaxsim.kernel import _median_of_non_negative, _sq_distances
 
