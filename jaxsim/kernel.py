@@ -511,25 +511,28 @@ def _median_patterns(xc: Array, sq: Array, n: int) -> tuple[Array, Array]:
     b, r0, c0, weight = _source_blocks(xc.shape[0])
     int_type = jnp.int64 if xc.dtype == jnp.float64 else jnp.int32
     bits = jnp.iinfo(int_type).bits
-    k = jnp.asarray((n * n - 1) // 2, jnp.uint32)  # counts: n <= 65535
-    prefix = jnp.zeros((), int_type)
-    for level in range(bits // 8):
-        shift = bits - 8 * (level + 1)
 
-        def count(hist, block, shift=shift, prefix=prefix, level=level):
+    def level(step, state):  # one pass: the next 8 bits, below the prefix found so far
+        prefix, k, _, _ = state
+        shift = (bits - 8 * (step + 1)).astype(int_type)
+
+        def count(hist, block):
             r, c, w = block
             d, real = _source_distances(xc, sq, n, b, r, c)
             pattern = _patterns(d)
-            if level:
-                real = real & ((pattern >> (shift + 8)) == prefix)
+            real = real & ((step == 0) | ((pattern >> (shift + 8)) == prefix))
             digit = ((pattern >> shift) & 255).astype(jnp.int32)
             return hist.at[digit.ravel()].add(jnp.where(real, w, 0).ravel()), None
 
         hist, _ = jax.lax.scan(count, jnp.zeros(256, jnp.uint32), (r0, c0, weight))
         below = jnp.cumsum(hist)
-        digit = jnp.argmax(below > k)
+        digit = jnp.argmax(below > k).astype(jnp.int32)
         k = k - jnp.where(digit > 0, below[digit - 1], 0)
-        prefix = (prefix << 8) | digit.astype(int_type)
+        return (prefix << 8) | digit.astype(int_type), k, hist, digit
+
+    start = (jnp.zeros((), int_type), jnp.asarray((n * n - 1) // 2, jnp.uint32),  # n < 2^16
+             jnp.zeros(256, jnp.uint32), jnp.zeros((), jnp.int32))
+    prefix, k, hist, digit = jax.lax.fori_loop(0, bits // 8, level, start)
     lower = prefix
     if (n * n) % 2:
         return lower, lower
