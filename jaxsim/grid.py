@@ -321,6 +321,18 @@ _gram_block_sum = jax.jit(_block_sum, static_argnames=("blocks", "b"))
 
 
 @functools.lru_cache(maxsize=32)
+def _local_source(source: Callable[[Array, int], Any], n_pad: int, mesh: Any
+                  ) -> Callable[[Array], Any]:
+    """:func:`_source` of a layer on ``mesh``, gathered once and computed on every device
+    without communication (``shard_map`` of replicated data). Left to XLA's partitioner, a
+    sharded layer's source loops with collectives inside, which XLA's CPU runtime can
+    order differently on different devices: a deadlock (an all-gather on one device, an
+    all-reduce on the others)."""
+    spec = jax.sharding.PartitionSpec
+    return jax.jit(_on_mesh(lambda x: source(x, n_pad), mesh, (spec(),), spec()))
+
+
+@functools.lru_cache(maxsize=32)
 def _spread_block_sum(blocks: GramBlocks, b: int, mesh: Any) -> Callable[..., Array]:
     """:func:`_gram_block_sum` with the block pairs divided among the devices of ``mesh``
     (all axes flattened; the offsets a multiple of ``mesh.size`` long, padded with weight
@@ -477,7 +489,10 @@ def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
     (:func:`_spread_block_sum`), one call.
     """
     n = layers[0].shape[0]
-    sources = [_source(blocks.source, x, -(-n // b) * b) for x in layers]
+    if mesh is None:
+        sources = [_source(blocks.source, x, -(-n // b) * b) for x in layers]
+    else:
+        sources = [_local_source(blocks.source, -(-n // b) * b, mesh)(x) for x in layers]
     dtype = jax.tree.leaves(sources[0])[0].dtype
     chunks = _chunks(n, b)
     if mesh is not None and len(_block_pairs(n, b)) > 1:

@@ -589,9 +589,17 @@ def _blockwise_median_jvp(n, primals, tangents):
 def _rbf_source(x: Array, n_pad: int, *, threshold: float, debiased: bool) -> RBFSource:
     """A layer's RBF source, in O(n d + b^2) memory: the median distance by blockwise
     selection (:func:`_blockwise_median`), then the centring row (see
-    :func:`_centering_row`) from the column sums of the kernel's blocks, one more pass."""
+    :func:`_centering_row`) from the column sums of the kernel's blocks, one more pass.
+    Up to 1024 rows (one block) the distances are formed at once, without the passes."""
     n = x.shape[0]
     xc, sq = _distance_terms(x)
+    if _source_blocks(n_pad)[0] == n_pad:
+        idx = jnp.arange(n)
+        d = _distance_block(xc, xc, sq, sq, idx, idx)
+        median = _median_of_non_negative(d)
+        row = _centering_row(_rbf_of(d, median, jnp.asarray(threshold, x.dtype)), debiased)
+        return RBFSource(_pad_rows(xc, n_pad), _pad_rows(sq, n_pad), median,
+                         _pad_rows(row, n_pad), jnp.asarray(n, jnp.int32))
     xc, sq = _pad_rows(xc, n_pad), _pad_rows(sq, n_pad)
     median = _blockwise_median(xc, sq, n)
     t = jnp.asarray(threshold, x.dtype)
