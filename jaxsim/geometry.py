@@ -253,7 +253,8 @@ def rsa_measure(*, dissimilarity: str = "correlation", compare: str = "spearman"
     """RSA as a Measure: the RDM's upper triangle (ranked for Spearman) once per layer. With
     ``compare="pearson"`` grids form the centred RDMs block by block from the features
     (memory O(L b^2 + n d)); Spearman and Kendall need every entry of each layer's RDM
-    (its ranks), so their grids keep ``n (n - 1) / 2`` values per layer."""
+    (its ranks), ``n (n - 1) / 2`` values per layer, which grids hold for as many layers
+    as fit their summary budget (see :func:`jaxsim.grid.similarity_grid`)."""
     _v.choice(dissimilarity, "dissimilarity", _DISSIMILARITIES)
     _v.choice(compare, "compare", _COMPARISONS)
     blocks = None

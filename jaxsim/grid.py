@@ -700,6 +700,75 @@ def _generic_grid(measure: Measure, sa: Sequence[Any], sb: Sequence[Any], self_g
                      (len(sa), len(sb)), np.dtype(dtype), mirror)
 
 
+_SUMMARY_BUDGET = 2**31  # bytes of prepared summaries a pairwise grid holds at once
+
+
+def _summary_groups(measure: Measure, layers_a: list[Any], layers_b: list[Any],
+                    self_grid: bool) -> tuple[list[list[int]], list[list[int]]]:
+    """Consecutive layers grouped so that two groups' prepared summaries fit in
+    ``_SUMMARY_BUDGET`` bytes (one group per side when all of them fit): Spearman and
+    Kendall RSA keep n (n - 1) / 2 entries per layer."""
+    def size(x):
+        shapes = jax.eval_shape(_jit_prepare(measure.prepare), x)
+        return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))
+
+    def grouped(layers):
+        sizes = [size(x) for x in layers]
+        out: list[list[int]] = []
+        held = 0
+        for i, s in enumerate(sizes):
+            if not out or held + s > _SUMMARY_BUDGET // 2:
+                out.append([])
+                held = 0
+            out[-1].append(i)
+            held += s
+        return out, sum(sizes)
+
+    ga, total_a = grouped(layers_a)
+    gb, total_b = (ga, 0) if self_grid else grouped(layers_b)
+    if total_a + total_b <= _SUMMARY_BUDGET:
+        return [list(range(len(layers_a)))], [list(range(len(layers_b)))]
+    return ga, gb
+
+
+def _group_blocks(groups_a: list[list[int]], groups_b: list[list[int]], self_grid: bool,
+                  symmetric: bool, prepared: bool = False) -> list[tuple[int, int]]:
+    """The (row group, column group) blocks a grouped grid evaluates (a symmetric
+    self-grid: the upper triangle); ``prepared``: instead, one entry per layer prepared."""
+    blocks = [(ga, gb) for ga in range(len(groups_a)) for gb in range(len(groups_b))
+              if not (self_grid and symmetric and gb < ga)]
+    if not prepared:
+        return blocks
+    rows = [(0, i) for g in groups_a for i in g]
+    return rows + [(ga, j) for ga, gb in blocks if not (self_grid and ga == gb)
+                   for j in groups_b[gb]]
+
+
+def _grouped_grid(measure: Measure, run: Callable[..., Array], layers_a: list[Any],
+                  layers_b: list[Any], groups_a: list[list[int]], groups_b: list[list[int]],
+                  self_grid: bool, dtype: Any, tick: Callable[..., None]) -> Array:
+    """A pairwise grid whose summaries do not fit at once: each row group is prepared
+    once, and each column group again for every row group (a self-grid of a symmetric
+    measure: for the row group and those after it, mirrored), so that at most two groups'
+    summaries exist at a time; ``run(sa, sb, self_grid)`` evaluates one block."""
+    values = jnp.zeros((len(layers_a), len(layers_b)), dtype)
+    mirror = self_grid and measure.symmetric
+    blocks = _group_blocks(groups_a, groups_b, self_grid, measure.symmetric)
+    for ga, rows in enumerate(groups_a):
+        sa = _prepare_all(measure, [layers_a[i] for i in rows], tick)
+        for gb in [gb for g, gb in blocks if g == ga]:
+            cols = groups_b[gb]
+            same = self_grid and ga == gb
+            sb = sa if same else _prepare_all(measure, [layers_b[j] for j in cols], tick)
+            block = run(sa, sb, same)
+            r, c = np.array(rows), np.array(cols)
+            values = values.at[r[:, None], c[None, :]].set(block)
+            if mirror and not same:
+                values = values.at[c[:, None], r[None, :]].set(block.T)
+            del sb  # freed before the next column group is prepared
+    return values
+
+
 def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_cka",
                     batch_size: int = 8, check_finite: bool = True,
                     labels: tuple[str, str] | None = None, **options: Any) -> Grid:
@@ -748,7 +817,9 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
     Memory: linear and RBF CKA accumulate ``b x b`` blocks (RBF finds each layer's
     bandwidth block by block too); mutual kNN keeps ``n x k``
     neighbour indices per layer; Pearson RSA accumulates blocks of centred RDMs; Spearman
-    and Kendall RSA keep each layer's ``n (n - 1) / 2`` RDM entries (they rank them all).
+    and Kendall RSA prepare each layer's ``n (n - 1) / 2`` RDM entries (they rank them
+    all). Pairwise grids whose summaries exceed 2 GiB prepare layers in groups, two at a
+    time (each column group again for every row group).
     Compiles: one pair step per pair of layer shapes; mean CCA and SVCCA pad layers whose
     widths lie within 1/8 of each other to the widest (same values), so that close widths
     share one.
@@ -830,13 +901,20 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
         num_a, num_b = len(layers_a), len(layers_b)
         pairs = (num_a * (num_a + 1) // 2 if self_grid and measure.symmetric
                  else num_a * num_b)
-        total = num_a + (0 if self_grid else num_b) + pairs  # layers prepared, pairs
+        groups_a, groups_b = _summary_groups(measure, layers_a, layers_b, self_grid)
+        total = len(_group_blocks(groups_a, groups_b, self_grid, measure.symmetric,
+                                  prepared=True)) + pairs  # layers prepared, pairs
         tick, close = _ticker(progress, total, f"{name} grid", traced)
+        run = functools.partial(_generic_grid, measure, batch_size=batch_size, dtype=dtype,
+                                tick=tick, mesh=None if measure.name == "linear_cka" else mesh)
         try:
-            sa = _prepare_all(measure, layers_a, tick)
-            sb = sa if self_grid else _prepare_all(measure, layers_b, tick)
-            values = _generic_grid(measure, sa, sb, self_grid, batch_size, dtype, tick,
-                                   None if measure.name == "linear_cka" else mesh)
+            if len(groups_a) == len(groups_b) == 1:
+                sa = _prepare_all(measure, layers_a, tick)
+                sb = sa if self_grid else _prepare_all(measure, layers_b, tick)
+                values = run(sa, sb, self_grid)
+            else:
+                values = _grouped_grid(measure, run, layers_a, layers_b, groups_a, groups_b,
+                                       self_grid, dtype, tick)
         finally:
             close()
     row_label, col_label = _labels(labels, self_grid, ("acts_a", "acts_b"))

@@ -659,3 +659,36 @@ def test_one_finiteness_sync_per_call(rng, monkeypatch):
     jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3, 2), a, a[:2])
     jaxsim.similarity_grid(a, a[:2])
     assert calls == [5, 5]  # every layer of both sides in one fused reduction, per call
+
+
+def test_pairwise_grids_hold_a_bounded_set_of_summaries(rng, monkeypatch):
+    """Spearman RSA keeps each layer's n (n - 1) / 2 ranks: past the budget of prepared
+    summaries a grid prepares its layers in groups (two groups' summaries at a time, a
+    column group again for each row group), with the same values; an asymmetric measure
+    (PWCCA) and a cross-grid too."""
+    from jaxsim import geometry
+    from jaxsim import grid as grid_module
+
+    layers = [rng.normal(size=(20, 4)) for _ in range(5)]
+    others = [rng.normal(size=(20, 4)) for _ in range(2)]
+    cases = [("rsa", layers, None), ("rsa", layers, others), ("pwcca", layers, None)]
+    want = [jaxsim.similarity_grid(a, b, metric=m, warn=False).values for m, a, b in cases]
+    prepared = []
+    real = grid_module._prepare_all
+    monkeypatch.setattr(grid_module, "_prepare_all",
+                        lambda measure, xs, tick: prepared.append(len(xs)) or real(measure, xs, tick))
+    one = jax.eval_shape(geometry.rsa_measure().prepare, layers[0])
+    size = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(one))
+    monkeypatch.setattr(grid_module, "_SUMMARY_BUDGET", 4 * size)  # 2 layers a group
+    got = jaxsim.similarity_grid(layers, metric="rsa").values
+    # groups {0, 1}, {2, 3}, {4}: 5 rows, then columns {2, 3}, {4} after the first, {4}
+    assert sum(prepared) == 9 and max(prepared) == 2, prepared
+    np.testing.assert_allclose(got, want[0], rtol=1e-12)
+    for (m, a, b), ref in zip(cases[1:], want[1:]):
+        one = jax.eval_shape(grid_module._measure_for(m, {})[0]().prepare, a[0])
+        monkeypatch.setattr(grid_module, "_SUMMARY_BUDGET", 4 * sum(
+            leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(one)))
+        prepared.clear()
+        np.testing.assert_allclose(jaxsim.similarity_grid(a, b, metric=m, warn=False).values,
+                                   ref, rtol=1e-12, err_msg=m)
+        assert max(prepared) == 2 and len(prepared) > 3, (m, prepared)
