@@ -598,14 +598,20 @@ def test_grids_under_jit(rng):
     # every route, the layers (two widths) the traced argument, names and options
     # static: no host round trip may happen inside
     acts = {k: v.astype(np.float32) for k, v in model_acts(rng, n=40, widths=(6, 4, 6)).items()}
-    # the distinct paths: feature route, Gram blocks (linear, RBF), pairwise symmetric
-    # (one triangle) and asymmetric; every pair function is jitted alone in test_api
+    # every metric (pwcca below), and the distinct paths: feature route, Gram blocks
+    # (linear, RBF, Pearson RSA), pairwise symmetric (one triangle) and asymmetric
+    from jaxsim.grid import METRICS
+
     metrics = {"linear_cka": {"method": "features"}, "cka": {"method": "gram"},
-               "rbf_cka": {}, "svcca": {"keep_dims": 3}, "linear_predictivity": {}}
-    for metric, opts in metrics.items():
+               "rbf_cka": {}, "mean_cca": {}, "svcca": {"keep_dims": 3}, "procrustes": {},
+               "rsa": {}, "rsa pearson": {"compare": "pearson"}, "mutual_knn": {"k": 5},
+               "linear_predictivity": {}}
+    assert set(METRICS) - {"pwcca"} <= {m.split()[0] for m in metrics}
+    for name, opts in metrics.items():
+        metric = name.split()[0]
         grid = lambda a: jaxsim.similarity_grid(a, metric=metric, warn=False, **opts).values
         np.testing.assert_allclose(jax.jit(grid)(acts), grid(acts), rtol=1e-5, atol=1e-6,
-                                   err_msg=metric)
+                                   err_msg=name)
     # a cross-grid too (the scatter of both orders, no triangle)
     cross = jax.jit(lambda a, b: jaxsim.similarity_grid(a, b, metric="pwcca").values)
     np.testing.assert_allclose(cross(acts, [acts["layer1"]]),
