@@ -11,7 +11,7 @@ Every ratio compares two ways of computing the same thing in this run:
    and over 4 close widths with and without width buckets;
 4. (8 host devices, a subprocess) linear-CKA grids of example-sharded layers: per-device
    FLOPs from the compiled programs and wall time against one device, for the feature
-   route and the Gram route; and a 48-layer PWCCA grid whose pairs are divided among the
+   route, the Gram route and a minibatch CKA update; and a 48-layer PWCCA grid whose pairs are divided among the
    devices (the layer axis);
 5. the memory an RBF-CKA grid's and a mutual-kNN layer's compiled programs need at
    n = 4096 and 8192, against the n x n matrices they held before, and the time of an
@@ -146,7 +146,19 @@ SHARDED = textwrap.dedent("""
         ratio = flops(fn, spread) / flops(fn, one)
         print(f"{method:>9} {n:5d} {str((d,) * 6)[:10]:>10} {ratio:19.3f}x "
               f"{best(jax.jit(fn), one):11.3f} {best(jax.jit(fn), spread):12.3f}"
-              f"{'   (under jit, XLA partitions it, gathering the activations)' if method == 'gram' else ''}")
+              f"{'   (under jit: the ring, on the mesh in the layers types)' if method == 'gram' else ''}")
+
+    # minibatch CKA: one minibatch sharded along examples, its U-centred Grams round the
+    # ring (n = 512: one block per device pair, so XLA's count holds every product)
+    batch = [rng.normal(size=(512, 512)).astype(np.float32) for _ in range(6)]
+    spread = [jax.device_put(x, NamedSharding(mesh, P("batch"))) for x in batch]
+    one = [jax.device_put(x, jax.devices()[0]) for x in batch]
+    init = jaxsim.minibatch_cka_init(6, dtype=np.float32)
+    update = lambda l: jaxsim.minibatch_cka_update(init, l).cross
+    ring = grid._ring_program(mesh, "batch", True, False, np.dtype("float32"))
+    ratio = flops(ring, spread) / flops(update, one)
+    print(f"{'minibatch':>9} {512:5d} {str((512,) * 6)[:10]:>10} {ratio:19.3f}x "
+          f"{best(update, one):11.3f} {best(update, spread):12.3f}")
 
     # pair-by-pair measures: the layer axis. 48 layers give 1176 pairs; on the mesh each
     # device evaluates 147 of them (FLOPs of the pair programs evaluating all their pairs in
@@ -218,7 +230,7 @@ def rbf_memory(rng):
 
 
 def sharded():
-    print("\n4. linear-CKA grids of 6 layers sharded along examples over 8 host devices "
+    print("\n4. linear-CKA grids and minibatch CKA of 6 layers sharded along examples over 8 host devices "
           "(ideal FLOPs/device 0.125x)")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")

@@ -375,16 +375,20 @@ def ring_axis(layers: Sequence[Any]) -> tuple[Any, str] | None:
     """``(mesh, axis)`` when every layer is a ``jax.Array`` sharded along its examples over
     the same single mesh axis (of size > 1, dividing n), features replicated; else None.
 
-    Under ``jax.jit`` on auto mesh axes the layers' types say nothing of their sharding;
-    there the mesh set with ``jax.set_mesh`` serves when it has a single axis of size > 1
-    (the data axis): the ring's ``shard_map`` takes each device's rows of the layers,
-    without communication if they are already sharded so, by slicing if replicated."""
+    Under ``jax.jit`` on auto mesh axes the layers' types name their mesh but not how
+    they are sharded on it; there a mesh with a single axis of size > 1 (the layers', or
+    else the one set with ``jax.set_mesh``) is taken as the data axis: the ring's
+    ``shard_map`` takes each device's rows of the layers, without communication if they
+    are already sharded so, by slicing if replicated."""
     if layers and all(isinstance(a, jax.core.Tracer) and not _named_axes(a) for a in layers):
-        context = jax.sharding.get_abstract_mesh()
-        data = [] if context.empty else [k for k, v in context.shape.items() if v > 1]
-        auto = all(t == jax.sharding.AxisType.Auto for t in context.axis_types)
-        if auto and len(data) == 1 and layers[0].shape[0] % context.shape[data[0]] == 0:
-            return context, data[0]
+        meshes = {getattr(jax.typeof(a).sharding, "mesh", None) for a in layers}
+        mesh = meshes.pop() if len(meshes) == 1 else None
+        if mesh is None or mesh.empty:
+            mesh = jax.sharding.get_abstract_mesh()
+        data = [] if mesh.empty else [k for k, v in mesh.shape.items() if v > 1]
+        auto = all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+        if auto and len(data) == 1 and layers[0].shape[0] % mesh.shape[data[0]] == 0:
+            return mesh, data[0]
         return None
     found = None
     for a in layers:
@@ -489,7 +493,7 @@ def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
     (:func:`_spread_block_sum`), one call.
     """
     n = layers[0].shape[0]
-    if mesh is None:
+    if mesh is None or len(_block_pairs(n, b)) == 1:  # one block: XLA partitions it
         sources = [_source(blocks.source, x, -(-n // b) * b) for x in layers]
     else:
         sources = [_local_source(blocks.source, -(-n // b) * b, mesh)(x) for x in layers]
@@ -592,9 +596,9 @@ def _on_mesh(local: Callable[..., Any], mesh: Any, in_specs: tuple, out_specs: A
 def layer_mesh(layers: Sequence[Any]) -> Any | None:
     """The device mesh that every layer lives on, when it has more than one device: read
     from the layers' shardings (arrays placed with a ``NamedSharding``, replicated or
-    sharded in any way; traced layers on explicit mesh axes), or for layers traced on
-    auto axes from the mesh set with ``jax.set_mesh``. None for host arrays, arrays on one
-    device, and layers on different meshes."""
+    sharded in any way; traced layers: the mesh in their types), or for traced layers
+    whose types name none, the mesh set with ``jax.set_mesh``. None for host arrays,
+    arrays on one device, and layers on different meshes."""
     found = None
     for a in layers:
         traced = isinstance(a, jax.core.Tracer)
@@ -808,12 +812,13 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
 
     Layers sharded along their examples over one axis of a device mesh: linear CKA divides
     the work among the devices without gathering the activations (the Gram route as a ring
-    of ``ppermute``-ed rows, see :func:`ring_axis`, also under jit on explicit axes or
-    with a one-axis mesh set by ``jax.set_mesh``; the feature route as all-reduced
+    of ``ppermute``-ed rows, see :func:`ring_axis`, also under jit on explicit axes or on
+    a one-axis auto mesh; the feature route as all-reduced
     ``d x d`` products); layers on explicit mesh axes are gathered first for the other
     measures. Measures evaluated pair by pair (CCA family, Procrustes, RSA, ...) on layers
-    that live on a mesh (any ``NamedSharding``; under jit on auto axes, the mesh of
-    ``jax.set_mesh``) divide the pairs among its devices, each summary replicated once.
+    that live on a mesh (any ``NamedSharding``; under jit, the mesh in the layers' types
+    or set by ``jax.set_mesh``) divide the pairs among its devices, each summary
+    replicated once.
     Memory: linear and RBF CKA accumulate ``b x b`` blocks (RBF finds each layer's
     bandwidth block by block too); mutual kNN keeps ``n x k``
     neighbour indices per layer; Pearson RSA accumulates blocks of centred RDMs; Spearman
