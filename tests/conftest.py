@@ -4,9 +4,9 @@ import tempfile
 # Tests compile about a thousand small programs and run each for milliseconds, so
 # compiling is most of their time: XLA's cheapest CPU code generation (no LLVM
 # optimisation, the classic elemental fusion emitters, one code-generation unit) compiles
-# 3x faster than the default (numerics unchanged: no fast-math; float32 accuracy is also
-# checked on a GPU, benchmarks/device_check.sh), and a persistent cache lets the parallel
-# workers (pytest-xdist) share what either compiled.
+# 3x faster than the default (no fast-math; the suite passes under both, and float32
+# accuracy is also checked on a GPU by benchmarks/device_check.sh), and a persistent
+# cache lets the parallel workers (pytest-xdist) share what either compiled.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
                                    "--xla_llvm_disable_expensive_passes=true "
                                    "--xla_cpu_use_fusion_emitters=false "
