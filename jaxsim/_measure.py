@@ -76,6 +76,11 @@ def evaluate(factory: Callable[..., Measure], x: jax.Array, y: jax.Array, **opti
     return _evaluate(factory, tuple(sorted(options.items())), replicated(x), replicated(y))
 
 
+def spec_axes(spec: Any) -> list[str]:
+    """The mesh axis names a ``PartitionSpec`` shards over, flattened."""
+    return [n for p in spec if p is not None for n in (p if isinstance(p, tuple) else (p,))]
+
+
 def replicated(x: Any) -> Any:
     """``x`` replicated over its mesh if it is sharded over an explicit mesh axis
     (``AxisType.Explicit``), else ``x`` itself. With explicit sharding JAX refuses a
@@ -87,7 +92,7 @@ def replicated(x: Any) -> Any:
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return x
     types = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_types))
-    names = [n for p in sharding.spec if p is not None for n in (p if isinstance(p, tuple) else (p,))]
+    names = spec_axes(sharding.spec)
     if not any(types.get(n) == jax.sharding.AxisType.Explicit for n in names):
         return x
     return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh,

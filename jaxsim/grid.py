@@ -31,7 +31,7 @@ from jaxsim import _progress
 from jaxsim import _validation as _v
 from jaxsim import canonical, conv, geometry, kernel
 from jaxsim._measure import (HIGHEST, GramBlocks, Measure, center_features, dot, replicated,
-                             safe_ratio, safe_sqrt, summary_width, unit_scaled)
+                             safe_ratio, safe_sqrt, spec_axes, summary_width, unit_scaled)
 
 Array = jax.Array
 
@@ -380,14 +380,13 @@ def ring_axis(layers: Sequence[Any]) -> tuple[Any, str] | None:
     else the one set with ``jax.set_mesh``) is taken as the data axis: the ring's
     ``shard_map`` takes each device's rows of the layers, without communication if they
     are already sharded so, by slicing if replicated."""
-    if layers and all(isinstance(a, jax.core.Tracer) and not _named_axes(a) for a in layers):
-        meshes = {getattr(jax.typeof(a).sharding, "mesh", None) for a in layers}
-        mesh = meshes.pop() if len(meshes) == 1 else None
-        if mesh is None or mesh.empty:
-            mesh = jax.sharding.get_abstract_mesh()
-        data = [] if mesh.empty else [k for k, v in mesh.shape.items() if v > 1]
-        auto = all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
-        if auto and len(data) == 1 and layers[0].shape[0] % mesh.shape[data[0]] == 0:
+    if layers and all(isinstance(a, jax.core.Tracer)
+                      and not spec_axes(getattr(jax.typeof(a).sharding, "spec", ()))
+                      for a in layers):
+        mesh = layer_mesh(layers)
+        data = [] if mesh is None else [k for k, v in mesh.shape.items() if v > 1]
+        if (len(data) == 1 and jax.sharding.AxisType.Explicit not in mesh.axis_types
+                and layers[0].shape[0] % mesh.shape[data[0]] == 0):
             return mesh, data[0]
         return None
     found = None
@@ -407,13 +406,6 @@ def ring_axis(layers: Sequence[Any]) -> tuple[Any, str] | None:
     if found is None or found[0].shape[found[1]] < 2 or layers[0].shape[0] % found[0].shape[found[1]]:
         return None
     return found
-
-
-def _named_axes(x: Any) -> list[str]:
-    """The mesh axes a traced array's type shards it over (explicit axes only)."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    spec = getattr(sharding, "spec", ())
-    return [n for p in spec if p is not None for n in (p if isinstance(p, tuple) else (p,))]
 
 
 def _cross_products(rows: list[kernel.LinearSource], cols: list[kernel.LinearSource], b: int,
@@ -493,13 +485,14 @@ def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
     (:func:`_spread_block_sum`), one call.
     """
     n = layers[0].shape[0]
-    if mesh is None or len(_block_pairs(n, b)) == 1:  # one block: XLA partitions it
-        sources = [_source(blocks.source, x, -(-n // b) * b) for x in layers]
-    else:
+    spread = mesh is not None and len(_block_pairs(n, b)) > 1  # one block: XLA partitions it
+    if spread:
         sources = [_local_source(blocks.source, -(-n // b) * b, mesh)(x) for x in layers]
+    else:
+        sources = [_source(blocks.source, x, -(-n // b) * b) for x in layers]
     dtype = jax.tree.leaves(sources[0])[0].dtype
     chunks = _chunks(n, b)
-    if mesh is not None and len(_block_pairs(n, b)) > 1:
+    if spread:
         offsets = _block_offsets(n, b, dtype)
         total = -(-len(offsets[0]) // mesh.size) * mesh.size
         padded = [np.concatenate([a, np.zeros(total - len(a), a.dtype)]) for a in offsets]
@@ -736,25 +729,33 @@ def _summary_groups(measure: Measure, layers_a: list[Any], layers_b: list[Any],
 
 
 def _group_blocks(groups_a: list[list[int]], groups_b: list[list[int]], self_grid: bool,
-                  symmetric: bool, prepared: bool = False) -> list[tuple[int, int]]:
+                  symmetric: bool) -> list[tuple[int, int]]:
     """The (row group, column group) blocks a grouped grid evaluates (a symmetric
-    self-grid: the upper triangle); ``prepared``: instead, one entry per layer prepared."""
-    blocks = [(ga, gb) for ga in range(len(groups_a)) for gb in range(len(groups_b))
-              if not (self_grid and symmetric and gb < ga)]
-    if not prepared:
-        return blocks
-    rows = [(0, i) for g in groups_a for i in g]
-    return rows + [(ga, j) for ga, gb in blocks if not (self_grid and ga == gb)
-                   for j in groups_b[gb]]
+    self-grid: the upper triangle)."""
+    return [(ga, gb) for ga in range(len(groups_a)) for gb in range(len(groups_b))
+            if not (self_grid and symmetric and gb < ga)]
+
+
+def _preparations(groups_a: list[list[int]], groups_b: list[list[int]], self_grid: bool,
+                  symmetric: bool) -> int:
+    """How many layers :func:`_grouped_grid` prepares: every row once, and each column
+    group once per block it is not the row group of."""
+    return sum(map(len, groups_a)) + sum(
+        len(groups_b[gb]) for ga, gb in _group_blocks(groups_a, groups_b, self_grid, symmetric)
+        if not (self_grid and ga == gb))
 
 
 def _grouped_grid(measure: Measure, run: Callable[..., Array], layers_a: list[Any],
                   layers_b: list[Any], groups_a: list[list[int]], groups_b: list[list[int]],
                   self_grid: bool, dtype: Any, tick: Callable[..., None]) -> Array:
-    """A pairwise grid whose summaries do not fit at once: each row group is prepared
-    once, and each column group again for every row group (a self-grid of a symmetric
-    measure: for the row group and those after it, mirrored), so that at most two groups'
-    summaries exist at a time; ``run(sa, sb, self_grid)`` evaluates one block."""
+    """A pairwise grid, its layers prepared group by group (one group per side when all
+    summaries fit, see :func:`_summary_groups`): each row group is prepared once, and
+    each column group again for every row group (a self-grid of a symmetric measure: for
+    the row group and those after it, mirrored), so that at most two groups' summaries
+    exist at a time; ``run(sa, sb, self_grid)`` evaluates one block."""
+    if len(groups_a) == len(groups_b) == 1:
+        sa = _prepare_all(measure, layers_a, tick)
+        return run(sa, sa if self_grid else _prepare_all(measure, layers_b, tick), self_grid)
     values = jnp.zeros((len(layers_a), len(layers_b)), dtype)
     mirror = self_grid and measure.symmetric
     blocks = _group_blocks(groups_a, groups_b, self_grid, measure.symmetric)
@@ -907,19 +908,13 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
         pairs = (num_a * (num_a + 1) // 2 if self_grid and measure.symmetric
                  else num_a * num_b)
         groups_a, groups_b = _summary_groups(measure, layers_a, layers_b, self_grid)
-        total = len(_group_blocks(groups_a, groups_b, self_grid, measure.symmetric,
-                                  prepared=True)) + pairs  # layers prepared, pairs
+        total = _preparations(groups_a, groups_b, self_grid, measure.symmetric) + pairs
         tick, close = _ticker(progress, total, f"{name} grid", traced)
         run = functools.partial(_generic_grid, measure, batch_size=batch_size, dtype=dtype,
                                 tick=tick, mesh=None if measure.name == "linear_cka" else mesh)
         try:
-            if len(groups_a) == len(groups_b) == 1:
-                sa = _prepare_all(measure, layers_a, tick)
-                sb = sa if self_grid else _prepare_all(measure, layers_b, tick)
-                values = run(sa, sb, self_grid)
-            else:
-                values = _grouped_grid(measure, run, layers_a, layers_b, groups_a, groups_b,
-                                       self_grid, dtype, tick)
+            values = _grouped_grid(measure, run, layers_a, layers_b, groups_a, groups_b,
+                                   self_grid, dtype, tick)
         finally:
             close()
     row_label, col_label = _labels(labels, self_grid, ("acts_a", "acts_b"))
