@@ -11,6 +11,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsim._linalg import HIGHEST, dot, inner  # noqa: F401  (re-exported for the measures)
 
@@ -41,6 +42,17 @@ class Measure(NamedTuple):
     blocks: "GramBlocks | None" = None
     min_n: int = 2
     widen: "Callable[[Any, int], Any] | None" = None
+
+
+def block_offsets(n: int, b: int, dtype: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The b x b blocks ``(r, c)``, ``r <= c``, of the n x n index space (the last ones
+    padded past n), row-major: their row and column offsets and weights (1 on the
+    diagonal, 2 for a block standing for its mirror image too)."""
+    nb = -(-n // b)
+    pairs = [(r, c) for r in range(nb) for c in range(r, nb)]
+    return (np.array([r * b for r, _ in pairs], np.int32),
+            np.array([c * b for _, c in pairs], np.int32),
+            np.array([1 if r == c else 2 for r, c in pairs], dtype))
 
 
 def summary_width(summary: Any) -> int:

@@ -30,8 +30,9 @@ import numpy as np
 from jaxsim import _progress
 from jaxsim import _validation as _v
 from jaxsim import canonical, conv, geometry, kernel
-from jaxsim._measure import (HIGHEST, GramBlocks, Measure, center_features, dot, replicated,
-                             safe_ratio, safe_sqrt, spec_axes, summary_width, unit_scaled)
+from jaxsim._measure import (HIGHEST, GramBlocks, Measure, block_offsets, center_features, dot,
+                             replicated, safe_ratio, safe_sqrt, spec_axes, summary_width,
+                             unit_scaled)
 
 Array = jax.Array
 
@@ -298,10 +299,8 @@ def _block_offsets(n: int, b: int, dtype: Any, first: int = 0, count: int | None
     """Row and column offsets of the block pairs ``first .. first + count`` of
     :func:`_block_pairs`, and their weights (1 on the diagonal, 2 for a block standing for
     its mirror image too)."""
-    pairs = _block_pairs(n, b)[first:None if count is None else first + count]
-    return (np.array([r * b for r, _ in pairs], np.int32),
-            np.array([c * b for _, c in pairs], np.int32),
-            np.array([1.0 if r == c else 2.0 for r, c in pairs], dtype))
+    end = None if count is None else first + count
+    return tuple(a[first:end] for a in block_offsets(n, b, dtype))
 
 
 def _block_sum(blocks: GramBlocks, sources: list[Any], r0: Array, c0: Array,

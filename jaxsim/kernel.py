@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsim import _validation as _v
-from jaxsim._measure import (GramBlocks, Measure, center_features, dot, evaluate, inner,
-                             safe_ratio, safe_sqrt, unit_scaled)
+from jaxsim._measure import (GramBlocks, Measure, block_offsets, center_features, dot,
+                             evaluate, inner, safe_ratio, safe_sqrt, unit_scaled)
 
 Array = jax.Array
 
@@ -163,16 +163,22 @@ def _centering_row(k: Array, unbiased: bool) -> Array:
     constant Gram (a constant layer's RBF kernel) then centres to exactly 0, not to a
     rounding residue that a cosine would scale up to 1, and a large common offset costs
     no precision in the sums."""
-    n = k.shape[0]
     c = k[0, 1]
-    k = k - c
+    return _row_from_sums(jnp.sum(k - c, axis=0), jnp.diagonal(k) - c, c, k.shape[0], unbiased)
+
+
+def _row_from_sums(sums: Array, diagonal: Array, c: Array, n: int, unbiased: bool,
+                   real: Array | None = None) -> Array:
+    """:func:`_centering_row` from the column sums and the diagonal of ``K - c`` (over n
+    real rows; ``real`` marks them among padded ones, whose entries come out 0)."""
+    keep = (lambda v: v) if real is None else (lambda v: jnp.where(real, v, 0))
     if unbiased:
-        row = (jnp.sum(k, axis=0) - jnp.diagonal(k)) / (n - 2)
-        row = row - jnp.sum(row) / (2 * (n - 1))
+        row = (sums - diagonal) / (n - 2)
+        row = row - jnp.sum(keep(row)) / (2 * (n - 1))
     else:
-        row = jnp.mean(k, axis=0)
-        row = row - jnp.mean(row) / 2
-    return row + c / 2
+        row = sums / n
+        row = row - jnp.sum(keep(row)) / (2 * n)
+    return keep(row + c / 2)
 
 
 def _u_center(k: Array) -> Array:
@@ -468,12 +474,9 @@ class RBFSource(NamedTuple):
 def _source_blocks(n_pad: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     """``(b, r0, c0, weight)``: the upper-triangle blocks (b x b, b dividing ``n_pad``: one
     block up to 1024 rows, else the largest divisor up to 512) that a layer's source
-    passes over, and their weights (2 off the diagonal: a block stands for its mirror)."""
+    passes over, and their integer weights (see :func:`block_offsets`)."""
     b = n_pad if n_pad <= 1024 else max(k for k in range(1, 513) if n_pad % k == 0)
-    pairs = [(r, c) for r in range(n_pad // b) for c in range(r, n_pad // b)]
-    return (b, np.array([r * b for r, _ in pairs], np.int32),
-            np.array([c * b for _, c in pairs], np.int32),
-            np.array([1 if r == c else 2 for r, c in pairs], np.uint32))
+    return (b, *block_offsets(n_pad, b, np.uint32))
 
 
 def _source_distances(xc: Array, sq: Array, n: int, b: int, r0: Array, c0: Array
@@ -619,14 +622,8 @@ def _rbf_source(x: Array, n_pad: int, *, threshold: float, debiased: bool) -> RB
         return jax.lax.dynamic_update_slice_in_dim(acc, mirrored, r, 0), None
 
     sums, _ = jax.lax.scan(column_sums, jnp.zeros(n_pad, x.dtype), (r0, c0, weight))
-    real = jnp.arange(n_pad) < n
-    if debiased:  # the diagonal of K is 1 (exp(0), or the indicator of d == 0)
-        row = (sums - (1 - first)) / (n - 2)
-        row = row - jnp.sum(jnp.where(real, row, 0)) / (2 * (n - 1))
-    else:
-        row = sums / n
-        row = row - jnp.sum(jnp.where(real, row, 0)) / (2 * n)
-    row = jnp.where(real, row + first / 2, 0)
+    # the diagonal of K is 1 (exp(0), or the indicator of d == 0)
+    row = _row_from_sums(sums, 1 - first, first, n, debiased, jnp.arange(n_pad) < n)
     return RBFSource(xc, sq, median, row, jnp.asarray(n, jnp.int32))
 
 
