@@ -462,6 +462,12 @@ SHARDED = {
     half = [x.astype(jax.numpy.bfloat16) for x in long]
     np.testing.assert_allclose(gram(put(half)), gram(half), rtol=2e-5)
     assert gram(put(half)).dtype == np.float32
+    # the RBF grid at n = 1104 (3 blocks): each layer's bandwidth and centring row found
+    # over distance blocks on every device from replicated data, the block pairs divided
+    rbf = lambda l: jaxsim.similarity_grid(l, metric="rbf_cka").values
+    mid = [x[:1104] for x in long]
+    np.testing.assert_allclose(rbf(put(mid)), rbf(mid), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(rbf)(put(mid)), rbf(mid), rtol=1e-5, atol=1e-6)
     # (widths 8 and 9: mean CCA pads the 8s to 9; Pearson RSA accumulates RDM blocks)
     small = [rng.normal(size=(64, d)).astype(np.float32) for d in (8, 9, 8)]
     small[1][:, :8] += small[0]

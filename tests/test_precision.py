@@ -131,6 +131,27 @@ def test_float32_grids_agree_with_float64(rng):
         np.testing.assert_allclose(got.values, ref, atol=1e-3, err_msg=metric)
 
 
+def test_float32_rbf_grid_bandwidth_in_blocks(rng):
+    """n = 1100 (3 blocks): each layer's RBF bandwidth (radix selection) and centring row
+    are found over distance blocks; in float32 on a power-law spectrum with an offset, a
+    post-ReLU and a constant layer (one width: shared compiles), biased and debiased,
+    against float64; bfloat16 activations are computed in float32."""
+    x, y = power_law(rng, 1100, 24, 24, 1.5)
+    layers = [x, y, np.maximum(y, 0), np.full((1100, 24), 7.0)]
+    for debiased in (False, True):
+        with jax.enable_x64(True):
+            ref = np.asarray(jaxsim.similarity_grid(layers, metric="rbf_cka",
+                                                    debiased=debiased).values)
+        got = jaxsim.similarity_grid([a.astype(np.float32) for a in layers],
+                                     metric="rbf_cka", debiased=debiased).values
+        np.testing.assert_allclose(got, ref, atol=1e-3, err_msg=str(debiased))
+    half = [jnp.asarray(a, jnp.bfloat16) for a in layers]
+    got = jaxsim.similarity_grid(half, metric="rbf_cka").values
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, jaxsim.similarity_grid(
+        [a.astype(np.float32) for a in half], metric="rbf_cka").values, atol=1e-6)
+
+
 def test_float32_neighbours_found_in_row_blocks(rng):
     """Mutual kNN's blocked neighbour search in float32 against the float64 value (the
     whole row at once), within the tolerance for nearly tied neighbours."""
