@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The accelerator check, in one run (what was run on a lent H100/H200; see the README):
-# the precision and measure tests on the GPU (float32 against float64 computed there too),
-# then the grid benchmarks (with W1 at n=10000 and 50 layers) and the core benchmarks.
+# the large self-grid (W1 at n=10000 and 50 layers) with the Gram route's block sizes
+# swept, the precision and measure tests on the GPU (float32 against float64 computed
+# there too), the RBF bandwidth by selection and its memory, then the grid and core
+# benchmarks. Each step has its own time limit and log in OUTDIR.
 #
 #     bash benchmarks/device_check.sh [OUTDIR]
 set -u
@@ -10,13 +12,26 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS="--xla_cpu_enable_fast_math=false"
 nvidia-smi -L
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
-tests() {  # name, seconds, files...
+step() {  # name, seconds, command...
     local name=$1 limit=$2; shift 2
-    timeout "$limit" python3 -m pytest -o addopts="" -p no:cacheprovider -v -n 8 -m "not slow" \
-        -k "not sharded and not deadlock" "$@" > "$out/$name.log" 2>&1
-    grep -E "FAILED|ERROR|passed|failed" "$out/$name.log" | tail -25
+    echo "== $name"
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    echo "(exit $?)" >> "$out/$name.log"
 }
-tests precision 120 tests/test_precision.py
-tests measures 120 tests/test_canonical.py tests/test_kernel.py tests/test_geometry.py tests/test_grid.py
-timeout 150 python3 benchmarks/grids.py --skip-notebook --large 10000 50 2>&1 | tee "$out/grids.log"
-timeout 120 python3 benchmarks/core.py 2>&1 | tee "$out/core.log"
+step large 200 python3 -c "import sys; sys.argv[1:] = ['--skip-notebook']; sys.path.insert(0, 'benchmarks')
+import grids, numpy as np
+from _common import matmul_rate
+rate = matmul_rate(np.float32)
+print(f'float32 matmul {rate / 1e12:.1f} TFLOP/s at full precision')
+grids.large_workload(np.random.default_rng(0), 10000, 50, rate, [512, 1024, 4096])"
+cat "$out/large.log"
+step tests 200 python3 -m pytest -o addopts="" -p no:cacheprovider -v -n 8 -m "not slow" \
+    -k "not sharded and not deadlock" tests/test_precision.py tests/test_kernel.py \
+    tests/test_canonical.py tests/test_geometry.py tests/test_grid.py
+grep -E "FAILED|ERROR|passed|failed" "$out/tests.log" | tail -25
+step scale 100 python3 benchmarks/scale.py --only 1,5
+cat "$out/scale.log"
+step grids 150 python3 benchmarks/grids.py --skip-notebook
+cat "$out/grids.log"
+step core 120 python3 benchmarks/core.py
+cat "$out/core.log"

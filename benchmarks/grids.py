@@ -154,11 +154,17 @@ def minibatch_workload(rng, n, widths, quick):
           f"batches {peaks[1]:.0f} MiB (ratio {peaks[1] / peaks[0]:.3f})")
 
 
-def large_workload(rng, n, num_layers, rate):
+def large_workload(rng, n, num_layers, rate, block_rows=()):
     """A self-grid of ``num_layers`` layers (widths 256/512/1024 in turn) at ``n`` examples,
     both linear-CKA routes: first call (compiles included) and steady state, and the
-    useful FLOPs (the cost model's multiply-adds x 2) as a fraction of the matmul rate."""
+    useful FLOPs (the cost model's multiply-adds x 2) as a fraction of the matmul rate.
+    ``block_rows``: the Gram route again with blocks of about these many rows in place of
+    the size the grid picks (``grid._block_size``'s target)."""
+    import jax.numpy as jnp
+
     import jaxsim
+    from jaxsim import grid as grid_module
+    from jaxsim._linalg import dot
     from jaxsim.kernel import use_feature_space
 
     widths = [(256, 512, 1024)[i % 3] for i in range(num_layers)]
@@ -177,7 +183,31 @@ def large_workload(rng, n, num_layers, rate):
         print(f"    {method:8s} route: first call {first:.2f} s, then {t:.3f} s; "
               f"{flops[method] / 1e9:.0f} useful GFLOP -> {flops[method] / t / 1e9:.0f} "
               f"GFLOP/s = {flops[method] / t / rate:.0%} of the float32 matmul rate")
-    print(f"    max |gram - features| = {np.abs(values['gram'] - values['features']).max():.1e}")
+    b = grid_module._block_size(n, num_layers)
+    print(f"    max |gram - features| = {np.abs(values['gram'] - values['features']).max():.1e}"
+          f"; blocks of {b} rows")
+    # the ceiling of the Gram route at these shapes: its (b, d) x (d, b) products alone
+    # (one block pair's, then scaled to the grid's block pairs), with nothing else
+    pairs = len(grid_module._block_pairs(n, b))
+    parts = [jax.device_put(x[: 2 * b] if n >= 2 * b else x) for x in acts]
+    products = jax.jit(lambda xs: sum(jnp.sum(dot(x[:b], x[-b:].T)) for x in xs))
+    t = timeit(products, parts, repeat=3) * pairs
+    print(f"    the Gram route's block products alone ({pairs} block pairs of (b, d) x (d, b)):"
+          f" {t:.3f} s = {flops['gram'] / t / rate:.0%} of the float32 matmul rate")
+    picked = grid_module._block_size
+    for target in block_rows:
+        grid_module._block_size = lambda m, layers=1, t=target: picked(m, layers, target=t)
+        try:
+            grid = lambda: jaxsim.similarity_grid(acts, method="gram", progress=False).values
+            t0 = time.perf_counter()
+            jax.block_until_ready(grid())
+            first = time.perf_counter() - t0
+            t = timeit(grid, repeat=3, warmup=0)
+        finally:
+            grid_module._block_size = picked
+        print(f"    gram route, blocks of {grid_module._block_size(n, 1, target=target)} rows "
+              f"(target {target}): first call {first:.2f} s, then {t:.3f} s = "
+              f"{flops['gram'] / t / rate:.0%} of the float32 matmul rate")
 
 
 def main(argv=None):
@@ -187,6 +217,9 @@ def main(argv=None):
     parser.add_argument("--large", nargs=2, type=int, metavar=("N", "LAYERS"),
                         help="also a self-grid of LAYERS layers at N examples, both routes "
                              "(on a GPU: --large 10000 50)")
+    parser.add_argument("--block-rows", default="", metavar="B,B,...",
+                        help="with --large: the Gram route again with blocks of about these "
+                             "many rows")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     rate = matmul_rate(np.float32)
@@ -195,7 +228,8 @@ def main(argv=None):
     print(f"machine: float32 matmul {rate / 1e9:.0f} GFLOP/s (jax, full precision), "
           f"{where}, jax {jax.__version__} on {jax.default_backend()}")
     if args.large:
-        large_workload(rng, *args.large, rate)
+        large_workload(rng, *args.large, rate,
+                       [int(b) for b in args.block_rows.split(",") if b])
     base = [256] * 8 + [512] * 8 + [1024] * 8
     if args.quick:
         grid_workload("W1 (quick)", rng, 512, base[::4], None, rate, args.skip_notebook)

@@ -62,7 +62,7 @@ def padding(rng):
     print(f"{'n':>6} {'rows now':>9} {'s now':>7} {'rows before':>12} {'s before':>9} "
           f"{'before/now':>10}")
     sized = grid_module._block_size
-    fixed = lambda n: n if n <= 1024 else 512
+    fixed = lambda n, layers=1: n if n <= 1024 else 512
     for n in (1025, 1537, 2049):
         layers = [rng.normal(size=(n, 64)).astype(np.float32) for _ in range(8)]
         run = lambda: jaxsim.similarity_grid(layers, method="gram").values
@@ -201,7 +201,7 @@ def rbf_memory(rng):
           f"{'8 n x n kernels MB':>19} {'source s':>9} {'n x n source s':>15}")
     blocks = kernel.rbf_measure().blocks
     for n in (4096, 8192):
-        b = grid_module._block_size(n)
+        b = grid_module._block_size(n, 8)
         n_pad = -(-n // b) * b
         x = jax.ShapeDtypeStruct((n, 256), np.float32)
         one = grid_module._source.lower(blocks.source, x, n_pad).compile()
@@ -240,9 +240,13 @@ def sharded():
 
 
 if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="1,2,3,4,5", metavar="K,K,...",
+                        help="the sections to run (default: all)")
+    only = {int(k) for k in parser.parse_args().only.split(",")}
     rng = np.random.default_rng(0)
-    rbf_median(rng)
-    padding(rng)
-    compiles(rng)
-    sharded()
-    rbf_memory(rng)
+    for k, section in ((1, rbf_median), (2, padding), (3, compiles), (4, sharded),
+                       (5, rbf_memory)):
+        if k in only:
+            section() if section is sharded else section(rng)

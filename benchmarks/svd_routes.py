@@ -7,7 +7,11 @@ The CCA family, Procrustes and predictivity need the thin SVD of each centred la
 the SVD with each of JAX's algorithms, a Householder QR followed by the SVD of the small
 R factor, and, for reference, the covariance eigendecomposition that jaxsim no longer
 uses (it squares the condition number). It also reports each route's singular values
-against the float64 SVD, on a layer with a k^-2 covariance spectrum.
+against the float64 SVD, on a layer with a k^-2 covariance spectrum, and on a
+rank-deficient one (3/4 of its units independent, one dead) how far each route's
+left singular vectors of the nonzero singular values are from spanning the layer's range
+(``max |(I - P) U_r|``, P the float64 projector on it): the polar route (gesvdp) is fast
+but wrong there, which is why jaxsim does not use it.
 """
 
 from __future__ import annotations
@@ -67,6 +71,21 @@ def main(argv=None):
         small = np.abs(s[-1] - ref[-1]) / ref[-1]
         print(f"  {name:16s} {timeit(f, a) * 1e3:8.1f} ms   max |s - s64| / s_max {err:.1e}"
               f"   smallest singular value off by {small:.1e} (relative)")
+    rank = d * 3 // 4
+    low = x[:, :rank] @ rng.normal(size=(rank, d))
+    low[:, 0] = 0  # a dead unit
+    low -= low.mean(0)
+    q = np.linalg.svd(low, full_matrices=False)[0][:, :rank]
+    b = jnp.asarray(low, jnp.float32)
+    print(f"rank {rank} of {d}, one dead unit: range of U_r (float64 reference)")
+    for name, route in ROUTES.items():
+        if name == "covariance eigh":
+            continue
+        try:
+            u = np.asarray(jax.jit(route)(b)[0], np.float64)[:, :rank]
+        except Exception:
+            continue
+        print(f"  {name:16s} max |(I - P) U_r| {np.abs(u - q @ (q.T @ u)).max():.1e}")
 
 
 if __name__ == "__main__":

@@ -63,30 +63,13 @@ def _primal(fn: Callable[[jax.Array], Any], x: jax.Array) -> Any:
 
 
 def _svd_thin(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """On CUDA, a matrix with a side over 1024 goes to cuSOLVER's polar-decomposition SVD
-    (gesvdp) instead of JAX's default there, gesvd: on an H200 a 10000 x 500 float32 layer
-    takes 16.6 ms instead of 52.9 ms, singular values as accurate (4.5e-7 vs 1.2e-7 of
-    s_max; ``benchmarks/svd_routes.py``). Smaller ones keep the default (batched Jacobi),
-    as do other platforms; the choice is made when lowering, per platform."""
-    def default(a):
-        return tuple(jax.lax.linalg.svd(a, full_matrices=False))
-
-    if max(x.shape) <= 1024:
-        return default(x)
-
-    def polar(a):  # gesvdp wants a tall matrix, and one that is not all zeros (a constant
-        # layer, centred): the polar iteration scales by the norm. That one is replaced by a
-        # tall identity, whose factors are valid for it, with singular values 0.
-        tall = a.shape[0] >= a.shape[1]
-        a = a if tall else a.T
-        zero = jnp.all(a == 0)
-        u, s, vh = jax.lax.linalg.svd(jnp.where(zero, jnp.eye(*a.shape, dtype=a.dtype), a),
-                                      full_matrices=False,
-                                      algorithm=jax.lax.linalg.SvdAlgorithm.POLAR)
-        s = jnp.where(zero, 0, s)
-        return (u, s, vh) if tall else (vh.T, s, u.T)
-
-    return tuple(jax.lax.platform_dependent(x, cuda=polar, default=default))
+    """JAX's default thin SVD on every platform (batched Jacobi on CUDA up to 1024 a side,
+    gesvd beyond). Not cuSOLVER's polar-decomposition SVD (gesvdp), although it is ~3x
+    faster on a full-rank 10000 x 500 layer: on rank-deficient layers (dead units,
+    constant units, rank 192 of width 256) its factors are wrong, and mean CCA, SVCCA,
+    PWCCA and Procrustes were off by up to 0.3 in float32 on an H100
+    (``benchmarks/svd_routes.py`` reports both on such a layer)."""
+    return tuple(jax.lax.linalg.svd(x, full_matrices=False))
 
 
 def _eigh(x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 import tempfile
 
 # Tests compile about a thousand small programs and run each for milliseconds, so
@@ -7,10 +9,27 @@ import tempfile
 # 3x faster than the default (no fast-math; the suite passes under both, and float32
 # accuracy is also checked on a GPU by benchmarks/device_check.sh), and a persistent
 # cache lets the parallel workers (pytest-xdist) share what either compiled.
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
-                                   "--xla_llvm_disable_expensive_passes=true "
-                                   "--xla_cpu_use_fusion_emitters=false "
-                                   "--xla_cpu_parallel_codegen_split_count=1")
+#
+# XLA aborts the process on a flag it does not know (jaxlib 0.11 dropped the fusion
+# emitters' switch), so the flags this jaxlib accepts are found once, in a child process,
+# before XLA starts here; the xdist workers inherit the result.
+_FAST_COMPILE = ("--xla_backend_optimization_level=0",
+                 "--xla_llvm_disable_expensive_passes=true",
+                 "--xla_cpu_use_fusion_emitters=false",
+                 "--xla_cpu_parallel_codegen_split_count=1")
+
+
+def _accepted(flags):
+    probe = "import jax; jax.devices('cpu')"
+    env = dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                          timeout=120).returncode == 0
+
+
+if "XLA_FLAGS" not in os.environ:
+    os.environ["XLA_FLAGS"] = " ".join(
+        _FAST_COMPILE if _accepted(_FAST_COMPILE) else [f for f in _FAST_COMPILE
+                                                        if _accepted([f])])
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -61,10 +80,12 @@ def orthogonal(rng, d):
 def block_grid_memory(blocks, n, d, num_layers):
     """Memory statistics of the two compiled programs of a block-accumulated grid over
     ``num_layers`` float32 layers of shape (n, d), read without running them: one layer's
-    source, and the sum over all block pairs. Returns ``(source, block_sum, n_pad)``."""
+    source, and the sum over all block pairs, in blocks of at most 512 rows (a CPU's; an
+    accelerator's are larger, within ``grid._SLAB_BUDGET``). Returns
+    ``(source, block_sum, n_pad)``."""
     from jaxsim import grid as grid_module
 
-    b = grid_module._block_size(n)
+    b = grid_module._block_size(n, num_layers, target=512)
     n_pad = -(-n // b) * b
     x = jax.ShapeDtypeStruct((n, d), np.float32)
     one = grid_module._source.lower(blocks.source, x, n_pad).compile()

@@ -641,6 +641,7 @@ def test_progress_bar_on_pairwise_grids(rng, capsys, monkeypatch):
     # compiled programs (the chunks' offsets are arguments; they were constants, one
     # program per chunk: 5 at n = 6000)
     monkeypatch.setattr(grid_module, "_CHUNK", 4)
+    monkeypatch.setattr(grid_module, "_SLAB_BUDGET", 0)  # 512-row blocks on a GPU too
     layers = [rng.normal(size=(1600, 2)).astype(np.float32) for _ in range(2)]
     before = TRACE_COUNT["blocks"]
     followed = jaxsim.similarity_grid(layers, method="gram", progress=True).values
@@ -656,11 +657,28 @@ def test_progress_bar_on_pairwise_grids(rng, capsys, monkeypatch):
 def test_block_size_has_no_padding_cliff():
     from jaxsim.grid import _block_size
 
-    for n in list(range(2, 1025, 97)) + [1024, 1025, 1100, 1536, 1537, 2048, 2049, 4097, 10000]:
-        b = _block_size(n)
-        blocks = -(-n // b)
-        assert b <= max(n, 512) and b % 8 == 0 or b == n, n
-        assert blocks * b - n < 8 * blocks, (n, b)  # a few rows of padding per block at most
+    for target in (512, 2048):
+        for n in list(range(2, 1025, 97)) + [1024, 1025, 1100, 1536, 1537, 2048, 2049, 4097,
+                                             10000]:
+            b = _block_size(n, target=target)
+            blocks = -(-n // b)
+            assert b <= max(n, target) and b % 8 == 0 or b == n, n
+            assert blocks * b - n < 8 * blocks, (n, b)  # a few rows of padding per block
+
+
+def test_block_size_by_backend(monkeypatch):
+    """512-row blocks on a CPU; on an accelerator up to 2048 rows, as long as the largest
+    slab of L blocks fits grid._SLAB_BUDGET (timings in _block_size's docstring)."""
+    from jaxsim import grid as grid_module
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert grid_module._block_size(10000, 50) == 504
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert grid_module._block_size(10000, 50) == 2000
+    assert grid_module._block_size(3000, 50) == 3000  # one block up to twice the target
+    assert grid_module._block_size(10000, 200) == 1000  # 4 * 200 * 4096^2 bytes > 4 GiB
+    assert grid_module._block_size(10000, 2000) == 504
+    assert 4 * 200 * 2048**2 <= grid_module._SLAB_BUDGET < 4 * 200 * 4096**2
 
 
 def test_one_finiteness_sync_per_call(rng, monkeypatch):

@@ -386,11 +386,13 @@ def test_every_float32_product_is_full_precision(rng):
     assert not reduced, reduced
 
 
-def test_large_svds_use_the_polar_solver_on_cuda():
-    """Read from the programs lowered for each platform (no GPU needed): a layer with more
-    than 1024 examples or units is factorised by cuSOLVER's gesvdp on CUDA (3x faster than
-    gesvd there), smaller ones by the batched Jacobi solver, and other platforms keep
-    their default."""
+def test_svds_never_use_the_polar_solver():
+    """Read from the programs lowered for each platform (no GPU needed): no layer is
+    factorised by cuSOLVER's polar SVD (gesvdp). It is ~3x faster than gesvd on a
+    full-rank 10000 x 500 layer, but on rank-deficient layers its factors are wrong: on an
+    H100 (jax 0.11.2) mean CCA, SVCCA, PWCCA and Procrustes of this file's rank-192 and
+    dead-unit cases were off by 0.1-0.3 in float32 and a constant unit changed mean CCA
+    by 3.6%."""
     import re
 
     from jaxsim import _linalg
@@ -400,10 +402,9 @@ def test_large_svds_use_the_polar_solver_on_cuda():
         text = jax.jit(_linalg.svd).trace(x).lower(lowering_platforms=(platform,)).as_text()
         return set(re.findall(r"\w*solver_gesv\w*", text))
 
-    assert solvers((2000, 64), "cuda") == {"cusolver_gesvdp_ffi"}
-    assert solvers((64, 2000), "cuda") == {"cusolver_gesvdp_ffi"}  # through the transpose
-    assert solvers((1000, 64), "cuda") == {"cusolver_gesvdj_ffi"}
-    assert "gesvdp" not in str(solvers((2000, 64), "rocm"))
+    for shape in ((2000, 64), (64, 2000), (1000, 64)):
+        found = solvers(shape, "cuda")
+        assert found and "gesvdp" not in str(found), (shape, found)
     x = np.random.default_rng(0).normal(size=(1100, 6)).astype(np.float32)
     np.testing.assert_allclose(_linalg.svd(x)[1], np.linalg.svd(x, compute_uv=False),
                                rtol=1e-5)
