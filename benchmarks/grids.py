@@ -160,8 +160,6 @@ def large_workload(rng, n, num_layers, rate, block_rows=()):
     useful FLOPs (the cost model's multiply-adds x 2) as a fraction of the matmul rate.
     ``block_rows``: the Gram route again with blocks of about these many rows in place of
     the size the grid picks (``grid._block_size``'s target)."""
-    import jax.numpy as jnp
-
     import jaxsim
     from jaxsim import grid as grid_module
     from jaxsim._linalg import dot
@@ -190,7 +188,7 @@ def large_workload(rng, n, num_layers, rate, block_rows=()):
     # (one block pair's, then scaled to the grid's block pairs), with nothing else
     pairs = len(grid_module._block_pairs(n, b))
     parts = [jax.device_put(x[: 2 * b] if n >= 2 * b else x) for x in acts]
-    products = jax.jit(lambda xs: sum(jnp.sum(dot(x[:b], x[-b:].T)) for x in xs))
+    products = jax.jit(lambda xs: [dot(x[:b], x[-b:].T) for x in xs])
     t = timeit(products, parts, repeat=3) * pairs
     print(f"    the Gram route's block products alone ({pairs} block pairs of (b, d) x (d, b)):"
           f" {t:.3f} s = {flops['gram'] / t / rate:.0%} of the float32 matmul rate")
