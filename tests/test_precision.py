@@ -104,8 +104,12 @@ def case_values(case):
 TOLERANCE = {"mutual_knn": 3e-3}
 
 
-@pytest.mark.parametrize("case", sorted(CASES) + [
-    pytest.param(c, marks=pytest.mark.slow) for c in sorted(WIDE)])
+# k^-1.5 and k^-1 lie between k^-2 (the worst conditioned) and post-ReLU: with -m slow
+IN_BETWEEN = ("k^-1.5", "k^-1")
+
+
+@pytest.mark.parametrize("case", [c for c in sorted(CASES) if c not in IN_BETWEEN] + [
+    pytest.param(c, marks=pytest.mark.slow) for c in IN_BETWEEN + tuple(sorted(WIDE))])
 def test_float32_agrees_with_float64_on_realistic_layers(case):
     ref, got = case_values(case)
     assert all(v.dtype == np.float32 for v in got.values())
