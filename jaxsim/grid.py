@@ -282,7 +282,7 @@ def _block_size(n: int, layers: int = 1, target: int | None = None) -> int:
             while target < 2048 and 4 * layers * (4 * target) ** 2 <= _SLAB_BUDGET:
                 target *= 2
     if n <= 2 * target:
-        return n
+        return n if n < _SPLIT_MIN else n + n % 2  # even: see _block_sum
     count = -(-n // target)
     rows = -(-n // count)
     return -(-rows // 8) * 8
@@ -292,6 +292,8 @@ def _block_pairs(n: int, b: int) -> list[tuple[int, int]]:
     nb = -(-n // b)
     return [(r, c) for r in range(nb) for c in range(r, nb)]
 
+
+_SPLIT_MIN = 256  # diagonal blocks of at least this many rows are formed as halves
 
 _CHUNK = 16  # block pairs per compiled call when a progress bar follows a Gram-route grid
 
@@ -325,8 +327,17 @@ def _block_sum(blocks: GramBlocks, sources: list[Any], r0: Array, c0: Array,
     The offsets are arguments: chunks of equal length share one compiled program."""
     TRACE_COUNT["blocks"] += 1
 
+    def products(r, c, size):
+        return _slab_products([blocks.block(s, r, c, size) for s in sources])
+
     def term(r, c, w):
-        return w * _slab_products([blocks.block(s, r, c, b) for s in sources])
+        if b < _SPLIT_MIN or b % 2:
+            return w * products(r, c, b)
+        # a block on the diagonal is symmetric: its upper three halves, the off-diagonal
+        # one twice, are 3/4 of its products
+        h = b // 2
+        halves = lambda: products(r, c, h) + 2 * products(r, c + h, h) + products(r + h, c + h, h)
+        return w * jax.lax.cond(r == c, halves, lambda: products(r, c, b))
 
     return _scan_sum(term, r0, c0, weight)
 
@@ -489,8 +500,10 @@ def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
     The centered Grams are never stored: for each block (r, c) of the n x n index space
     with r <= c, every layer's block is produced and flattened into a column of an
     ``(b^2, L)`` slab, and ``slab^T slab`` is added with weight 1 (r == c) or 2 (r < c,
-    standing for the mirrored block too, as the Grams are symmetric). The Gram work is
-    thus about halved and memory is ``L b^2``, not ``L n^2``.
+    standing for the mirrored block too, as the Grams are symmetric); a diagonal block
+    (b >= 256) as its three upper halves, weights 1, 2, 1. The Gram work is thus halved
+    but for 1/8 of the diagonal blocks' (a single block: 3/4 of the full Gram's, not all
+    of it), and memory is ``L b^2``, not ``L n^2``.
 
     With ``tick`` (a progress bar, see :func:`_ticker`), the block pairs run as the
     calls of :func:`_chunks` (at most two compiled programs: full chunks and the last),
