@@ -220,24 +220,35 @@ def main(argv=None):
                              "many rows")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
-    rate = matmul_rate(np.float32)
+    # a shared machine's matmul rate drifts (55-139 GFLOP/s within an hour on the 2-core
+    # CI class): it is measured again before each workload and the best so far is used,
+    # so that a slow moment cannot inflate a fraction
+    seen = []
+
+    def rate():
+        seen.append(matmul_rate(np.float32))
+        return max(seen)
+
+    first = rate()
     where = f"{os.cpu_count()} cores" if jax.default_backend() == "cpu" else \
         f"{jax.devices()[0].device_kind}, TF32 {matmul_rate(np.float32, precision='default') / 1e12:.0f} TFLOP/s"
-    print(f"machine: float32 matmul {rate / 1e9:.0f} GFLOP/s (jax, full precision), "
+    print(f"machine: float32 matmul {first / 1e9:.0f} GFLOP/s (jax, full precision), "
           f"{where}, jax {jax.__version__} on {jax.default_backend()}")
     if args.large:
-        large_workload(rng, *args.large, rate,
+        large_workload(rng, *args.large, rate(),
                        [int(b) for b in args.block_rows.split(",") if b])
     base = [256] * 8 + [512] * 8 + [1024] * 8
     if args.quick:
-        grid_workload("W1 (quick)", rng, 512, base[::4], None, rate, args.skip_notebook)
-        grid_workload("W2 (quick)", rng, 512, base[::4], base[::3], rate, args.skip_notebook)
+        grid_workload("W1 (quick)", rng, 512, base[::4], None, rate(), args.skip_notebook)
+        grid_workload("W2 (quick)", rng, 512, base[::4], base[::3], rate(), args.skip_notebook)
         minibatch_workload(rng, 64, [64] * 6, quick=True)
-        return
-    grid_workload("W1", rng, 2048, base, None, rate, args.skip_notebook)
-    grid_workload("W2", rng, 4096, base, [256] * 12 + [512] * 12 + [1024] * 12, rate,
-                  args.skip_notebook)
-    minibatch_workload(rng, 256, [256] * 8 + [512] * 8 + [1024] * 8, quick=False)
+    else:
+        grid_workload("W1", rng, 2048, base, None, rate(), args.skip_notebook)
+        grid_workload("W2", rng, 4096, base, [256] * 12 + [512] * 12 + [1024] * 12, rate(),
+                      args.skip_notebook)
+        minibatch_workload(rng, 256, [256] * 8 + [512] * 8 + [1024] * 8, quick=False)
+    print(f"matmul rate measured {len(seen)} times: {min(seen) / 1e9:.0f}-{max(seen) / 1e9:.0f} "
+          f"GFLOP/s; each fraction above is of the best measured before it")
 
 
 if __name__ == "__main__":
