@@ -501,9 +501,9 @@ def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
     with r <= c, every layer's block is produced and flattened into a column of an
     ``(b^2, L)`` slab, and ``slab^T slab`` is added with weight 1 (r == c) or 2 (r < c,
     standing for the mirrored block too, as the Grams are symmetric); a diagonal block
-    (b >= 256) as its three upper halves, weights 1, 2, 1. The Gram work is thus halved
-    but for 1/8 of the diagonal blocks' (a single block: 3/4 of the full Gram's, not all
-    of it), and memory is ``L b^2``, not ``L n^2``.
+    (b >= 256) as its three upper halves, weights 1, 2, 1. The Gram work is thus the
+    symmetric half of every Gram plus a quarter of each diagonal block (a single block:
+    3/4 of the full Gram), and memory is ``L b^2``, not ``L n^2``.
 
     With ``tick`` (a progress bar, see :func:`_ticker`), the block pairs run as the
     calls of :func:`_chunks` (at most two compiled programs: full chunks and the last),
