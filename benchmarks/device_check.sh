@@ -25,7 +25,7 @@ rate = matmul_rate(np.float32)
 print(f'float32 matmul {rate / 1e12:.1f} TFLOP/s at full precision')
 grids.large_workload(np.random.default_rng(0), 10000, 50, rate, [512, 1024, 4096])"
 cat "$out/large.log"
-step tests 200 python3 -m pytest -o addopts="" -p no:cacheprovider -v -n 8 -m "not slow" \
+step tests 240 python3 -m pytest -o addopts="" -p no:cacheprovider -v -n 8 -m "not slow" \
     -k "not sharded and not deadlock" tests/test_precision.py tests/test_kernel.py \
     tests/test_canonical.py tests/test_geometry.py tests/test_grid.py
 grep -E "FAILED|ERROR|passed|failed" "$out/tests.log" | tail -25
