@@ -72,6 +72,19 @@ def _rbf_of(d: Array, median: Array, threshold: Array) -> Array:
                      (d == 0).astype(d.dtype))
 
 
+def _patterns(d: Array) -> Array:
+    """Non-negative floats' bit patterns as integers, which order like the floats."""
+    int_type = jnp.int64 if d.dtype == jnp.float64 else jnp.int32
+    return jax.lax.bitcast_convert_type(jax.lax.stop_gradient(d), int_type)
+
+
+def _check_countable(n: int) -> None:
+    """The bandwidth selections count distances in uint32: at most 2^32 - 1 of them."""
+    if n * n >= 2**32:
+        raise ValueError(f"RBF bandwidth: {n * n} squared distances (n = {n}) exceed the "
+                         "2^32 - 1 this selection counts; subsample the examples")
+
+
 def _median_of_non_negative(d: Array) -> Array:
     """``jnp.median(d)`` of an array of non-negative floats, by exact selection instead of a
     sort: non-negative floats order like their bit patterns read as integers, so the k-th
@@ -83,11 +96,9 @@ def _median_of_non_negative(d: Array) -> Array:
     n = 65535, 17 GB in float32)."""
     flat = d.ravel()
     m = flat.size
-    if m >= 2**32:
-        raise ValueError(f"RBF bandwidth: {m} squared distances (n = {d.shape[0]}) exceed the "
-                         "2^32 - 1 this selection counts; subsample the examples")
-    int_type = jnp.int64 if flat.dtype == jnp.float64 else jnp.int32
-    bits = jax.lax.bitcast_convert_type(jax.lax.stop_gradient(flat), int_type)
+    _check_countable(d.shape[0])
+    bits = _patterns(flat)
+    int_type = bits.dtype
     count = lambda mask: jnp.sum(mask, dtype=jnp.uint32)  # exact up to n = 65535
 
     def kth(k):  # bit pattern of the k-th smallest value (0-based)
@@ -489,9 +500,6 @@ def _source_distances(xc: Array, sq: Array, n: int, b: int, r0: Array, c0: Array
     return d, (i[:, None] < n) & (j[None, :] < n)
 
 
-def _patterns(d: Array) -> Array:
-    int_type = jnp.int64 if d.dtype == jnp.float64 else jnp.int32
-    return jax.lax.bitcast_convert_type(jax.lax.stop_gradient(d), int_type)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -511,8 +519,9 @@ def _blockwise_median(xc: Array, sq: Array, n: int) -> Array:
 def _median_patterns(xc: Array, sq: Array, n: int) -> tuple[Array, Array]:
     """Bit patterns of the order statistics (n^2 - 1) // 2 and n^2 // 2 of the squared
     distances."""
+    _check_countable(n)
     b, r0, c0, weight = _source_blocks(xc.shape[0])
-    int_type = jnp.int64 if xc.dtype == jnp.float64 else jnp.int32
+    int_type = _patterns(xc[:0, 0]).dtype
     bits = jnp.iinfo(int_type).bits
 
     def level(step, state):  # one pass: the next 8 bits, below the prefix found so far
@@ -533,7 +542,7 @@ def _median_patterns(xc: Array, sq: Array, n: int) -> tuple[Array, Array]:
         k = k - jnp.where(digit > 0, below[digit - 1], 0)
         return (prefix << 8) | digit.astype(int_type), k, hist, digit
 
-    start = (jnp.zeros((), int_type), jnp.asarray((n * n - 1) // 2, jnp.uint32),  # n < 2^16
+    start = (jnp.zeros((), int_type), jnp.asarray((n * n - 1) // 2, jnp.uint32),
              jnp.zeros(256, jnp.uint32), jnp.zeros((), jnp.int32))
     prefix, k, hist, digit = jax.lax.fori_loop(0, bits // 8, level, start)
     lower = prefix

@@ -325,3 +325,20 @@ def test_rbf_median_by_selection_equals_the_sorted_median(rng, dtype):
                    [0, 1e-30, 1e30, 7, 7], [1.0, np.nan, 2, 3, 4]):
         v = jnp.asarray(values, jnp.float32)
         np.testing.assert_array_equal(median(v), jnp.median(v), err_msg=str(values))
+
+
+def test_bandwidth_selection_refuses_more_distances_than_it_counts():
+    """Both selections of the RBF bandwidth count in uint32: at n = 65536 the n^2 squared
+    distances reach 2^32, so the grid's blockwise source (which, unlike the dense one,
+    needs no n x n memory to get there) must refuse as the dense one does, not wrap its
+    counts around (read at trace time, nothing computed)."""
+    from jaxsim import kernel
+
+    for n in (65536, 70000):
+        x = jax.ShapeDtypeStruct((n, 2), np.float32)
+        with pytest.raises(ValueError, match=r"exceed the 2\^32 - 1"):
+            jax.eval_shape(lambda a: kernel.rbf_measure().blocks.source(a, n + (-n) % 512), x)
+        with pytest.raises(ValueError, match=r"exceed the 2\^32 - 1"):
+            jax.eval_shape(lambda a: kernel._median_of_non_negative(kernel._sq_distances(a)), x)
+    x = jax.ShapeDtypeStruct((65535, 2), np.float32)
+    assert jax.eval_shape(lambda a: kernel.rbf_measure().blocks.source(a, 65536), x).median.shape == ()
