@@ -186,7 +186,7 @@ def large_workload(rng, n, num_layers, rate, block_rows=()):
           f"; blocks of {b} rows")
     # the ceiling of the Gram route at these shapes: its (b, d) x (d, b) products alone
     # (one block pair's, then scaled to the grid's block pairs), with nothing else
-    pairs = len(grid_module._block_pairs(n, b))
+    pairs = grid_module._block_count(n, b)
     parts = [jax.device_put(x[: 2 * b] if n >= 2 * b else x) for x in acts]
     products = jax.jit(lambda xs: [dot(x[:b], x[-b:].T) for x in xs])
     t = timeit(products, parts, repeat=3) * pairs

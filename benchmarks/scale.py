@@ -185,12 +185,8 @@ SHARDED = textwrap.dedent("""
 @jax.jit
 def _materialized_source(x):
     """The former RBF source: the layer's n x n distances at once, for the median
-    (selection) and the centring row."""
-    xc, sq = kernel._distance_terms(x)
-    idx = jnp.arange(x.shape[0])
-    d = kernel._distance_block(xc, xc, sq, sq, idx, idx)
-    median = kernel._median_of_non_negative(d)
-    return median, kernel._centering_row(kernel._rbf_of(d, median, jnp.float32(1)), False)
+    (selection) and the centring row (what a single block still does)."""
+    return kernel._dense_source(*kernel._distance_terms(x), jnp.float32(1), False)
 
 
 def rbf_memory(rng):

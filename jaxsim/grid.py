@@ -288,9 +288,10 @@ def _block_size(n: int, layers: int = 1, target: int | None = None) -> int:
     return -(-rows // 8) * 8
 
 
-def _block_pairs(n: int, b: int) -> list[tuple[int, int]]:
+def _block_count(n: int, b: int) -> int:
+    """How many block pairs (r <= c) :func:`jaxsim._measure.block_offsets` lists."""
     nb = -(-n // b)
-    return [(r, c) for r in range(nb) for c in range(r, nb)]
+    return nb * (nb + 1) // 2
 
 
 _SPLIT_MIN = 256  # diagonal blocks of at least this many rows are formed as halves
@@ -300,7 +301,7 @@ _CHUNK = 16  # block pairs per compiled call when a progress bar follows a Gram-
 
 def _chunks(n: int, b: int) -> list[tuple[int, int]]:
     """(first, count) of the compiled calls a followed Gram-route grid makes."""
-    total = len(_block_pairs(n, b))
+    total = _block_count(n, b)
     return [(first, min(_CHUNK, total - first)) for first in range(0, total, _CHUNK)]
 
 
@@ -313,9 +314,8 @@ def _source(source: Callable[[Array, int], Any], x: Array, n_pad: int) -> Any:
 
 def _block_offsets(n: int, b: int, dtype: Any, first: int = 0, count: int | None = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row and column offsets of the block pairs ``first .. first + count`` of
-    :func:`_block_pairs`, and their weights (1 on the diagonal, 2 for a block standing for
-    its mirror image too)."""
+    """:func:`jaxsim._measure.block_offsets` (row and column offsets of the block pairs,
+    and their weights), pairs ``first .. first + count``."""
     end = None if count is None else first + count
     return tuple(a[first:end] for a in block_offsets(n, b, dtype))
 
@@ -512,11 +512,12 @@ def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
     (:func:`_spread_block_sum`), one call.
     """
     n = layers[0].shape[0]
-    spread = mesh is not None and len(_block_pairs(n, b)) > 1  # one block: XLA partitions it
+    n_pad = -(-n // b) * b
+    spread = mesh is not None and n_pad > b  # one block: XLA partitions it
     if spread:
-        sources = [_local_source(blocks.source, -(-n // b) * b, mesh)(x) for x in layers]
+        sources = [_local_source(blocks.source, n_pad, mesh)(x) for x in layers]
     else:
-        sources = [_source(blocks.source, x, -(-n // b) * b) for x in layers]
+        sources = [_source(blocks.source, x, n_pad) for x in layers]
     dtype = jax.tree.leaves(sources[0])[0].dtype
     chunks = _chunks(n, b)
     if spread:

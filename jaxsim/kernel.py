@@ -598,6 +598,17 @@ def _blockwise_median_jvp(n, primals, tangents):
     return (value(lower) + value(upper)) / 2, (mean[0] + mean[1]) / 2
 
 
+def _dense_source(xc: Array, sq: Array, threshold: Array, debiased: bool
+                  ) -> tuple[Array, Array]:
+    """The median distance and centring row from the layer's n x n distances formed at
+    once (one block: cheaper than passes over blocks; also the baseline of
+    ``benchmarks/scale.py``)."""
+    idx = jnp.arange(xc.shape[0])
+    d = _distance_block(xc, xc, sq, sq, idx, idx)
+    median = _median_of_non_negative(d)
+    return median, _centering_row(_rbf_of(d, median, threshold), debiased)
+
+
 def _rbf_source(x: Array, n_pad: int, *, threshold: float, debiased: bool) -> RBFSource:
     """A layer's RBF source, in O(n d + b^2) memory: the median distance by blockwise
     selection (:func:`_blockwise_median`), then the centring row (see
@@ -606,10 +617,7 @@ def _rbf_source(x: Array, n_pad: int, *, threshold: float, debiased: bool) -> RB
     n = x.shape[0]
     xc, sq = _distance_terms(x)
     if _source_blocks(n_pad)[0] == n_pad:
-        idx = jnp.arange(n)
-        d = _distance_block(xc, xc, sq, sq, idx, idx)
-        median = _median_of_non_negative(d)
-        row = _centering_row(_rbf_of(d, median, jnp.asarray(threshold, x.dtype)), debiased)
+        median, row = _dense_source(xc, sq, jnp.asarray(threshold, x.dtype), debiased)
         return RBFSource(_pad_rows(xc, n_pad), _pad_rows(sq, n_pad), median,
                          _pad_rows(row, n_pad), jnp.asarray(n, jnp.int32))
     xc, sq = _pad_rows(xc, n_pad), _pad_rows(sq, n_pad)
