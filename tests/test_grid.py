@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -468,6 +469,12 @@ SHARDED = {
     mid = [x[:1104] for x in long]
     np.testing.assert_allclose(rbf(put(mid)), rbf(mid), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(jax.jit(rbf)(put(mid)), rbf(mid), rtol=1e-5, atol=1e-6)
+    # one block (n = 600) of sharded layers, left to XLA's partitioner: its diagonal
+    # block formed as halves (a cond in the block loop), debiased, eager and under jit
+    six = [x[:600] for x in long]
+    rbf_u = lambda l: jaxsim.similarity_grid(l, metric="rbf_cka", debiased=True).values
+    np.testing.assert_allclose(rbf_u(put(six)), rbf_u(six), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(rbf_u)(put(six)), rbf_u(six), rtol=1e-5, atol=1e-6)
     # (widths 8 and 9: mean CCA pads the 8s to 9; Pearson RSA accumulates RDM blocks)
     small = [rng.normal(size=(64, d)).astype(np.float32) for d in (8, 9, 8)]
     small[1][:, :8] += small[0]
@@ -590,6 +597,28 @@ def test_diagonal_blocks_formed_as_halves(x64, rng):
         grams.append(xc @ xc.T)
     ref = [[np.vdot(k, g) for g in grams] for k in grams]
     np.testing.assert_allclose(grid_module._symmetrise(sums), ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_diagonal_halves_in_low_precision(rng, dtype):
+    """The halves and the padding row of an odd n (601: one block of 602) in float32 and
+    on bfloat16 activations, on power-law and post-ReLU layers with an offset: linear CKA
+    (biased and debiased) and RBF CKA (debiased: the padded row masked) against NumPy's
+    formulas in float64 on the same (rounded) activations."""
+    from test_kernel import np_cka, np_gram_rbf
+    from test_precision import power_law, relu_layers
+
+    x, _ = power_law(rng, 601, 24, 16, 1.5)
+    _, y = relu_layers(rng, 601, 24, 16)
+    layers = [jnp.asarray(a, dtype) for a in (x, y)]
+    exact = [np.asarray(a.astype(jnp.float32), np.float64) for a in layers]
+    for debiased in (False, True):
+        got = jaxsim.similarity_grid(layers, method="gram", debiased=debiased).values
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got[0, 1], np_linear_cka(*exact, debiased), atol=1e-4,
+                                   err_msg=str(debiased))
+    got = jaxsim.similarity_grid(layers, metric="rbf_cka", debiased=True).values
+    np.testing.assert_allclose(got[0, 1], np_cka(*map(np_gram_rbf, exact), True), atol=1e-4)
 
 
 @pytest.mark.parametrize("metric,debiased", [("linear_cka", False), ("linear_cka", True),
