@@ -261,6 +261,8 @@ def _ticker(enabled: bool | None, total: int, desc: str, traced: bool
     return tick, close
 
 
+_SPLIT_MIN = 256  # diagonal blocks of at least this many rows are formed as halves
+
 _SLAB_BUDGET = 2**32  # bytes of an accelerator's largest (b, b, L) float32 slab of blocks
 
 
@@ -293,8 +295,6 @@ def _block_count(n: int, b: int) -> int:
     nb = -(-n // b)
     return nb * (nb + 1) // 2
 
-
-_SPLIT_MIN = 256  # diagonal blocks of at least this many rows are formed as halves
 
 _CHUNK = 16  # block pairs per compiled call when a progress bar follows a Gram-route grid
 
