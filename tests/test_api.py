@@ -56,6 +56,22 @@ def test_closed_over_nan_is_still_reported(rng):
         jax.jit(lambda a: jaxsim.linear_cka(a, bad))(x)
 
 
+def test_finiteness_check_is_exact_at_the_edges_of_each_dtype(rng):
+    """The device check flags an array by one sum of ``x * 0`` (NaN iff some entry is inf
+    or NaN): values at the largest finite float, whose plain sum overflows, pass; one
+    +inf, -inf or NaN anywhere fails, with its exact count, in every floating dtype."""
+    from jaxsim import _validation
+
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        big = jnp.full((300, 7), jnp.finfo(dtype).max, dtype)
+        assert not bool(jnp.isfinite(jnp.sum(big)))  # a plain sum would flag it
+        _validation.finite({"big": big, "neg": -big, "ints": jnp.arange(6).reshape(3, 2)})
+        for bad, count in ((jnp.inf, 1), (-jnp.inf, 2), (jnp.nan, 3)):
+            x = big.at[rng.choice(300, count, replace=False), 3].set(bad)
+            with pytest.raises(ValueError, match=rf"x: contains {count} non-finite"):
+                _validation.finite({"big": big, "x": x})
+
+
 def test_namespace():
     # a fresh interpreter: other tests' imports must not make the submodules appear
     code = ("import jaxsim; jaxsim.stats.permutation_test; jaxsim.conv.average_pool; "

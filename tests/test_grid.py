@@ -744,9 +744,9 @@ def test_one_finiteness_sync_per_call(rng, monkeypatch):
     from jaxsim import _validation
 
     calls = []
-    counts = _validation._nonfinite_counts
-    monkeypatch.setattr(_validation, "_nonfinite_counts",
-                        lambda arrays: calls.append(len(arrays)) or counts(arrays))
+    flags = _validation._nonfinite
+    monkeypatch.setattr(_validation, "_nonfinite",
+                        lambda arrays: calls.append(len(arrays)) or flags(arrays))
     a = [jax.numpy.asarray(rng.normal(size=(8, w)), jax.numpy.float32) for w in (3, 4, 5)]
     jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3, 2), a, a[:2])
     jaxsim.similarity_grid(a, a[:2])
