@@ -20,7 +20,8 @@ def timeit(fn, *args, repeat: int = 3, warmup: int = 1) -> float:
     return best
 
 
-def matmul_rate(dtype, size: int | None = None, precision: str = "highest") -> float:
+def matmul_rate(dtype, size: int | None = None, precision: str = "highest",
+                repeat: int = 5) -> float:
     """The machine's measured matmul rate in FLOP/s (jax, this dtype), at the precision
     jaxsim computes in (``"highest"``: true float32, not TF32, on a GPU). ``size``: 2048
     on a CPU, 8192 on an accelerator (a smaller product does not fill it)."""
@@ -28,7 +29,24 @@ def matmul_rate(dtype, size: int | None = None, precision: str = "highest") -> f
         size = 2048 if jax.default_backend() == "cpu" else 8192
     a = jax.numpy.asarray(np.random.default_rng(0).normal(size=(size, size)), dtype)
     f = jax.jit(lambda m: jax.numpy.matmul(m, m, precision=precision))
-    return 2 * size**3 / timeit(f, a, repeat=5)
+    return 2 * size**3 / timeit(f, a, repeat=repeat)
+
+
+def paired_fraction(fn, flops: float, repeat: int = 3) -> tuple[float, float]:
+    """(best seconds of ``fn()``, median of ``flops / seconds / rate``), each run read
+    against the float32 matmul rate measured just before it: on a shared machine whose
+    rate drifts (55-139 GFLOP/s within an hour on the 2-core CI class), a ratio of two
+    bests taken minutes apart reads the workload and the rate at different moments.
+    ``fn`` is run once first (compiles)."""
+    jax.block_until_ready(fn())
+    times, ratios = [], []
+    for _ in range(repeat):
+        rate = matmul_rate(np.float32, repeat=1)
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+        ratios.append(flops / times[-1] / rate)
+    return min(times), float(np.median(ratios))
 
 
 def relu_lowrank(rng, n: int, d: int, rank: int = 50) -> np.ndarray:

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import matmul_rate, timeit  # noqa: E402
+from _common import matmul_rate, paired_fraction, timeit  # noqa: E402
 
 
 def layers(rng, n, widths):
@@ -83,24 +83,23 @@ def gram_flops(n, widths_a, widths_b, self_grid):
     return grams + 2 * len(widths_a) * (len(widths_a) if self_grid else len(widths_b)) * n * n
 
 
-def grid_workload(name, rng, n, widths_a, widths_b, rate, skip_notebook):
+def grid_workload(name, rng, n, widths_a, widths_b, skip_notebook):
     import jaxsim
 
     a = layers(rng, n, widths_a)
     b = None if widths_b is None else layers(rng, n, widths_b)
-    t = timeit(lambda: jaxsim.similarity_grid(a, b).values, repeat=2)
-    tc = timeit(lambda: careful_grid(a, b), repeat=1, warmup=0)
     self_grid = b is None
     pairs = len(a) * (len(a) + 1) // 2 if self_grid else len(a) * len(b)
     flops = gram_flops(n, widths_a, widths_a if self_grid else widths_b, self_grid)
+    t, fraction = paired_fraction(lambda: jaxsim.similarity_grid(a, b).values, flops)
+    tc = timeit(lambda: careful_grid(a, b), repeat=1, warmup=0)
     check = np.abs(np.asarray(jaxsim.similarity_grid(a, b).values) - careful_grid(a, b)).max()
     print(f"{name}: jaxsim {t:.2f} s, careful loop {tc:.2f} s ({tc / t:.1f}x)", end="")
     if not skip_notebook:
         tn = notebook_time(a, b, pairs)
         print(f", notebook loop ~{tn:.0f} s ({tn / t:.0f}x, from 2 timed pairs of {pairs})", end="")
-    print(f"\n    {flops / 1e9:.0f} GFLOP -> {flops / t / 1e9:.0f} GFLOP/s = "
-          f"{flops / t / rate:.0%} of the measured float32 matmul rate; "
-          f"max |jaxsim - careful| = {check:.1e}")
+    print(f"\n    {flops / 1e9:.0f} GFLOP -> {flops / t / 1e9:.0f} GFLOP/s at best; "
+          f"{fraction:.0%} of the float32 matmul rate; max |jaxsim - careful| = {check:.1e}")
 
 
 W4_CHILD = """
@@ -154,7 +153,7 @@ def minibatch_workload(rng, n, widths, quick):
           f"batches {peaks[1]:.0f} MiB (ratio {peaks[1] / peaks[0]:.3f})")
 
 
-def large_workload(rng, n, num_layers, rate, block_rows=()):
+def large_workload(rng, n, num_layers, block_rows=()):
     """A self-grid of ``num_layers`` layers (widths 256/512/1024 in turn) at ``n`` examples,
     both linear-CKA routes: first call (compiles included) and steady state, and the
     useful FLOPs (the cost model's multiply-adds x 2) as a fraction of the matmul rate.
@@ -177,10 +176,10 @@ def large_workload(rng, n, num_layers, rate, block_rows=()):
         t0 = time.perf_counter()
         values[method] = np.asarray(jax.block_until_ready(grid()))
         first = time.perf_counter() - t0
-        t = timeit(grid, repeat=3, warmup=0)
+        t, fraction = paired_fraction(grid, flops[method])
         print(f"    {method:8s} route: first call {first:.2f} s, then {t:.3f} s; "
               f"{flops[method] / 1e9:.0f} useful GFLOP -> {flops[method] / t / 1e9:.0f} "
-              f"GFLOP/s = {flops[method] / t / rate:.0%} of the float32 matmul rate")
+              f"GFLOP/s at best; {fraction:.0%} of the float32 matmul rate")
     b = grid_module._block_size(n, num_layers)
     print(f"    max |gram - features| = {np.abs(values['gram'] - values['features']).max():.1e}"
           f"; blocks of {b} rows")
@@ -189,9 +188,9 @@ def large_workload(rng, n, num_layers, rate, block_rows=()):
     pairs = grid_module._block_count(n, b)
     parts = [jax.device_put(x[: 2 * b] if n >= 2 * b else x) for x in acts]
     products = jax.jit(lambda xs: [dot(x[:b], x[-b:].T) for x in xs])
-    t = timeit(products, parts, repeat=3) * pairs
+    t, fraction = paired_fraction(lambda: products(parts), flops["gram"] / pairs)
     print(f"    the Gram route's block products alone ({pairs} block pairs of (b, d) x (d, b)):"
-          f" {t:.3f} s = {flops['gram'] / t / rate:.0%} of the float32 matmul rate")
+          f" {t * pairs:.3f} s; {fraction:.0%} of the float32 matmul rate")
     picked = grid_module._block_size
     for target in block_rows:
         grid_module._block_size = lambda m, layers=1, t=target: picked(m, layers, target=t)
@@ -200,12 +199,12 @@ def large_workload(rng, n, num_layers, rate, block_rows=()):
             t0 = time.perf_counter()
             jax.block_until_ready(grid())
             first = time.perf_counter() - t0
-            t = timeit(grid, repeat=3, warmup=0)
+            t, fraction = paired_fraction(grid, flops["gram"])
         finally:
             grid_module._block_size = picked
         print(f"    gram route, blocks of {grid_module._block_size(n, 1, target=target)} rows "
-              f"(target {target}): first call {first:.2f} s, then {t:.3f} s = "
-              f"{flops['gram'] / t / rate:.0%} of the float32 matmul rate")
+              f"(target {target}): first call {first:.2f} s, then {t:.3f} s; "
+              f"{fraction:.0%} of the float32 matmul rate")
 
 
 def main(argv=None):
@@ -220,36 +219,25 @@ def main(argv=None):
                              "many rows")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
-    # a shared machine's matmul rate drifts (55-139 GFLOP/s within an hour on the 2-core
-    # CI class): it is measured again before each workload and the best so far is used,
-    # so that a slow moment cannot inflate a fraction
-    seen = []
-
-    def rate():
-        seen.append(matmul_rate(np.float32))
-        return max(seen)
-
-    first = rate()
+    first = matmul_rate(np.float32)
     where = f"{os.cpu_count()} cores" if jax.default_backend() == "cpu" else \
         f"{jax.devices()[0].device_kind}, TF32 {matmul_rate(np.float32, precision='default') / 1e12:.0f} TFLOP/s"
     print(f"machine: float32 matmul {first / 1e9:.0f} GFLOP/s (jax, full precision), "
           f"{where}, jax {jax.__version__} on {jax.default_backend()}")
     if args.large:
-        large_workload(rng, *args.large, rate(),
-                       [int(b) for b in args.block_rows.split(",") if b])
+        large_workload(rng, *args.large, [int(b) for b in args.block_rows.split(",") if b])
     base = [256] * 8 + [512] * 8 + [1024] * 8
     if args.quick:
-        grid_workload("W1 (quick)", rng, 512, base[::4], None, rate(), args.skip_notebook)
-        grid_workload("W2 (quick)", rng, 512, base[::4], base[::3], rate(), args.skip_notebook)
+        grid_workload("W1 (quick)", rng, 512, base[::4], None, args.skip_notebook)
+        grid_workload("W2 (quick)", rng, 512, base[::4], base[::3], args.skip_notebook)
         minibatch_workload(rng, 64, [64] * 6, quick=True)
     else:
-        grid_workload("W1", rng, 2048, base, None, rate(), args.skip_notebook)
-        grid_workload("W2", rng, 4096, base, [256] * 12 + [512] * 12 + [1024] * 12, rate(),
+        grid_workload("W1", rng, 2048, base, None, args.skip_notebook)
+        grid_workload("W2", rng, 4096, base, [256] * 12 + [512] * 12 + [1024] * 12,
                       args.skip_notebook)
         minibatch_workload(rng, 256, [256] * 8 + [512] * 8 + [1024] * 8, quick=False)
-    print(f"matmul rate measured {len(seen)} times: {min(seen) / 1e9:.0f}-{max(seen) / 1e9:.0f} "
-          f"GFLOP/s; each fraction above is of the best measured before it")
-
+    print("each fraction of the matmul rate: the median over 3 runs of the workload's FLOP/s "
+          "over the float32 matmul rate measured just before that run")
 
 if __name__ == "__main__":
     main()

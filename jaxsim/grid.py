@@ -31,7 +31,7 @@ from jaxsim import _progress
 from jaxsim import _validation as _v
 from jaxsim import canonical, conv, geometry, kernel
 from jaxsim._measure import (HIGHEST, GramBlocks, Measure, block_offsets, center_features, dot,
-                             replicated, safe_ratio, safe_sqrt, spec_axes, summary_width,
+                             inner, replicated, safe_ratio, safe_sqrt, spec_axes, summary_width,
                              unit_scaled)
 
 Array = jax.Array
@@ -321,14 +321,15 @@ def _block_offsets(n: int, b: int, dtype: Any, first: int = 0, count: int | None
 
 
 def _block_sum(blocks: GramBlocks, sources: list[Any], r0: Array, c0: Array,
-               weight: Array, b: int) -> Array:
+               weight: Array, b: int, num_a: int | None = None) -> Array:
     """The sum over the block pairs at ``(r0[k], c0[k])`` (see :func:`_block_offsets`) of
-    the weighted ``slab^T slab`` terms of :func:`_gram_inner_products` (not symmetrised).
-    The offsets are arguments: chunks of equal length share one compiled program."""
+    the weighted ``slab^T slab`` terms of :func:`_gram_inner_products` (not symmetrised;
+    ``num_a``: see :func:`_slab_products`). The offsets are arguments: chunks of equal
+    length share one compiled program."""
     TRACE_COUNT["blocks"] += 1
 
     def products(r, c, size):
-        return _slab_products([blocks.block(s, r, c, size) for s in sources])
+        return _slab_products([blocks.block(s, r, c, size) for s in sources], num_a)
 
     def term(r, c, w):
         if b < _SPLIT_MIN or b % 2:
@@ -342,7 +343,7 @@ def _block_sum(blocks: GramBlocks, sources: list[Any], r0: Array, c0: Array,
     return _scan_sum(term, r0, c0, weight)
 
 
-_gram_block_sum = jax.jit(_block_sum, static_argnames=("blocks", "b"))
+_gram_block_sum = jax.jit(_block_sum, static_argnames=("blocks", "b", "num_a"))
 
 
 @functools.lru_cache(maxsize=32)
@@ -358,20 +359,32 @@ def _local_source(source: Callable[[Array, int], Any], n_pad: int, mesh: Any
 
 
 @functools.lru_cache(maxsize=32)
-def _spread_block_sum(blocks: GramBlocks, b: int, mesh: Any) -> Callable[..., Array]:
+def _spread_block_sum(blocks: GramBlocks, b: int, mesh: Any, num_a: int | None = None
+                      ) -> Callable[..., Array]:
     """:func:`_gram_block_sum` with the block pairs divided among the devices of ``mesh``
     (all axes flattened; the offsets a multiple of ``mesh.size`` long, padded with weight
     0): ``(sources, r0, c0, weight) -> (L, L)``, the sources replicated, the partial sums
     all-reduced."""
     spec = jax.sharding.PartitionSpec
     axes = tuple(mesh.axis_names)
-    local = lambda sources, r0, c0, w: jax.lax.psum(_block_sum(blocks, sources, r0, c0, w, b),
-                                                    axes)
+    local = lambda sources, r0, c0, w: jax.lax.psum(
+        _block_sum(blocks, sources, r0, c0, w, b, num_a), axes)
     return jax.jit(_on_mesh(local, mesh, (spec(), spec(axes), spec(axes), spec(axes)), spec()))
 
 
-def _slab_products(grams: list[Array]) -> Array:
-    """``<G_l, G_m>`` for every pair of these (b, b) blocks, one per layer: ``(L, L)``."""
+def _slab_products(grams: list[Array], num_a: int | None = None) -> Array:
+    """``<G_l, G_m>`` for every pair of these (b, b) blocks, one per layer: ``(L, L)``.
+
+    ``num_a``: the blocks are the rows (the first ``num_a``) and columns of a cross-grid,
+    and only the pairs of a row with a column and each block with itself are formed (the
+    rest of the matrix is 0): for 24 x 36 layers, 24 * 36 + 60 products of the slab's
+    3600, and ~10% of the time of each block pair on a CPU."""
+    if num_a is not None and len(grams) > 3:
+        rows = jnp.stack(grams[:num_a], axis=-1).reshape(-1, num_a)
+        cols = jnp.stack(grams[num_a:], axis=-1).reshape(-1, len(grams) - num_a)
+        cross = dot(rows.T, cols)
+        out = jnp.diag(jnp.stack([inner(g, g) for g in grams]))
+        return out.at[:num_a, num_a:].set(cross).at[num_a:, :num_a].set(cross.T)
     slab = jnp.stack(grams, axis=-1)  # (b, b, L)
     if len(grams) <= 3:
         # XLA's CPU dot accumulates a (L, b^2) @ (b^2, L) product with L <= 3 in one long
@@ -494,8 +507,11 @@ def _ring_program(mesh: Any, axis: str, debiased: bool = False, rescale: bool = 
 
 
 def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
-                         tick: Callable[..., None] | None = None, mesh: Any = None) -> Array:
-    """``<K~_i, K~_j>`` for every pair of layers, ``(L, L)``, up to :func:`_symmetrise`.
+                         tick: Callable[..., None] | None = None, mesh: Any = None,
+                         num_a: int | None = None) -> Array:
+    """``<K~_i, K~_j>`` for every pair of layers, ``(L, L)``, up to :func:`_symmetrise`
+    (``num_a``: a cross-grid's first ``num_a`` layers against the rest, where only those
+    pairs and each layer with itself are formed, see :func:`_slab_products`).
 
     The centered Grams are never stored: for each block (r, c) of the n x n index space
     with r <= c, every layer's block is produced and flattened into a column of an
@@ -524,14 +540,14 @@ def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
         offsets = _block_offsets(n, b, dtype)
         total = -(-len(offsets[0]) // mesh.size) * mesh.size
         padded = [np.concatenate([a, np.zeros(total - len(a), a.dtype)]) for a in offsets]
-        return _spread_block_sum(blocks, b, mesh)(sources, *padded)
+        return _spread_block_sum(blocks, b, mesh, num_a)(sources, *padded)
     if tick is None or len(chunks) == 1:
-        acc = _gram_block_sum(blocks, sources, *_block_offsets(n, b, dtype), b)
+        acc = _gram_block_sum(blocks, sources, *_block_offsets(n, b, dtype), b, num_a)
     else:
         acc = None
         for first, count in chunks:
             part = _gram_block_sum(blocks, sources, *_block_offsets(n, b, dtype, first, count),
-                                   b)
+                                   b, num_a)
             tick(part)
             acc = part if acc is None else acc + part
     return acc
@@ -927,7 +943,8 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
                                   traced)
             try:
                 sums = _gram_inner_products(measure.blocks, union, b,
-                                            tick if follow else None, mesh)
+                                            tick if follow else None, mesh,
+                                            None if self_grid else len(layers_a))
             finally:
                 close()
         values = _gram_values(sums, len(layers_a), self_grid)
@@ -1004,7 +1021,8 @@ def _minibatch_update(state: MinibatchCKAState, layers_a: list[Array],
     dtype = state.cross.dtype
     union = [x.astype(dtype) for x in layers_a + (layers_b or [])]
     m = union[0].shape[0]
-    sums = _gram_inner_products(kernel.minibatch_blocks(), union, _block_size(m, len(union)))
+    sums = _gram_inner_products(kernel.minibatch_blocks(), union, _block_size(m, len(union)),
+                                num_a=None if layers_b is None else len(layers_a))
     return _minibatch_add(state, sums, len(layers_a), layers_b is None, m, axis_name)
 
 

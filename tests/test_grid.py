@@ -529,6 +529,39 @@ SHARDED = {
 }
 
 
+def test_cross_grids_form_only_the_cross_pairs(x64, rng):
+    """A cross-grid's slab product forms only row-column pairs and each layer with itself
+    (the compiled block sum has a (3, 4) product and no (7, 7) one), with the values of
+    the union's self-grid (n = 1100: 3 blocks, diagonal ones as halves), linear CKA
+    (biased, debiased) and minibatch CKA (the slab does not depend on the kernel)."""
+    n = 1100
+    from jaxsim import grid as grid_module
+    from jaxsim import kernel
+
+    a = [rng.normal(size=(n, w)) for w in (4, 6, 3)]
+    b = [np.tanh(a[0] @ rng.normal(size=(4, 5))), rng.normal(size=(n, 2)), a[2] ** 2,
+         rng.normal(size=(n, 7))]
+    for debiased in (False, True):
+        full = jaxsim.similarity_grid(a + b, method="gram", debiased=debiased).values
+        got = jaxsim.similarity_grid(a, b, method="gram", debiased=debiased).values
+        np.testing.assert_allclose(got, np.asarray(full)[:3, 3:], rtol=1e-10)
+    blocks = kernel.linear_measure().blocks
+    size = grid_module._block_size(n, 7)
+    sources = [grid_module._source(blocks.source, jnp.asarray(x), -(-n // size) * size)
+               for x in a + b]
+    offsets = grid_module._block_offsets(n, size, np.float64)
+    text = grid_module._gram_block_sum.lower(blocks, sources, *offsets, size, 3).as_text()
+    assert "tensor<3x4xf64>" in text and "7x7xf64> = stablehlo.dot" not in text
+    state = jaxsim.minibatch_cka_init(3, 4)
+    joint = jaxsim.minibatch_cka_init(7)
+    for rows in np.array_split(np.arange(n), 2):
+        state = jaxsim.minibatch_cka_update(state, [x[rows] for x in a], [y[rows] for y in b])
+        joint = jaxsim.minibatch_cka_update(joint, [x[rows] for x in a + b])
+    np.testing.assert_allclose(jaxsim.minibatch_cka_result(state).values,
+                               np.asarray(jaxsim.minibatch_cka_result(joint).values)[:3, 3:],
+                               rtol=1e-10)
+
+
 def test_ring_blocks_tile_the_cross_grams(x64, rng):
     """The ring's per-step products, tiled b x b (the last tile padded): <R_l C_l^T,
     R_m C_m^T> for every pair of layers, as in NumPy."""
