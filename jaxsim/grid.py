@@ -447,11 +447,13 @@ def ring_axis(layers: Sequence[Any]) -> tuple[Any, str] | None:
 
 
 def _cross_products(rows: list[kernel.LinearSource], cols: list[kernel.LinearSource], b: int,
-                    debiased: bool = False, same: bool = False) -> Array:
+                    debiased: bool = False, same: bool = False, num_a: int | None = None
+                    ) -> Array:
     """``<K_l, K_m>`` over one (m x m) block of every layer's centred Gram, rows ``rows``
     and columns ``cols`` (``same``: the very same examples, so the block holds the
     diagonal), for every pair of layers; formed b x b at a time (see
-    :func:`jaxsim.kernel.linear_cross_block`; ``count`` and ``total``: over all devices)."""
+    :func:`jaxsim.kernel.linear_cross_block`; ``count`` and ``total``: over all devices;
+    ``num_a``: see :func:`_slab_products`)."""
     m = rows[0].features.shape[0]
     tiles = -(-m // b)
     pad = lambda x: jnp.pad(x, [(0, tiles * b - m)] + [(0, 0)] * (x.ndim - 1))
@@ -462,7 +464,7 @@ def _cross_products(rows: list[kernel.LinearSource], cols: list[kernel.LinearSou
     def term(r0, c0):
         return _slab_products([kernel.linear_cross_block(r, c, r0, c0, b, debiased=debiased,
                                                          same=same, valid=m)
-                               for r, c in zip(rows, cols)])
+                               for r, c in zip(rows, cols)], num_a)
 
     return _scan_sum(term, jnp.array([r for r, _ in starts], jnp.int32),
                      jnp.array([c for _, c in starts], jnp.int32))
@@ -470,14 +472,14 @@ def _cross_products(rows: list[kernel.LinearSource], cols: list[kernel.LinearSou
 
 @functools.lru_cache(maxsize=32)
 def _ring_program(mesh: Any, axis: str, debiased: bool = False, rescale: bool = True,
-                  dtype: Any = None) -> Callable[[list[Array]], Array]:
+                  dtype: Any = None, num_a: int | None = None) -> Callable[[list[Array]], Array]:
     """The inner products of the centred (``debiased``: U-centred) linear Grams of layers
     sharded along examples over ``axis``, without gathering them: device p holds rows p
     of every layer and pairs them with rows p, p+1, ..., p + D/2 as they come round a ring
     (``ppermute``), each block pair once (the mirrored blocks by symmetry, weight 2), and
     the ``(L, L)`` sums are all-reduced. Per device ~``(D + 2) / (2 D)`` of one device's
     Gram products. ``rescale=False``: the activations' own units (minibatch CKA);
-    ``dtype``: computed in it."""
+    ``dtype``: computed in it; ``num_a``: see :func:`_slab_products`."""
     size = mesh.shape[axis]
     shift = [(j, (j - 1) % size) for j in range(size)]  # device p receives from p + 1
 
@@ -493,13 +495,13 @@ def _ring_program(mesh: Any, axis: str, debiased: bool = False, rescale: bool = 
             mine.append(kernel.LinearSource(f, row_sq, jax.lax.psum(jnp.sum(row_sq), axis),
                                             count))
         b = _block_size(m, len(feats))
-        acc, theirs = _cross_products(mine, mine, b, debiased, same=True), mine
+        acc, theirs = _cross_products(mine, mine, b, debiased, same=True, num_a=num_a), mine
         for step in range(1, size // 2 + 1):
             theirs = [t._replace(features=jax.lax.ppermute(t.features, axis, shift),
                                  row_sq=jax.lax.ppermute(t.row_sq, axis, shift))
                       for t in theirs]
             weight = 1.0 if 2 * step == size else 2.0
-            acc = acc + weight * _cross_products(mine, theirs, b, debiased)
+            acc = acc + weight * _cross_products(mine, theirs, b, debiased, num_a=num_a)
         return jax.lax.psum(acc, axis)
 
     P = jax.sharding.PartitionSpec
@@ -934,7 +936,8 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
 
     if measure.blocks is not None:
         if ring is not None:
-            sums = _ring_program(*ring, debiased)(union)
+            sums = _ring_program(*ring, debiased,
+                                 num_a=None if self_grid else len(layers_a))(union)
         else:
             b = _block_size(union[0].shape[0], len(union))
             calls = len(_chunks(union[0].shape[0], b))
@@ -1085,7 +1088,8 @@ def minibatch_cka_update(state: MinibatchCKAState, batch_acts_a: Any, batch_acts
     ring = ring_axis(union) if axis_name is None else None
     if ring is not None:  # sharded along examples: each device its share of the blocks
         sums = _ring_program(*ring, debiased=True, rescale=False,
-                             dtype=np.dtype(state.cross.dtype))(union)
+                             dtype=np.dtype(state.cross.dtype),
+                             num_a=None if layers_b is None else len(layers_a))(union)
         return _minibatch_add_jit(state, sums, len(layers_a), layers_b is None,
                                   union[0].shape[0])
     return _minibatch_update(state, [replicated(x) for x in layers_a],

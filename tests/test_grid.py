@@ -335,6 +335,11 @@ SHARDED = {
     np.testing.assert_allclose(spmd.cross, single.cross, rtol=1e-12)
     ring = grid_module._ring_program(mesh, "batch", True, False, np.dtype("float64"))
     assert "all-gather" not in ring.lower(sharded).compile().as_text()
+    # a cross-grid round the ring forms only its cross pairs (5 layers: the slab path)
+    cross = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3, 2), sharded, sharded[:2])
+    want = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3, 2), layers, layers[:2])
+    np.testing.assert_allclose(cross.cross, want.cross, rtol=1e-12)
+    np.testing.assert_allclose(cross.self_b, want.self_b, rtol=1e-12)
     jitted = jax.jit(jaxsim.minibatch_cka_update)(jaxsim.minibatch_cka_init(3), sharded)
     np.testing.assert_allclose(jitted.cross, single.cross, rtol=1e-9)
 
