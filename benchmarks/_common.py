@@ -32,13 +32,15 @@ def matmul_rate(dtype, size: int | None = None, precision: str = "highest",
     return 2 * size**3 / timeit(f, a, repeat=repeat)
 
 
-def paired_fraction(fn, flops: float, repeat: int = 3) -> tuple[float, float]:
+def paired_fraction(fn, flops: float, repeat: int = 3, warmup: bool = True
+                    ) -> tuple[float, float]:
     """(best seconds of ``fn()``, median of ``flops / seconds / rate``), each run read
     against the float32 matmul rate measured just before it: on a shared machine whose
     rate drifts (55-139 GFLOP/s within an hour on the 2-core CI class), a ratio of two
     bests taken minutes apart reads the workload and the rate at different moments.
-    ``fn`` is run once first (compiles)."""
-    jax.block_until_ready(fn())
+    ``warmup``: ``fn`` is run once first (compiles)."""
+    if warmup:
+        jax.block_until_ready(fn())
     times, ratios = [], []
     for _ in range(repeat):
         rate = matmul_rate(np.float32, repeat=1)

@@ -168,7 +168,7 @@ def minibatch_workload(rng, n, widths, quick):
 def large_workload(rng, n, num_layers, block_rows=()):
     """A self-grid of ``num_layers`` layers (widths 256/512/1024 in turn) at ``n`` examples,
     both linear-CKA routes: first call (compiles included) and steady state, and the
-    useful FLOPs (the cost model's multiply-adds x 2) as a fraction of the matmul rate.
+    FLOPs performed (the cost model's multiply-adds x 2) as a fraction of the matmul rate.
     ``block_rows``: the Gram route again with blocks of about these many rows in place of
     the size the grid picks (``grid._block_size``'s target)."""
     import jaxsim
@@ -188,9 +188,9 @@ def large_workload(rng, n, num_layers, block_rows=()):
         t0 = time.perf_counter()
         values[method] = np.asarray(jax.block_until_ready(grid()))
         first = time.perf_counter() - t0
-        t, fraction = paired_fraction(grid, flops[method])
+        t, fraction = paired_fraction(grid, flops[method], warmup=False)
         print(f"    {method:8s} route: first call {first:.2f} s, then {t:.3f} s; "
-              f"{flops[method] / 1e9:.0f} useful GFLOP -> {flops[method] / t / 1e9:.0f} "
+              f"performs {flops[method] / 1e9:.0f} GFLOP -> {flops[method] / t / 1e9:.0f} "
               f"GFLOP/s at best; {fraction:.0%} of the float32 matmul rate")
     b = grid_module._block_size(n, num_layers)
     print(f"    max |gram - features| = {np.abs(values['gram'] - values['features']).max():.1e}"
@@ -211,7 +211,7 @@ def large_workload(rng, n, num_layers, block_rows=()):
             t0 = time.perf_counter()
             jax.block_until_ready(grid())
             first = time.perf_counter() - t0
-            t, fraction = paired_fraction(grid, flops["gram"])
+            t, fraction = paired_fraction(grid, flops["gram"], warmup=False)
         finally:
             grid_module._block_size = picked
         print(f"    gram route, blocks of {grid_module._block_size(n, 1, target=target)} rows "
