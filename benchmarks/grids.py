@@ -104,7 +104,8 @@ def grid_workload(name, rng, n, widths_a, widths_b, skip_notebook):
     t, fraction = paired_fraction(lambda: jaxsim.similarity_grid(a, b, progress=False).values,
                                   flops)
     tc = timeit(lambda: careful_grid(a, b), repeat=1, warmup=0)
-    check = np.abs(np.asarray(jaxsim.similarity_grid(a, b).values) - careful_grid(a, b)).max()
+    check = np.abs(np.asarray(jaxsim.similarity_grid(a, b, progress=False).values)
+                   - careful_grid(a, b)).max()
     print(f"{name}: jaxsim {t:.2f} s, careful loop {tc:.2f} s ({tc / t:.1f}x)", end="")
     if not skip_notebook:
         tn = notebook_time(a, b, pairs)
