@@ -188,6 +188,31 @@ def test_small_float32_grids_as_accurate_as_one_pair(rng):
     assert abs(float(jaxsim.minibatch_cka_result(state).values[0, 0]) - ref_mb) < 2e-6
 
 
+def test_float32_cross_grids_with_a_narrow_side(rng):
+    """A cross-grid forms only its row-column products: with one row layer (or one
+    column layer) that product has a side of 1, which XLA's CPU dot accumulates in one
+    long float32 sum; it must keep the accuracy of the pair (n = 2000: 4 blocks of 504)."""
+    x = rng.normal(size=(2000, 64)) * np.arange(1, 65) ** -1.0 + 3.0
+    others = [np.tanh(x[:, :32]) + rng.normal(size=(2000, 32)), np.maximum(x[:, :48], 3.0),
+              rng.normal(size=(2000, 16)), x[:, ::2] ** 2, np.sin(x[:, :40])]
+    with jax.enable_x64(True):
+        ref = np.asarray(jaxsim.similarity_grid([x], others, method="gram").values)
+        state = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(5, 1), others, [x])
+        ref_mb = np.asarray(jaxsim.minibatch_cka_result(state).values)
+    x32, o32 = x.astype(np.float32), [o.astype(np.float32) for o in others]
+    grid = jaxsim.similarity_grid([x32], o32, method="gram").values
+    np.testing.assert_allclose(grid, ref, atol=2e-6)
+    state = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(5, 1, dtype=np.float32),
+                                        o32, [x32])
+    np.testing.assert_allclose(jaxsim.minibatch_cka_result(state).values, ref_mb, atol=2e-6)
+    half = [jnp.asarray(a, jnp.bfloat16) for a in [x32] + o32]
+    got = jaxsim.similarity_grid(half[:1], half[1:], method="gram").values
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, jaxsim.similarity_grid(
+        [np.asarray(a, np.float32) for a in half[:1]],
+        [np.asarray(a, np.float32) for a in half[1:]], method="gram").values, atol=1e-6)
+
+
 @given(seed=st.integers(0, 2**31 - 1), offset=st.floats(-10, 10), scale=st.floats(0.1, 10))
 def test_float32_matches_float64_on_well_conditioned_inputs(seed, offset, scale):
     # one shape: every example runs the same compiled functions
