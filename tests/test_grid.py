@@ -471,6 +471,13 @@ SHARDED = {
     half = [x.astype(jax.numpy.bfloat16) for x in long]
     np.testing.assert_allclose(gram(put(half)), gram(half), rtol=2e-5)
     assert gram(put(half)).dtype == np.float32
+    # a cross-grid round the ring forms only its cross products (1 x 3 layers: a narrow
+    # side), eager and under jit, against one device
+    cols = [long[1], long[0] ** 2, np.sin(long[1])]
+    cross = lambda a, b: jaxsim.similarity_grid(a, b, method="gram").values
+    want = cross(long[:1], cols)
+    np.testing.assert_allclose(cross(put(long[:1]), put(cols)), want, rtol=2e-5)
+    np.testing.assert_allclose(jax.jit(cross)(put(long[:1]), put(cols)), want, rtol=2e-5)
     # the RBF grid at n = 1104 (3 blocks): each layer's bandwidth and centring row found
     # over distance blocks on every device from replicated data, the block pairs divided
     rbf = lambda l: jaxsim.similarity_grid(l, metric="rbf_cka").values
@@ -541,8 +548,9 @@ def test_cross_grids_form_only_the_cross_pairs(x64, rng):
     """A cross-grid's slab product forms only row-column pairs and each layer with itself
     (the compiled block sum has a (3, 4) product and no (7, 7) one), with the same values
     (n = 1100: 3 blocks, diagonal ones as halves): linear CKA and minibatch CKA (U-centred;
-    the slab does not depend on the kernel), against the union's self-grid (tested
-    against NumPy above; NumPy's O(n^3) HSIC is slow at this n)."""
+    the slab does not depend on the kernel), against the union's self-grid and NumPy:
+    CKA from the centred features' products (Kornblith et al. 2019, eq. 5) and the
+    unbiased HSIC of U-centred Grams (Szekely & Rizzo 2014), both O(n^2)."""
     from jaxsim import grid as grid_module
     from jaxsim import kernel
 
@@ -553,6 +561,10 @@ def test_cross_grids_form_only_the_cross_pairs(x64, rng):
     full = jaxsim.similarity_grid(a + b, method="gram").values
     got = jaxsim.similarity_grid(a, b, method="gram").values
     np.testing.assert_allclose(got, np.asarray(full)[:3, 3:], rtol=1e-10)
+    centred = [x - x.mean(0) for x in a + b]
+    hsic = np.array([[np.linalg.norm(x.T @ y) ** 2 for y in centred] for x in centred])
+    norms = np.sqrt(np.diag(hsic))
+    np.testing.assert_allclose(got, (hsic / np.outer(norms, norms))[:3, 3:], rtol=1e-10)
     blocks = kernel.linear_measure().blocks
     size = grid_module._block_size(n, 7)
     sources = [grid_module._source(blocks.source, jnp.asarray(x), -(-n // size) * size)
@@ -567,6 +579,23 @@ def test_cross_grids_form_only_the_cross_pairs(x64, rng):
     np.testing.assert_allclose(jaxsim.minibatch_cka_result(state).values,
                                np.asarray(jaxsim.minibatch_cka_result(joint).values)[:3, 3:],
                                rtol=1e-10)
+
+    def u_centred(x):
+        k = x @ x.T
+        m = len(k)
+        np.fill_diagonal(k, 0)
+        rows = k.sum(0) / (m - 2)
+        k = k - rows[:, None] - rows[None, :] + k.sum() / ((m - 1) * (m - 2))
+        np.fill_diagonal(k, 0)
+        return k
+
+    sums = 0
+    for batch in split(a + b, 2):
+        grams = [u_centred(x) for x in batch]
+        sums = sums + np.array([[np.vdot(k, g) for g in grams] for k in grams])
+    norms = np.sqrt(np.diag(sums))
+    np.testing.assert_allclose(jaxsim.minibatch_cka_result(state).values,
+                               (sums / np.outer(norms, norms))[:3, 3:], rtol=1e-10)
 
 
 def test_ring_blocks_tile_the_cross_grams(x64, rng):
