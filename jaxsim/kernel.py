@@ -347,8 +347,10 @@ def use_feature_space(n: int, widths_a: list[int], widths_b: list[int] | None = 
     (``None``: a self-grid of ``widths_a``):
 
     * Gram route: each layer's centered Gram, ``n^2 d / 2`` (one triangle of blocks), and
-      the inner products of the Grams, ``n^2 / 2`` each: all ``L^2`` pairs of a self-grid's
-      ``L`` layers, a cross-grid's ``L_a L_b`` pairs and each of its layers with itself;
+      the inner products of all ``L`` Grams (rows and columns together), ``n^2 L^2 / 2``.
+      A cross-grid forms only ``L_a L_b + L`` of them, but what they cost is mostly
+      stacking all ``L`` blocks of every block pair (memory traffic): counted as ``L^2``,
+      the model keeps the feature route where it is measured faster;
     * feature route: each layer's ``d x d`` covariance for its norm, ``n d^2``, and each
       pair's cross-covariance, ``n d_a d_b`` (one triangle for a self-grid).
 
@@ -361,9 +363,7 @@ def use_feature_space(n: int, widths_a: list[int], widths_b: list[int] | None = 
     every block. The cheaper route per device wins; ties go to the Gram route.
     """
     union = list(widths_a) + list(widths_b or [])
-    products = (len(union) ** 2 if widths_b is None
-                else len(widths_a) * len(widths_b) + len(union))
-    gram = n * n / 2 * (sum(union) + products)
+    gram = n * n / 2 * (sum(union) + len(union) ** 2)
     if ring and shards > 1:
         gram = gram * (shards + 2) / shards**2 + n * sum(union) / 2
     if widths_b is None:
