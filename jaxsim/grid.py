@@ -938,9 +938,9 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
         union = layers_a if self_grid else layers_a + layers_b
 
     if measure.blocks is not None:
+        num_a = None if self_grid else len(layers_a)  # a cross-grid forms only its pairs
         if ring is not None:
-            sums = _ring_program(*ring, debiased,
-                                 num_a=None if self_grid else len(layers_a))(union)
+            sums = _ring_program(*ring, debiased, num_a=num_a)(union)
         else:
             b = _block_size(union[0].shape[0], len(union))
             calls = len(_chunks(union[0].shape[0], b))
@@ -949,8 +949,7 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
                                   traced)
             try:
                 sums = _gram_inner_products(measure.blocks, union, b,
-                                            tick if follow else None, mesh,
-                                            None if self_grid else len(layers_a))
+                                            tick if follow else None, mesh, num_a)
             finally:
                 close()
         values = _gram_values(sums, len(layers_a), self_grid)
