@@ -28,6 +28,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -202,10 +203,29 @@ def large_workload(rng, n, num_layers, block_rows=()):
     pairs = grid_module._block_count(n, b)
     rows = [jax.device_put(np.asarray(x)[:b]) for x in acts]
     cols = [jax.device_put(np.asarray(x)[-b:]) for x in acts]
-    products = jax.jit(lambda rs, cs: [dot(r, c.T) for r, c in zip(rs, cs)])
+    batched_blocks = grid_module._batched_blocks
+    batched = batched_blocks()
+    if batched:  # one batched product per width, as the route forms them on accelerators
+        widths_of = sorted(set(widths))
+        rows = [jnp.stack([r for r, d in zip(rows, widths) if d == w]) for w in widths_of]
+        cols = [jnp.stack([c for c, d in zip(cols, widths) if d == w]) for w in widths_of]
+        products = jax.jit(lambda rs, cs: [jnp.einsum("kbd,kcd->kbc", r, c, precision="highest")
+                                           for r, c in zip(rs, cs)])
+    else:
+        products = jax.jit(lambda rs, cs: [dot(r, c.T) for r, c in zip(rs, cs)])
     t, fraction = paired_fraction(lambda: products(rows, cols), flops["gram"] / pairs)
     print(f"    the Gram route's block products alone ({pairs} block pairs of (b, d) x (d, b),"
-          f" blocks in place): {t * pairs:.3f} s; {fraction:.0%} of the float32 matmul rate")
+          f"{' batched by width,' if batched else ''} blocks in place): {t * pairs:.3f} s; "
+          f"{fraction:.0%} of the float32 matmul rate")
+    if batched:  # the CPU's form: one product per layer and block
+        grid_module._batched_blocks = lambda: False
+        try:
+            grid = lambda: jaxsim.similarity_grid(acts, method="gram", progress=False).values
+            t, fraction = paired_fraction(grid, flops["gram"])
+        finally:
+            grid_module._batched_blocks = batched_blocks
+        print(f"    gram route, one product per layer and block (the CPU's form): {t:.3f} s; "
+              f"{fraction:.0%} of the float32 matmul rate")
     picked = grid_module._block_size
     for target in block_rows:
         grid_module._block_size = lambda m, layers=1, t=target: picked(m, layers, target=t)
@@ -229,6 +249,8 @@ def main(argv=None):
     parser.add_argument("--large", nargs=2, type=int, metavar=("N", "LAYERS"),
                         help="also a self-grid of LAYERS layers at N examples, both routes "
                              "(on a GPU: --large 10000 50)")
+    parser.add_argument("--large-only", action="store_true",
+                        help="with --large: only that workload")
     parser.add_argument("--block-rows", default="", metavar="B,B,...",
                         help="with --large: the Gram route again with blocks of about these "
                              "many rows")
@@ -241,6 +263,8 @@ def main(argv=None):
           f"{where}, jax {jax.__version__} on {jax.default_backend()}")
     if args.large:
         large_workload(rng, *args.large, [int(b) for b in args.block_rows.split(",") if b])
+        if args.large_only:
+            return
     base = [256] * 8 + [512] * 8 + [1024] * 8
     if args.quick:
         grid_workload("W1 (quick)", rng, 512, base[::4], None, args.skip_notebook)

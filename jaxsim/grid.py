@@ -321,15 +321,21 @@ def _block_offsets(n: int, b: int, dtype: Any, first: int = 0, count: int | None
 
 
 def _block_sum(blocks: GramBlocks, sources: list[Any], r0: Array, c0: Array,
-               weight: Array, b: int, num_a: int | None = None) -> Array:
+               weight: Array, b: int, num_a: int | None = None,
+               groups: tuple[tuple[int, ...], ...] | None = None) -> Array:
     """The sum over the block pairs at ``(r0[k], c0[k])`` (see :func:`_block_offsets`) of
     the weighted ``slab^T slab`` terms of :func:`_gram_inner_products` (not symmetrised;
     ``num_a``: see :func:`_slab_products`). The offsets are arguments: chunks of equal
-    length share one compiled program."""
+    length share one compiled program. ``groups``: the sources are stacks, one per group
+    of layers (see :func:`_source_groups`), and each block is one batched product per
+    group (:func:`_grouped_products`)."""
     TRACE_COUNT["blocks"] += 1
 
     def products(r, c, size):
-        return _slab_products([blocks.block(s, r, c, size) for s in sources], num_a)
+        if groups is None:
+            return _slab_products([blocks.block(s, r, c, size) for s in sources], num_a)
+        stacks = [jax.vmap(lambda s: blocks.block(s, r, c, size))(g) for g in sources]
+        return _grouped_products(jnp.concatenate(stacks), groups, num_a)
 
     def term(r, c, w):
         if b < _SPLIT_MIN or b % 2:
@@ -343,7 +349,7 @@ def _block_sum(blocks: GramBlocks, sources: list[Any], r0: Array, c0: Array,
     return _scan_sum(term, r0, c0, weight)
 
 
-_gram_block_sum = jax.jit(_block_sum, static_argnames=("blocks", "b", "num_a"))
+_gram_block_sum = jax.jit(_block_sum, static_argnames=("blocks", "b", "num_a", "groups"))
 
 
 @functools.lru_cache(maxsize=32)
@@ -396,6 +402,60 @@ def _slab_products(grams: list[Array], num_a: int | None = None) -> Array:
     cross = _block_inner(jnp.stack(grams[:num_a], axis=-1), jnp.stack(grams[num_a:], axis=-1))
     out = jnp.diag(jnp.stack([inner(g, g) for g in grams]))
     return out.at[:num_a, num_a:].set(cross).at[num_a:, :num_a].set(cross.T)
+
+
+def _grouped_products(stack: Array, groups: tuple[tuple[int, ...], ...],
+                      num_a: int | None = None) -> Array:
+    """:func:`_slab_products` of the (L, b, b) blocks of the layers in the order of
+    ``groups`` (a cross-grid's row groups first), as the (L, b^2) x (b^2, L) product of
+    their flattened rows, put back in the layers' order."""
+    slab = stack.reshape(stack.shape[0], -1)
+    if num_a is None:
+        out = _row_inner(slab, slab)
+    else:
+        cross = _row_inner(slab[:num_a], slab[num_a:])
+        out = jnp.diag(jnp.einsum("lk,lk->l", slab, slab, precision=HIGHEST))
+        out = out.at[:num_a, num_a:].set(cross).at[num_a:, :num_a].set(cross.T)
+    back = np.argsort([i for group in groups for i in group])
+    return out[back][:, back]
+
+
+def _row_inner(left: Array, right: Array) -> Array:
+    """``left right^T`` for (L, m) and (M, m), a side narrower than 4 padded with zero rows
+    (see :func:`_block_inner`)."""
+    wide = lambda s: jnp.pad(s, [(0, max(0, 4 - s.shape[0])), (0, 0)])
+    return dot(wide(left), wide(right).T)[:left.shape[0], :right.shape[0]]
+
+
+def _batched_blocks() -> bool:
+    """Whether the Gram route forms each block of equal-shaped layers as one batched
+    product (:func:`_source_groups`): on an accelerator, where one product per layer
+    leaves it partly idle (on an H100, 50 layers of 3 widths, blocks of 2000 rows: 6.6 ms
+    per block pair against 8.6 ms); not on a CPU, where it gains nothing measurable."""
+    return jax.default_backend() != "cpu"
+
+
+def _source_groups(sources: list[Any], num_a: int | None = None
+                   ) -> tuple[tuple[int, ...], ...]:
+    """Indices of the layers whose sources have the same structure, shapes and dtypes, in
+    order of first appearance; a cross-grid's rows (the first ``num_a``) and columns
+    grouped apart, rows first."""
+    key = lambda s: (jax.tree.structure(s),
+                     tuple((a.shape, a.dtype) for a in jax.tree.leaves(s)))
+    sides = [range(len(sources))] if num_a is None else [range(num_a),
+                                                         range(num_a, len(sources))]
+    groups = []
+    for side in sides:
+        found: dict[Any, list[int]] = {}
+        for i in side:
+            found.setdefault(key(sources[i]), []).append(i)
+        groups += [tuple(g) for g in found.values()]
+    return tuple(groups)
+
+
+@jax.jit
+def _stack_sources(group: list[Any]) -> Any:
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *group)
 
 
 def _scan_sum(term: Callable[..., Array], *args: Array) -> Array:
@@ -530,7 +590,9 @@ def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
     calls of :func:`_chunks` (at most two compiled programs: full chunks and the last),
     so that the bar can follow them; otherwise as one call. With a ``mesh`` (layers that
     live on several devices), each device sums an equal share of the block pairs
-    (:func:`_spread_block_sum`), one call.
+    (:func:`_spread_block_sum`), one call. On one accelerator, layers of equal shapes are
+    stacked and each block formed by one batched product per group
+    (:func:`_batched_blocks`).
     """
     n = layers[0].shape[0]
     n_pad = -(-n // b) * b
@@ -540,6 +602,14 @@ def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
     else:
         sources = [_source(blocks.source, x, n_pad) for x in layers]
     dtype = jax.tree.leaves(sources[0])[0].dtype
+    groups = None
+    if _batched_blocks() and not spread:
+        groups = _source_groups(sources, num_a)
+        stacks = []
+        for group in groups:  # each layer's source is freed once its group is stacked
+            stacks.append(_stack_sources([sources[i] for i in group]))
+            sources = [None if i in group else s for i, s in enumerate(sources)]
+        sources = stacks
     chunks = _chunks(n, b)
     if spread:
         offsets = _block_offsets(n, b, dtype)
@@ -547,12 +617,12 @@ def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
         padded = [np.concatenate([a, np.zeros(total - len(a), a.dtype)]) for a in offsets]
         return _spread_block_sum(blocks, b, mesh, num_a)(sources, *padded)
     if tick is None or len(chunks) == 1:
-        acc = _gram_block_sum(blocks, sources, *_block_offsets(n, b, dtype), b, num_a)
+        acc = _gram_block_sum(blocks, sources, *_block_offsets(n, b, dtype), b, num_a, groups)
     else:
         acc = None
         for first, count in chunks:
             part = _gram_block_sum(blocks, sources, *_block_offsets(n, b, dtype, first, count),
-                                   b, num_a)
+                                   b, num_a, groups)
             tick(part)
             acc = part if acc is None else acc + part
     return acc

@@ -598,6 +598,47 @@ def test_cross_grids_form_only_the_cross_pairs(x64, rng):
                                (sums / np.outer(norms, norms))[:3, 3:], rtol=1e-10)
 
 
+def test_accelerator_form_batches_equal_shaped_layers(x64, rng, monkeypatch):
+    """On an accelerator the Gram route forms each block of equal-width layers as one
+    batched product (the compiled block sum has a dot_general with a batch dimension),
+    with the same values as one product per layer: linear CKA biased and U-centred, RBF
+    CKA, a cross-grid with a one-layer side, and minibatch CKA, self and cross."""
+    from jaxsim import grid as grid_module
+    from jaxsim import kernel
+
+    n = 600  # one block, formed as halves
+    layers = [rng.normal(size=(n, w)) for w in (5, 3, 5, 7, 3, 5)]
+    layers[2] = np.tanh(layers[0] @ rng.normal(size=(5, 5)))
+    runs = [lambda: jaxsim.similarity_grid(layers, method="gram").values,
+            lambda: jaxsim.similarity_grid(layers, method="gram", debiased=True).values,
+            lambda: jaxsim.similarity_grid(layers[:4], metric="rbf_cka").values,
+            lambda: jaxsim.similarity_grid(layers[:5], layers[5:], method="gram").values,
+            lambda: jaxsim.similarity_grid(layers[3:4], layers[:3], method="gram").values]
+    batches = split(layers, 2)
+    for rows, cols in ((6, None), (4, 2)):
+        def minibatch(rows=rows, cols=cols):
+            state = jaxsim.minibatch_cka_init(rows, cols)
+            for batch in batches:
+                state = jaxsim.minibatch_cka_update(
+                    state, batch[:rows], None if cols is None else batch[rows:])
+            return jaxsim.minibatch_cka_result(state).values
+        runs.append(minibatch)
+    want = [np.asarray(run()) for run in runs]
+    monkeypatch.setattr(grid_module, "_batched_blocks", lambda: True)
+    for run, expected in zip(runs, want):
+        np.testing.assert_allclose(run(), expected, rtol=1e-12, atol=1e-15)
+    blocks = kernel.linear_measure().blocks
+    sources = [grid_module._source(blocks.source, jnp.asarray(x), n) for x in layers]
+    groups = grid_module._source_groups(sources)
+    assert groups == ((0, 2, 5), (1, 4), (3,))
+    assert grid_module._source_groups(sources, 4) == ((0, 2), (1,), (3,), (4,), (5,))
+    stacks = [grid_module._stack_sources([sources[i] for i in g]) for g in groups]
+    text = grid_module._gram_block_sum.lower(
+        blocks, stacks, *grid_module._block_offsets(n, n, np.float64), n,
+        groups=groups).as_text()
+    assert "batching_dims = [0] x [0]" in text
+
+
 def test_ring_blocks_tile_the_cross_grams(x64, rng):
     """The ring's per-step products, tiled b x b (the last tile padded): <R_l C_l^T,
     R_m C_m^T> for every pair of layers, as in NumPy."""
