@@ -519,8 +519,8 @@ def _blockwise_median(xc: Array, sq: Array, n: int) -> Array:
     8 bits per pass (4 passes in float32, 8 in float64), each pass recomputing the
     distance blocks and counting the next 8 bits of the entries that share the prefix
     found so far. Memory O(b^2 + n d). The derivative is the mean of the derivatives of
-    the entries equal to the median's two order statistics, as through a sort (the
-    nearest entries, where the derivative's program rounds the distances differently)."""
+    the entries equal to the median's two order statistics, as through a sort (up to the
+    rounding of the distances, which each pass recomputes)."""
     lower, upper = _median_patterns(xc, sq, n)
     value = lambda p: jax.lax.bitcast_convert_type(p, xc.dtype)
     return (value(lower) + value(upper)) / 2
@@ -586,22 +586,17 @@ def _blockwise_median_jvp(n, primals, tangents):
     lower, upper = _median_patterns(xc, sq, n)
     b, r0, c0, weight = _source_blocks(xc.shape[0])
 
-    # The entries nearest each order statistic's pattern: those equal to it, unless this
-    # program recomputes the distances with other rounding (a GPU fuses it differently;
-    # an entry then lies an ulp away, and an exact match would drop its derivative).
-    def distances(r, c):
+    value = lambda p: jax.lax.bitcast_convert_type(p, xc.dtype)
+    take = lambda a, start: jax.lax.dynamic_slice_in_dim(a, start, b)
+
+    # The block's entries equal to the two order statistics up to rounding: each pass
+    # recomputes the distances, and a GPU fuses each pass's program differently (on an
+    # H100 an entry an ulp away dropped half the derivative), so an entry counts as equal
+    # within 16 ulps of its terms |a|^2 + |b|^2.
+    def hits(r, c):
         d, real = _source_distances(xc, sq, n, b, r, c)
-        return [jnp.where(real, jnp.abs(_patterns(d) - p), jnp.iinfo(lower.dtype).max)
-                for p in (lower, upper)]
-
-    def nearest(gap, block):
-        return jnp.minimum(gap, jnp.stack([jnp.min(g) for g in distances(*block[:2])])), None
-
-    gap = jax.lax.scan(nearest, jnp.full(2, jnp.iinfo(lower.dtype).max, lower.dtype),
-                       (r0, c0, weight))[0]
-
-    def hits(r, c):  # the block's entries nearest the two order statistics
-        return [g <= gap[k] for k, g in enumerate(distances(r, c))]
+        slack = 16 * jnp.finfo(d.dtype).eps * (take(sq, r)[:, None] + take(sq, c)[None, :])
+        return [real & (jnp.abs(d - value(p)) <= slack) for p in (lower, upper)]
 
     def counts(acc, block):
         r, c, w = block
@@ -616,7 +611,6 @@ def _blockwise_median_jvp(n, primals, tangents):
 
     many = jax.lax.scan(counts, jnp.zeros(2, jnp.uint32), (r0, c0, weight))[0]
     total = jax.lax.scan(sums, jnp.zeros(2, xc.dtype), (r0, c0, weight))[0]
-    value = lambda p: jax.lax.bitcast_convert_type(p, xc.dtype)
     mean = total / jnp.maximum(many, 1).astype(xc.dtype)
     return (value(lower) + value(upper)) / 2, (mean[0] + mean[1]) / 2
 

@@ -312,11 +312,11 @@ def test_blockwise_median_of_distances(rng, dtype):
 
 
 def test_blockwise_median_derivative_when_distances_round_differently(rng, monkeypatch):
-    """The derivative recomputes the distance blocks in its own program, which on a GPU is
-    fused differently and can round an entry one ulp away from the order statistic the
+    """The derivative's passes recompute the distance blocks, in programs a GPU fuses
+    differently, and can round an entry one ulp away from the order statistic the
     selection found (an H100 gave half the derivative: no entry equalled one of the two).
-    Simulated here by order statistics one pattern off: the derivative must still flow to
-    the nearest entries, as the median of the whole matrix's does."""
+    Simulated here by order statistics one pattern off either way: the derivative must
+    still flow to those entries, as the median of the whole matrix's does."""
     from jaxsim import kernel
 
     found = kernel._median_patterns
