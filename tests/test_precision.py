@@ -384,9 +384,12 @@ def _reduced_precision_products(fn, *args):
     return [p[:120] for p in products if "HIGHEST" not in p]
 
 
-def test_every_float32_product_is_full_precision(rng):
+def test_every_float32_product_is_full_precision(rng, monkeypatch):
     """Read on the CPU from the lowered programs, so it guards the GPU and TPU behaviour:
-    every public measure, grid, streaming update and gradient asks for HIGHEST."""
+    every public measure, grid, streaming update and gradient asks for HIGHEST, the Gram
+    route's grids also in the form they take on an accelerator (batched products)."""
+    from jaxsim import grid as grid_module
+
     x = rng.normal(size=(120, 24)).astype(np.float32)
     y = (x[:, :21] @ rng.normal(size=(21, 21)) + 1).astype(np.float32)
     direction = rng.normal(size=24).astype(np.float32)
@@ -413,6 +416,13 @@ def test_every_float32_product_is_full_precision(rng):
     reduced = {name: found for name, (fn, *args) in programs.items()
                if (found := _reduced_precision_products(fn, *args))}
     assert not reduced, reduced
+    monkeypatch.setattr(grid_module, "_batched_blocks", lambda: True)
+    for name in ("grid linear_cka", "grid rbf_cka", "minibatch_cka_update"):
+        fn, *args = programs[name]
+        fresh = lambda *a, fn=fn: fn(*a)  # not the traces cached above (nor their shapes)
+        args = [a[:110] for a in args]
+        assert "batching_dims" in jax.jit(fresh).lower(*args).as_text(), name
+        assert not _reduced_precision_products(fresh, *args), name
 
 
 def test_svds_never_use_the_polar_solver():
