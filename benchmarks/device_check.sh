@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The accelerator check, in one run (what was run on a lent H100/H200; see the README):
-# the large self-grid (W1 at n=10000 and 50 layers) with the Gram route's block sizes
-# swept, the precision and measure tests on the GPU (float32 against float64 computed
-# there too), the RBF bandwidth by selection and its memory, then the grid and core
-# benchmarks. Each step has its own time limit and log in OUTDIR.
+# The accelerator check, in one run sized for a 15-minute GPU lease (about 10 minutes):
+# the precision and measure tests on the GPU (float32 against float64 computed there
+# too), the large self-grid (W1 at n=10000 and 50 layers, both routes and both forms of
+# the Gram route), then W1/W2/W4. With "all" as second argument, also the Gram route's
+# block sizes swept, the RBF bandwidth by selection and its memory, and the core
+# benchmarks (about 7 minutes more). Each step has its own time limit and log in OUTDIR.
 #
-#     bash benchmarks/device_check.sh [OUTDIR]
+#     bash benchmarks/device_check.sh [OUTDIR] [all]
 set -u
 out=${1:-/tmp/jaxsim-device}
 mkdir -p "$out"
@@ -18,20 +19,20 @@ step() {  # name, seconds, command...
     timeout "$limit" "$@" > "$out/$name.log" 2>&1
     echo "(exit $?)" >> "$out/$name.log"
 }
-step large 200 python3 -c "import sys; sys.argv[1:] = ['--skip-notebook']; sys.path.insert(0, 'benchmarks')
-import grids, numpy as np
-from _common import matmul_rate
-rate = matmul_rate(np.float32)
-print(f'float32 matmul {rate / 1e12:.1f} TFLOP/s at full precision')
-grids.large_workload(np.random.default_rng(0), 10000, 50, rate, [512, 1024, 4096])"
-cat "$out/large.log"
-step tests 240 python3 -m pytest -o addopts="" -p no:cacheprovider -v -n 8 -m "not slow" \
+step tests 280 python3 -m pytest -o addopts="" -p no:cacheprovider -v -n 14 -m "not slow" \
     -k "not sharded and not deadlock" tests/test_precision.py tests/test_kernel.py \
     tests/test_canonical.py tests/test_geometry.py tests/test_grid.py
 grep -E "FAILED|ERROR|passed|failed" "$out/tests.log" | tail -25
-step scale 100 python3 benchmarks/scale.py --only 1,5
-cat "$out/scale.log"
+step large 170 python3 benchmarks/grids.py --skip-notebook --large 10000 50 --large-only
+cat "$out/large.log"
 step grids 150 python3 benchmarks/grids.py --skip-notebook
 cat "$out/grids.log"
+[ "${2:-}" = all ] || exit 0
+step sweep 200 python3 -c "import sys; sys.argv[1:] = ['--skip-notebook']; sys.path.insert(0, 'benchmarks')
+import grids, numpy as np
+grids.large_workload(np.random.default_rng(0), 10000, 50, [512, 1024, 4096])"
+cat "$out/sweep.log"
+step scale 100 python3 benchmarks/scale.py --only 1,5
+cat "$out/scale.log"
 step core 120 python3 benchmarks/core.py
 cat "$out/core.log"
