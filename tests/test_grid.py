@@ -602,7 +602,7 @@ def test_accelerator_form_batches_equal_shaped_layers(x64, rng, monkeypatch):
     """On an accelerator the Gram route forms each block of equal-width layers as one
     batched product (the compiled block sum has a dot_general with a batch dimension),
     with the same values as one product per layer: linear CKA biased and U-centred, RBF
-    CKA, a cross-grid with a one-layer side, and minibatch CKA, self and cross."""
+    CKA, a cross-grid with a one-layer side, and a minibatch CKA cross-grid."""
     from jaxsim import grid as grid_module
     from jaxsim import kernel
 
@@ -612,17 +612,14 @@ def test_accelerator_form_batches_equal_shaped_layers(x64, rng, monkeypatch):
     runs = [lambda: jaxsim.similarity_grid(layers, method="gram").values,
             lambda: jaxsim.similarity_grid(layers, method="gram", debiased=True).values,
             lambda: jaxsim.similarity_grid(layers[:4], metric="rbf_cka").values,
-            lambda: jaxsim.similarity_grid(layers[:5], layers[5:], method="gram").values,
             lambda: jaxsim.similarity_grid(layers[3:4], layers[:3], method="gram").values]
     batches = split(layers, 2)
-    for rows, cols in ((6, None), (4, 2)):
-        def minibatch(rows=rows, cols=cols):
-            state = jaxsim.minibatch_cka_init(rows, cols)
-            for batch in batches:
-                state = jaxsim.minibatch_cka_update(
-                    state, batch[:rows], None if cols is None else batch[rows:])
-            return jaxsim.minibatch_cka_result(state).values
-        runs.append(minibatch)
+    def minibatch():  # a cross-grid
+        state = jaxsim.minibatch_cka_init(4, 2)
+        for batch in batches:
+            state = jaxsim.minibatch_cka_update(state, batch[:4], batch[4:])
+        return jaxsim.minibatch_cka_result(state).values
+    runs.append(minibatch)
     want = [np.asarray(run()) for run in runs]
     monkeypatch.setattr(grid_module, "_batched_blocks", lambda: True)
     for run, expected in zip(runs, want):
