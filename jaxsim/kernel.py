@@ -519,8 +519,8 @@ def _blockwise_median(xc: Array, sq: Array, n: int) -> Array:
     8 bits per pass (4 passes in float32, 8 in float64), each pass recomputing the
     distance blocks and counting the next 8 bits of the entries that share the prefix
     found so far. Memory O(b^2 + n d). The derivative is the mean of the derivatives of
-    the entries equal to the median's two order statistics, as through a sort (up to the
-    rounding of the distances, which each pass recomputes)."""
+    the entries equal to the median's two order statistics, as through a sort (the
+    nearest entries, where a pass rounds the distances differently)."""
     lower, upper = _median_patterns(xc, sq, n)
     value = lambda p: jax.lax.bitcast_convert_type(p, xc.dtype)
     return (value(lower) + value(upper)) / 2
@@ -587,30 +587,35 @@ def _blockwise_median_jvp(n, primals, tangents):
     b, r0, c0, weight = _source_blocks(xc.shape[0])
 
     value = lambda p: jax.lax.bitcast_convert_type(p, xc.dtype)
-    take = lambda a, start: jax.lax.dynamic_slice_in_dim(a, start, b)
+    far = jnp.iinfo(lower.dtype).max
 
-    # The block's entries equal to the two order statistics up to rounding: each pass
-    # recomputes the distances, and a GPU fuses each pass's program differently (on an
-    # H100 an entry an ulp away dropped half the derivative), so an entry counts as equal
-    # within 16 ulps of its terms |a|^2 + |b|^2.
-    def hits(r, c):
-        d, real = _source_distances(xc, sq, n, b, r, c)
-        slack = 16 * jnp.finfo(d.dtype).eps * (take(sq, r)[:, None] + take(sq, c)[None, :])
-        return [real & (jnp.abs(d - value(p)) <= slack) for p in (lower, upper)]
-
-    def counts(acc, block):
+    # One pass finds the entries nearest each order statistic's pattern (those equal to
+    # it, unless this pass rounds a distance differently from the selection's passes: a
+    # GPU fuses each program differently, and on an H100 an entry an ulp away dropped half
+    # the derivative) and sums their derivatives, a running (gap, sum, count) reduction:
+    # finding them in a pass of their own could round differently again.
+    def nearest(carry, block):  # linear in the tangents (the selects' predicates known)
+        gap, total, many = carry
         r, c, w = block
-        return acc + w * jnp.stack([jnp.sum(h, dtype=jnp.uint32) for h in hits(r, c)]), None
+        d, d_dot = jax.jvp(lambda a, s: _source_distances(a, s, n, b, r, c)[0], primals,
+                           tangents)
+        i, j = r + jnp.arange(b), c + jnp.arange(b)
+        real = (i[:, None] < n) & (j[None, :] < n)
+        out = []
+        for k, p in enumerate((lower, upper)):
+            dist = jnp.where(real, jnp.abs(_patterns(d) - p), far)
+            here = jnp.min(dist)
+            hit = dist == here
+            part = w.astype(d_dot.dtype) * jnp.sum(jnp.where(hit, d_dot, 0))
+            count = w * jnp.sum(hit, dtype=jnp.uint32)
+            closer, same = here < gap[k], here == gap[k]
+            out.append((jnp.minimum(here, gap[k]),
+                        jnp.where(closer, part, jnp.where(same, total[k] + part, total[k])),
+                        jnp.where(closer, count, jnp.where(same, many[k] + count, many[k]))))
+        return tuple(jnp.stack(v) for v in zip(*out)), None
 
-    def sums(acc, block):  # linear in the tangents alone (a transposable carry)
-        r, c, w = block
-        d_dot = jax.jvp(lambda a, s: _source_distances(a, s, n, b, r, c)[0], primals,
-                        tangents)[1]
-        return acc + w.astype(d_dot.dtype) * jnp.stack(
-            [jnp.sum(jnp.where(h, d_dot, 0)) for h in hits(r, c)]), None
-
-    many = jax.lax.scan(counts, jnp.zeros(2, jnp.uint32), (r0, c0, weight))[0]
-    total = jax.lax.scan(sums, jnp.zeros(2, xc.dtype), (r0, c0, weight))[0]
+    start = (jnp.full(2, far, lower.dtype), jnp.zeros(2, xc.dtype), jnp.zeros(2, jnp.uint32))
+    _, total, many = jax.lax.scan(nearest, start, (r0, c0, weight))[0]
     mean = total / jnp.maximum(many, 1).astype(xc.dtype)
     return (value(lower) + value(upper)) / 2, (mean[0] + mean[1]) / 2
 
