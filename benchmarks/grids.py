@@ -206,9 +206,9 @@ def large_workload(rng, n, num_layers, block_rows=()):
     batched_blocks = grid_module._batched_blocks
     batched = batched_blocks()
     if batched:  # one batched product per width, as the route forms them on accelerators
-        widths_of = sorted(set(widths))
-        rows = [jnp.stack([r for r, d in zip(rows, widths) if d == w]) for w in widths_of]
-        cols = [jnp.stack([c for c, d in zip(cols, widths) if d == w]) for w in widths_of]
+        groups = grid_module._source_groups(rows)
+        rows, cols = ([grid_module._stack([side[i] for i in g]) for g in groups]
+                      for side in (rows, cols))
         products = jax.jit(lambda rs, cs: [jnp.einsum("kbd,kcd->kbc", r, c, precision="highest")
                                            for r, c in zip(rs, cs)])
     else:

@@ -378,30 +378,35 @@ def _spread_block_sum(blocks: GramBlocks, b: int, mesh: Any, num_a: int | None =
     return jax.jit(_on_mesh(local, mesh, (spec(), spec(axes), spec(axes), spec(axes)), spec()))
 
 
-def _block_inner(left: Array, right: Array) -> Array:
-    """``<left[..., l], right[..., m]>`` for stacks of (b, b) blocks, ``(b, b, L)`` and
-    ``(b, b, M)``: ``(L, M)``, as one ``(b^2, L)^T (b^2, M)`` product. XLA's CPU dot
+def _row_inner(left: Array, right: Array) -> Array:
+    """``left right^T`` for (L, m) and (M, m): ``(L, M)``, one product. XLA's CPU dot
     accumulates such a product with a side of at most 3 in one long float32 sum (relative
-    error 1e-5 to 1e-4 at b = 512, also as an einsum over the blocks' axes): a narrower
-    side is padded with zero columns to 4 (error ~4e-7 at b = 512, as for wider sides)."""
-    flat = lambda s: s.reshape(-1, s.shape[-1])
-    wide = lambda s: jnp.pad(flat(s), [(0, 0), (0, max(0, 4 - s.shape[-1]))])
-    return dot(wide(left).T, wide(right))[:left.shape[-1], :right.shape[-1]]
+    error 1e-5 to 1e-4 at m = 512^2, also as an einsum over the blocks' axes): a narrower
+    side is padded with zero rows to 4 (error ~4e-7, as for wider sides)."""
+    wide = lambda s: jnp.pad(s, [(0, max(0, 4 - s.shape[0])), (0, 0)])
+    return dot(wide(left), wide(right).T)[:left.shape[0], :right.shape[0]]
+
+
+def _with_cross(cross: Array, selves: Array, num_a: int) -> Array:
+    """The ``(L, L)`` inner products of a cross-grid's layers from the row-column block
+    ``cross`` and each layer's with itself (the rest 0)."""
+    out = jnp.diag(selves)
+    return out.at[:num_a, num_a:].set(cross).at[num_a:, :num_a].set(cross.T)
 
 
 def _slab_products(grams: list[Array], num_a: int | None = None) -> Array:
-    """``<G_l, G_m>`` for every pair of these (b, b) blocks, one per layer: ``(L, L)``.
+    """``<G_l, G_m>`` for every pair of these (b, b) blocks, one per layer: ``(L, L)``, as
+    the ``(b^2, L)^T (b^2, L)`` product of the blocks stacked along a last axis.
 
     ``num_a``: the blocks are the rows (the first ``num_a``) and columns of a cross-grid,
     and only the pairs of a row with a column and each block with itself are formed (the
     rest of the matrix is 0): for 24 x 36 layers, 24 * 36 + 60 products of the slab's
     3600, and ~10% of the time of each block pair on a CPU."""
+    rows = lambda gs: jnp.stack(gs, axis=-1).reshape(-1, len(gs)).T  # (L, b^2), a view
     if num_a is None:
-        slab = jnp.stack(grams, axis=-1)  # (b, b, L)
-        return _block_inner(slab, slab)
-    cross = _block_inner(jnp.stack(grams[:num_a], axis=-1), jnp.stack(grams[num_a:], axis=-1))
-    out = jnp.diag(jnp.stack([inner(g, g) for g in grams]))
-    return out.at[:num_a, num_a:].set(cross).at[num_a:, :num_a].set(cross.T)
+        return _row_inner(rows(grams), rows(grams))
+    return _with_cross(_row_inner(rows(grams[:num_a]), rows(grams[num_a:])),
+                       jnp.stack([inner(g, g) for g in grams]), num_a)
 
 
 def _grouped_products(stack: Array, groups: tuple[tuple[int, ...], ...],
@@ -409,22 +414,14 @@ def _grouped_products(stack: Array, groups: tuple[tuple[int, ...], ...],
     """:func:`_slab_products` of the (L, b, b) blocks of the layers in the order of
     ``groups`` (a cross-grid's row groups first), as the (L, b^2) x (b^2, L) product of
     their flattened rows, put back in the layers' order."""
-    slab = stack.reshape(stack.shape[0], -1)
+    rows = stack.reshape(stack.shape[0], -1)
     if num_a is None:
-        out = _row_inner(slab, slab)
+        out = _row_inner(rows, rows)
     else:
-        cross = _row_inner(slab[:num_a], slab[num_a:])
-        out = jnp.diag(jnp.einsum("lk,lk->l", slab, slab, precision=HIGHEST))
-        out = out.at[:num_a, num_a:].set(cross).at[num_a:, :num_a].set(cross.T)
+        out = _with_cross(_row_inner(rows[:num_a], rows[num_a:]),
+                          jnp.einsum("lk,lk->l", rows, rows, precision=HIGHEST), num_a)
     back = np.argsort([i for group in groups for i in group])
     return out[back][:, back]
-
-
-def _row_inner(left: Array, right: Array) -> Array:
-    """``left right^T`` for (L, m) and (M, m), a side narrower than 4 padded with zero rows
-    (see :func:`_block_inner`)."""
-    wide = lambda s: jnp.pad(s, [(0, max(0, 4 - s.shape[0])), (0, 0)])
-    return dot(wide(left), wide(right).T)[:left.shape[0], :right.shape[0]]
 
 
 def _batched_blocks() -> bool:
@@ -437,25 +434,12 @@ def _batched_blocks() -> bool:
 
 def _source_groups(sources: list[Any], num_a: int | None = None
                    ) -> tuple[tuple[int, ...], ...]:
-    """Indices of the layers whose sources have the same structure, shapes and dtypes, in
-    order of first appearance; a cross-grid's rows (the first ``num_a``) and columns
-    grouped apart, rows first."""
-    key = lambda s: (jax.tree.structure(s),
-                     tuple((a.shape, a.dtype) for a in jax.tree.leaves(s)))
-    sides = [range(len(sources))] if num_a is None else [range(num_a),
-                                                         range(num_a, len(sources))]
-    groups = []
-    for side in sides:
-        found: dict[Any, list[int]] = {}
-        for i in side:
-            found.setdefault(key(sources[i]), []).append(i)
-        groups += [tuple(g) for g in found.values()]
-    return tuple(groups)
-
-
-@jax.jit
-def _stack_sources(group: list[Any]) -> Any:
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *group)
+    """:func:`_groups` of the layers' sources (equal shapes and dtypes), a cross-grid's rows
+    (the first ``num_a``) and columns grouped apart, rows first."""
+    if num_a is None:
+        return tuple(map(tuple, _groups(sources)))
+    return (tuple(map(tuple, _groups(sources[:num_a])))
+            + tuple(tuple(num_a + i for i in g) for g in _groups(sources[num_a:])))
 
 
 def _scan_sum(term: Callable[..., Array], *args: Array) -> Array:
@@ -607,8 +591,9 @@ def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
         groups = _source_groups(sources, num_a)
         stacks = []
         for group in groups:  # each layer's source is freed once its group is stacked
-            stacks.append(_stack_sources([sources[i] for i in group]))
-            sources = [None if i in group else s for i, s in enumerate(sources)]
+            stacks.append(_stack([sources[i] for i in group]))
+            for i in group:
+                sources[i] = None
         sources = stacks
     chunks = _chunks(n, b)
     if spread:

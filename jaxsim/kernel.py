@@ -597,10 +597,8 @@ def _blockwise_median_jvp(n, primals, tangents):
     def nearest(carry, block):  # linear in the tangents (the selects' predicates known)
         gap, total, many = carry
         r, c, w = block
-        d, d_dot = jax.jvp(lambda a, s: _source_distances(a, s, n, b, r, c)[0], primals,
-                           tangents)
-        i, j = r + jnp.arange(b), c + jnp.arange(b)
-        real = (i[:, None] < n) & (j[None, :] < n)
+        d, d_dot, real = jax.jvp(lambda a, s: _source_distances(a, s, n, b, r, c), primals,
+                                 tangents, has_aux=True)
         out = []
         for k, p in enumerate((lower, upper)):
             dist = jnp.where(real, jnp.abs(_patterns(d) - p), far)

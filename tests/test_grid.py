@@ -629,7 +629,7 @@ def test_accelerator_form_batches_equal_shaped_layers(x64, rng, monkeypatch):
     groups = grid_module._source_groups(sources)
     assert groups == ((0, 2, 5), (1, 4), (3,))
     assert grid_module._source_groups(sources, 4) == ((0, 2), (1,), (3,), (4,), (5,))
-    stacks = [grid_module._stack_sources([sources[i] for i in g]) for g in groups]
+    stacks = [grid_module._stack([sources[i] for i in g]) for g in groups]
     text = grid_module._gram_block_sum.lower(
         blocks, stacks, *grid_module._block_offsets(n, n, np.float64), n,
         groups=groups).as_text()
