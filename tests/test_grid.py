@@ -490,6 +490,16 @@ SHARDED = {
     rbf_u = lambda l: jaxsim.similarity_grid(l, metric="rbf_cka", debiased=True).values
     np.testing.assert_allclose(rbf_u(put(six)), rbf_u(six), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(jax.jit(rbf_u)(put(six)), rbf_u(six), rtol=1e-5, atol=1e-6)
+    # the same in an accelerator's form (equal-width layers batched; forced here)
+    six.append(six[0] ** 2)
+    want, batched, grouped = rbf_u(six), grid_module._batched_blocks, grid_module._grouped_products
+    traced = []
+    grid_module._batched_blocks = lambda: True
+    grid_module._grouped_products = lambda *a: traced.append(a[1]) or grouped(*a)
+    np.testing.assert_allclose(rbf_u(put(six)), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(rbf_u)(put(six)), want, rtol=1e-5, atol=1e-6)
+    assert traced and traced[0] == ((0, 2), (1,)), traced
+    grid_module._batched_blocks, grid_module._grouped_products = batched, grouped
     # (widths 8 and 9: mean CCA pads the 8s to 9; Pearson RSA accumulates RDM blocks)
     small = [rng.normal(size=(64, d)).astype(np.float32) for d in (8, 9, 8)]
     small[1][:, :8] += small[0]
@@ -602,7 +612,8 @@ def test_accelerator_form_batches_equal_shaped_layers(x64, rng, monkeypatch):
     """On an accelerator the Gram route forms each block of equal-width layers as one
     batched product (the compiled block sum has a dot_general with a batch dimension),
     with the same values as one product per layer: linear CKA biased and U-centred, RBF
-    CKA, a cross-grid with a one-layer side, and a minibatch CKA cross-grid."""
+    CKA, a cross-grid with a one-layer side, and a minibatch CKA cross-grid; linear CKA
+    also against NumPy's, from the centred features' products."""
     from jaxsim import grid as grid_module
     from jaxsim import kernel
 
@@ -624,6 +635,11 @@ def test_accelerator_form_batches_equal_shaped_layers(x64, rng, monkeypatch):
     monkeypatch.setattr(grid_module, "_batched_blocks", lambda: True)
     for run, expected in zip(runs, want):
         np.testing.assert_allclose(run(), expected, rtol=1e-12, atol=1e-15)
+    centred = [x - x.mean(0) for x in layers]  # and NumPy's CKA (Kornblith et al. eq. 5)
+    hsic = np.array([[np.linalg.norm(x.T @ y) ** 2 for y in centred] for x in centred])
+    norms = np.sqrt(np.diag(hsic))
+    np.testing.assert_allclose(runs[0](), hsic / np.outer(norms, norms), rtol=1e-10)
+    np.testing.assert_allclose(runs[3](), (hsic / np.outer(norms, norms))[3:4, :3], rtol=1e-10)
     blocks = kernel.linear_measure().blocks
     sources = [grid_module._source(blocks.source, jnp.asarray(x), n) for x in layers]
     groups = grid_module._source_groups(sources)

@@ -213,6 +213,42 @@ def test_float32_cross_grids_with_a_narrow_side(rng):
         [np.asarray(a, np.float32) for a in half[1:]], method="gram").values, atol=1e-6)
 
 
+def test_float32_batched_gram_form(rng, monkeypatch):
+    """The Gram route's accelerator form (each block of equal-width layers one batched
+    product, forced here on the CPU) in float32 on power-law layers with an offset and
+    their post-ReLU versions (two widths, two layers each), n = 1100 (3 blocks, diagonal
+    ones as halves, padding): linear CKA biased and U-centred, RBF CKA and a minibatch
+    cross-grid against float64 (errors 2-3e-7); bfloat16 activations computed in float32."""
+    from jaxsim import grid as grid_module
+
+    x, y = power_law(rng, 1100, 64, 48, 1.0)
+    layers = [x, y, np.maximum(x - 5.0, 0), np.maximum(y + 5.0, 0)]
+    runs = {"linear": lambda ls: jaxsim.similarity_grid(ls, method="gram").values,
+            "debiased": lambda ls: jaxsim.similarity_grid(ls, method="gram",
+                                                          debiased=True).values,
+            "rbf": lambda ls: jaxsim.similarity_grid(ls, metric="rbf_cka").values}
+
+    def minibatch(ls):
+        state = jaxsim.minibatch_cka_init(2, 2, dtype=ls[0].dtype)
+        for k in range(2):
+            part = [a[550 * k:550 * (k + 1)] for a in ls]
+            state = jaxsim.minibatch_cka_update(state, part[:2], part[2:])
+        return jaxsim.minibatch_cka_result(state).values
+
+    runs["minibatch"] = minibatch
+    with jax.enable_x64(True):
+        want = {k: np.asarray(run(layers)) for k, run in runs.items()}
+    monkeypatch.setattr(grid_module, "_batched_blocks", lambda: True)
+    single = [a.astype(np.float32) for a in layers]
+    half = [jnp.asarray(a, jnp.bfloat16) for a in layers]
+    for name, run in runs.items():
+        np.testing.assert_allclose(run(single), want[name], atol=2e-6, err_msg=name)
+    got = runs["linear"](half)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, runs["linear"]([np.asarray(a, np.float32) for a in half]),
+                               atol=1e-6)
+
+
 @given(seed=st.integers(0, 2**31 - 1), offset=st.floats(-10, 10), scale=st.floats(0.1, 10))
 def test_float32_matches_float64_on_well_conditioned_inputs(seed, offset, scale):
     # one shape: every example runs the same compiled functions
