@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -203,8 +204,7 @@ def large_workload(rng, n, num_layers, block_rows=()):
     pairs = grid_module._block_count(n, b)
     rows = [jax.device_put(np.asarray(x)[:b]) for x in acts]
     cols = [jax.device_put(np.asarray(x)[-b:]) for x in acts]
-    batched_blocks = grid_module._batched_blocks
-    batched = batched_blocks()
+    batched = grid_module._batched_blocks()
     if batched:  # one batched product per width, as the route forms them on accelerators
         groups = grid_module._source_groups(rows)
         rows, cols = ([grid_module._stack([side[i] for i in g]) for g in groups]
@@ -217,29 +217,24 @@ def large_workload(rng, n, num_layers, block_rows=()):
     print(f"    the Gram route's block products alone ({pairs} block pairs of (b, d) x (d, b),"
           f"{' batched by width,' if batched else ''} blocks in place): {t * pairs:.3f} s; "
           f"{fraction:.0%} of the float32 matmul rate")
-    if batched:  # the CPU's form: one product per layer and block
-        grid_module._batched_blocks = lambda: False
-        try:
-            grid = lambda: jaxsim.similarity_grid(acts, method="gram", progress=False).values
-            t, fraction = paired_fraction(grid, flops["gram"])
-        finally:
-            grid_module._batched_blocks = batched_blocks
-        print(f"    gram route, one product per layer and block (the CPU's form): {t:.3f} s; "
-              f"{fraction:.0%} of the float32 matmul rate")
-    picked = grid_module._block_size
-    for target in block_rows:
-        grid_module._block_size = lambda m, layers=1, t=target: picked(m, layers, target=t)
-        try:
+
+    def variant(label, name, value):  # the Gram route with grid_module.<name> = value
+        with mock.patch.object(grid_module, name, value):
             grid = lambda: jaxsim.similarity_grid(acts, method="gram", progress=False).values
             t0 = time.perf_counter()
             jax.block_until_ready(grid())
             first = time.perf_counter() - t0
             t, fraction = paired_fraction(grid, flops["gram"], warmup=False)
-        finally:
-            grid_module._block_size = picked
-        print(f"    gram route, blocks of {grid_module._block_size(n, 1, target=target)} rows "
-              f"(target {target}): first call {first:.2f} s, then {t:.3f} s; "
+        print(f"    gram route, {label}: first call {first:.2f} s, then {t:.3f} s; "
               f"{fraction:.0%} of the float32 matmul rate")
+
+    if batched:
+        variant("one product per layer and block (the CPU's form)", "_batched_blocks",
+                lambda: False)
+    picked = grid_module._block_size
+    for target in block_rows:
+        variant(f"blocks of {picked(n, 1, target=target)} rows (target {target})",
+                "_block_size", lambda m, layers=1, t=target: picked(m, layers, target=t))
 
 
 def main(argv=None):
