@@ -365,7 +365,8 @@ def _local_source(source: Callable[[Array, int], Any], n_pad: int, mesh: Any
 
 
 @functools.lru_cache(maxsize=32)
-def _spread_block_sum(blocks: GramBlocks, b: int, mesh: Any, num_a: int | None = None
+def _spread_block_sum(blocks: GramBlocks, b: int, mesh: Any, num_a: int | None = None,
+                      groups: tuple[tuple[int, ...], ...] | None = None
                       ) -> Callable[..., Array]:
     """:func:`_gram_block_sum` with the block pairs divided among the devices of ``mesh``
     (all axes flattened; the offsets a multiple of ``mesh.size`` long, padded with weight
@@ -374,7 +375,7 @@ def _spread_block_sum(blocks: GramBlocks, b: int, mesh: Any, num_a: int | None =
     spec = jax.sharding.PartitionSpec
     axes = tuple(mesh.axis_names)
     local = lambda sources, r0, c0, w: jax.lax.psum(
-        _block_sum(blocks, sources, r0, c0, w, b, num_a), axes)
+        _block_sum(blocks, sources, r0, c0, w, b, num_a, groups), axes)
     return jax.jit(_on_mesh(local, mesh, (spec(), spec(axes), spec(axes), spec(axes)), spec()))
 
 
@@ -574,7 +575,7 @@ def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
     calls of :func:`_chunks` (at most two compiled programs: full chunks and the last),
     so that the bar can follow them; otherwise as one call. With a ``mesh`` (layers that
     live on several devices), each device sums an equal share of the block pairs
-    (:func:`_spread_block_sum`), one call. On one accelerator, layers of equal shapes are
+    (:func:`_spread_block_sum`), one call. On accelerators, layers of equal shapes are
     stacked and each block formed by one batched product per group
     (:func:`_batched_blocks`).
     """
@@ -587,7 +588,7 @@ def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
         sources = [_source(blocks.source, x, n_pad) for x in layers]
     dtype = jax.tree.leaves(sources[0])[0].dtype
     groups = None
-    if _batched_blocks() and not spread:
+    if _batched_blocks():
         groups = _source_groups(sources, num_a)
         stacks = []
         for group in groups:  # each layer's source is freed once its group is stacked
@@ -600,7 +601,7 @@ def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
         offsets = _block_offsets(n, b, dtype)
         total = -(-len(offsets[0]) // mesh.size) * mesh.size
         padded = [np.concatenate([a, np.zeros(total - len(a), a.dtype)]) for a in offsets]
-        return _spread_block_sum(blocks, b, mesh, num_a)(sources, *padded)
+        return _spread_block_sum(blocks, b, mesh, num_a, groups)(sources, *padded)
     if tick is None or len(chunks) == 1:
         acc = _gram_block_sum(blocks, sources, *_block_offsets(n, b, dtype), b, num_a, groups)
     else:

@@ -499,6 +499,14 @@ SHARDED = {
     np.testing.assert_allclose(rbf_u(put(six)), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(jax.jit(rbf_u)(put(six)), want, rtol=1e-5, atol=1e-6)
     assert traced and traced[0] == ((0, 2), (1,)), traced
+    mid.append(mid[0] ** 2)  # 3 blocks: the block pairs divided among the devices
+    grid_module._batched_blocks = batched
+    want = rbf(mid)
+    grid_module._batched_blocks = lambda: True
+    traced.clear()
+    np.testing.assert_allclose(rbf(put(mid)), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(rbf)(put(mid)), want, rtol=1e-5, atol=1e-6)
+    assert traced and traced[0] == ((0, 2), (1,)), traced
     grid_module._batched_blocks, grid_module._grouped_products = batched, grouped
     # (widths 8 and 9: mean CCA pads the 8s to 9; Pearson RSA accumulates RDM blocks)
     small = [rng.normal(size=(64, d)).astype(np.float32) for d in (8, 9, 8)]
