@@ -135,11 +135,14 @@ def test_float32_grids_agree_with_float64(rng):
         np.testing.assert_allclose(got.values, ref, atol=1e-3, err_msg=metric)
 
 
-def test_float32_rbf_grid_bandwidth_in_blocks(rng):
+def test_float32_rbf_grid_bandwidth_in_blocks(rng, monkeypatch):
     """n = 1100 (3 blocks): each layer's RBF bandwidth (radix selection) and centring row
     are found over distance blocks; in float32 on a power-law spectrum with an offset, a
     post-ReLU and a constant layer (one width: shared compiles), biased and debiased,
-    against float64; bfloat16 activations are computed in float32."""
+    against float64, also in the Gram route's accelerator form (the four layers' blocks
+    one batched product; forced here); bfloat16 activations are computed in float32."""
+    from jaxsim import grid as grid_module
+
     x, y = power_law(rng, 1100, 24, 24, 1.5)
     layers = [x, y, np.maximum(y, 0), np.full((1100, 24), 7.0)]
     for debiased in (False, True):
@@ -149,6 +152,11 @@ def test_float32_rbf_grid_bandwidth_in_blocks(rng):
         got = jaxsim.similarity_grid([a.astype(np.float32) for a in layers],
                                      metric="rbf_cka", debiased=debiased).values
         np.testing.assert_allclose(got, ref, atol=1e-3, err_msg=str(debiased))
+        with monkeypatch.context() as patch:
+            patch.setattr(grid_module, "_batched_blocks", lambda: True)
+            batched = jaxsim.similarity_grid([a.astype(np.float32) for a in layers],
+                                             metric="rbf_cka", debiased=debiased).values
+        np.testing.assert_allclose(batched, ref, atol=2e-6, err_msg=str(debiased))
     half = [jnp.asarray(a, jnp.bfloat16) for a in layers]
     got = jaxsim.similarity_grid(half, metric="rbf_cka").values
     assert got.dtype == np.float32
@@ -188,10 +196,14 @@ def test_small_float32_grids_as_accurate_as_one_pair(rng):
     assert abs(float(jaxsim.minibatch_cka_result(state).values[0, 0]) - ref_mb) < 2e-6
 
 
-def test_float32_cross_grids_with_a_narrow_side(rng):
+def test_float32_cross_grids_with_a_narrow_side(rng, monkeypatch):
     """A cross-grid forms only its row-column products: with one row layer (or one
     column layer) that product has a side of 1, which XLA's CPU dot accumulates in one
-    long float32 sum; it must keep the accuracy of the pair (n = 2000: 4 blocks of 504)."""
+    long float32 sum; it must keep the accuracy of the pair (n = 2000: 4 blocks of 504),
+    also in the Gram route's accelerator form (equal-width layers' blocks one batched
+    product; forced here), and the union's self-grid, biased and U-centred, too."""
+    from jaxsim import grid as grid_module
+
     x = rng.normal(size=(2000, 64)) * np.arange(1, 65) ** -1.0 + 3.0
     others = [np.tanh(x[:, :32]) + rng.normal(size=(2000, 32)), np.maximum(x[:, :48], 3.0),
               rng.normal(size=(2000, 16)), x[:, ::2] ** 2, np.sin(x[:, :40])]
@@ -211,42 +223,21 @@ def test_float32_cross_grids_with_a_narrow_side(rng):
     np.testing.assert_allclose(got, jaxsim.similarity_grid(
         [np.asarray(a, np.float32) for a in half[:1]],
         [np.asarray(a, np.float32) for a in half[1:]], method="gram").values, atol=1e-6)
-
-
-def test_float32_batched_gram_form(rng, monkeypatch):
-    """The Gram route's accelerator form (each block of equal-width layers one batched
-    product, forced here on the CPU) in float32 on power-law layers with an offset and
-    their post-ReLU versions (two widths, two layers each), n = 1100 (3 blocks, diagonal
-    ones as halves, padding): linear CKA biased and U-centred, RBF CKA and a minibatch
-    cross-grid against float64 (errors 2-3e-7); bfloat16 activations computed in float32."""
-    from jaxsim import grid as grid_module
-
-    x, y = power_law(rng, 1100, 64, 48, 1.0)
-    layers = [x, y, np.maximum(x - 5.0, 0), np.maximum(y + 5.0, 0)]
-    runs = {"linear": lambda ls: jaxsim.similarity_grid(ls, method="gram").values,
-            "debiased": lambda ls: jaxsim.similarity_grid(ls, method="gram",
-                                                          debiased=True).values,
-            "rbf": lambda ls: jaxsim.similarity_grid(ls, metric="rbf_cka").values}
-
-    def minibatch(ls):
-        state = jaxsim.minibatch_cka_init(2, 2, dtype=ls[0].dtype)
-        for k in range(2):
-            part = [a[550 * k:550 * (k + 1)] for a in ls]
-            state = jaxsim.minibatch_cka_update(state, part[:2], part[2:])
-        return jaxsim.minibatch_cka_result(state).values
-
-    runs["minibatch"] = minibatch
     with jax.enable_x64(True):
-        want = {k: np.asarray(run(layers)) for k, run in runs.items()}
+        union = [jaxsim.similarity_grid([x] + others, method="gram", debiased=d).values
+                 for d in (False, True)]
     monkeypatch.setattr(grid_module, "_batched_blocks", lambda: True)
-    single = [a.astype(np.float32) for a in layers]
-    half = [jnp.asarray(a, jnp.bfloat16) for a in layers]
-    for name, run in runs.items():
-        np.testing.assert_allclose(run(single), want[name], atol=2e-6, err_msg=name)
-    got = runs["linear"](half)
-    assert got.dtype == np.float32
-    np.testing.assert_allclose(got, runs["linear"]([np.asarray(a, np.float32) for a in half]),
-                               atol=1e-6)
+    grid = jaxsim.similarity_grid([x32], o32, method="gram").values
+    np.testing.assert_allclose(grid, ref, atol=2e-6)
+    state = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(5, 1, dtype=np.float32),
+                                        o32, [x32])
+    np.testing.assert_allclose(jaxsim.minibatch_cka_result(state).values, ref_mb, atol=2e-6)
+    for debiased, want in zip((False, True), union):
+        got = jaxsim.similarity_grid([x32] + o32, method="gram", debiased=debiased).values
+        np.testing.assert_allclose(got, want, atol=2e-6, err_msg=str(debiased))
+    got = jaxsim.similarity_grid(half, method="gram").values
+    np.testing.assert_allclose(got, jaxsim.similarity_grid(
+        [np.asarray(a, np.float32) for a in half], method="gram").values, atol=1e-6)
 
 
 @given(seed=st.integers(0, 2**31 - 1), offset=st.floats(-10, 10), scale=st.floats(0.1, 10))
