@@ -200,8 +200,47 @@ def _kendall_tau_b(a: Array, b: Array, block_entries: int = _KENDALL_ENTRIES) ->
     return safe_ratio(counts[0], safe_sqrt(counts[1]) * safe_sqrt(counts[2]))
 
 
+_KEY_ENTRIES = 1 << 22  # differences (or products) formed at once by _rank_keys
+
+
+def _power_of_two_scaled(x: Array) -> Array:
+    """x divided by the power of two at or above its largest absolute value: no square
+    can overflow, and, unlike any other divisor, the division rounds nothing."""
+    _, exponent = jnp.frexp(jax.lax.stop_gradient(jnp.max(jnp.abs(x))))
+    return x * jnp.ldexp(jnp.ones((), x.dtype), -exponent)
+
+
+def _rank_keys(x: Array, dissimilarity: str) -> Array:
+    """The RDM's upper triangle up to a strictly increasing map, formed so that exactly
+    tied dissimilarities stay exactly tied: rank comparisons (Spearman, Kendall) need
+    nothing else, and quantized or ReLU activations tie often. Each entry is reduced from
+    the two patterns alone, in an order that does not depend on the pair (no centering,
+    no product expansion, a power-of-two scale): squared Euclidean distances from the
+    differences, ``-sign(c) c^2 / (v_i v_j)`` for correlation (``c = d <x_i, x_j> - s_i
+    s_j``, ``s`` the pattern sums, ``v = d |x|^2 - s^2``; 0 for a constant pattern, whose
+    correlation is taken as 0), exact wherever these sums are, as for integer-valued
+    activations."""
+    n, d = x.shape
+    xs = _power_of_two_scaled(x)
+    sums = jnp.sum(xs, axis=1)
+    spread = d * jnp.sum(xs * xs, axis=1) - sums * sums
+
+    def keys(rows, block):
+        if dissimilarity == "euclidean":
+            diff = block[0][:, None, :] - xs[None, :, :]
+            return jnp.sum(diff * diff, axis=2)
+        c = d * jnp.sum(block[0][:, None, :] * xs[None, :, :], axis=2) - block[1][:, None] * sums
+        v = block[2][:, None] * spread[None, :]
+        return jnp.where(v > 0, -jnp.sign(c) * (c * c) / jnp.where(v > 0, v, 1), 0)
+
+    full = _row_blocks(keys, (xs, sums, spread), n * d, _KEY_ENTRIES).reshape(-1, n)[:n]
+    return _upper(full)
+
+
 def _rsa_prepare(x: Array, dissimilarity: str, compare: str) -> Array:
-    v = _upper(_rdm(x, dissimilarity))
+    if compare == "pearson":
+        return _upper(_rdm(x, dissimilarity))
+    v = _rank_keys(x, dissimilarity)
     return rankdata(v).astype(x.dtype) if compare == "spearman" else v
 
 

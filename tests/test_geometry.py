@@ -1,5 +1,7 @@
 """Procrustes, RSA, mutual kNN and linear predictivity against NumPy/SciPy references."""
 
+from fractions import Fraction
+
 import jax
 import numpy as np
 import pytest
@@ -183,3 +185,73 @@ def test_in_grids(x64, rng, metric, fn, opts):
     loop = [[float(fn(a, b, **opts)) for b in layers] for a in layers]
     np.testing.assert_allclose(grid.values, loop, rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(jax.jit(lambda a, b: fn(a, b, **opts))(x, y), loop[0][1], rtol=1e-8)
+
+
+def quantised_layers(rng, n=40):
+    """Integer-valued activations: rounded Gaussians (widths 3 and 2) and a ReLU layer with
+    dead examples. Many of their RDM entries are exactly tied."""
+    x, y = np.round(rng.normal(size=(n, 3))), np.round(rng.normal(size=(n, 2)))
+    relu = np.maximum(np.round(2 * rng.normal(size=(n, 4))) - 1, 0)
+    return x, y, relu
+
+
+def exact_rdm_order(a, dissimilarity):
+    """The upper triangle of an integer layer's RDM up to a strictly increasing map, in
+    exact arithmetic: squared Euclidean distances, or for correlation distance
+    ``1 - r`` with ``r = (d <a_i, a_j> - s_i s_j) / sqrt(v_i v_j)`` (``s`` the pattern sums,
+    ``v = d |a|^2 - s^2``; r = 0 for a constant pattern) the value ``-sign(r) r^2`` as a
+    fraction. SciPy's ``pdist(a, "correlation")`` rounds exactly tied entries apart (37
+    distinct values for 21 here)."""
+    if dissimilarity == "euclidean":
+        return pdist(a, "sqeuclidean")
+    rows = [[int(v) for v in row] for row in a]
+    d = len(rows[0])
+    dot = lambda p, q: sum(u * v for u, v in zip(p, q))
+    out = []
+    for i in range(len(rows)):
+        for j in range(i + 1, len(rows)):
+            si, sj = sum(rows[i]), sum(rows[j])
+            c = d * dot(rows[i], rows[j]) - si * sj
+            v = (d * dot(rows[i], rows[i]) - si * si) * (d * dot(rows[j], rows[j]) - sj * sj)
+            out.append(0.0 if v == 0 else float(-np.sign(c) * Fraction(c * c, v)))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_rsa_with_tied_dissimilarities(x64, rng, dtype):
+    """Tied RDM entries take average ranks (Spearman) and count as ties (Kendall's tau-b),
+    as scipy.stats does, on RDMs whose ties are exact: single pairs, grids (grouped and
+    not) and the permutation test's statistic. jaxsim's RDMs were formed by a rounding
+    expansion that broke exact ties (Spearman 0.1076 for 0.1030 on the first pair here)."""
+    from jaxsim import grid as grid_module
+
+    x, y, relu = quantised_layers(rng)
+    layers = [x, y, relu, 3 * y + 2]
+    tol = dict(rtol=1e-9 if dtype == np.float64 else 2e-6, atol=1e-12)
+    cast = [a.astype(dtype) for a in layers]
+    for dissimilarity in ("euclidean", "correlation"):
+        rdms = [exact_rdm_order(a, dissimilarity) for a in layers]
+        assert len(np.unique(rdms[0])) < len(rdms[0]) / 4  # ties are the rule here
+        for compare, ref in (("spearman", stats.spearmanr),
+                             ("kendall", lambda a, b: stats.kendalltau(a, b, variant="b"))):
+            want = np.array([[ref(a, b)[0] for b in rdms] for a in rdms])
+            got = jaxsim.rsa(cast[0], cast[1], dissimilarity=dissimilarity, compare=compare)
+            np.testing.assert_allclose(got, want[0, 1], **tol, err_msg=compare)
+            grid = jaxsim.similarity_grid(cast, metric="rsa", dissimilarity=dissimilarity,
+                                          compare=compare, progress=False).values
+            np.testing.assert_allclose(grid, want, **tol, err_msg=compare)
+            stat = jaxsim.stats.permutation_test("rsa", cast[0], cast[2], num_permutations=4,
+                                                 key=jax.random.key(0),
+                                                 dissimilarity=dissimilarity, compare=compare)
+            np.testing.assert_allclose(stat.statistic, want[0, 2], **tol, err_msg=compare)
+    # grouped: a summary budget of one layer's ranks, so each is prepared in its own group
+    budget = grid_module._SUMMARY_BUDGET
+    grid_module._SUMMARY_BUDGET = 2 * np.dtype(dtype).itemsize * len(rdms[0])
+    try:
+        grouped = jaxsim.similarity_grid(cast, metric="rsa", dissimilarity="euclidean",
+                                         progress=False).values
+    finally:
+        grid_module._SUMMARY_BUDGET = budget
+    rdms = [pdist(a) for a in layers]
+    np.testing.assert_allclose(grouped, [[stats.spearmanr(a, b)[0] for b in rdms]
+                                         for a in rdms], **tol)
