@@ -27,6 +27,7 @@ Two problems of ``jnp.linalg`` are solved here once, for every measure:
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any, Callable
 
 import jax
@@ -91,18 +92,30 @@ def _safe_inverse(v: jax.Array, tol: jax.Array) -> jax.Array:
     return jnp.where(live, 1 / jnp.where(live, v, 1), 0)
 
 
-def _numpy_vectors(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The singular vectors ``(u, vh)`` of NumPy's float64 LAPACK, computed on the host and
-    returned in float32 (only their orientation is used)."""
-    k = min(x.shape[-2:])
-    shapes = (jax.ShapeDtypeStruct(x.shape[:-1] + (k,), np.float32),
-              jax.ShapeDtypeStruct(x.shape[:-2] + (k, x.shape[-1]), np.float32))
+def _numpy_left_vectors(x: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
+    """The left singular vectors of NumPy's float64 LAPACK for ``x`` cropped to the
+    ``rows`` and ``cols`` marked True (its full SVD, as google/svcca takes it), computed on
+    the host, put back in place (0 in the cropped rows, and in the columns past the
+    cropped matrix's own) and returned in float32 (only their orientation is used). Host
+    LAPACK calls are made one at a time: several devices calling into a threaded BLAS at
+    once starve each other."""
+    shape = jax.ShapeDtypeStruct(x.shape[:-1] + (min(x.shape[-2:]),), np.float32)
 
-    def run(m):
-        u, _, vh = np.linalg.svd(np.asarray(m, np.float64), full_matrices=False)
-        return np.asarray(u, np.float32), np.asarray(vh, np.float32)
+    def run(m, keep_rows, keep_cols):
+        keep_rows, keep_cols = np.asarray(keep_rows), np.asarray(keep_cols)
+        u = np.zeros(shape.shape, np.float32)
+        if keep_rows.any() and keep_cols.any():
+            with _HOST_LAPACK:
+                cropped = np.linalg.svd(np.asarray(m, np.float64)[np.ix_(keep_rows, keep_cols)])[0]
+            r = min(u.shape[1], cropped.shape[1])
+            u[keep_rows, :r] = cropped[:, :r]
+        return u
 
-    return jax.pure_callback(run, shapes, jax.lax.stop_gradient(x), vmap_method="sequential")
+    return jax.pure_callback(run, shape, jax.lax.stop_gradient(x), rows, cols,
+                             vmap_method="sequential")
+
+
+_HOST_LAPACK = threading.Lock()
 
 
 def _with_safe_jvp(primal: Callable[[jax.Array], Any]) -> Callable[[jax.Array], Any]:
@@ -124,12 +137,18 @@ def _with_safe_jvp(primal: Callable[[jax.Array], Any]) -> Callable[[jax.Array], 
 svd = _with_safe_jvp(lambda x: _primal(_svd_thin, x))
 svd.__doc__ = """Thin SVD ``(u, s, vh)`` of a real matrix (see the module docstring)."""
 
-def svd_reference_signs(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Thin SVD whose singular vectors are oriented as NumPy's float64 LAPACK orients them
-    (looked up on the host), whatever the dtype and backend: for results that, like
-    google/svcca's PWCCA, depend on those signs. For small matrices."""
+def svd_reference_signs(x: jax.Array, rows: jax.Array | None = None,
+                        cols: jax.Array | None = None
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Thin SVD whose singular vectors are oriented as NumPy's float64 LAPACK orients those
+    of ``x`` cropped to the ``rows`` and ``cols`` marked True (default: all; looked up on
+    the host), whatever the dtype and backend: for results that, like google/svcca's
+    PWCCA, depend on those signs. ``x`` must be 0 outside the kept rows and columns. For
+    small matrices."""
     u, s, vh = svd(x)
-    u_ref, _ = _numpy_vectors(x)
+    rows = jnp.ones(x.shape[0], bool) if rows is None else rows
+    cols = jnp.ones(x.shape[1], bool) if cols is None else cols
+    u_ref = _numpy_left_vectors(x, rows, cols)
     sign = jnp.sign(jnp.sum(u * u_ref.astype(u.dtype), axis=0))
     sign = jax.lax.stop_gradient(jnp.where(sign == 0, 1, sign))
     return u * sign, s, vh * sign[:, None]

@@ -74,11 +74,19 @@ class GramBlocks(NamedTuple):
     block: Callable[[Any, jax.Array, jax.Array, int], jax.Array]
 
 
+def poison(x: jax.Array) -> jax.Array:
+    """0, or NaN when ``x`` holds a NaN or inf (``x * 0`` is 0 for every finite x), in x's
+    dtype: added to a measure's value, whatever its steps did with the bad entry
+    (maxima, masks and ranks can drop a NaN) the value is NaN, never a plausible number."""
+    return jnp.sum(x * jnp.zeros((), x.dtype))
+
+
 @functools.partial(jax.jit, static_argnames=("factory", "options"))
 def _evaluate(factory: Callable[..., Measure], options: tuple, x: jax.Array, y: jax.Array
               ) -> jax.Array:
     m = factory(**dict(options))
-    return m.pair(m.prepare(x), m.prepare(y))
+    value = m.pair(m.prepare(x), m.prepare(y))
+    return value + (poison(x) + poison(y)).astype(value.dtype)
 
 
 def evaluate(factory: Callable[..., Measure], x: jax.Array, y: jax.Array, **options: Any
@@ -150,7 +158,8 @@ def center_features(x: jax.Array, axis_name: Any = None) -> jax.Array:
         return xc
     resolution = 16 * jnp.finfo(x.dtype).eps * top(jnp.abs(x))
     constant = top(jnp.abs(xc)) <= resolution
-    return jnp.where(constant, jnp.zeros_like(xc), xc)
+    # xc * 0, not 0: a maximum may skip a NaN, which must stay in the column
+    return jnp.where(constant, xc * jnp.zeros((), xc.dtype), xc)
 
 
 def max_scaled(x: jax.Array, axis_name: Any = None) -> tuple[jax.Array, jax.Array]:

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 
 from jaxsim import _linalg as _la
 from jaxsim import _validation as _v
-from jaxsim._measure import Measure, dot, evaluate, safe_ratio, safe_sqrt, unit_scaled
+from jaxsim._measure import Measure, dot, evaluate, poison, safe_ratio, safe_sqrt, unit_scaled
 
 Array = jax.Array
 
@@ -292,7 +292,10 @@ def _pwcca_pair(a: CCASummary, b: CCASummary, *, epsilon: float,
     t = dot(dot(a.right.T, _cross(a, b)), b.right)
     if epsilon:  # dropped units' rows and columns exactly 0, as in the cropped reference
         t = jnp.where(a.kept[:, None] & b.kept[None, :], t, 0)
-    u, s, vh = (_la.svd_reference_signs if directions == "reference" else _la.svd)(t)
+    if directions == "reference":  # the signs of the reference's cropped matrix
+        u, s, vh = _la.svd_reference_signs(t, a.kept, b.kept)
+    else:
+        u, s, vh = _la.svd(t)
     coefs = _valid(s, _rank(a, b))
     x_side = lambda: side(a, dot(a.right, u), coefs)
     y_side = lambda: side(b, dot(b.right, vh.T), coefs)
@@ -386,7 +389,10 @@ def _checked(x: Any, y: Any, epsilon: float, check_finite: bool, warn: bool,
 @functools.partial(jax.jit, static_argnames="epsilon")
 def _cca(x: Array, y: Array, epsilon: float) -> CCAResult:
     scale = lambda a: _whitening_input(a, epsilon)[3]
-    return _cca_result(_prepare_cca(x, epsilon), _prepare_cca(y, epsilon), scale(x), scale(y))
+    res = _cca_result(_prepare_cca(x, epsilon), _prepare_cca(y, epsilon), scale(x), scale(y))
+    bad = poison(x) + poison(y)
+    return jax.tree.map(lambda v: v + bad.astype(v.dtype)
+                        if jnp.issubdtype(v.dtype, jnp.floating) else v, res)
 
 
 def cca(x: Any, y: Any, *, epsilon: float = 0.0, check_finite: bool = True,

@@ -31,8 +31,8 @@ from jaxsim import _progress
 from jaxsim import _validation as _v
 from jaxsim import canonical, conv, geometry, kernel
 from jaxsim._measure import (HIGHEST, GramBlocks, Measure, block_offsets, center_features, dot,
-                             inner, replicated, safe_ratio, safe_sqrt, spec_axes, summary_width,
-                             unit_scaled)
+                             inner, poison, replicated, safe_ratio, safe_sqrt, spec_axes,
+                             summary_width, unit_scaled)
 
 Array = jax.Array
 
@@ -1010,6 +1010,9 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
                 close()
         values = _gram_values(sums, len(layers_a), self_grid)
     else:
+        if mesh is not None and not traced and _one_device_pairs():
+            mesh = None  # no collective at all
+            layers_a, layers_b = _on_one_device(layers_a, layers_b, self_grid)
         num_a, num_b = len(layers_a), len(layers_b)
         pairs = (num_a * (num_a + 1) // 2 if self_grid and measure.symmetric
                  else num_a * num_b)
@@ -1023,8 +1026,42 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
                                    self_grid, dtype, tick)
         finally:
             close()
+    values = _poisoned(values, layers_a, None if self_grid else layers_b)
     row_label, col_label = _labels(labels, self_grid, ("acts_a", "acts_b"))
     return Grid(values, tuple(rows), tuple(cols), name, row_label, col_label, notes)
+
+
+@jax.jit
+def _layer_poison(layers: list[Array]) -> Array:
+    return jnp.stack([poison(x) for x in layers])
+
+
+@jax.jit
+def _poisoned(values: Array, layers_a: list[Array], layers_b: list[Array] | None) -> Array:
+    """``values`` NaN in the rows and columns of layers that hold a NaN or inf (see
+    :func:`jaxsim._measure.poison`)."""
+    rows = _layer_poison(layers_a).astype(values.dtype)
+    cols = rows if layers_b is None else _layer_poison(layers_b).astype(values.dtype)
+    return values + rows[:, None] + cols[None, :]
+
+
+def _one_device_pairs() -> bool:
+    """Whether an eager pairwise grid of layers on a mesh runs on one device instead of
+    dividing its pairs among the mesh's: on host (CPU) devices, outside a ``jax.set_mesh``
+    context. Host devices share the same cores, and XLA's CPU runtime aborts the process
+    when a collective waits 40 s for devices still at work, as they are on a loaded machine
+    or while their pairs call into host LAPACK (PWCCA's signs); the grid then needs no
+    collective. (Under ``jit`` the layers cannot leave their mesh: the pairs are divided.)"""
+    return jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().empty
+
+
+def _on_one_device(layers_a: list[Array], layers_b: list[Array], self_grid: bool
+                   ) -> tuple[list[Array], list[Array]]:
+    """The layers gathered on the host (CPU devices' memory) and placed on one device:
+    no collective, and no mesh in their types."""
+    put = lambda layers: [jax.device_put(np.asarray(x), jax.devices("cpu")[0]) for x in layers]
+    moved = put(layers_a)
+    return moved, (moved if self_grid else put(layers_b))
 
 
 def _labels(labels: Any, self_grid: bool, default: tuple[str, str]) -> tuple[str, str]:
@@ -1084,16 +1121,22 @@ def _minibatch_update(state: MinibatchCKAState, layers_a: list[Array],
     m = union[0].shape[0]
     sums = _gram_inner_products(kernel.minibatch_blocks(), union, _block_size(m, len(union)),
                                 num_a=None if layers_b is None else len(layers_a))
-    return _minibatch_add(state, sums, len(layers_a), layers_b is None, m, axis_name)
+    bad = _layer_poison(union).astype(dtype)
+    return _minibatch_add(state, sums, len(layers_a), layers_b is None, m, axis_name, bad)
 
 
 def _minibatch_add(state: MinibatchCKAState, sums: Array, num_a: int, self_grid: bool,
-                   m: int, axis_name: Any = None) -> MinibatchCKAState:
+                   m: int, axis_name: Any = None, bad: Array | None = None
+                   ) -> MinibatchCKAState:
     """The state plus one batch of m examples, from its U-centred Grams' inner products
-    (``sums``, up to :func:`_symmetrise`)."""
+    (``sums``, up to :func:`_symmetrise`); ``bad``: the union's layers' poison."""
     products = _symmetrise(sums) / (m * (m - 3))
-    step = MinibatchCKAState(*_split(products, num_a, self_grid),
-                             jnp.ones((), state.cross.dtype))
+    cross, self_a, self_b = _split(products, num_a, self_grid)
+    if bad is not None:  # a layer with a NaN or inf makes its sums NaN (see poison)
+        bad_a, bad_b = bad[:num_a], (bad[:num_a] if self_grid else bad[num_a:])
+        cross = cross + bad_a[:, None] + bad_b[None, :]
+        self_a, self_b = self_a + bad_a, self_b + bad_b
+    step = MinibatchCKAState(cross, self_a, self_b, jnp.ones((), state.cross.dtype))
     if axis_name is not None:
         step = jax.lax.psum(step, axis_name)
     return jax.tree.map(operator.add, state, step)
@@ -1149,7 +1192,8 @@ def minibatch_cka_update(state: MinibatchCKAState, batch_acts_a: Any, batch_acts
                              dtype=np.dtype(state.cross.dtype),
                              num_a=None if layers_b is None else len(layers_a))(union)
         return _minibatch_add_jit(state, sums, len(layers_a), layers_b is None,
-                                  union[0].shape[0])
+                                  union[0].shape[0],
+                                  bad=_layer_poison(union).astype(state.cross.dtype))
     return _minibatch_update(state, [replicated(x) for x in layers_a],
                              None if layers_b is None else [replicated(x) for x in layers_b],
                              axis_name)

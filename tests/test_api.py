@@ -169,3 +169,49 @@ def test_underdetermined_cca_warns_once_with_remedies(rng):
     assert grid.notes and "n=20 examples" in repr(grid)
     quiet = jaxsim.similarity_grid([x, y], metric="svcca", keep_dims=3, warn=False)
     assert not quiet.notes
+
+
+GRID_ROUTES = {
+    "linear_cka gram": ("linear_cka", {"method": "gram"}),
+    "linear_cka features": ("linear_cka", {"method": "features"}),
+    "linear_cka debiased": ("linear_cka", {"debiased": True}),
+    "rbf_cka": ("rbf_cka", {}),
+    "mean_cca": ("mean_cca", {"warn": False}),
+    "svcca": ("svcca", {"keep_dims": 3, "warn": False}),
+    "pwcca": ("pwcca", {"warn": False}),
+    "procrustes": ("procrustes", {}),
+    "rsa": ("rsa", {}),
+    "rsa pearson": ("rsa", {"compare": "pearson"}),
+    "mutual_knn": ("mutual_knn", {"k": 3}),
+    "linear_predictivity": ("linear_predictivity", {}),
+}
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_in_gives_nan_out(rng, bad):
+    """check_finite=False skips the check; it must never turn a NaN or inf into a plausible
+    number: every measure, grid route (n = 1100 takes the blocked Gram routes), minibatch
+    state and CCA result gives NaN where a layer holds one, eagerly and under jit. The
+    per-layer rescaling hid it (linear CKA of a layer with one NaN: 0.976)."""
+    x, y = (a.astype(np.float32) for a in related(rng, 48, 6, 5))
+    x[3, 2] = bad
+    for name, (fn, opts) in MEASURES.items():
+        assert np.isnan(float(fn(x, y, check_finite=False, **opts))), name
+        assert np.isnan(float(fn(y, x, check_finite=False, **opts))), name
+        assert np.isnan(float(jax.jit(lambda a, b: fn(a, b, **opts))(x, y))), name
+    res = jaxsim.cca(x, y, check_finite=False)
+    assert all(np.isnan(np.asarray(v)).all() for k, v in res._asdict().items() if k != "rank")
+    for n in (48, 1100):
+        layers = [a.astype(np.float32) for a in related(rng, n, 6, 5)] + [
+            rng.normal(size=(n, 4)).astype(np.float32)]
+        layers[0][min(n - 1, 700), 1] = bad
+        for route, (metric, opts) in GRID_ROUTES.items():
+            if n > 48 and metric not in ("linear_cka", "rbf_cka"):
+                continue
+            values = np.asarray(jaxsim.similarity_grid(layers, metric=metric, check_finite=False,
+                                                       progress=False, **opts).values)
+            assert np.isnan(values[0]).all() and np.isnan(values[:, 0]).all(), route
+            assert np.isfinite(values[1:, 1:]).all(), route
+    state = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3), layers, check_finite=False)
+    values = np.asarray(jaxsim.minibatch_cka_result(state).values)
+    assert np.isnan(values[0]).all() and np.isfinite(values[1:, 1:]).all(), "minibatch"

@@ -291,3 +291,52 @@ def test_pwcca_variates_reading(x64, rng):
         assert abs(float(got) - float(jaxsim.pwcca(x, y))) < 0.1
     with pytest.raises(ValueError, match=r"directions: expected one of 'reference', 'variates'"):
         jaxsim.pwcca(x, y, directions="paper")
+
+
+def relu_layers(rng, n=400, widths=(8, 10), latent=6):
+    """Post-ReLU layers with offsets (unit means far from 0, as in trained networks)."""
+    z = rng.normal(size=(n, latent))
+    return [np.maximum(z @ rng.normal(size=(latent, w)) + rng.normal(size=(n, w)) + 0.5, 0)
+            for w in widths]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_pwcca_with_units_dropped_by_epsilon(x64, rng, dtype):
+    """Units that epsilon drops are gone, as google/svcca crops them: PWCCA of a layer with
+    dead units added (at the end or between live ones) equals PWCCA without them, the
+    reference on the cropped layers, in both orders and in grids. The reference's
+    directions depend on the signs of the SVD of the cropped matrix, and jaxsim took them
+    from the SVD of the padded one (0.598 for 0.670 here)."""
+    x, y = relu_layers(rng)
+    zeros = np.zeros((len(x), 2))
+    padded = [np.concatenate([x, zeros, zeros], 1),
+              np.concatenate([x[:, :3], zeros, x[:, 3:], zeros], 1)]
+    tol = dict(rtol=1e-9) if dtype == np.float64 else dict(atol=2e-5)
+    cast = lambda a: a.astype(dtype)
+    for xd in padded:
+        np.testing.assert_allclose(jaxsim.pwcca(cast(xd), cast(y), epsilon=1e-6),
+                                   np_pwcca(x, y, 1e-6), **tol)
+        np.testing.assert_allclose(jaxsim.pwcca(cast(y), cast(xd), epsilon=1e-6),
+                                   np_pwcca(y, x, 1e-6), **tol)
+    grid = jaxsim.similarity_grid([cast(padded[1]), cast(y)], metric="pwcca", epsilon=1e-6,
+                                  progress=False, warn=False).values
+    np.testing.assert_allclose(grid[0, 1], np_pwcca(x, y, 1e-6), **tol)
+    np.testing.assert_allclose(grid[1, 0], np_pwcca(y, x, 1e-6), **tol)
+
+
+def test_pwcca_variates_on_a_rank_deficient_side(x64, rng):
+    """directions="variates" on a side of rank r below its width (here 8 units of rank 5,
+    nothing dropped): the canonical variates beyond rank r are null directions, which
+    carry no weight; the r directions within it carry their weight whatever their
+    correlation. Reference: the paper's formula on an orthonormal basis of the side's
+    centered span."""
+    x5, y = relu_layers(rng, widths=(5, 10))
+    x = np.concatenate([x5, x5 @ rng.normal(size=(5, 3))], 1)
+    basis = lambda a: np.linalg.svd(a - a.mean(0), full_matrices=False)[0][
+        :, :np.linalg.matrix_rank(a - a.mean(0))]
+    ux, uy = basis(x), basis(y)
+    p, rho, _ = np.linalg.svd(ux.T @ uy)
+    h = ux @ p  # unit-norm canonical variates of x, rank 5 of them
+    weights = np.abs(h.T @ x).sum(axis=1)
+    want = np.sum(weights * rho) / weights.sum()
+    np.testing.assert_allclose(jaxsim.pwcca(x, y, directions="variates"), want, rtol=1e-9)

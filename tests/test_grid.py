@@ -1,6 +1,7 @@
 """Grids and minibatch CKA: equal to loops of the pair functions and to NumPy references."""
 
 import operator
+import os
 import subprocess
 import sys
 import textwrap
@@ -914,3 +915,26 @@ def test_pairwise_grids_hold_a_bounded_set_of_summaries(rng, monkeypatch):
         np.testing.assert_allclose(jaxsim.similarity_grid(a, b, metric=m, warn=False).values,
                                    ref, rtol=1e-12, err_msg=m)
         assert max(prepared) == 2 and len(prepared) > 3, (m, prepared)
+
+
+@pytest.mark.parametrize("load", ["quiet", "a CPU hog beside it"])
+def test_sharded_pwcca_grid_completes(load):
+    """Issue 23's crash: a PWCCA grid of layers sharded over 8 host devices, after linear-CKA
+    grids of them, aborted the process (``Termination timeout for all gather``, exit 134)
+    within a minute on a quiet machine. Pairwise grids on host devices now run on one
+    device, with no collective; the values equal one device's exactly."""
+    script = os.path.join(os.path.dirname(__file__), "sharded_pwcca_script.py")
+    env = subprocess_env("--xla_force_host_platform_device_count=8")
+    hog = None
+    if load != "quiet":
+        hog = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 120\n"
+                                "while time.time() < end: pass"])
+    try:
+        out = subprocess.run([sys.executable, script, "2048", "128,256,128,256"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    finally:
+        if hog is not None:
+            hog.kill()
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert "sharded pwcca ok" in out.stdout
+
