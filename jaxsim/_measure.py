@@ -128,6 +128,14 @@ def safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
     return jnp.where(empty, jnp.zeros_like(num), num / jnp.where(empty, 1, den))
 
 
+def bounded_ratio(num: jax.Array, den: jax.Array, lower: float = -1.0, upper: float = 1.0
+                  ) -> jax.Array:
+    """:func:`safe_ratio` of a ratio whose exact value lies in ``[lower, upper]`` (a cosine,
+    a correlation, a weighted mean of such values): rounding cannot carry it out of its
+    range (identical layers gave 1.0000000000000002). NaN stays NaN."""
+    return jnp.clip(safe_ratio(num, den), lower, upper)
+
+
 def safe_sqrt(v: jax.Array) -> jax.Array:
     """``sqrt`` of a value that is >= 0 up to rounding: 0 at and below 0, with a finite
     derivative there (the double ``where`` again); NaN propagates."""

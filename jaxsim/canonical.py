@@ -56,7 +56,8 @@ import jax.numpy as jnp
 
 from jaxsim import _linalg as _la
 from jaxsim import _validation as _v
-from jaxsim._measure import Measure, dot, evaluate, poison, safe_ratio, safe_sqrt, unit_scaled
+from jaxsim._measure import (Measure, bounded_ratio, dot, evaluate, poison, safe_ratio, safe_sqrt,
+                             unit_scaled)
 
 Array = jax.Array
 
@@ -202,7 +203,7 @@ def _coefficients(a: CCASummary, b: CCASummary) -> Array:
 
 def _mean_pair(a: CCASummary, b: CCASummary) -> Array:
     """Mean over the effective rank (the canonical directions both layers have)."""
-    return safe_ratio(jnp.sum(_coefficients(a, b)), _rank(a, b).astype(a.basis.dtype))
+    return bounded_ratio(jnp.sum(_coefficients(a, b)), _rank(a, b).astype(a.basis.dtype), 0.0)
 
 
 def _pad_columns(m: Array, k: int) -> Array:
@@ -275,7 +276,7 @@ def _weighted(weights: Array, rank: Array, coefs: Array) -> Array:
     k = coefs.shape[0]
     weights = jnp.pad(weights, (0, max(0, k - weights.shape[0])))[:k]
     weights = jnp.where(jnp.arange(k) < rank, weights, 0)
-    return safe_ratio(jnp.sum(weights * coefs), jnp.sum(weights))
+    return bounded_ratio(jnp.sum(weights * coefs), jnp.sum(weights), 0.0)
 
 
 def _pwcca_pair(a: CCASummary, b: CCASummary, *, epsilon: float,

@@ -26,8 +26,8 @@ from jax.scipy.stats import rankdata
 
 from jaxsim import _linalg as _la
 from jaxsim import _validation as _v
-from jaxsim._measure import (GramBlocks, Measure, center_features, dot, evaluate, inner,
-                             max_scaled, safe_ratio, safe_sqrt, unit_scaled)
+from jaxsim._measure import (GramBlocks, Measure, bounded_ratio, center_features, dot, evaluate,
+                             inner, max_scaled, safe_ratio, safe_sqrt, unit_scaled)
 from jaxsim.kernel import _distance_block, _masked_block, _pad_rows
 
 Array = jax.Array
@@ -177,7 +177,7 @@ def _upper(m: Array) -> Array:
 
 def _pearson(a: Array, b: Array) -> Array:
     a, b = a - jnp.mean(a), b - jnp.mean(b)
-    return safe_ratio(inner(a, b), safe_sqrt(inner(a, a)) * safe_sqrt(inner(b, b)))
+    return bounded_ratio(inner(a, b), safe_sqrt(inner(a, a)) * safe_sqrt(inner(b, b)))
 
 
 _KENDALL_ENTRIES = 1 << 18  # sign comparisons per step of Kendall's tau
@@ -197,7 +197,7 @@ def _kendall_tau_b(a: Array, b: Array, block_entries: int = _KENDALL_ENTRIES) ->
         return jnp.stack([jnp.sum(sa * sb), jnp.sum(sa * sa), jnp.sum(sb * sb)])
 
     counts = jnp.sum(_row_blocks(step, (a, b), m, block_entries).astype(a.dtype), axis=0)
-    return safe_ratio(counts[0], safe_sqrt(counts[1]) * safe_sqrt(counts[2]))
+    return bounded_ratio(counts[0], safe_sqrt(counts[1]) * safe_sqrt(counts[2]))
 
 
 _KEY_ENTRIES = 1 << 22  # differences (or products) formed at once by _rank_keys
@@ -401,7 +401,7 @@ def _predictivity_pair(a: RidgeSummary, b: RidgeSummary) -> Array:
     # Y = U_b S_b V_b^T, the row norms of U^T Y are those of U^T U_b S_b.
     z = dot(a.basis.T, b.basis * b.values)
     explained = jnp.sum((2 * a.shrink - a.shrink**2) * jnp.sum(z * z, axis=1))
-    return safe_ratio(explained, jnp.sum(b.values**2))
+    return bounded_ratio(explained, jnp.sum(b.values**2), 0.0)
 
 
 @functools.lru_cache(maxsize=None)

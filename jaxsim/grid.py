@@ -30,9 +30,8 @@ import numpy as np
 from jaxsim import _progress
 from jaxsim import _validation as _v
 from jaxsim import canonical, conv, geometry, kernel
-from jaxsim._measure import (HIGHEST, GramBlocks, Measure, block_offsets, center_features, dot,
-                             inner, poison, replicated, safe_ratio, safe_sqrt, spec_axes,
-                             summary_width, unit_scaled)
+from jaxsim._measure import (HIGHEST, GramBlocks, Measure, block_offsets, bounded_ratio,
+                             center_features, dot, inner, poison, replicated, safe_sqrt, spec_axes, summary_width, unit_scaled)
 
 Array = jax.Array
 
@@ -619,16 +618,17 @@ def _symmetrise(acc: Array) -> Array:
     return (acc + acc.T) / 2
 
 
-@jax.jit
-def _normalise(cross: Array, self_a: Array, self_b: Array) -> Array:
-    """``cross[i, j] / sqrt(self_a[i] self_b[j])``, 0 where a layer has no variance."""
-    return safe_ratio(cross, safe_sqrt(self_a)[:, None] * safe_sqrt(self_b)[None, :])
+@functools.partial(jax.jit, static_argnames="lower")
+def _normalise(cross: Array, self_a: Array, self_b: Array, lower: float = -1.0) -> Array:
+    """``cross[i, j] / sqrt(self_a[i] self_b[j])`` in ``[lower, 1]`` (a cosine), 0 where a
+    layer has no variance."""
+    return bounded_ratio(cross, safe_sqrt(self_a)[:, None] * safe_sqrt(self_b)[None, :], lower)
 
 
-@functools.partial(jax.jit, static_argnames=("num_a", "self_grid"))
-def _gram_values(acc: Array, num_a: int, self_grid: bool) -> Array:
+@functools.partial(jax.jit, static_argnames=("num_a", "self_grid", "lower"))
+def _gram_values(acc: Array, num_a: int, self_grid: bool, lower: float) -> Array:
     """The grid from :func:`_gram_inner_products`' sums, in one compiled program."""
-    return _normalise(*_split(_symmetrise(acc), num_a, self_grid))
+    return _normalise(*_split(_symmetrise(acc), num_a, self_grid), lower)
 
 
 def _split(products: Array, num_a: int, self_grid: bool) -> tuple[Array, Array, Array]:
@@ -1008,7 +1008,9 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
                                             tick if follow else None, mesh, num_a)
             finally:
                 close()
-        values = _gram_values(sums, len(layers_a), self_grid)
+        # biased CKA's centered Grams are positive semi-definite: their cosines are >= 0
+        biased_cka = measure.name in ("linear_cka", "rbf_cka") and not debiased
+        values = _gram_values(sums, len(layers_a), self_grid, 0.0 if biased_cka else -1.0)
     else:
         if mesh is not None and not traced and _one_device_pairs():
             mesh = None  # no collective at all

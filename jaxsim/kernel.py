@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxsim import _validation as _v
-from jaxsim._measure import (GramBlocks, Measure, block_offsets, center_features, dot,
-                             evaluate, inner, safe_ratio, safe_sqrt, unit_scaled)
+from jaxsim._measure import (GramBlocks, Measure, block_offsets, bounded_ratio, center_features,
+                             dot, evaluate, inner, safe_sqrt, unit_scaled)
 
 Array = jax.Array
 
@@ -310,8 +310,10 @@ def _norm_product(a: Any, b: Any) -> Array:
     return safe_sqrt(a.self) * safe_sqrt(b.self)
 
 
-def _cosine_pair(a: Any, b: Any) -> Array:
-    return safe_ratio(inner(a.vec, b.vec), _norm_product(a, b))
+def _cosine_pair(a: Any, b: Any, lower: float = -1.0) -> Array:
+    """CKA of two prepared layers, in [lower, 1] (``lower``: 0 for the biased estimator,
+    whose centered Grams are positive semi-definite; -1 for the unbiased one)."""
+    return bounded_ratio(inner(a.vec, b.vec), _norm_product(a, b), lower)
 
 
 def _debias_inner(xty: Array, rx: Array, ry: Array, sx: Array, sy: Array, n: int) -> Array:
@@ -336,7 +338,7 @@ def _feature_pair(a: FeatureSummary, b: FeatureSummary, debiased: bool) -> Array
     xty = inner(cross, cross)
     if debiased:
         xty = _debias_inner(xty, a.row_sq, b.row_sq, a.total, b.total, a.features.shape[0])
-    return safe_ratio(xty, _norm_product(a, b))
+    return bounded_ratio(xty, _norm_product(a, b), -1.0 if debiased else 0.0)
 
 
 def use_feature_space(n: int, widths_a: list[int], widths_b: list[int] | None = None, *,
@@ -470,7 +472,13 @@ def linear_measure(*, debiased: bool = False, feature_space: bool = False) -> Me
     prepare = lambda x: _gram_summary(_gram_linear(unit_scaled(x)[0]), debiased)
     blocks = GramBlocks(functools.partial(_linear_source, debiased=debiased),
                         functools.partial(_linear_block, debiased=debiased))
-    return Measure("linear_cka", prepare, _cosine_pair, blocks=blocks, min_n=min_n)
+    return Measure("linear_cka", prepare, cka_pair(debiased), blocks=blocks, min_n=min_n)
+
+
+@functools.lru_cache(maxsize=None)
+def cka_pair(debiased: bool) -> Callable[[Any, Any], Array]:
+    """The pair step of CKA on prepared Grams, in its estimator's range."""
+    return functools.partial(_cosine_pair, lower=-1.0 if debiased else 0.0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -682,12 +690,13 @@ def rbf_measure(*, threshold: float = 1.0, debiased: bool = False) -> Measure:
     prepare = lambda x: _gram_summary(_gram_rbf(x, jnp.asarray(t, x.dtype)), debiased)
     blocks = GramBlocks(functools.partial(_rbf_source, threshold=t, debiased=debiased),
                         functools.partial(_rbf_block, threshold=t, debiased=debiased))
-    return Measure("rbf_cka", prepare, _cosine_pair, blocks=blocks, min_n=4 if debiased else 2)
+    return Measure("rbf_cka", prepare, cka_pair(debiased), blocks=blocks,
+                   min_n=4 if debiased else 2)
 
 
 @functools.partial(jax.jit, static_argnames=("debiased",))
 def _cka(k: Array, l: Array, debiased: bool) -> Array:
-    return _cosine_pair(_gram_summary(k, debiased), _gram_summary(l, debiased))
+    return cka_pair(debiased)(_gram_summary(k, debiased), _gram_summary(l, debiased))
 
 
 def cka(gram_x: Any, gram_y: Any, *, debiased: bool = False, check_finite: bool = True) -> Array:

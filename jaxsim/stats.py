@@ -25,7 +25,6 @@ less than the normal interval in simulation; see the tests.)
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -35,7 +34,7 @@ import scipy.stats
 
 from jaxsim import _validation as _v
 from jaxsim import canonical, geometry, grid, kernel
-from jaxsim._measure import Measure, dot, replicated, safe_ratio, safe_sqrt
+from jaxsim._measure import Measure, bounded_ratio, dot, replicated, safe_sqrt
 from jaxsim._progress import bar
 
 Array = jax.Array
@@ -132,7 +131,7 @@ def _feature_null(sx: kernel.FeatureSummary, sy: kernel.FeatureSummary, perms: A
     xty = jnp.sum(cross.reshape(-1, b, d2) ** 2, axis=(0, 2))
     if debiased:
         xty = kernel._debias_inner(xty, sx.row_sq, sy.row_sq[perms].T, sx.total, sy.total, n)
-    return safe_ratio(xty, kernel._norm_product(sx, sy))
+    return bounded_ratio(xty, kernel._norm_product(sx, sy), -1.0 if debiased else 0.0)
 
 
 # ------------------------------------------------------------------ jitted batches

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxsim
-from conftest import related
+from conftest import orthogonal, related
 
 MEASURES = {
     "linear_cka": (jaxsim.linear_cka, {}),
@@ -215,3 +215,37 @@ def test_non_finite_in_gives_nan_out(rng, bad):
     state = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3), layers, check_finite=False)
     values = np.asarray(jaxsim.minibatch_cka_result(state).values)
     assert np.isnan(values[0]).all() and np.isfinite(values[1:, 1:]).all(), "minibatch"
+
+
+BOUNDS = {  # (metric, options) -> documented range
+    ("linear_cka", "gram"): (0, 1), ("linear_cka", "features"): (0, 1),
+    ("linear_cka", "debiased"): (-1, 1), ("rbf_cka", ""): (0, 1),
+    ("rbf_cka", "debiased"): (-1, 1), ("mean_cca", ""): (0, 1), ("svcca", ""): (0, 1),
+    ("pwcca", ""): (0, 1), ("procrustes", ""): (0, 1), ("rsa", "pearson"): (-1, 1),
+    ("rsa", ""): (-1, 1), ("linear_predictivity", "ridge=0"): (0, 1),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_bounded_measures_stay_in_range(x64, rng, dtype):
+    """Identical layers in a self-grid gave 1.0000000000000002 (float64; feature route, RBF
+    CKA, Pearson RSA) and up to 1.0000007 in float32 (n = 1025, a power-law layer with an
+    offset); every bounded measure stays in its documented range, also on unrelated layers."""
+    n, d = 1025, 24
+    x = (rng.normal(size=(n, d)) / np.arange(1, d + 1)) @ orthogonal(rng, d) + 3.0
+    layers = [x.astype(dtype), (2 * x).astype(dtype), rng.normal(size=(n, 5)).astype(dtype)]
+    for (metric, option), (lo, hi) in BOUNDS.items():
+        opts = {"gram": {"method": "gram"}, "features": {"method": "features"},
+                "debiased": {"debiased": True}, "pearson": {"compare": "pearson"},
+                "ridge=0": {"ridge": 0.0}, "": {}}[option]
+        if metric in ("mean_cca", "svcca", "pwcca"):
+            opts = {**opts, "warn": False}
+        if metric == "rsa":
+            layers_here = [a[:300] for a in layers]  # ranks of n^2 / 2 entries: keep it small
+        else:
+            layers_here = layers
+        values = np.asarray(jaxsim.similarity_grid(layers_here, metric=metric, progress=False,
+                                                   **opts).values)
+        assert values.max() <= hi and values.min() >= lo, (metric, option, values)
+        np.testing.assert_allclose(values[0, 1], 1.0, atol=1e-5 if dtype == np.float32
+                                   else 1e-9, err_msg=(metric, option))
