@@ -63,14 +63,25 @@ def _primal(fn: Callable[[jax.Array], Any], x: jax.Array) -> Any:
     return _sequential(fn)(x) if _on_cpu() else fn(x)
 
 
+def _lapack_svd(x: jax.Array, algorithm: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return tuple(jax.lax.linalg.svd(x, full_matrices=False, algorithm=algorithm))
+
+
 def _svd_thin(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """JAX's default thin SVD on every platform (batched Jacobi on CUDA up to 1024 a side,
-    gesvd beyond). Not cuSOLVER's polar-decomposition SVD (gesvdp), although it is ~3x
+    gesvd beyond). On the CPU, where LAPACK's divide-and-conquer SVD (gesdd) can fail to
+    converge on a finite matrix (JAX then returns NaN factors), the QR-iteration SVD
+    (gesvd) is taken instead for that matrix. Not cuSOLVER's polar-decomposition SVD (gesvdp), although it is ~3x
     faster on a full-rank 10000 x 500 layer: on rank-deficient layers (dead units,
     constant units, rank 192 of width 256) its factors are wrong, and mean CCA, SVCCA,
     PWCCA and Procrustes were off by up to 0.3 in float32 on an H100
     (``benchmarks/svd_routes.py`` reports both on such a layer)."""
-    return tuple(jax.lax.linalg.svd(x, full_matrices=False))
+    u, s, vh = _lapack_svd(x)
+    if not _on_cpu():
+        return u, s, vh
+    failed = jnp.any(jnp.isnan(s)) & jnp.all(jnp.isfinite(x))
+    return jax.lax.cond(failed, lambda: _lapack_svd(x, jax.lax.linalg.SvdAlgorithm.QR),
+                        lambda: (u, s, vh))
 
 
 def _eigh(x: jax.Array) -> tuple[jax.Array, jax.Array]:

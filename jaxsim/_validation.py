@@ -32,8 +32,32 @@ def compute_dtype(dtype: Any) -> Any:
     return np.dtype(jnp.result_type(float))
 
 
+def gathers_host_meshes() -> bool:
+    """Whether arrays spread over several host (CPU) devices of this process are gathered
+    into host memory on entry, outside ``jit`` and ``jax.set_mesh``: the computation then
+    needs no collective. Host devices share the same cores, so dividing the work gains
+    nothing, and XLA's CPU runtime can stall a collective whose devices reach it late
+    (a loaded machine, host callbacks) and then abort the process. Tests of the
+    multi-device programs, which host devices stand in for, turn this off."""
+    return True
+
+
+def _off_host_mesh(x: Any) -> Any:
+    """``x`` as a NumPy array if it is a concrete jax array on several host devices of this
+    process (see :func:`gathers_host_meshes`), else ``x``."""
+    if not isinstance(x, jax.Array) or _is_tracer(x) or not gathers_host_meshes():
+        return x
+    devices = x.sharding.device_set
+    if len(devices) < 2 or not jax.sharding.get_abstract_mesh().empty:
+        return x
+    if all(d.platform == "cpu" and d.process_index == jax.process_index() for d in devices):
+        return np.asarray(x)
+    return x
+
+
 def as_float_array(x: Any, name: str) -> Array:
     """Converts ``x`` to a jax array in its compute dtype (see :func:`compute_dtype`)."""
+    x = _off_host_mesh(x)
     dtype = getattr(x, "dtype", None)
     if dtype is None:
         try:
@@ -74,7 +98,8 @@ def finite(named: dict[str, Any], enabled: bool = True) -> None:
     """
     if not enabled:
         return
-    named = {k: a if hasattr(a, "dtype") else np.asarray(a) for k, a in named.items()}
+    named = {k: _off_host_mesh(a) if hasattr(a, "dtype") else np.asarray(a)
+             for k, a in named.items()}
     host = {k: a for k, a in named.items() if isinstance(a, np.ndarray)}
     device = {k: a for k, a in named.items()
               if not isinstance(a, np.ndarray) and not _is_tracer(a)}

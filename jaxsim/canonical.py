@@ -7,7 +7,9 @@ the transpose, ``(neurons, n)``: ``jaxsim.cca(x, y)`` corresponds to
 ``epsilon`` has google/svcca's meaning: each covariance block is divided by its largest
 absolute entry, units whose scaled variance is below ``epsilon`` are dropped, and
 ``epsilon`` is added to the scaled diagonal. With ``epsilon=0`` nothing is dropped or
-added.
+added. The addition regularizes: direction i is shrunk by ``sqrt(lam_i / (lam_i + eps))``,
+so a layer with many directions of scaled variance near ``epsilon`` scores below 1 against
+itself.
 
 Numerics. Every measure here is ``pair(prepare(x), prepare(y))``: ``prepare`` centres a
 layer, divides it by its largest absolute value (no overflow, whatever the input's scale)

@@ -1012,9 +1012,6 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
         biased_cka = measure.name in ("linear_cka", "rbf_cka") and not debiased
         values = _gram_values(sums, len(layers_a), self_grid, 0.0 if biased_cka else -1.0)
     else:
-        if mesh is not None and not traced and _one_device_pairs():
-            mesh = None  # no collective at all
-            layers_a, layers_b = _on_one_device(layers_a, layers_b, self_grid)
         num_a, num_b = len(layers_a), len(layers_b)
         pairs = (num_a * (num_a + 1) // 2 if self_grid and measure.symmetric
                  else num_a * num_b)
@@ -1045,25 +1042,6 @@ def _poisoned(values: Array, layers_a: list[Array], layers_b: list[Array] | None
     rows = _layer_poison(layers_a).astype(values.dtype)
     cols = rows if layers_b is None else _layer_poison(layers_b).astype(values.dtype)
     return values + rows[:, None] + cols[None, :]
-
-
-def _one_device_pairs() -> bool:
-    """Whether an eager pairwise grid of layers on a mesh runs on one device instead of
-    dividing its pairs among the mesh's: on host (CPU) devices, outside a ``jax.set_mesh``
-    context. Host devices share the same cores, and XLA's CPU runtime aborts the process
-    when a collective waits 40 s for devices still at work, as they are on a loaded machine
-    or while their pairs call into host LAPACK (PWCCA's signs); the grid then needs no
-    collective. (Under ``jit`` the layers cannot leave their mesh: the pairs are divided.)"""
-    return jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().empty
-
-
-def _on_one_device(layers_a: list[Array], layers_b: list[Array], self_grid: bool
-                   ) -> tuple[list[Array], list[Array]]:
-    """The layers gathered on the host (CPU devices' memory) and placed on one device:
-    no collective, and no mesh in their types."""
-    put = lambda layers: [jax.device_put(np.asarray(x), jax.devices("cpu")[0]) for x in layers]
-    moved = put(layers_a)
-    return moved, (moved if self_grid else put(layers_b))
 
 
 def _labels(labels: Any, self_grid: bool, default: tuple[str, str]) -> tuple[str, str]:

@@ -340,3 +340,41 @@ def test_pwcca_variates_on_a_rank_deficient_side(x64, rng):
     weights = np.abs(h.T @ x).sum(axis=1)
     want = np.sum(weights * rho) / weights.sum()
     np.testing.assert_allclose(jaxsim.pwcca(x, y, directions="variates"), want, rtol=1e-9)
+
+
+def test_cca_survives_an_svd_that_does_not_converge(rng, monkeypatch):
+    """LAPACK's divide-and-conquer SVD (gesdd) can fail to converge on a finite matrix, and
+    JAX then returns NaN factors: mean CCA was NaN in float32 on a small CNN's conv2
+    (397 x 1024, rank 396, epsilon=1e-6) while its grid, compiled apart, gave 0.988. Here
+    every default SVD fails (simulated); the CCA family must fall back to another
+    algorithm and give the same values, single pairs and grids alike."""
+    from jaxsim import _linalg
+
+    z = rng.normal(size=(120, 30))
+    x = np.maximum(z @ rng.normal(size=(30, 200)) + 0.2, 0).astype(np.float32)  # n < width
+    y = np.maximum(z[:, :10] @ rng.normal(size=(10, 12)), 0).astype(np.float32)
+    funcs = {"mean_cca": lambda a, b: jaxsim.mean_cca(a, b, epsilon=1e-6, warn=False),
+             "svcca": lambda a, b: jaxsim.svcca(a, b, keep_dims=5, warn=False),
+             "pwcca": lambda a, b: jaxsim.pwcca(a, b, epsilon=1e-6, warn=False),
+             "coefficients": lambda a, b: jaxsim.cca(a, b, epsilon=1e-6, warn=False).coefficients,
+             "grid": lambda a, b: jaxsim.similarity_grid([a, b], metric="mean_cca", epsilon=1e-6,
+                                                         warn=False, progress=False).values}
+    want = {k: np.asarray(f(x, y)) for k, f in funcs.items()}
+    real = _linalg._lapack_svd
+
+    def failing(m, algorithm=None):
+        u, s, vh = real(m, algorithm)
+        if algorithm is None:  # LAPACK's failure, as JAX reports it
+            return jnp.full_like(u, jnp.nan), jnp.full_like(s, jnp.nan), jnp.full_like(vh, jnp.nan)
+        return u, s, vh
+
+    jax.clear_caches()
+    monkeypatch.setattr(_linalg, "_lapack_svd", failing)
+    try:
+        for name, f in funcs.items():
+            got = np.asarray(f(x, y))
+            assert np.isfinite(got).all(), name
+            np.testing.assert_allclose(got, want[name], atol=2e-5, err_msg=name)
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
