@@ -31,7 +31,8 @@ from jaxsim import _progress
 from jaxsim import _validation as _v
 from jaxsim import canonical, conv, geometry, kernel
 from jaxsim._measure import (HIGHEST, GramBlocks, Measure, block_offsets, bounded_ratio,
-                             center_features, dot, inner, poison, replicated, safe_sqrt, spec_axes, summary_width, unit_scaled)
+                             center_features, dot, inner, poison, replicated, rounding_zero,
+                             safe_sqrt, spec_axes, summary_width, unit_scaled)
 
 Array = jax.Array
 
@@ -626,9 +627,33 @@ def _normalise(cross: Array, self_a: Array, self_b: Array, lower: float = -1.0) 
 
 
 @functools.partial(jax.jit, static_argnames=("num_a", "self_grid", "lower"))
-def _gram_values(acc: Array, num_a: int, self_grid: bool, lower: float) -> Array:
-    """The grid from :func:`_gram_inner_products`' sums, in one compiled program."""
-    return _normalise(*_split(_symmetrise(acc), num_a, self_grid), lower)
+def _gram_values(acc: Array, num_a: int, self_grid: bool, lower: float,
+                 magnitudes: Array | None = None) -> Array:
+    """The grid from :func:`_gram_inner_products`' sums, in one compiled program;
+    ``magnitudes``: of unbiased HSICs, see :func:`_zero_to_rounding`."""
+    return _normalise(*_split(_zero_to_rounding(_symmetrise(acc), magnitudes), num_a,
+                              self_grid), lower)
+
+
+def _zero_to_rounding(products: Array, magnitudes: Array | None) -> Array:
+    """Inner products of U-centered Grams with the self terms that are zero to rounding
+    (see :func:`jaxsim._measure.rounding_zero`; ``magnitudes``: each layer's Gram trace,
+    None: no such terms) set to 0, with their layers' cross terms (no larger, by
+    Cauchy-Schwarz)."""
+    if magnitudes is None:
+        return products
+    diag = jnp.diagonal(products)
+    live = rounding_zero(diag, magnitudes, squared=True) > 0
+    return jnp.where(live[:, None] & live[None, :], products, 0)
+
+
+@functools.partial(jax.jit, static_argnames="rbf")
+def _gram_traces(layers: list[Array], rbf: bool) -> Array:
+    """Each layer's (uncentered) Gram trace in the units of its Gram route: the unit-scaled
+    centered features' squared norm (linear), n (RBF: a unit diagonal)."""
+    if rbf:
+        return jnp.full(len(layers), layers[0].shape[0], layers[0].dtype)
+    return jnp.stack([jnp.sum(unit_scaled(x)[0] ** 2) for x in layers])
 
 
 def _split(products: Array, num_a: int, self_grid: bool) -> tuple[Array, Array, Array]:
@@ -1010,7 +1035,11 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
                 close()
         # biased CKA's centered Grams are positive semi-definite: their cosines are >= 0
         biased_cka = measure.name in ("linear_cka", "rbf_cka") and not debiased
-        values = _gram_values(sums, len(layers_a), self_grid, 0.0 if biased_cka else -1.0)
+        magnitudes = None
+        if debiased and measure.name in ("linear_cka", "rbf_cka"):
+            magnitudes = _gram_traces(union, measure.name == "rbf_cka")
+        values = _gram_values(sums, len(layers_a), self_grid, 0.0 if biased_cka else -1.0,
+                              magnitudes)
     else:
         num_a, num_b = len(layers_a), len(layers_b)
         pairs = (num_a * (num_a + 1) // 2 if self_grid and measure.symmetric
@@ -1102,15 +1131,18 @@ def _minibatch_update(state: MinibatchCKAState, layers_a: list[Array],
     sums = _gram_inner_products(kernel.minibatch_blocks(), union, _block_size(m, len(union)),
                                 num_a=None if layers_b is None else len(layers_a))
     bad = _layer_poison(union).astype(dtype)
-    return _minibatch_add(state, sums, len(layers_a), layers_b is None, m, axis_name, bad)
+    traces = jnp.stack([jnp.sum(center_features(x) ** 2) for x in union])
+    return _minibatch_add(state, sums, len(layers_a), layers_b is None, m, axis_name, bad,
+                          traces)
 
 
 def _minibatch_add(state: MinibatchCKAState, sums: Array, num_a: int, self_grid: bool,
-                   m: int, axis_name: Any = None, bad: Array | None = None
-                   ) -> MinibatchCKAState:
+                   m: int, axis_name: Any = None, bad: Array | None = None,
+                   traces: Array | None = None) -> MinibatchCKAState:
     """The state plus one batch of m examples, from its U-centred Grams' inner products
-    (``sums``, up to :func:`_symmetrise`); ``bad``: the union's layers' poison."""
-    products = _symmetrise(sums) / (m * (m - 3))
+    (``sums``, up to :func:`_symmetrise`); ``bad``: the union's layers' poison;
+    ``traces``: their Grams' traces (see :func:`_zero_to_rounding`)."""
+    products = _zero_to_rounding(_symmetrise(sums), traces) / (m * (m - 3))
     cross, self_a, self_b = _split(products, num_a, self_grid)
     if bad is not None:  # a layer with a NaN or inf makes its sums NaN (see poison)
         bad_a, bad_b = bad[:num_a], (bad[:num_a] if self_grid else bad[num_a:])

@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxsim import _validation as _v
 from jaxsim._measure import (GramBlocks, Measure, block_offsets, bounded_ratio, center_features,
-                             dot, evaluate, inner, safe_sqrt, unit_scaled)
+                             dot, evaluate, inner, rounding_zero, safe_sqrt, unit_scaled)
 
 Array = jax.Array
 
@@ -302,7 +302,10 @@ class FeatureSummary(NamedTuple):
 
 def _gram_summary(k: Array, debiased: bool) -> GramSummary:
     kc = _center_gram(k, debiased)
-    return GramSummary(kc, inner(kc, kc))
+    self = inner(kc, kc)
+    if debiased:
+        self = rounding_zero(self, safe_sqrt(inner(k, k)), squared=True)
+    return GramSummary(kc, self)
 
 
 def _norm_product(a: Any, b: Any) -> Array:
@@ -329,7 +332,10 @@ def _feature_summary(x: Array, debiased: bool) -> FeatureSummary:
     cov = dot(xc.T, xc)
     self = inner(cov, cov)
     if debiased:
-        self = _debias_inner(self, row_sq, row_sq, total, total, x.shape[0])
+        n = x.shape[0]
+        terms = self + n / (n - 2) * dot(row_sq, row_sq) + total * total / ((n - 1) * (n - 2))
+        self = rounding_zero(_debias_inner(self, row_sq, row_sq, total, total, n), terms,
+                             squared=False)
     return FeatureSummary(xc, row_sq, total, self)
 
 

@@ -380,3 +380,53 @@ def test_bandwidth_selection_refuses_more_distances_than_it_counts():
             jax.eval_shape(lambda a: kernel._median_of_non_negative(kernel._sq_distances(a)), x)
     x = jax.ShapeDtypeStruct((65535, 2), np.float32)
     assert jax.eval_shape(lambda a: kernel.rbf_measure().blocks.source(a, 65536), x).median.shape == ()
+
+
+def exact_unbiased_hsic(x, y):
+    """Song et al.'s unbiased HSIC of linear kernels in exact rational arithmetic (integer
+    activations), from the published three-term formula."""
+    from fractions import Fraction
+
+    n = len(x)
+    gram = lambda a: [[Fraction(int(sum(u * v for u, v in zip(p, q)))) if i != j else Fraction(0)
+                       for j, q in enumerate(a)] for i, p in enumerate(a)]
+    k, l = gram([[int(v) for v in r] for r in x]), gram([[int(v) for v in r] for r in y])
+    total = lambda m: sum(sum(r) for r in m)
+    trace_kl = sum(k[i][j] * l[j][i] for i in range(n) for j in range(n))
+    kl_sum = sum(sum(k[i][j] for i in range(n)) * sum(l[j][m] for m in range(n))
+                 for j in range(n))  # 1^T K L 1
+    return (trace_kl + total(k) * total(l) / ((n - 1) * (n - 2)) - Fraction(2, n - 2) * kl_sum
+            ) / (n * (n - 3))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_debiased_cka_of_a_layer_whose_unbiased_hsic_is_zero(x64, rng, dtype):
+    """x's unbiased HSIC with itself is exactly 0 (exact arithmetic below), so its debiased
+    CKA with anything is 0/0, which jaxsim reports as 0 (as for a constant layer); float64
+    gave 1.6e-16 and float32 0.170, rounding noise over rounding noise. Also a family at
+    larger n (examples of orthogonal patterns: one-hot rows with an offset), on every route,
+    grids and minibatch states."""
+    x = np.array([[1, 1, 0], [1, 1, 0], [0, 0, 0], [1, 1, 1]], float)
+    y = np.array([[1, 1], [0, 1], [0, 0], [1, 0]], float)
+    assert exact_unbiased_hsic(x, x) == 0 and exact_unbiased_hsic(y, y) > 0
+    n = 48
+    onehot = np.diag(rng.uniform(0.5, 2.0, n)) + 3.0
+    assert exact_unbiased_hsic(np.diag(np.arange(1, 9)), np.diag(np.arange(1, 9))) == 0
+    other = rng.normal(size=(n, 5))
+    for a, b in ((x, y), (onehot, other)):
+        a, b = a.astype(dtype), b.astype(dtype)
+        for method in ("gram", "features"):
+            assert float(jaxsim.linear_cka(a, b, debiased=True, method=method)) == 0, method
+            assert float(jaxsim.linear_cka(b, a, debiased=True, method=method)) == 0, method
+            grid = np.asarray(jaxsim.similarity_grid([a, b, 2 * b], debiased=True, method=method,
+                                                     progress=False).values)
+            np.testing.assert_array_equal(grid[0], 0, err_msg=method)
+            np.testing.assert_array_equal(grid[:, 0], 0, err_msg=method)
+            np.testing.assert_allclose(grid[1, 2], 1, rtol=1e-5)
+        assert float(jaxsim.cka(jaxsim.gram_linear(a), jaxsim.gram_linear(b), debiased=True)) == 0
+    half = n // 2  # each batch's rows are orthogonal patterns too
+    state = jaxsim.minibatch_cka_init(1, 1, dtype=dtype)
+    for rows in (slice(0, half), slice(half, n)):
+        state = jaxsim.minibatch_cka_update(state, [onehot[rows].astype(dtype)],
+                                            [other[rows].astype(dtype)])
+    assert float(jaxsim.minibatch_cka_result(state).values[0, 0]) == 0
