@@ -1060,6 +1060,13 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
 
 
 @jax.jit
+def _own_traces(layers: list[Array]) -> Array:
+    """Each layer's centered linear Gram trace at the activations' own scale (minibatch
+    CKA's units)."""
+    return jnp.stack([jnp.sum(center_features(x) ** 2) for x in layers])
+
+
+@jax.jit
 def _layer_poison(layers: list[Array]) -> Array:
     return jnp.stack([poison(x) for x in layers])
 
@@ -1130,10 +1137,8 @@ def _minibatch_update(state: MinibatchCKAState, layers_a: list[Array],
     m = union[0].shape[0]
     sums = _gram_inner_products(kernel.minibatch_blocks(), union, _block_size(m, len(union)),
                                 num_a=None if layers_b is None else len(layers_a))
-    bad = _layer_poison(union).astype(dtype)
-    traces = jnp.stack([jnp.sum(center_features(x) ** 2) for x in union])
-    return _minibatch_add(state, sums, len(layers_a), layers_b is None, m, axis_name, bad,
-                          traces)
+    return _minibatch_add(state, sums, len(layers_a), layers_b is None, m, axis_name,
+                          _layer_poison(union).astype(dtype), _own_traces(union))
 
 
 def _minibatch_add(state: MinibatchCKAState, sums: Array, num_a: int, self_grid: bool,
@@ -1203,9 +1208,10 @@ def minibatch_cka_update(state: MinibatchCKAState, batch_acts_a: Any, batch_acts
         sums = _ring_program(*ring, debiased=True, rescale=False,
                              dtype=np.dtype(state.cross.dtype),
                              num_a=None if layers_b is None else len(layers_a))(union)
+        dtype = state.cross.dtype
         return _minibatch_add_jit(state, sums, len(layers_a), layers_b is None,
-                                  union[0].shape[0],
-                                  bad=_layer_poison(union).astype(state.cross.dtype))
+                                  union[0].shape[0], bad=_layer_poison(union).astype(dtype),
+                                  traces=_own_traces([x.astype(dtype) for x in union]))
     return _minibatch_update(state, [replicated(x) for x in layers_a],
                              None if layers_b is None else [replicated(x) for x in layers_b],
                              axis_name)

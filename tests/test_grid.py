@@ -399,6 +399,13 @@ SHARDED = {
     hlo = jax.jit(route).lower(spread).compile().as_text()
     assert "all-gather" not in hlo, "the feature route must not gather the activations"
 
+    # a layer whose unbiased HSIC is 0 (orthogonal patterns) scores 0 round the ring too
+    onehot = jax.device_put(np.diag(rng.uniform(0.5, 2, 64)) + 3.0, NamedSharding(mesh, P("batch")))
+    ring_grid = jaxsim.similarity_grid([onehot, spread[0]], method="gram", debiased=True).values
+    assert np.all(np.asarray(ring_grid)[0] == 0), ring_grid
+    st = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(1, 1), [onehot], [spread[0]])
+    assert float(jaxsim.minibatch_cka_result(st).values[0, 0]) == 0
+
     # 4. measures evaluated pair by pair (CCA family, Procrustes, RSA, ...) on layers that
     # live on a mesh, replicated or sharded along examples: the pairs are divided among
     # the devices (the layer axis), the same values as one device, eager and under jit
