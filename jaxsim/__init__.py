@@ -9,7 +9,7 @@ Submodules: ``jaxsim.stats`` (permutation tests, bootstrap, baselines), ``jaxsim
 ``jaxsim.plot`` (figures; needs matplotlib), all reachable as attributes.
 """
 
-import importlib
+import importlib as _importlib
 
 from jaxsim.canonical import CCAResult as CCAResult
 from jaxsim.canonical import UnderdeterminedWarning as UnderdeterminedWarning
@@ -77,5 +77,5 @@ __all__ = [
 def __getattr__(name: str):
     # flax capture and plotting load their (heavier, or optional) dependencies on first use
     if name in ("flax", "plot"):
-        return importlib.import_module(f"jaxsim.{name}")
+        return _importlib.import_module(f"jaxsim.{name}")
     raise AttributeError(f"module 'jaxsim' has no attribute {name!r}")

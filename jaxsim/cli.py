@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import os
 import sys
 from typing import Sequence
 
@@ -18,9 +17,6 @@ _EPILOG = f"""metrics: {', '.join(sorted(METRICS))}
 example:
   jaxsim grid model_a.npz model_b.npz --metric linear_cka --out grid.npz --plot grid.png
 each .npz holds one array per layer, axis 0 indexing the same examples in every file."""
-
-
-_DEFAULT_OUT = "grid.npz"
 
 
 def _version() -> str:
@@ -44,14 +40,21 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("b", nargs="?", help="npz file of the column layers (default: a self-grid of A)")
     g.add_argument("--metric", default="linear_cka", choices=sorted(METRICS),
                    help="similarity measure (default linear_cka)")
-    g.add_argument("--out", help=f"output .npz (values, rows, cols, metric); default "
-                                 f"{_DEFAULT_OUT}, which is never overwritten unless named here")
+    g.add_argument("--out", help="save the grid to this .npz (values, rows, cols, metric); "
+                                 "without it the grid is only printed")
     g.add_argument("--plot", help="also save a heatmap (.png or .pdf)")
     g.add_argument("--batch-size", type=int,
                    help="minibatch CKA over batches of this many examples (linear CKA only; "
                         "memory independent of the number of examples)")
     g.add_argument("--reduce", choices=["flatten", "average", "resize"],
-                   help="reduction of 4-D (n, h, w, c) layers (default: flatten each example)")
+                   help="reduction of 4-D (n, h, w, c) layers: flatten (positions become "
+                        "examples), average (pool over positions) or resize (to the smallest "
+                        "h, w, then flatten); default: each example's h*w*c values are its "
+                        "features")
+    g.add_argument("--layout", choices=["examples-first", "neurons-first"],
+                   default="examples-first",
+                   help="examples-first: axis 0 indexes the examples (default); "
+                        "neurons-first: 2-D arrays laid out (neurons, n), as google/svcca's")
     g.add_argument("--debiased", action="store_true", help="unbiased HSIC estimator (CKA)")
     g.add_argument("--epsilon", type=float, help="CCA regulariser (mean_cca, svcca, pwcca)")
     g.add_argument("--keep-dims", type=int, help="SVCCA: directions kept per layer")
@@ -63,16 +66,36 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(path: str) -> dict[str, np.ndarray]:
+def _load(path: str, layout: str = "examples-first") -> dict[str, np.ndarray]:
     try:
-        with np.load(path) as f:
-            layers = {k: f[k] for k in f.files}
+        loaded = np.load(path)
     except (OSError, ValueError, EOFError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else err
         raise ValueError(f"cannot read {path}: {reason}") from None
+    if isinstance(loaded, np.ndarray):
+        raise ValueError(f"{path}: holds a single array (.npy); jaxsim grid reads .npz files "
+                         "of one array per layer, e.g. np.savez('layers.npz', fc1=a, fc2=b)")
+    with loaded as f:
+        layers = {k: f[k] for k in f.files}
     if not layers:
         raise ValueError(f"{path}: holds no arrays (expected one array per layer)")
+    if layout == "neurons-first":
+        for name, a in layers.items():
+            if a.ndim != 2:
+                raise ValueError(f"--layout neurons-first: {name} has shape {a.shape}; only "
+                                 "2-D (neurons, n) arrays can be read so")
+        layers = {name: a.T for name, a in layers.items()}
     return layers
+
+
+def _describe(path: str, layers: dict[str, np.ndarray]) -> str:
+    """How each layer was read: a (neurons, n) file read examples-first shows at once."""
+    lines = [f"{path}:"]
+    for name, a in layers.items():
+        features = int(np.prod(a.shape[1:])) if a.ndim > 1 else 1
+        shape = f" ({' x '.join(map(str, a.shape[1:]))})" if a.ndim > 2 else ""
+        lines.append(f"  {name}: {a.shape[0]} examples x {features} features{shape}")
+    return "\n".join(lines)
 
 
 def _options(args: argparse.Namespace) -> dict:
@@ -112,20 +135,17 @@ def _minibatch(a: dict, b: dict | None, batch_size: int):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    out = args.out or _DEFAULT_OUT
-    out = out if out.endswith(".npz") else out + ".npz"  # what numpy writes
-    if args.out is None and os.path.exists(out):
-        print(f"jaxsim: {out} exists; pass --out PATH to choose the output file (naming an "
-              "existing file there overwrites it)", file=sys.stderr)
-        return 2
     if args.x64:
         import jax
         jax.config.update("jax_enable_x64", True)
     import jaxsim
 
     try:
-        a = _load(args.a)
-        b = _load(args.b) if args.b else None
+        a = _load(args.a, args.layout)
+        b = _load(args.b, args.layout) if args.b else None
+        print(_describe(args.a, a))
+        if b is not None:
+            print(_describe(args.b, b))
         if args.batch_size:
             if args.metric not in ("linear_cka", "cka"):
                 raise ValueError("--batch-size: minibatch streaming is linear CKA only")
@@ -135,9 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError) as err:
         print(f"jaxsim: {err}", file=sys.stderr)
         return 2
-    grid.save(out)
     print(grid)
-    print(f"saved {out}")
+    if args.out:
+        print(f"saved {grid.save(args.out)}")
+    else:
+        print("(pass --out PATH to save the grid)")
     if args.plot:
         from jaxsim.plot import heatmap
 

@@ -25,6 +25,8 @@ from jax.extend.core import Literal
 from jaxsim import grid as _grid
 from jaxsim._progress import bar
 
+__all__ = ["as_capture", "capture_linen", "capture_nnx", "collect_activations", "minibatch_grid"]
+
 Array = jax.Array
 Filter = Any  # None | callable(path, module) | type | tuple of types | str glob | re.Pattern | list
 

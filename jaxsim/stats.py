@@ -72,6 +72,15 @@ class BootstrapResult(NamedTuple):
     samples: Array
     estimate: Any = None
 
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self._asdict().items() if k != "samples")
+        return f"BootstrapResult({shown}, samples=<{_shape_text(self.samples)}>)"
+
+
+def _shape_text(a: Any) -> str:
+    shape = getattr(a, "shape", ())
+    return f"array of shape {tuple(shape)}" if shape else repr(a)
+
 
 class BaselineResult(NamedTuple):
     """The measure on i.i.d. Gaussian activations of the data's shapes: ``mean``, ``std``

@@ -80,6 +80,11 @@ def test_namespace():
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == jaxsim.__version__
     assert set(jaxsim.__all__) <= set(dir(jaxsim))
+    assert "importlib" not in dir(jaxsim)  # no helper module in the public namespace
+    from jaxsim import flax as jflax
+    assert sorted(jflax.__all__) == sorted(
+        n for n in dir(jflax) if not n.startswith("_") and callable(getattr(jflax, n))
+        and getattr(getattr(jflax, n), "__module__", "") == "jaxsim.flax")
 
 
 # ------------------------------------------------------------------ identity

@@ -79,16 +79,42 @@ def test_failures_are_one_line_and_nothing_is_overwritten(tmp_path, rng, monkeyp
     assert len(err.strip().splitlines()) == 1
 
     write(tmp_path / "a.npz", rng, (4, 6))
-    code, out, _ = cli("grid", "a.npz")
-    assert code == 0 and "saved grid.npz" in out
-    before = (tmp_path / "grid.npz").read_bytes()
-    code, _, err = cli("grid", "a.npz", "--metric", "svcca")
-    assert code == 2 and err.strip().startswith("jaxsim: grid.npz exists; pass --out PATH")
-    assert (tmp_path / "grid.npz").read_bytes() == before
+    code, out, _ = cli("grid", "a.npz")  # no --out: the grid is printed, nothing written
+    assert code == 0 and "saved" not in out and "--out" in out
+    assert not (tmp_path / "grid.npz").exists()
     # an explicit --out may overwrite; the message names the file numpy really wrote
     code, out, _ = cli("grid", "a.npz", "--out", "result")
     assert code == 0 and "saved result.npz" in out
-    assert (tmp_path / "result.npz").exists()
+    before = (tmp_path / "result.npz").read_bytes()
+    # a missing input is named, whatever output files exist (they used to block later runs)
+    code, _, err = cli("grid", "nope.npz", "--out", "result")
+    assert code == 2 and err.strip() == "jaxsim: cannot read nope.npz: No such file or directory"
+    assert (tmp_path / "result.npz").read_bytes() == before
+    # a .npy file (one array) gets a message, not a Python error
+    np.save(tmp_path / "one.npy", rng.normal(size=(8, 3)))
+    code, _, err = cli("grid", "one.npy")
+    assert code == 2 and "one.npy: holds a single array (.npy)" in err and "np.savez" in err
+
+
+def test_layers_are_described_and_transposed_files_read(tmp_path, rng, capsys):
+    """How each file was read is printed (examples x features per layer), so a file in
+    google/svcca's (neurons, n) layout shows at a glance; --layout neurons-first reads it."""
+    layers = write(tmp_path / "a.npz", rng, (4, 6), n=48)
+    np.savez(tmp_path / "t.npz", **{k: v.T for k, v in layers.items()})
+    assert main(["grid", str(tmp_path / "a.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "l0: 48 examples x 4 features" in out and "l1: 48 examples x 6 features" in out
+    assert main(["grid", str(tmp_path / "t.npz"), "--layout", "neurons-first",
+                 "--out", str(tmp_path / "g.npz")]) == 0
+    assert "l1: 48 examples x 6 features" in capsys.readouterr().out
+    np.testing.assert_allclose(jaxsim.Grid.load(tmp_path / "g.npz").values,
+                               jaxsim.similarity_grid(layers).values, rtol=1e-6)
+    np.savez(tmp_path / "c.npz", c=rng.normal(size=(3, 8, 2, 2)))
+    assert main(["grid", str(tmp_path / "c.npz"), "--layout", "neurons-first"]) == 2
+    assert "neurons-first: c has shape (3, 8, 2, 2)" in capsys.readouterr().err
+    help_text = subprocess.run([sys.executable, "-m", "jaxsim.cli", "grid", "--help"],
+                               capture_output=True, text=True, check=True).stdout
+    assert "positions become examples" in help_text  # --reduce flatten, described as it is
 
 
 def test_version(capsys):

@@ -54,6 +54,8 @@ def test_classic_bootstrap_on_request(x64, rng):
     np.testing.assert_allclose(res.samples[:5], loop, rtol=1e-9)
     np.testing.assert_allclose([res.low, res.high], np.quantile(res.samples, [0.05, 0.95]),
                                rtol=1e-9)
+    # the repr names the samples' shape instead of printing all 200 of them
+    assert "samples=<array of shape (200,)>" in repr(res) and len(repr(res)) < 400
     with pytest.raises(ValueError, match=r"confidence: must lie in \(0, 1\)"):
         stats.bootstrap("linear_cka", x, y, key=key, confidence=1.5)
     with pytest.raises(ValueError, match=r"resample: expected one of 'half', 'replacement'"):
