@@ -356,16 +356,17 @@ def examples_note(n: int, widths: dict[str, int]) -> str | None:
     """The under-determined-CCA message for n examples and the units CCA sees per layer
     (the width, or SVCCA's keep_dims), or None when n is at least EXAMPLES_PER_UNIT times
     every one of them."""
-    if not widths:
+    short = {k: w for k, w in widths.items() if n < EXAMPLES_PER_UNIT * w}
+    if not short:
         return None
-    name, width = max(widths.items(), key=lambda kv: kv[1])
-    if n >= EXAMPLES_PER_UNIT * width:
-        return None
+    name, width = max(short.items(), key=lambda kv: kv[1])
+    every = ", ".join(f"{k} ({w})" for k, w in short.items())
     note = (f"{name}: CCA on n={n} examples for {width} units (fewer than "
-            f"{EXAMPLES_PER_UNIT} per unit, google/svcca's advice): canonical correlations "
-            "are inflated toward 1, on unrelated layers too. Use more examples, svcca with "
-            f"keep_dims <= {max(1, n // EXAMPLES_PER_UNIT)}, or CKA (linear_cka), which "
-            "needs no more examples than units")
+            f"{EXAMPLES_PER_UNIT} per unit, google/svcca's advice; {len(short)} layer(s) so: "
+            f"{every}): canonical correlations are inflated toward 1, on unrelated layers "
+            f"too. Use more examples, svcca with keep_dims <= {max(1, n // EXAMPLES_PER_UNIT)}, "
+            "reduce='average' for conv layers in grids (channels as units), or CKA "
+            "(linear_cka), which needs no more examples than units")
     if all(n < w for w in widths.values()):
         note += ("; if the arrays are laid out (neurons, n) as in google/svcca, pass their "
                  "transposes (x.T)")

@@ -172,6 +172,12 @@ def test_underdetermined_cca_warns_once_with_remedies(rng):
     with pytest.warns(jaxsim.UnderdeterminedWarning):
         grid = jaxsim.similarity_grid([x, y], metric="mean_cca")
     assert grid.notes and "n=20 examples" in repr(grid)
+    # every layer below 5 examples per unit is named, with the remedies for grids
+    with pytest.warns(jaxsim.UnderdeterminedWarning) as caught:
+        jaxsim.similarity_grid({"a": x, "b": y[:, :10], "c": y[:, :3]}, metric="mean_cca")
+    text = str(caught[0].message)
+    assert "2 layer(s) so: acts_a['a'] (64), acts_a['b'] (10)" in text, text
+    assert "reduce='average'" in text and "'c'" not in text
     quiet = jaxsim.similarity_grid([x, y], metric="svcca", keep_dims=3, warn=False)
     assert not quiet.notes
 
