@@ -22,8 +22,16 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import (classic_pwcca, classic_svcca, covariance_mean_cca,  # noqa: E402
-                     covariance_pwcca, covariance_svcca, matmul_rate, relu_lowrank, timeit)
+from _common import (  # noqa: E402
+    classic_pwcca,
+    classic_svcca,
+    covariance_mean_cca,
+    covariance_pwcca,
+    covariance_svcca,
+    matmul_rate,
+    relu_lowrank,
+    timeit,
+)
 
 
 def main(argv=None):

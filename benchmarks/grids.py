@@ -252,8 +252,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     first = matmul_rate(np.float32)
-    where = f"{os.cpu_count()} cores" if jax.default_backend() == "cpu" else \
-        f"{jax.devices()[0].device_kind}, TF32 {matmul_rate(np.float32, precision='default') / 1e12:.0f} TFLOP/s"
+    if jax.default_backend() == "cpu":
+        where = f"{os.cpu_count()} cores"
+    else:
+        tf32 = matmul_rate(np.float32, precision="default") / 1e12
+        where = f"{jax.devices()[0].device_kind}, TF32 {tf32:.0f} TFLOP/s"
     print(f"machine: float32 matmul {first / 1e9:.0f} GFLOP/s (jax, full precision), "
           f"{where}, jax {jax.__version__} on {jax.default_backend()}")
     if args.large:

@@ -11,8 +11,8 @@ Every ratio compares two ways of computing the same thing in this run:
    and over 4 close widths with and without width buckets;
 4. (8 host devices, a subprocess) linear-CKA grids of example-sharded layers: per-device
    FLOPs from the compiled programs and wall time against one device, for the feature
-   route, the Gram route and a minibatch CKA update; and a 48-layer PWCCA grid whose pairs are divided among the
-   devices (the layer axis);
+   route, the Gram route and a minibatch CKA update; and a 48-layer PWCCA grid whose
+   pairs are divided among the devices (the layer axis);
 5. the memory an RBF-CKA grid's and a mutual-kNN layer's compiled programs need at
    n = 4096 and 8192, against the n x n matrices they held before, and the time of an
    RBF layer's source (bandwidth and centring row) block by block vs from its n x n
@@ -149,7 +149,8 @@ SHARDED = textwrap.dedent("""
         ratio = flops(fn, spread) / flops(fn, one)
         print(f"{method:>9} {n:5d} {str((d,) * 6)[:10]:>10} {ratio:19.3f}x "
               f"{best(jax.jit(fn), one):11.3f} {best(jax.jit(fn), spread):12.3f}"
-              f"{'   (under jit: the ring, on the mesh in the layers types)' if method == 'gram' else ''}")
+              + ("   (under jit: the ring, on the mesh in the layers types)"
+                 if method == "gram" else ""))
 
     # minibatch CKA: one minibatch sharded along examples, its U-centred Grams round the
     # ring (n = 512: one block per device pair, so XLA's count holds every product)
@@ -229,8 +230,8 @@ def rbf_memory(rng):
 
 
 def sharded():
-    print("\n4. linear-CKA grids and minibatch CKA of 6 layers sharded along examples over 8 host devices "
-          "(ideal FLOPs/device 0.125x)")
+    print("\n4. linear-CKA grids and minibatch CKA of 6 layers sharded along examples over 8 "
+          "host devices (ideal FLOPs/device 0.125x)")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True,

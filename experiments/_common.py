@@ -15,7 +15,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-
 # ---------------------------------------------------------------------------- data
 
 
@@ -141,7 +140,8 @@ class ResidualBlock(nnx.Module):
         self.conv1 = nnx.Conv(channels, channels, (3, 3), rngs=rngs)
         # a small last layer keeps deep residual stacks trainable without normalisation
         self.conv2 = nnx.Conv(channels, channels, (3, 3), rngs=rngs,
-                              kernel_init=nnx.initializers.variance_scaling(0.1, "fan_in", "normal"))
+                              kernel_init=nnx.initializers.variance_scaling(0.1, "fan_in",
+                                                                            "normal"))
 
     def __call__(self, x):
         return nnx.relu(x + self.conv2(nnx.relu(self.conv1(x))))

@@ -15,7 +15,6 @@ import os
 import sys
 
 import numpy as np
-from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
@@ -49,7 +48,8 @@ def verdict(accuracy: dict[str, float], layers: int) -> tuple[bool, str]:
         ok, "linear CKA identifies corresponding layers across seeds, the CCA family less often",
         f"here linear CKA {cka:.0%}, best of the CCA family {cca:.0%}; published (Table 2) "
         f"{PUBLISHED['linear CKA']:.1%} vs <= {PUBLISHED['CCA family at most']:.0%}",
-        f"chance is {1 / layers:.0%} with {layers} layers; the paper used 10-layer CNNs on CIFAR-10")
+        f"chance is {1 / layers:.0%} with {layers} layers; the paper used 10-layer CNNs on "
+        "CIFAR-10")
 
 
 def main(argv=None) -> dict:
@@ -100,7 +100,8 @@ def main(argv=None) -> dict:
     heatmap_panel(example, title="seed 0 (rows) vs seed 1 (columns)").savefig(
         os.path.join(out, "grids.png"), dpi=130)
     summary = {"data": args.data, "seeds": args.seeds, "depth": args.depth, "width": args.width,
-               "accuracy": accuracy, "example_grids": {k: C.grid_json(g) for k, g in example.items()}}
+               "accuracy": accuracy,
+               "example_grids": {k: C.grid_json(g) for k, g in example.items()}}
     ok, line = verdict(accuracy, args.depth)
     summary.update(reproduced=ok, verdict=line)
     C.save_json(os.path.join(out, "results.json"), summary)

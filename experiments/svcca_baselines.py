@@ -18,7 +18,6 @@ import sys
 
 import jax
 import numpy as np
-from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
@@ -108,13 +107,15 @@ def main(argv=None) -> dict:
          ylabel="mean of the top-k CCA coefficients", title="Q3a: top-k mean CCA",
          dashed=["Gaussian"]).savefig(
         os.path.join(out, "q3a_topk_cca.png"), dpi=130)
-    svcca_t = [float(jaxsim.svcca(acts[0][k], acts[1][k], keep_dims=args.keep_dims)) for k in layers]
+    svcca_t = [float(jaxsim.svcca(acts[0][k], acts[1][k], keep_dims=args.keep_dims))
+               for k in layers]
     pwcca_t = [float(jaxsim.pwcca(acts[0][k], acts[1][k], epsilon=1e-10)) for k in layers]
     svcca_g = float(jaxsim.svcca(g1, g2, keep_dims=args.keep_dims))
     pwcca_g = float(jaxsim.pwcca(g1, g2))
     idx = range(1, len(layers) + 1)
     line(idx, {f"SVCCA ({args.keep_dims} dims)": svcca_t, "PWCCA": pwcca_t,
-               "SVCCA, Gaussian": [svcca_g] * len(layers), "PWCCA, Gaussian": [pwcca_g] * len(layers)},
+               "SVCCA, Gaussian": [svcca_g] * len(layers),
+               "PWCCA, Gaussian": [pwcca_g] * len(layers)},
          xlabel="hidden layer", ylabel="similarity", dashed=["SVCCA, Gaussian", "PWCCA, Gaussian"],
          title="Q3b: SVCCA and PWCCA between seeds vs Gaussian").savefig(
         os.path.join(out, "q3b_svcca_pwcca.png"), dpi=130)

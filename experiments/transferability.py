@@ -76,8 +76,9 @@ def main(argv=None) -> dict:
     tasks = make_tasks(data)
     names = list(tasks)
     in_dim = int(np.prod(data["train"][0].shape[1:]))
-    split = {name: C.Data(train=f(*data["train"]), test=f(*data["test"])) for name, f in tasks.items()}
-    for name, d in split.items():
+    split = {name: C.Data(train=f(*data["train"]), test=f(*data["test"]))
+             for name, f in tasks.items()}
+    for d in split.values():
         d.num_classes = int(d["train"][1].max() + 1)
 
     def model_for(task, seed):
@@ -125,7 +126,8 @@ def main(argv=None) -> dict:
         os.path.join(out, "similarity.png"), dpi=130)
     heatmap(gain_grid, title="transfer gain (accuracy: fine-tuned - scratch)",
             xlabel="target task", ylabel="source model", vmin=float(min(gain.min(), 0)),
-            vmax=float(max(gain.max(), 1e-6))).savefig(os.path.join(out, "transfer_gain.png"), dpi=130)
+            vmax=float(max(gain.max(), 1e-6))).savefig(os.path.join(out, "transfer_gain.png"),
+                                                       dpi=130)
     summary = {"data": args.data, "tasks": names, "metric": args.metric, "similarity": similarity,
                "similarity_per_layer": per_layer, "layers": layers, "transfer_gain": gain,
                "spearman": {"r": float(spearman.statistic), "p": float(spearman.pvalue)},

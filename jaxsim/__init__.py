@@ -11,6 +11,8 @@ Submodules: ``jaxsim.stats`` (permutation tests, bootstrap, baselines), ``jaxsim
 
 import importlib as _importlib
 
+from jaxsim import conv as conv
+from jaxsim import stats as stats
 from jaxsim.canonical import CCAResult as CCAResult
 from jaxsim.canonical import UnderdeterminedWarning as UnderdeterminedWarning
 from jaxsim.canonical import cca as cca
@@ -38,8 +40,6 @@ from jaxsim.kernel import gram_rbf as gram_rbf
 from jaxsim.kernel import hsic as hsic
 from jaxsim.kernel import linear_cka as linear_cka
 from jaxsim.kernel import rbf_cka as rbf_cka
-from jaxsim import conv as conv
-from jaxsim import stats as stats
 
 __version__ = "0.1.0"
 

@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -71,10 +70,9 @@ def _svd_thin(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """JAX's default thin SVD on every platform (batched Jacobi on CUDA up to 1024 a side,
     gesvd beyond). On the CPU, where LAPACK's divide-and-conquer SVD (gesdd) can fail to
     converge on a finite matrix (JAX then returns NaN factors), the QR-iteration SVD
-    (gesvd) is taken instead for that matrix. Not cuSOLVER's polar-decomposition SVD (gesvdp), although it is ~3x
-    faster on a full-rank 10000 x 500 layer: on rank-deficient layers (dead units,
-    constant units, rank 192 of width 256) its factors are wrong, and mean CCA, SVCCA,
-    PWCCA and Procrustes were off by up to 0.3 in float32 on an H100
+    (gesvd) is taken instead for that matrix. Not cuSOLVER's polar-decomposition SVD
+    (gesvdp), although faster: on rank-deficient layers (dead units, constant units) its
+    factors are wrong, and the CCA family and Procrustes with them
     (``benchmarks/svd_routes.py`` reports both on such a layer)."""
     u, s, vh = _lapack_svd(x)
     if not _on_cpu():

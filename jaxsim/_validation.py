@@ -191,7 +191,8 @@ def pair(x: Any, y: Any, *, min_n: int = 2, why: str = "", check_finite: bool = 
 def gram(k: Any, name: str) -> Array:
     k = as_float_array(k, name)
     if k.ndim != 2 or k.shape[0] != k.shape[1]:
-        raise ValueError(f"{name}: expected a square (n, n) Gram matrix, got shape {tuple(k.shape)}")
+        raise ValueError(f"{name}: expected a square (n, n) Gram matrix, got shape "
+                         f"{tuple(k.shape)}")
     return k
 
 

@@ -58,8 +58,16 @@ import jax.numpy as jnp
 
 from jaxsim import _linalg as _la
 from jaxsim import _validation as _v
-from jaxsim._measure import (Measure, bounded_ratio, dot, evaluate, poison, safe_ratio, safe_sqrt,
-                             unit_scaled)
+from jaxsim._measure import (
+    Measure,
+    bounded_ratio,
+    dot,
+    evaluate,
+    poison,
+    safe_ratio,
+    safe_sqrt,
+    unit_scaled,
+)
 
 Array = jax.Array
 
@@ -444,7 +452,8 @@ def _check_keep(keep_dims: Any, keep_variance: Any) -> float:
     try:
         kv = float(keep_variance)
     except (TypeError, ValueError):
-        raise TypeError(f"keep_variance: expected a number in (0, 1], got {keep_variance!r}") from None
+        raise TypeError(f"keep_variance: expected a number in (0, 1], got "
+                        f"{keep_variance!r}") from None
     if keep_dims is None and not 0 < kv <= 1:
         raise ValueError(f"keep_variance: must lie in (0, 1], got {keep_variance!r}")
     return kv

@@ -55,7 +55,8 @@ def _accept(filter: Filter) -> Callable[[str, Any], bool]:
     if callable(filter):
         return lambda path, module: bool(filter(path, module))
     raise TypeError("filter: expected None, a callable (path, module) -> bool, a module type "
-                    f"or tuple of types, a glob string, a compiled regex, or a list; got {filter!r}")
+                    f"or tuple of types, a glob string, a compiled regex, or a list; "
+                    f"got {filter!r}")
 
 
 def _select(found: dict[str, tuple[Array, Any, int]], filter: Filter) -> dict[str, Array]:

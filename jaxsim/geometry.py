@@ -26,8 +26,19 @@ from jax.scipy.stats import rankdata
 
 from jaxsim import _linalg as _la
 from jaxsim import _validation as _v
-from jaxsim._measure import (GramBlocks, Measure, bounded_ratio, center_features, dot, evaluate,
-                             inner, max_scaled, safe_ratio, safe_sqrt, unit_scaled)
+from jaxsim._measure import (
+    GramBlocks,
+    Measure,
+    bounded_ratio,
+    center_features,
+    dot,
+    evaluate,
+    inner,
+    max_scaled,
+    safe_ratio,
+    safe_sqrt,
+    unit_scaled,
+)
 from jaxsim.kernel import _distance_block, _masked_block, _pad_rows
 
 Array = jax.Array
@@ -73,11 +84,13 @@ def procrustes_measure(*, alpha: float = 1.0) -> Measure:
 def _check_alpha(alpha: Any) -> float:
     a = _v.non_negative(alpha, "alpha")
     if a > 1:
-        raise ValueError(f"alpha: must lie in [0, 1] (1: no whitening, 0: full whitening), got {alpha!r}")
+        raise ValueError(f"alpha: must lie in [0, 1] (1: no whitening, 0: full whitening), "
+                         f"got {alpha!r}")
     return a
 
 
-def procrustes_similarity(x: Any, y: Any, *, alpha: float = 1.0, check_finite: bool = True) -> Array:
+def procrustes_similarity(x: Any, y: Any, *, alpha: float = 1.0, check_finite: bool = True
+                          ) -> Array:
     r"""Orthogonal Procrustes similarity :math:`\lVert \tilde X^\top \tilde Y \rVert_*` in [0, 1].
 
     :math:`\tilde X` is x centered, partially whitened with ``alpha`` and scaled to unit
@@ -95,7 +108,8 @@ def procrustes_distance(x: Any, y: Any, *, alpha: float = 1.0, angular: bool = T
 
     Angular: :math:`\arccos \lVert \tilde X^\top \tilde Y \rVert_*` (a metric, in
     [0, pi/2]); otherwise the Procrustes distance
-    :math:`\min_Q \lVert \tilde X - \tilde Y Q \rVert_F = \sqrt{2 - 2 \lVert \tilde X^\top \tilde Y \rVert_*}`.
+    :math:`\min_Q \lVert \tilde X - \tilde Y Q \rVert_F
+    = \sqrt{2 - 2 \lVert \tilde X^\top \tilde Y \rVert_*}`.
     ``alpha`` interpolates between no whitening (1) and full whitening (0, CCA-like).
     """
     s = procrustes_similarity(x, y, alpha=alpha, check_finite=check_finite)
@@ -313,7 +327,8 @@ def rsa(x: Any, y: Any, *, dissimilarity: str = "correlation", compare: str = "s
     keep n in the hundreds for it."""
     _v.choice(dissimilarity, "dissimilarity", _DISSIMILARITIES)
     _v.choice(compare, "compare", _COMPARISONS)
-    x, y = _v.pair(x, y, min_n=3, why=" for an RDM with more than one pair", check_finite=check_finite)
+    x, y = _v.pair(x, y, min_n=3, why=" for an RDM with more than one pair",
+                   check_finite=check_finite)
     return evaluate(rsa_measure, x, y, dissimilarity=dissimilarity, compare=compare)
 
 

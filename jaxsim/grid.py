@@ -27,12 +27,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsim import _progress
+from jaxsim import _progress, canonical, conv, geometry, kernel
 from jaxsim import _validation as _v
-from jaxsim import canonical, conv, geometry, kernel
-from jaxsim._measure import (HIGHEST, GramBlocks, Measure, block_offsets, bounded_ratio,
-                             center_features, dot, inner, poison, replicated, rounding_zero,
-                             safe_sqrt, spec_axes, summary_width, unit_scaled)
+from jaxsim._measure import (
+    HIGHEST,
+    GramBlocks,
+    Measure,
+    block_offsets,
+    bounded_ratio,
+    center_features,
+    dot,
+    inner,
+    poison,
+    replicated,
+    rounding_zero,
+    safe_sqrt,
+    spec_axes,
+    summary_width,
+    unit_scaled,
+)
 
 Array = jax.Array
 
@@ -489,7 +502,8 @@ def ring_axis(layers: Sequence[Any]) -> tuple[Any, str] | None:
         if found is not None and found != (sharding.mesh, axis):
             return None
         found = (sharding.mesh, axis)
-    if found is None or found[0].shape[found[1]] < 2 or layers[0].shape[0] % found[0].shape[found[1]]:
+    size = None if found is None else found[0].shape[found[1]]
+    if size is None or size < 2 or layers[0].shape[0] % size:
         return None
     return found
 
@@ -916,7 +930,8 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
         self-grid: symmetric measures compute each pair once; pwcca computes both orders).
       metric: ``"linear_cka"`` (alias ``"cka"``), ``"rbf_cka"``, ``"mean_cca"``,
         ``"svcca"``, ``"pwcca"``, ``"procrustes"``, ``"rsa"``, ``"mutual_knn"``,
-        ``"linear_predictivity"`` (rows predict columns), or a callable ``f(x, y) -> scalar`` on two ``(n, d)``
+        ``"linear_predictivity"`` (rows predict columns), or a callable
+        ``f(x, y) -> scalar`` on two ``(n, d)``
         arrays (vmapped over pairs of equal shapes; pass ``symmetric=True`` to compute one
         triangle of a self-grid).
       batch_size: pairs evaluated together by measures without a single-product grid

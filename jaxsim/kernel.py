@@ -24,8 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsim import _validation as _v
-from jaxsim._measure import (GramBlocks, Measure, block_offsets, bounded_ratio, center_features,
-                             dot, evaluate, inner, rounding_zero, safe_sqrt, unit_scaled)
+from jaxsim._measure import (
+    GramBlocks,
+    Measure,
+    block_offsets,
+    bounded_ratio,
+    center_features,
+    dot,
+    evaluate,
+    inner,
+    rounding_zero,
+    safe_sqrt,
+    unit_scaled,
+)
 
 Array = jax.Array
 

@@ -12,7 +12,6 @@ import numpy as np
 
 from jaxsim.grid import Grid
 
-
 # how each measure is written in titles and colour bars
 NAMES = {
     "linear_cka": "linear CKA", "cka": "linear CKA", "rbf_cka": "RBF CKA",

@@ -287,7 +287,8 @@ def _baseline_pair(measure: Measure, x: Array, y: Array, key: Array, num: int,
 
 
 def _is_layers(acts: Any) -> bool:
-    return isinstance(acts, Mapping) or (isinstance(acts, (list, tuple)) and not hasattr(acts, "shape"))
+    return isinstance(acts, Mapping) or (isinstance(acts, (list, tuple))
+                                         and not hasattr(acts, "shape"))
 
 
 def _count(value: Any, name: str) -> int:

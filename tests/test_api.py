@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import orthogonal, related
 
 import jaxsim
-from conftest import orthogonal, related
 
 MEASURES = {
     "linear_cka": (jaxsim.linear_cka, {}),

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import orthogonal, related
 
 import jaxsim
-from conftest import orthogonal, related
 
 # ---------------------------------------------------------------- NumPy references
 # Classic CCA (Hotelling) through covariance whitening, with google/svcca's epsilon
@@ -249,9 +249,11 @@ def test_jit_and_vmap(x64, rng, name):
 def test_errors(rng):
     x = rng.normal(size=(30, 5))
     y = rng.normal(size=(30, 7))
-    with pytest.raises(ValueError, match=r"keep_dims: 6 directions requested but x has shape \(30, 5\)"):
+    with pytest.raises(ValueError, match=(r"keep_dims: 6 directions requested but x has shape "
+                                          r"\(30, 5\)")):
         jaxsim.svcca(x, y, keep_dims=6)
-    with pytest.raises(ValueError, match=r"keep_dims: 3 directions requested but x has shape \(2, 5\)"):
+    with pytest.raises(ValueError, match=(r"keep_dims: 3 directions requested but x has shape "
+                                          r"\(2, 5\)")):
         jaxsim.svcca(x[:2], y[:2], keep_dims=3)
     with pytest.raises(TypeError, match=r"keep_dims: expected an int or None, got 2.5"):
         jaxsim.svcca(x, y, keep_dims=2.5)

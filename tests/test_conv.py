@@ -3,10 +3,10 @@
 import jax
 import numpy as np
 import pytest
+from test_kernel import np_linear_cka
 
 import jaxsim
 from jaxsim import conv
-from test_kernel import np_linear_cka
 
 
 def test_reductions_against_numpy(x64, rng):
@@ -21,7 +21,8 @@ def test_reductions_against_numpy(x64, rng):
 
 
 def test_rank_errors(rng):
-    with pytest.raises(ValueError, match=r"a: expected a conv activation of shape \(n, h, w, c\), got shape \(3, 4\) \(rank 2\)"):
+    with pytest.raises(ValueError, match=(r"a: expected a conv activation of shape \(n, h, w, "
+                                          r"c\), got shape \(3, 4\) \(rank 2\)")):
         conv.flatten_spatial(rng.normal(size=(3, 4)))
     with pytest.raises(ValueError, match=r"rank 3"):
         conv.average_pool(rng.normal(size=(3, 4, 5)))
@@ -36,13 +37,15 @@ def test_grid_reductions(x64, rng):
     ref = np_linear_cka(a["c1"].reshape(-1, 3), a["c2"].reshape(-1, 5))
     np.testing.assert_allclose(g["c1", "c2"], ref, rtol=1e-10)
     g = jaxsim.similarity_grid(a, reduce="average")
-    np.testing.assert_allclose(g["c1", "c2"], np_linear_cka(a["c1"].mean((1, 2)), a["c2"].mean((1, 2))),
+    np.testing.assert_allclose(g["c1", "c2"],
+                               np_linear_cka(a["c1"].mean((1, 2)), a["c2"].mean((1, 2))),
                                rtol=1e-10)
     g = jaxsim.similarity_grid(a)  # default: each example's h*w*c values are its features
     np.testing.assert_allclose(g["c1", "c2"], np_linear_cka(a["c1"].reshape(10, -1),
                                                            a["c2"].reshape(10, -1)), rtol=1e-10)
     b = dict(a, c3=rng.normal(size=(10, 2, 2, 3)))
-    with pytest.raises(ValueError, match=r"different spatial sizes \(acts_a\['c1'\]: 4x4.*c3'\]: 2x2\); "
+    with pytest.raises(ValueError, match=r"different spatial sizes \(acts_a\['c1'\]: "
+                                         r"4x4.*c3'\]: 2x2\); "
                                          r"use reduce='average' or reduce='resize'"):
         jaxsim.similarity_grid(b, reduce="flatten")
     g = jaxsim.similarity_grid(b, reduce="resize")  # to the smallest, 2x2

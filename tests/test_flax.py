@@ -175,7 +175,8 @@ def test_nnx_cnn_with_batch_norm(x64):
     stem = conv(x, model.stem.kernel[...], model.stem.bias[...])
     c = conv(stem, model.block1.conv.kernel[...])
     bn_layer = model.block1.bn
-    bn = batch_norm(c, bn_layer.mean[...], bn_layer.var[...], bn_layer.scale[...], bn_layer.bias[...])
+    bn = batch_norm(c, bn_layer.mean[...], bn_layer.var[...], bn_layer.scale[...],
+                    bn_layer.bias[...])
     np.testing.assert_allclose(acts["block1/bn"], bn, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(acts["block1"], np.maximum(bn + stem, 0), rtol=1e-6, atol=1e-7)
     # filters, jit, and the model left untouched
@@ -246,7 +247,8 @@ def test_streaming_short_batches_resume_and_names(x64, rng):
     full = [data[i:i + 20] for i in range(0, 60, 20)]
     ref = minibatch_grid(model, full, progress=False)
     # a loader's short last batch (< 4 examples) is skipped with a warning, not fatal
-    with pytest.warns(UserWarning, match=r"batches\[3\]: 2 example\(s\), fewer than the 4.*drop_last=True"):
+    with pytest.warns(UserWarning, match=(r"batches\[3\]: 2 example\(s\), fewer than the "
+                                          r"4.*drop_last=True")):
         got = minibatch_grid(model, full + [data[60:62]], progress=False)
     np.testing.assert_array_equal(got.values, ref.values)
     with pytest.warns(UserWarning, match=r"batches\[3\]: 10 examples where the first batch had 20"):
@@ -257,7 +259,8 @@ def test_streaming_short_batches_resume_and_names(x64, rng):
     resumed = minibatch_grid(model, full[2:], progress=False, state=restored)
     np.testing.assert_allclose(resumed.values, ref.values, rtol=1e-12)
     assert resumed.rows == ref.rows
-    with pytest.raises(ValueError, match=r"state: compares 4 x 4 layers but the model\(s\) give 2 x 2"):
+    with pytest.raises(ValueError, match=(r"state: compares 4 x 4 layers but the model\(s\) "
+                                          r"give 2 x 2")):
         minibatch_grid(model, full, progress=False, state=state, filter=["fc1", "fc2"])
 
 

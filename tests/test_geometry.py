@@ -5,11 +5,11 @@ from fractions import Fraction
 import jax
 import numpy as np
 import pytest
+from conftest import block_grid_memory, orthogonal, related
 from scipy import linalg, stats
 from scipy.spatial.distance import pdist
 
 import jaxsim
-from conftest import block_grid_memory, orthogonal, related
 
 
 def np_normalise(x):

@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import jaxsim
 from conftest import block_grid_memory, orthogonal, subprocess_env
-from jaxsim.grid import TRACE_COUNT
 from test_canonical import np_cca
 from test_kernel import np_hsic_unbiased, np_linear_cka
+
+import jaxsim
+from jaxsim.grid import TRACE_COUNT
 
 
 def model_acts(rng, n=120, widths=(6, 10, 6, 10), noise=0.3):
@@ -192,7 +192,8 @@ def test_grid_save_load_and_repr(x64, rng, tmp_path):
 
 def test_grid_errors(rng):
     acts = model_acts(rng)
-    with pytest.raises(ValueError, match=r"acts_b\['1'\]: has 50 examples.*acts_a\['layer0'\] has 120"):
+    with pytest.raises(ValueError, match=(r"acts_b\['1'\]: has 50 examples.*acts_a\['layer0'\] "
+                                          r"has 120")):
         jaxsim.similarity_grid(acts, [acts["layer0"], acts["layer1"][:50]])
     with pytest.raises(ValueError, match=r"acts_a\['layer2'\]: has 119 examples"):
         jaxsim.similarity_grid(dict(acts, layer2=acts["layer2"][:119]))
@@ -204,9 +205,11 @@ def test_grid_errors(rng):
         jaxsim.similarity_grid(acts, metric="cca2")
     with pytest.raises(TypeError, match=r"metric 'linear_cka': unexpected option\(s\) epsilon"):
         jaxsim.similarity_grid(acts, epsilon=0.1)
-    with pytest.raises(TypeError, match=r"acts_a: expected a sequence or mapping.*shape \(120, 6\)"):
+    with pytest.raises(TypeError, match=(r"acts_a: expected a sequence or mapping.*shape "
+                                         r"\(120, 6\)")):
         jaxsim.similarity_grid(acts["layer0"])
-    with pytest.raises(ValueError, match=r"keep_dims: 8 directions requested but acts_a\['layer0'\] has shape \(120, 6\)"):
+    with pytest.raises(ValueError, match=(r"keep_dims: 8 directions requested but "
+                                          r"acts_a\['layer0'\] has shape \(120, 6\)")):
         jaxsim.similarity_grid(acts, metric="svcca", keep_dims=8)
     with pytest.raises(ValueError, match=r"need at least 4 examples for the unbiased"):
         jaxsim.similarity_grid([a[:3] for a in acts.values()], debiased=True)
@@ -290,9 +293,11 @@ def test_minibatch_one_trace_per_shape(x64, rng):
 def test_minibatch_errors(rng):
     a = list(model_acts(rng, n=40).values())
     state = jaxsim.minibatch_cka_init(4, 2)
-    with pytest.raises(ValueError, match=r"batch_acts_a: the state has 4 layer\(s\) on this side but the batch has 3"):
+    with pytest.raises(ValueError, match=(r"batch_acts_a: the state has 4 layer\(s\) on this "
+                                          r"side but the batch has 3")):
         jaxsim.minibatch_cka_update(state, a[:3], a[:2])
-    with pytest.raises(ValueError, match=r"batch_acts_b: missing, but the state compares 4 row layers with 2"):
+    with pytest.raises(ValueError, match=(r"batch_acts_b: missing, but the state compares 4 "
+                                          r"row layers with 2")):
         jaxsim.minibatch_cka_update(state, a)
     with pytest.raises(ValueError, match=r"need at least 4 examples per minibatch.*n=3"):
         jaxsim.minibatch_cka_update(state, [x[:3] for x in a], [x[:3] for x in a[:2]])
@@ -823,7 +828,8 @@ def test_grids_under_jit(rng):
     # a cross-grid too (the scatter of both orders, no triangle)
     cross = jax.jit(lambda a, b: jaxsim.similarity_grid(a, b, metric="pwcca").values)
     np.testing.assert_allclose(cross(acts, [acts["layer1"]]),
-                               jaxsim.similarity_grid(acts, [acts["layer1"]], metric="pwcca").values,
+                               jaxsim.similarity_grid(acts, [acts["layer1"]],
+                                                      metric="pwcca").values,
                                rtol=1e-5, atol=1e-6)
 
 
@@ -908,7 +914,8 @@ def test_pairwise_grids_hold_a_bounded_set_of_summaries(rng, monkeypatch):
     prepared = []
     real = grid_module._prepare_all
     monkeypatch.setattr(grid_module, "_prepare_all",
-                        lambda measure, xs, tick: prepared.append(len(xs)) or real(measure, xs, tick))
+                        lambda measure, xs, tick: prepared.append(len(xs))
+                        or real(measure, xs, tick))
     one = jax.eval_shape(geometry.rsa_measure().prepare, layers[0])
     size = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(one))
     monkeypatch.setattr(grid_module, "_SUMMARY_BUDGET", 4 * size)  # 2 layers a group

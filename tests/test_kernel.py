@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import orthogonal, related
 from hypothesis import given
 from hypothesis import strategies as st
 
 import jaxsim
-from conftest import orthogonal, related
 
 # ---------------------------------------------------------------- NumPy references
 # Kornblith et al. 2019 (Gram, centering, CKA) and Song et al. 2012 (unbiased HSIC).
@@ -86,7 +86,8 @@ def test_hsic(x64, rng, debiased):
 def test_unbiased_is_a_deprecated_alias_of_debiased(x64, rng):
     x, y = related(rng, n=20)
     k, l = x @ x.T, y @ y.T
-    with pytest.warns(DeprecationWarning, match=r"hsic\(unbiased=...\) is deprecated; use hsic\(debiased=...\)"):
+    with pytest.warns(DeprecationWarning, match=(r"hsic\(unbiased=...\) is deprecated; use "
+                                                 r"hsic\(debiased=...\)")):
         old = jaxsim.hsic(k, l, unbiased=True)
     np.testing.assert_array_equal(old, jaxsim.hsic(k, l, debiased=True))
     with pytest.warns(DeprecationWarning, match=r"center_gram\(unbiased=...\)"):
@@ -272,9 +273,11 @@ def test_errors(rng):
         jaxsim.linear_cka(x.astype(complex), x)
     with pytest.raises(TypeError, match=r"y: expected a numeric array, got dtype <U1"):
         jaxsim.linear_cka(x, np.full((10, 3), "a"))
-    with pytest.raises(ValueError, match=r"x: expected activations of shape \(n, features...\), got shape \(10,\)"):
+    with pytest.raises(ValueError, match=(r"x: expected activations of shape \(n, "
+                                          r"features...\), got shape \(10,\)")):
         jaxsim.linear_cka(x[:, 0], x)
-    with pytest.raises(ValueError, match=r"gram_x: expected a square \(n, n\) Gram matrix, got shape \(10, 3\)"):
+    with pytest.raises(ValueError, match=(r"gram_x: expected a square \(n, n\) Gram matrix, "
+                                          r"got shape \(10, 3\)")):
         jaxsim.cka(x, x)
     with pytest.raises(ValueError, match=r"method: expected one of 'auto', 'gram', 'features'"):
         jaxsim.linear_cka(x, x, method="fast")
@@ -379,7 +382,8 @@ def test_bandwidth_selection_refuses_more_distances_than_it_counts():
         with pytest.raises(ValueError, match=r"exceed the 2\^32 - 1"):
             jax.eval_shape(lambda a: kernel._median_of_non_negative(kernel._sq_distances(a)), x)
     x = jax.ShapeDtypeStruct((65535, 2), np.float32)
-    assert jax.eval_shape(lambda a: kernel.rbf_measure().blocks.source(a, 65536), x).median.shape == ()
+    source = lambda a: kernel.rbf_measure().blocks.source(a, 65536)
+    assert jax.eval_shape(source, x).median.shape == ()
 
 
 def exact_unbiased_hsic(x, y):

@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import related
 from hypothesis import given
 from hypothesis import strategies as st
 
 import jaxsim
-from conftest import related
 
 # ------------------------------------------------------------------ realistic layers
 

@@ -3,9 +3,9 @@
 import jax
 import numpy as np
 import pytest
+from conftest import related
 
 import jaxsim
-from conftest import related
 from jaxsim import stats
 
 

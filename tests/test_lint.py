@@ -1,0 +1,12 @@
+"""The code style the project holds itself to: ruff's lint rules in pyproject.toml."""
+
+import os
+import subprocess
+import sys
+
+
+def test_ruff_finds_nothing():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", root],
+                         capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-1000:]
