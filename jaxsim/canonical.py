@@ -170,9 +170,11 @@ def _prepare_cca(x: Array, epsilon: float) -> CCASummary:
 
 
 def _prepare_svcca(x: Array, keep_dims: int | None, keep_variance: float,
-                   epsilon: float) -> CCASummary:
+                   epsilon: float, cap_keep_dims: bool = False) -> CCASummary:
     n, d = x.shape
-    m = keep_dims if keep_dims is not None else min(n, d)
+    m = min(n, d) if keep_dims is None else keep_dims
+    if cap_keep_dims:
+        m = min(m, n, d)
     u, s, _, live = _la.data_svd(unit_scaled(x)[0], keep=m)
     s, live = s[:m], live[:m]
     if keep_dims is None:
@@ -328,12 +330,13 @@ def cca_measure(*, epsilon: float = 0.0) -> Measure:
 
 @functools.lru_cache(maxsize=None)
 def svcca_measure(*, keep_dims: int | None = None, keep_variance: float = 0.99,
-                  epsilon: float = 0.0) -> Measure:
+                  epsilon: float = 0.0, cap_keep_dims: bool = False) -> Measure:
     """SVCCA as a :class:`Measure` (keep_dims is checked against each layer's shape by
     :func:`check_keep_dims`)."""
     summary = functools.partial(_prepare_svcca, keep_dims=keep_dims,
                                 keep_variance=_check_keep(keep_dims, keep_variance),
-                                epsilon=_v.non_negative(epsilon, "epsilon"))
+                                epsilon=_v.non_negative(epsilon, "epsilon"),
+                                cap_keep_dims=bool(cap_keep_dims))
     return Measure("svcca", lambda x: _subspace(summary(x)), _mean_pair, widen=_widen)
 
 
@@ -459,21 +462,29 @@ def _check_keep(keep_dims: Any, keep_variance: Any) -> float:
     return kv
 
 
-def check_keep_dims(keep_dims: int | None, named: dict[str, Array]) -> None:
-    """keep_dims must fit every layer: at most min(n, features) directions exist."""
+def check_keep_dims(keep_dims: int | None, named: dict[str, Array],
+                    cap_keep_dims: bool = False) -> None:
+    """keep_dims must fit every layer (at most min(n, features) directions exist), unless
+    capped to each layer's."""
     if keep_dims is None:
+        return
+    if keep_dims < 1:
+        raise ValueError(f"keep_dims: expected at least 1 direction, got {keep_dims}")
+    if cap_keep_dims:
         return
     for name, a in named.items():
         limit = min(a.shape)
-        if not 1 <= keep_dims <= limit:
+        if keep_dims > limit:
             raise ValueError(
                 f"keep_dims: {keep_dims} directions requested but {name} has shape "
-                f"{tuple(a.shape)}, which has at most min(n, features) = {limit}"
-            )
+                f"{tuple(a.shape)}, which has at most min(n, features) = {limit}; pass "
+                f"cap_keep_dims=True to keep min(keep_dims, min(n, features)) directions of "
+                f"each layer")
 
 
 def svcca(x: Any, y: Any, *, keep_dims: int | None = None, keep_variance: float = 0.99,
-          epsilon: float = 0.0, check_finite: bool = True, warn: bool = True) -> Array:
+          epsilon: float = 0.0, cap_keep_dims: bool = False, check_finite: bool = True,
+          warn: bool = True) -> Array:
     r"""Singular vector CCA: mean CCA of each layer's top principal directions.
 
     Each feature is centered, the layer is reduced to its top ``keep_dims`` singular
@@ -485,6 +496,9 @@ def svcca(x: Any, y: Any, *, keep_dims: int | None = None, keep_variance: float 
       x, y: activations, shapes ``(n, ...)``.
       keep_dims: number of directions kept on each side; overrides ``keep_variance``.
       keep_variance: fraction of variance to keep, in (0, 1].
+      cap_keep_dims: keep ``min(keep_dims, min(n, features))`` directions of a layer that
+        has fewer than ``keep_dims`` (a logits layer of 10 units in a grid with
+        ``keep_dims=20``), instead of raising.
       epsilon: CCA regulariser, as in :func:`cca`.
     Returns:
       Scalar array in [0, 1].
@@ -493,9 +507,9 @@ def svcca(x: Any, y: Any, *, keep_dims: int | None = None, keep_variance: float 
     """
     keep_variance = _check_keep(keep_dims, keep_variance)
     x, y, epsilon = _checked(x, y, epsilon, check_finite, warn, keep_dims)
-    check_keep_dims(keep_dims, {"x": x, "y": y})
+    check_keep_dims(keep_dims, {"x": x, "y": y}, cap_keep_dims)
     return evaluate(svcca_measure, x, y, keep_dims=keep_dims, keep_variance=keep_variance,
-                    epsilon=epsilon)
+                    epsilon=epsilon, cap_keep_dims=bool(cap_keep_dims))
 
 
 def pwcca(x: Any, y: Any, *, epsilon: float = 0.0, directions: str = "reference",

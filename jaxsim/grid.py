@@ -1001,7 +1001,8 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
     named = {**{f"acts_a[{k!r}]": a for k, a in zip(rows, layers_a)},
              **({} if self_grid else {f"acts_b[{k!r}]": b for k, b in zip(cols, layers_b)})}
     if name == "svcca":
-        canonical.check_keep_dims(options.get("keep_dims"), named)
+        canonical.check_keep_dims(options.get("keep_dims"), named,
+                                  bool(options.get("cap_keep_dims", False)))
     notes = ()
     if name in ("mean_cca", "svcca", "pwcca"):
         keep = options.get("keep_dims") if name == "svcca" else None

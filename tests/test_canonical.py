@@ -380,3 +380,20 @@ def test_cca_survives_an_svd_that_does_not_converge(rng, monkeypatch):
     finally:
         monkeypatch.undo()
         jax.clear_caches()
+
+
+def test_svcca_keep_dims_capped_to_narrow_layers(x64, rng):
+    """keep_dims=20 (the tutorial's recipe) on a grid with a 10-unit logits layer raised;
+    cap_keep_dims=True keeps min(20, width) directions there (the reference's slicing)."""
+    x, y = related(rng, 300, 30, 10)
+    with pytest.raises(ValueError, match=r"pass cap_keep_dims=True"):
+        jaxsim.svcca(x, y, keep_dims=20)
+    with pytest.raises(ValueError, match=r"pass cap_keep_dims=True"):
+        jaxsim.similarity_grid([x, y], metric="svcca", keep_dims=20)
+    want = np_svcca(x, y, 20)
+    np.testing.assert_allclose(jaxsim.svcca(x, y, keep_dims=20, cap_keep_dims=True), want,
+                               rtol=1e-9)
+    grid = jaxsim.similarity_grid([x, y], metric="svcca", keep_dims=20, cap_keep_dims=True,
+                                  progress=False).values
+    np.testing.assert_allclose(grid[0, 1], want, rtol=1e-9)
+    np.testing.assert_allclose(grid[1, 1], 1.0, rtol=1e-9)
