@@ -57,7 +57,8 @@ TRACE_COUNT: collections.Counter = collections.Counter()
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["values"],
-                   meta_fields=["rows", "cols", "metric", "row_label", "col_label", "notes"])
+                   meta_fields=["rows", "cols", "metric", "row_label", "col_label", "notes",
+                                "underdetermined"])
 @dataclasses.dataclass(frozen=True)
 class Grid:
     """Similarity of every row layer with every column layer (a pytree).
@@ -72,6 +73,9 @@ class Grid:
         default the argument they came from), for titles and axis labels.
       notes: caveats about the values (e.g. CCA on too few examples per unit), shown by
         ``repr``.
+      underdetermined: the positions of the row and of the column layers that CCA saw on
+        fewer than 5 examples per unit (their cells' values are inflated); heatmaps mark
+        them.
     """
 
     values: Array
@@ -81,6 +85,7 @@ class Grid:
     row_label: str = ""
     col_label: str = ""
     notes: tuple[str, ...] = ()
+    underdetermined: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
 
     def to_numpy(self) -> np.ndarray:
         return np.asarray(self.values)
@@ -107,7 +112,9 @@ class Grid:
         np.savez(path, values=self.to_numpy(), rows=np.array(self.rows, dtype=str),
                  cols=np.array(self.cols, dtype=str), metric=np.array(self.metric),
                  labels=np.array([self.row_label, self.col_label], dtype=str),
-                 notes=np.array(self.notes, dtype=str))
+                 notes=np.array(self.notes, dtype=str),
+                 underdetermined_rows=np.array(self.underdetermined[0], dtype=np.int64),
+                 underdetermined_cols=np.array(self.underdetermined[1], dtype=np.int64))
         return path
 
     @classmethod
@@ -115,8 +122,11 @@ class Grid:
         with np.load(path) as f:
             labels = [str(v) for v in f["labels"]] if "labels" in f.files else ["", ""]
             notes = tuple(str(v) for v in f["notes"]) if "notes" in f.files else ()
+            short = tuple(tuple(int(i) for i in f[k]) if k in f.files else ()
+                          for k in ("underdetermined_rows", "underdetermined_cols"))
             return cls(jnp.asarray(f["values"]), tuple(str(r) for r in f["rows"]),
-                       tuple(str(c) for c in f["cols"]), str(f["metric"]), *labels, notes)
+                       tuple(str(c) for c in f["cols"]), str(f["metric"]), *labels, notes,
+                       short)
 
     def __repr__(self) -> str:
         values = self.to_numpy()
@@ -1003,14 +1013,16 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
     if name == "svcca":
         canonical.check_keep_dims(options.get("keep_dims"), named,
                                   bool(options.get("cap_keep_dims", False)))
-    notes = ()
+    notes, short = (), ((), ())
     if name in ("mean_cca", "svcca", "pwcca"):
         keep = options.get("keep_dims") if name == "svcca" else None
-        note = canonical.warn_examples(
-            layers_a[0].shape[0],
-            {k: a.shape[1] if keep is None else min(keep, a.shape[1]) for k, a in named.items()},
-            warn)
+        units = lambda a: a.shape[1] if keep is None else min(keep, a.shape[1])
+        n = layers_a[0].shape[0]
+        note = canonical.warn_examples(n, {k: units(a) for k, a in named.items()}, warn)
         notes = (note,) if note else ()
+        few = lambda layers: tuple(i for i, a in enumerate(layers)
+                                   if n < canonical.EXAMPLES_PER_UNIT * units(a))
+        short = (few(layers_a), few(layers_b))
     traced = any(isinstance(a, jax.core.Tracer) for a in named.values())
     debiased = bool(options.get("debiased", False))
     union = layers_a if self_grid else layers_a + layers_b
@@ -1072,7 +1084,7 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
             close()
     values = _poisoned(values, layers_a, None if self_grid else layers_b)
     row_label, col_label = _labels(labels, self_grid, ("acts_a", "acts_b"))
-    return Grid(values, tuple(rows), tuple(cols), name, row_label, col_label, notes)
+    return Grid(values, tuple(rows), tuple(cols), name, row_label, col_label, notes, short)
 
 
 @jax.jit

@@ -57,7 +57,27 @@ def _draw(ax: Any, grid: Grid, vmin: float, vmax: float, cmap: str, annotate: bo
             for j in range(cols):
                 ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
                         color="black" if values[i, j] > mid else "white")
+    _mark_underdetermined(ax, grid)
     return image
+
+
+def _mark_underdetermined(ax: Any, grid: Grid) -> None:
+    """Hatches the cells of layers that CCA saw on too few examples per unit (their values
+    are inflated toward 1), with a legend saying so."""
+    short_rows, short_cols = grid.underdetermined
+    if not (short_rows or short_cols):
+        return
+    from matplotlib.patches import Rectangle
+
+    rows, cols = grid.shape
+    cells = [(i, j) for i in range(rows) for j in range(cols)
+             if i in short_rows or j in short_cols]
+    for k, (i, j) in enumerate(cells):
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///",
+                               edgecolor="0.6", linewidth=0,
+                               label="under 5 examples per unit" if k == 0 else None))
+    ax.figure.legend(handles=ax.patches[-len(cells):][:1], loc="outside lower left",
+                     fontsize=7, frameon=False)
 
 
 def heatmap(grid: Grid, *, title: str | None = None, vmin: float = 0.0, vmax: float = 1.0,

@@ -62,3 +62,20 @@ def test_alignment_and_panel(tmp_path, rng):
     panel.savefig(tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
     line([1, 2, 3], {"s": [0.1, 0.2, 0.3]}, xlabel="x", ylabel="y").savefig(tmp_path / "l.png")
+
+
+def test_heatmap_marks_underdetermined_cells(tmp_path, rng):
+    """A CCA grid with layers under 5 examples per unit records them, its heatmap hatches
+    exactly their rows and columns (with a legend), and the record survives save/load."""
+    acts = {"wide": rng.normal(size=(40, 20)), "narrow": rng.normal(size=(40, 3)),
+            "mid": rng.normal(size=(40, 10))}
+    g = jaxsim.similarity_grid(acts, metric="mean_cca", warn=False)
+    assert g.underdetermined == ((0, 2), (0, 2))
+    ax = heatmap(g).axes[0]
+    hatched = {(round(p.get_x() + 0.5), round(p.get_y() + 0.5)) for p in ax.patches
+               if p.get_hatch()}
+    assert hatched == {(j, i) for i in range(3) for j in range(3) if i != 1 or j != 1}
+    assert ax.figure.legends  # saying what the hatching means
+    g.save(tmp_path / "g.npz")
+    assert jaxsim.Grid.load(tmp_path / "g.npz").underdetermined == g.underdetermined
+    assert not heatmap(jaxsim.similarity_grid(acts)).axes[0].patches  # CKA: nothing to mark
