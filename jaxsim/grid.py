@@ -186,15 +186,23 @@ METRICS: dict[str, Callable[..., Measure]] = {
 }
 
 
-def _measure_for(metric: Any, options: dict[str, Any]) -> tuple[Callable[..., Measure], str]:
+def _measure_for(metric: Any, options: dict[str, Any], symmetric: bool | None = None
+                 ) -> tuple[Callable[..., Measure], str]:
+    """``(make, name)`` for a metric name or callable and its options; ``symmetric``: only
+    for a callable (None: from ``options``, as the statistics functions pass it)."""
+    if symmetric is None:
+        symmetric = options.pop("symmetric", None) if callable(metric) else None
     if callable(metric):
-        symmetric = bool(options.pop("symmetric", False))
+        symmetric = bool(symmetric)
         _no_extra(getattr(metric, "__name__", "callable"), options)
         m = _callable_measure(metric, symmetric)
         return (lambda feature_space=False: m), getattr(metric, "__name__", "callable")
     if metric not in METRICS:
         raise ValueError(f"metric: unknown metric {metric!r}; valid names: "
                          f"{', '.join(sorted(METRICS))}, or a callable pair function")
+    if symmetric:
+        raise TypeError(f"symmetric: for a callable metric; {metric!r} knows whether it is "
+                        "symmetric")
     return _maker(METRICS[metric], metric, options), metric
 
 
@@ -929,8 +937,11 @@ def _grouped_grid(measure: Measure, run: Callable[..., Array], layers_a: list[An
 
 
 def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_cka",
-                    batch_size: int = 8, check_finite: bool = True,
-                    labels: tuple[str, str] | None = None, **options: Any) -> Grid:
+                    method: str = "auto", reduce: str | None = None,
+                    size: Sequence[int] | None = None, subsample: float | None = None,
+                    key: Array | None = None, symmetric: bool = False, batch_size: int = 8,
+                    progress: bool | None = None, warn: bool = True, check_finite: bool = True,
+                    labels: tuple[str, str] | None = None, **metric_options: Any) -> Grid:
     r"""Similarity of every layer of ``acts_a`` with every layer of ``acts_b``.
 
     Args:
@@ -944,25 +955,29 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
         ``f(x, y) -> scalar`` on two ``(n, d)``
         arrays (vmapped over pairs of equal shapes; pass ``symmetric=True`` to compute one
         triangle of a self-grid).
+      method: linear CKA's route: ``"auto"`` (the cheaper of the Gram and feature routes
+        for the whole grid, see :func:`jaxsim.kernel.use_feature_space`), ``"gram"`` or
+        ``"features"``.
+      reduce: for conv layers (see :func:`jaxsim.conv.reduce_layers`): ``None`` (default:
+        each example's ``h*w*c`` values are its features), ``"flatten"`` (positions become
+        examples; layers must share their spatial size), ``"average"`` (pool over
+        positions) or ``"resize"`` (to ``size``, default the smallest, then flatten).
+      size, subsample, key: for ``reduce``: the ``(h, w)`` of "resize"; a fraction of the
+        positions kept by "flatten"/"resize", drawn with ``key``.
+      symmetric: a callable ``metric`` is symmetric: compute one triangle of a self-grid.
       batch_size: pairs evaluated together by measures without a single-product grid
         (``jax.lax.map`` chunking); lower it if memory is short.
-      check_finite: raise on NaN/inf in any layer.
-      labels: names of the two sides (e.g. ``("seed 0", "seed 1")``) for figures; default
-        ``("acts_a", "acts_b")``.
       progress: a progress bar for measures computed pair by pair (the CCA family,
         Procrustes, RSA, ...): ``True``, ``False``, or ``None`` (default: tqdm, shown only
         once the grid has run for a few seconds).
       warn: for the CCA family, warn when n is below 5 examples per unit (see
         :mod:`jaxsim.canonical`); the grid's ``notes`` say so either way.
-      **options: the metric's own keyword options (``debiased``, ``threshold``,
-        ``epsilon``, ``keep_dims``, ``keep_variance``); for linear CKA ``method``:
-        ``"auto"`` (the cheaper of the Gram and feature routes for the whole grid, see
-        :func:`jaxsim.kernel.use_feature_space`), ``"gram"`` or ``"features"``; and for
-        conv layers ``reduce`` (see :func:`jaxsim.conv.reduce_layers`): ``None`` (default:
-        each example's ``h*w*c`` values are its features), ``"flatten"`` (positions become
-        examples; layers must share their spatial size), ``"average"`` (pool over
-        positions) or ``"resize"`` (to ``size``, default the smallest, then flatten),
-        with ``subsample`` (a fraction of the positions) and ``key``.
+      check_finite: raise on NaN/inf in any layer.
+      labels: names of the two sides (e.g. ``("seed 0", "seed 1")``) for figures; default
+        ``("acts_a", "acts_b")``.
+      **metric_options: the metric's own keyword options (``debiased``, ``threshold``,
+        ``epsilon``, ``keep_dims``, ``keep_variance``, ``cap_keep_dims``, ...); an unknown
+        one is a ``TypeError`` naming it.
     Returns:
       :class:`Grid` with ``values`` of shape ``(len(acts_a), len(acts_b))``.
 
@@ -992,16 +1007,15 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
       >>> jaxsim.similarity_grid(acts).values.shape
       (3, 3)
     """
-    method = _v.choice(options.pop("method", "auto"), "method", ("auto", "gram", "features"))
-    warn = bool(options.pop("warn", True))
-    progress = options.pop("progress", None)
-    reduce = {k: options.pop(k) for k in ("size", "subsample", "key") if k in options}
-    reduce["reduce"] = options.pop("reduce", None)
-    make, name = _measure_for(metric, dict(options))
+    method = _v.choice(method, "method", ("auto", "gram", "features"))
+    options = metric_options
+    reductions = {"reduce": reduce, **{k: v for k, v in (("size", size), (
+        "subsample", subsample), ("key", key)) if v is not None}}
+    make, name = _measure_for(metric, dict(options), bool(symmetric))
     measure = make()
     self_grid = acts_b is None
     rows, layers_a, cols, layers_b = _reduced_layers(
-        acts_a, acts_b, reduce, check_finite, measure.min_n,
+        acts_a, acts_b, reductions, check_finite, measure.min_n,
         " for the unbiased HSIC estimator" if measure.min_n >= 4 else "")
     if self_grid:
         cols, layers_b = rows, layers_a
