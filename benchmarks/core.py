@@ -5,7 +5,7 @@
 1. SVCCA (20 dims) and PWCCA on 500 neurons x 10000 examples of low-rank ReLU-like
    activations (float64), versus the original recipe in NumPy (covariance, pseudo-inverse
    square roots, SVD).
-2. float32 speed of the CCA family: jaxsim (thin SVD of the centred data) versus the
+2. float32 speed of the CCA family: jaxsim (thin SVD of the centered data) versus the
    covariance route it replaced (eigendecomposition of X^T X, in JAX), same data.
 3. float32 error against float64 on realistic spectra (power laws k^-1..k^-2, post-ReLU,
    rank-deficient, dead units), jaxsim versus the covariance route.

@@ -15,7 +15,7 @@ Every ratio compares two ways of computing the same thing in this run:
    pairs are divided among the devices (the layer axis);
 5. the memory an RBF-CKA grid's and a mutual-kNN layer's compiled programs need at
    n = 4096 and 8192, against the n x n matrices they held before, and the time of an
-   RBF layer's source (bandwidth and centring row) block by block vs from its n x n
+   RBF layer's source (bandwidth and centering row) block by block vs from its n x n
    distances.
 """
 
@@ -152,7 +152,7 @@ SHARDED = textwrap.dedent("""
               + ("   (under jit: the ring, on the mesh in the layers types)"
                  if method == "gram" else ""))
 
-    # minibatch CKA: one minibatch sharded along examples, its U-centred Grams round the
+    # minibatch CKA: one minibatch sharded along examples, its U-centered Grams round the
     # ring (n = 512: one block per device pair, so XLA's count holds every product)
     batch = [rng.normal(size=(512, 512)).astype(np.float32) for _ in range(6)]
     spread = [jax.device_put(x, NamedSharding(mesh, P("batch"))) for x in batch]
@@ -189,13 +189,13 @@ SHARDED = textwrap.dedent("""
 @jax.jit
 def _materialized_source(x):
     """The former RBF source: the layer's n x n distances at once, for the median
-    (selection) and the centring row (what a single block still does)."""
+    (selection) and the centering row (what a single block still does)."""
     return kernel._dense_source(*kernel._distance_terms(x), jnp.float32(1), False)
 
 
 def rbf_memory(rng):
     print("\n5. RBF-CKA self-grid of 8 layers (width 256, float32): temporaries of the compiled "
-          "programs; a layer's source (median bandwidth, centring row) block by block vs "
+          "programs; a layer's source (median bandwidth, centering row) block by block vs "
           "from its n x n distances")
     print(f"{'n':>6} {'source MB':>10} {'n x n source MB':>16} {'block sum MB':>13} "
           f"{'8 n x n kernels MB':>19} {'source s':>9} {'n x n source s':>15}")

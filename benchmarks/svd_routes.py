@@ -2,7 +2,7 @@
 
     python benchmarks/svd_routes.py [N D]
 
-The CCA family, Procrustes and predictivity need the thin SVD of each centred layer
+The CCA family, Procrustes and predictivity need the thin SVD of each centered layer
 (n x d, n > d). This times the candidates on one layer (default 10000 x 500, float32):
 the SVD with each of JAX's algorithms, a Householder QR followed by the SVD of the small
 R factor, and, for reference, the covariance eigendecomposition that jaxsim no longer

@@ -138,7 +138,7 @@ class PlainCNN(nnx.Module):
 class ResidualBlock(nnx.Module):
     def __init__(self, channels: int, *, rngs: nnx.Rngs):
         self.conv1 = nnx.Conv(channels, channels, (3, 3), rngs=rngs)
-        # a small last layer keeps deep residual stacks trainable without normalisation
+        # a small last layer keeps deep residual stacks trainable without normalization
         self.conv2 = nnx.Conv(channels, channels, (3, 3), rngs=rngs,
                               kernel_init=nnx.initializers.variance_scaling(0.1, "fan_in",
                                                                             "normal"))

@@ -74,7 +74,7 @@ def first_pc_share(x: np.ndarray) -> float:
 
 
 def without_first_pc(x: np.ndarray) -> np.ndarray:
-    """The centred layer with its first principal component projected out."""
+    """The centered layer with its first principal component projected out."""
     x = x.reshape(len(x), -1)
     xc = x - x.mean(0)
     u, s, vt = np.linalg.svd(xc, full_matrices=False)
@@ -185,7 +185,7 @@ def _heatmap(ax, values, names, title, block=None, xticks=True):
 
 def figure_models(results: dict, depths: list[int], widths: list[int], data: str):
     """Depth x width panels: each model's CKA grid (block outlined) over its first-PC
-    share per layer, on one colour scale."""
+    share per layer, on one color scale."""
     from matplotlib.figure import Figure
 
     rows, cols = len(depths), len(widths)

@@ -206,7 +206,7 @@ def _eigh_jvp(primals, tangents):
 
 def data_svd(x: jax.Array, keep: int | None = None
              ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Thin SVD ``(u, s, vh)`` of a (centred, scaled) data matrix, descending, and the mask
+    """Thin SVD ``(u, s, vh)`` of a (centered, scaled) data matrix, descending, and the mask
     of its numerically nonzero singular values; with ``keep``, only the first ``keep``
     columns of ``u`` (and rows of ``vh``), all singular values.
 

@@ -162,7 +162,7 @@ def safe_sqrt(v: jax.Array) -> jax.Array:
 def center_features(x: jax.Array, axis_name: Any = None) -> jax.Array:
     """Subtracts each feature's mean, in two passes: the second removes what rounding left
     of the first mean (in float32, a large common offset would otherwise leave a residual
-    mean comparable to the spread). A feature whose centred values are within rounding of
+    mean comparable to the spread). A feature whose centered values are within rounding of
     its magnitude (``max |x - mean| <= 16 eps max |x|``) is constant: exactly zero, so that a
     constant layer is recognised as one however the compiler orders the sums (a rounding
     residue would otherwise be scaled up to a spurious direction).
@@ -198,7 +198,7 @@ def max_scaled(x: jax.Array, axis_name: Any = None) -> tuple[jax.Array, jax.Arra
 
 
 def unit_scaled(x: jax.Array, axis_name: Any = None) -> tuple[jax.Array, jax.Array]:
-    """Centred features (:func:`center_features`) divided by their largest absolute value,
+    """Centered features (:func:`center_features`) divided by their largest absolute value,
     and that value (see :func:`max_scaled`): Grams and covariances of the result cannot
     overflow (or underflow) whatever the input's scale, and every scale-invariant measure
     is unchanged. ``axis_name``: see :func:`center_features`."""

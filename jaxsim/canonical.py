@@ -96,9 +96,9 @@ class CCAResult(NamedTuple):
 
 
 class CCASummary(NamedTuple):
-    """A layer prepared for the CCA family: the thin SVD of its centred activations.
+    """A layer prepared for the CCA family: the thin SVD of its centered activations.
 
-    With ``X_s = U S V^T`` the centred activations of the kept units, scaled so that the
+    With ``X_s = U S V^T`` the centered activations of the kept units, scaled so that the
     largest unit variance is 1, the canonical correlations of two layers a, b are the
     singular values of ``a.basis.T @ b.basis`` (``basis = U F``): an orthogonal
     factorisation of the data, whose condition number is that of X, not its square.
@@ -136,11 +136,11 @@ def _widen(s: Subspace, k: int) -> Subspace:
 
 
 def _whitening_input(x: Array, epsilon: float) -> tuple[Array, Array, Array, Array]:
-    """The matrix whose SVD prepares a layer for CCA: centred, the units that the epsilon
+    """The matrix whose SVD prepares a layer for CCA: centered, the units that the epsilon
     rule drops zeroed, scaled so that its Gram is google/svcca's scaled covariance (each
     covariance block divided by its largest entry, the largest unit variance). Returns it,
     the unit means in its units, the kept units, and the overall factor applied to the
-    centred activations."""
+    centered activations."""
     n = x.shape[0]
     xs, big = unit_scaled(x)
     var = jnp.sum(xs * xs, axis=0) / (n - 1)
@@ -223,7 +223,7 @@ def _pad_columns(m: Array, k: int) -> Array:
 
 
 def _cca_result(a: CCASummary, b: CCASummary, scale_a: Array, scale_b: Array) -> CCAResult:
-    """``scale_*``: the factor that took the centred activations to the SVD's input."""
+    """``scale_*``: the factor that took the centered activations to the SVD's input."""
     n = a.basis.shape[0]
     k = min(a.right.shape[1], b.right.shape[1])
     p, s, qh = _la.svd(_cross(a, b))
@@ -256,7 +256,7 @@ def _pw_side(s: CCASummary, vecs: Array, coefs: Array) -> Array:
     ``vecs`` (k, r) are that side's singular vectors ``u`` of the whitened cross-covariance
     (in the units' basis, as the reference computes them) expressed in the layer's SVD
     basis, ``V^T u``. The reference forms directions ``D = X_c u + 1 mu^T`` (unit i's mean
-    added to direction i; ``X_c u = U S V^T u``), orthonormalises them by QR and
+    added to direction i; ``X_c u = U S V^T u``), orthonormalizes them by QR and
     weights direction i by ``sum_j |Q^T X|_ij`` over the raw activations X of the kept
     units. Both D and X lie in the span of ``[U, 1/sqrt(n)]``, so the QR and the
     projections are done on ``(k + 1)``-row coordinates: no n-sized work beyond CCA's.
@@ -276,7 +276,7 @@ def _pw_side(s: CCASummary, vecs: Array, coefs: Array) -> Array:
 
 def _pw_variates(s: CCASummary, vecs: Array, coefs: Array) -> Array:
     """PWCCA in the paper's whitened-variates reading: direction i is the canonical variate
-    ``h_i = U F vecs_i`` (normalised) and its weight is ``sum_j |<h_i, x_j>|`` over the
+    ``h_i = U F vecs_i`` (normalized) and its weight is ``sum_j |<h_i, x_j>|`` over the
     kept units' activations (``X_c = U S V^T``; the means are orthogonal to h_i)."""
     a = s.factor[:, None] * vecs
     norms = jnp.linalg.norm(a, axis=0)
@@ -414,13 +414,13 @@ def cca(x: Any, y: Any, *, epsilon: float = 0.0, check_finite: bool = True,
         warn: bool = True) -> CCAResult:
     r"""Canonical correlation analysis of two activation arrays.
 
-    With :math:`\Sigma` the (scaled, regularised) covariance blocks, the coefficients are the
+    With :math:`\Sigma` the (scaled, regularized) covariance blocks, the coefficients are the
     singular values of :math:`\Sigma_{xx}^{-1/2} \Sigma_{xy} \Sigma_{yy}^{-1/2}`.
 
     Args:
       x: activations, shape ``(n, ...)`` (google/svcca's ``acts1.T``).
       y: activations, shape ``(n, ...)``, the same examples.
-      epsilon: google/svcca's regulariser (see the module docstring); >= 0.
+      epsilon: google/svcca's regularizer (see the module docstring); >= 0.
       check_finite: raise on NaN/inf (skipped automatically for traced values).
     Returns:
       :class:`CCAResult`; ``coefficients`` match
@@ -499,7 +499,7 @@ def svcca(x: Any, y: Any, *, keep_dims: int | None = None, keep_variance: float 
       cap_keep_dims: keep ``min(keep_dims, min(n, features))`` directions of a layer that
         has fewer than ``keep_dims`` (a logits layer of 10 units in a grid with
         ``keep_dims=20``), instead of raising.
-      epsilon: CCA regulariser, as in :func:`cca`.
+      epsilon: CCA regularizer, as in :func:`cca`.
     Returns:
       Scalar array in [0, 1].
     References:
@@ -521,12 +521,12 @@ def pwcca(x: Any, y: Any, *, epsilon: float = 0.0, directions: str = "reference"
 
     The weights come from the narrower side (the first argument when widths are equal):
     ``h_i`` are the CCA directions of that side (the SVD's singular vectors applied to the
-    centered activations, plus the means, orthonormalised by QR) and ``z_j`` its raw
+    centered activations, plus the means, orthonormalized by QR) and ``z_j`` its raw
     activations of unit j. Matches ``pwcca.compute_pwcca(x.T, y.T, epsilon)[0]`` with
     upstream PR #9's fix (the y branch reads y).
 
     ``directions="variates"`` takes the paper's other reading instead: ``h_i`` the
-    normalised whitened canonical variates, which are orthogonal already, weighed by their
+    normalized whitened canonical variates, which are orthogonal already, weighed by their
     summed absolute inner products with the units' activations. It differs from the
     reference by up to a few hundredths on ReLU layers and does not depend on SVD signs.
 

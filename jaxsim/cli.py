@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="examples-first: axis 0 indexes the examples (default); "
                         "neurons-first: 2-D arrays laid out (neurons, n), as google/svcca's")
     g.add_argument("--debiased", action="store_true", help="unbiased HSIC estimator (CKA)")
-    g.add_argument("--epsilon", type=float, help="CCA regulariser (mean_cca, svcca, pwcca)")
+    g.add_argument("--epsilon", type=float, help="CCA regularizer (mean_cca, svcca, pwcca)")
     g.add_argument("--keep-dims", type=int, help="SVCCA: directions kept per layer")
     g.add_argument("--keep-variance", type=float, help="SVCCA: fraction of variance kept")
     g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",

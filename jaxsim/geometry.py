@@ -52,7 +52,7 @@ def _unit(m: Array) -> Array:
     return m / jnp.where(norm > 0, norm, 1)
 
 
-def _shape_normalise(x: Array, alpha: float) -> Array:
+def _shape_normalize(x: Array, alpha: float) -> Array:
     """Centered, partially whitened (``X (alpha I + (1 - alpha) C^(-1/2))``, C the
     covariance ``X^T X / n``), unit Frobenius norm; rotated to the basis of x's left
     singular vectors when whitening (which changes no Procrustes alignment).
@@ -78,7 +78,7 @@ def _procrustes_pair(a: Array, b: Array) -> Array:
 def procrustes_measure(*, alpha: float = 1.0) -> Measure:
     """Procrustes similarity (the cosine of the angular shape distance) as a Measure."""
     alpha = _check_alpha(alpha)
-    return Measure("procrustes", functools.partial(_shape_normalise, alpha=alpha), _procrustes_pair)
+    return Measure("procrustes", functools.partial(_shape_normalize, alpha=alpha), _procrustes_pair)
 
 
 def _check_alpha(alpha: Any) -> float:
@@ -152,10 +152,10 @@ def rdm(x: Any, *, dissimilarity: str = "correlation", check_finite: bool = True
 
 def _rdm_terms(x: Array, dissimilarity: str) -> tuple[Array, Array, Array]:
     """Per-example terms that RDM entries are formed from, computed from x divided by its
-    largest (centred, for Euclidean) absolute value, so that no square of the raw values
+    largest (centered, for Euclidean) absolute value, so that no square of the raw values
     is formed (RSA's comparisons are scale-free: they never overflow or underflow): the
-    unit-norm centred patterns (correlation; a constant pattern stays 0), or the centred,
-    unit-scaled features and their squared norms (Euclidean; centring changes no distance
+    unit-norm centered patterns (correlation; a constant pattern stays 0), or the centered,
+    unit-scaled features and their squared norms (Euclidean; centering changes no distance
     and keeps the expansion from cancelling). Also returns the divisor (Euclidean
     distances in x's units are it times these)."""
     if dissimilarity == "correlation":
@@ -263,7 +263,7 @@ def _rsa_pair(a: Array, b: Array, compare: str) -> Array:
 
 
 class RDMSource(NamedTuple):
-    """What the blocks of a layer's centred RDM are made from: O(n d), not O(n^2)."""
+    """What the blocks of a layer's centered RDM are made from: O(n d), not O(n^2)."""
 
     terms: Array  # (n_pad, d) see _rdm_terms, zero rows past n
     sq: Array  # (n_pad,)
@@ -304,7 +304,7 @@ def _rdm_block(src: RDMSource, r0: Array, c0: Array, b: int, *, dissimilarity: s
 @functools.lru_cache(maxsize=None)
 def rsa_measure(*, dissimilarity: str = "correlation", compare: str = "spearman") -> Measure:
     """RSA as a Measure: the RDM's upper triangle (ranked for Spearman) once per layer. With
-    ``compare="pearson"`` grids form the centred RDMs block by block from the features
+    ``compare="pearson"`` grids form the centered RDMs block by block from the features
     (memory O(L b^2 + n d)); Spearman and Kendall need every entry of each layer's RDM
     (its ranks), ``n (n - 1) / 2`` values per layer, which grids hold for as many layers
     as fit their summary budget (see :func:`jaxsim.grid.similarity_grid`)."""
@@ -391,7 +391,7 @@ def mutual_knn(x: Any, y: Any, *, k: int = 10, check_finite: bool = True) -> Arr
 
 
 class RidgeSummary(NamedTuple):
-    """A layer as the thin SVD of its centred activations ``X = U S V^T`` (scaled to a
+    """A layer as the thin SVD of its centered activations ``X = U S V^T`` (scaled to a
     largest absolute value of 1) and the ridge fit's shrinkage ``g = S^2 / (S^2 + lambda)``
     of each direction."""
 
@@ -449,7 +449,7 @@ def predict_direction(x: Any, y: Any, direction: Any, *, ridge: float = 1e-3) ->
     s = _ridge_prepare(y, _v.non_negative(ridge, "ridge"))
     target = dot(center_features(x), direction.astype(x.dtype))
     # w = (Y^T Y + lambda)^-1 Y^T t = V diag(g / S) U^T t (up to Y's scale, which the
-    # normalisation removes)
+    # normalization removes)
     w = dot(s.right.T, safe_ratio(s.shrink, s.values) * dot(s.basis.T, target))
     return w / jnp.where(jnp.linalg.norm(w) > 0, jnp.linalg.norm(w), 1)
 

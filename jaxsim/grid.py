@@ -529,7 +529,7 @@ def ring_axis(layers: Sequence[Any]) -> tuple[Any, str] | None:
 def _cross_products(rows: list[kernel.LinearSource], cols: list[kernel.LinearSource], b: int,
                     debiased: bool = False, same: bool = False, num_a: int | None = None
                     ) -> Array:
-    """``<K_l, K_m>`` over one (m x m) block of every layer's centred Gram, rows ``rows``
+    """``<K_l, K_m>`` over one (m x m) block of every layer's centered Gram, rows ``rows``
     and columns ``cols`` (``same``: the very same examples, so the block holds the
     diagonal), for every pair of layers; formed b x b at a time (see
     :func:`jaxsim.kernel.linear_cross_block`; ``count`` and ``total``: over all devices;
@@ -553,7 +553,7 @@ def _cross_products(rows: list[kernel.LinearSource], cols: list[kernel.LinearSou
 @functools.lru_cache(maxsize=32)
 def _ring_program(mesh: Any, axis: str, debiased: bool = False, rescale: bool = True,
                   dtype: Any = None, num_a: int | None = None) -> Callable[[list[Array]], Array]:
-    """The inner products of the centred (``debiased``: U-centred) linear Grams of layers
+    """The inner products of the centered (``debiased``: U-centered) linear Grams of layers
     sharded along examples over ``axis``, without gathering them: device p holds rows p
     of every layer and pairs them with rows p, p+1, ..., p + D/2 as they come round a ring
     (``ppermute``), each block pair once (the mirrored blocks by symmetry, weight 2), and
@@ -652,7 +652,7 @@ def _symmetrise(acc: Array) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames="lower")
-def _normalise(cross: Array, self_a: Array, self_b: Array, lower: float = -1.0) -> Array:
+def _normalize(cross: Array, self_a: Array, self_b: Array, lower: float = -1.0) -> Array:
     """``cross[i, j] / sqrt(self_a[i] self_b[j])`` in ``[lower, 1]`` (a cosine), 0 where a
     layer has no variance."""
     return bounded_ratio(cross, safe_sqrt(self_a)[:, None] * safe_sqrt(self_b)[None, :], lower)
@@ -663,7 +663,7 @@ def _gram_values(acc: Array, num_a: int, self_grid: bool, lower: float,
                  magnitudes: Array | None = None) -> Array:
     """The grid from :func:`_gram_inner_products`' sums, in one compiled program;
     ``magnitudes``: of unbiased HSICs, see :func:`_zero_to_rounding`."""
-    return _normalise(*_split(_zero_to_rounding(_symmetrise(acc), magnitudes), num_a,
+    return _normalize(*_split(_zero_to_rounding(_symmetrise(acc), magnitudes), num_a,
                               self_grid), lower)
 
 
@@ -992,7 +992,7 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
     replicated once.
     Memory: linear and RBF CKA accumulate ``b x b`` blocks (RBF finds each layer's
     bandwidth block by block too); mutual kNN keeps ``n x k``
-    neighbour indices per layer; Pearson RSA accumulates blocks of centred RDMs; Spearman
+    neighbour indices per layer; Pearson RSA accumulates blocks of centered RDMs; Spearman
     and Kendall RSA prepare each layer's ``n (n - 1) / 2`` RDM entries (they rank them
     all). Pairwise grids whose summaries exceed 2 GiB prepare layers in groups, two at a
     time (each column group again for every row group).
@@ -1186,7 +1186,7 @@ def _minibatch_update(state: MinibatchCKAState, layers_a: list[Array],
 def _minibatch_add(state: MinibatchCKAState, sums: Array, num_a: int, self_grid: bool,
                    m: int, axis_name: Any = None, bad: Array | None = None,
                    traces: Array | None = None) -> MinibatchCKAState:
-    """The state plus one batch of m examples, from its U-centred Grams' inner products
+    """The state plus one batch of m examples, from its U-centered Grams' inner products
     (``sums``, up to :func:`_symmetrise`); ``bad``: the union's layers' poison;
     ``traces``: their Grams' traces (see :func:`_zero_to_rounding`)."""
     products = _zero_to_rounding(_symmetrise(sums), traces) / (m * (m - 3))
@@ -1274,7 +1274,7 @@ def minibatch_cka_result(state: MinibatchCKAState, *, rows: Sequence[str] | None
     if not _v._is_tracer(state.count) and float(state.count) == 0:
         raise ValueError("state: no minibatch has been added yet (count is 0); call "
                          "minibatch_cka_update(state, batch_acts_a, batch_acts_b) first")
-    values = _normalise(state.cross, state.self_a, state.self_b)
+    values = _normalize(state.cross, state.self_a, state.self_b)
     rows = tuple(rows) if rows is not None else tuple(str(i) for i in range(num_a))
     cols = tuple(cols) if cols is not None else tuple(str(i) for i in range(num_b))
     return Grid(values, rows, cols, "minibatch_cka",

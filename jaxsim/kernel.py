@@ -16,7 +16,6 @@ References:
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
@@ -52,7 +51,7 @@ def _gram_linear(x: Array) -> Array:
 
 
 def _distance_terms(x: Array) -> tuple[Array, Array]:
-    """Centred, unit-scaled features and their squared norms. Centering first keeps the
+    """Centered, unit-scaled features and their squared norms. Centering first keeps the
     |a|^2 + |b|^2 - 2<a, b> expansion from cancelling when the activations have a large
     common offset; distances do not change. The kernel divides by the median distance,
     so the scale of x does not matter either."""
@@ -177,10 +176,10 @@ def gram_rbf(x: Any, *, threshold: float = 1.0, check_finite: bool = True) -> Ar
 
 
 def _centering_row(k: Array, unbiased: bool) -> Array:
-    """``r`` with the centred Gram ``K_ij - r_i - r_j`` (off the diagonal when unbiased,
+    """``r`` with the centered Gram ``K_ij - r_i - r_j`` (off the diagonal when unbiased,
     the diagonal of K then counted as 0).
 
-    Both centrings ignore a constant added to every (off-diagonal) entry, so the sums are
+    Both centerings ignore a constant added to every (off-diagonal) entry, so the sums are
     taken after subtracting one off-diagonal entry ``c`` and ``c / 2`` is added back: a
     constant Gram (a constant layer's RBF kernel) then centres to exactly 0, not to a
     rounding residue that a cosine would scale up to 1, and a large common offset costs
@@ -219,18 +218,7 @@ def _center_gram(k: Array, unbiased: bool) -> Array:
     return _u_center(k) if unbiased else _double_center(k)
 
 
-def _debiased(debiased: bool, unbiased: bool | None, fn: str) -> bool:
-    """The one name for the unbiased estimator is ``debiased``; ``unbiased`` (this module's
-    first name for it) still works, with a DeprecationWarning."""
-    if unbiased is None:
-        return bool(debiased)
-    warnings.warn(f"{fn}(unbiased=...) is deprecated; use {fn}(debiased=...), the name every "
-                  "other jaxsim function uses", DeprecationWarning, stacklevel=3)
-    return bool(unbiased)
-
-
-def center_gram(gram: Any, *, debiased: bool = False, unbiased: bool | None = None,
-                check_finite: bool = True) -> Array:
+def center_gram(gram: Any, *, debiased: bool = False, check_finite: bool = True) -> Array:
     r"""Centers a Gram matrix.
 
     Biased: :math:`H K H` with :math:`H = I - \frac{1}{n} 1 1^\top`.
@@ -245,11 +233,10 @@ def center_gram(gram: Any, *, debiased: bool = False, unbiased: bool | None = No
     Args:
       gram: ``(n, n)`` symmetric matrix.
       debiased: U-center instead of double-center (needs n >= 4).
-      unbiased: deprecated alias of ``debiased``.
     Returns:
       ``(n, n)`` centered matrix.
     """
-    unbiased = _debiased(debiased, unbiased, "center_gram")
+    unbiased = bool(debiased)
     k = _v.gram(gram, "gram")
     _v.finite({"gram": gram}, check_finite)
     _v.same_n({"gram": k}, min_n=4 if unbiased else 1, why=_UNBIASED_WHY if unbiased else "")
@@ -266,8 +253,8 @@ def _hsic(k: Array, l: Array, unbiased: bool) -> Array:
     return inner(kc, lc) / _hsic_scale(k.shape[0], unbiased)
 
 
-def hsic(gram_x: Any, gram_y: Any, *, debiased: bool = False, unbiased: bool | None = None,
-         check_finite: bool = True) -> Array:
+def hsic(gram_x: Any, gram_y: Any, *, debiased: bool = False, check_finite: bool = True
+         ) -> Array:
     r"""Hilbert-Schmidt independence criterion of two Gram matrices.
 
     Biased: :math:`\mathrm{tr}(K H L H) / (n-1)^2`. Unbiased (Song et al. 2012; Nguyen et
@@ -282,11 +269,10 @@ def hsic(gram_x: Any, gram_y: Any, *, debiased: bool = False, unbiased: bool | N
     Args:
       gram_x, gram_y: ``(n, n)`` Gram matrices of the same n examples.
       debiased: the unbiased estimator (n >= 4).
-      unbiased: deprecated alias of ``debiased``.
     Returns:
       Scalar array.
     """
-    unbiased = _debiased(debiased, unbiased, "hsic")
+    unbiased = bool(debiased)
     k, l = _v.gram_pair(gram_x, gram_y, min_n=4 if unbiased else 2,
                         why=_UNBIASED_WHY if unbiased else "", check_finite=check_finite)
     return _hsic(k, l, unbiased)
@@ -320,7 +306,7 @@ def _gram_summary(k: Array, debiased: bool) -> GramSummary:
 
 
 def _norm_product(a: Any, b: Any) -> Array:
-    # U-centred self terms are sums of squares, >= 0 up to rounding
+    # U-centered self terms are sums of squares, >= 0 up to rounding
     return safe_sqrt(a.self) * safe_sqrt(b.self)
 
 
@@ -433,7 +419,7 @@ def _pad_rows(x: Array, n_pad: int) -> Array:
 
 def _linear_source(x: Array, n_pad: int, rescale: bool = True, debiased: bool = True
                    ) -> LinearSource:
-    """``debiased=False``: without the diagonal and trace, which only U-centring reads
+    """``debiased=False``: without the diagonal and trace, which only U-centering reads
     (a quarter to a half of the source's time on a CPU, where it is memory-bound)."""
     xc = unit_scaled(x)[0] if rescale else center_features(x)
     count = jnp.asarray(x.shape[0], x.dtype)
@@ -449,11 +435,11 @@ def _linear_block(src: LinearSource, r0: Array, c0: Array, b: int, *, debiased: 
 
 def linear_cross_block(rows: LinearSource, cols: LinearSource, r0: Array, c0: Array, b: int,
                        *, debiased: bool, same: bool = True, valid: Any = None) -> Array:
-    """Block (r0, c0) of size b of the centred linear Gram between the examples of ``rows``
+    """Block (r0, c0) of size b of the centered linear Gram between the examples of ``rows``
     and those of ``cols`` (``same``: the very same examples, as in a layer's own Gram;
-    otherwise two devices' shares of them). ``debiased``: U-centred, with ``count`` and
+    otherwise two devices' shares of them). ``debiased``: U-centered, with ``count`` and
     ``total`` (the trace) of the whole Gram, and zero past ``valid`` rows and columns
-    (default ``count``: padding). U-centring a centred Gram involves only its diagonal and
+    (default ``count``: padding). U-centering a centered Gram involves only its diagonal and
     trace: K~_ij = K_ij + (k_i + k_j) / (n - 2) - tr K / ((n - 1)(n - 2)) off the diagonal,
     0 on it."""
     take = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, b)
@@ -500,19 +486,19 @@ def cka_pair(debiased: bool) -> Callable[[Any, Any], Array]:
 
 @functools.lru_cache(maxsize=None)
 def minibatch_blocks() -> GramBlocks:
-    """U-centred linear Gram blocks of one minibatch, at the activations' own scale: HSIC
+    """U-centered linear Gram blocks of one minibatch, at the activations' own scale: HSIC
     terms are summed over batches, so every batch must be in the same units."""
     return GramBlocks(functools.partial(_linear_source, rescale=False),
                       functools.partial(_linear_block, debiased=True))
 
 
 class RBFSource(NamedTuple):
-    """What the blocks of a layer's centred RBF Gram are made from: O(n d), not O(n^2)."""
+    """What the blocks of a layer's centered RBF Gram are made from: O(n d), not O(n^2)."""
 
-    features: Array  # (n_pad, d) centred, unit-scaled features, zero rows past n
+    features: Array  # (n_pad, d) centered, unit-scaled features, zero rows past n
     sq: Array  # (n_pad,) their squared norms
     median: Array  # () median squared distance (the bandwidth's scale)
-    row: Array  # (n_pad,) centring row of the Gram (see _centering_row)
+    row: Array  # (n_pad,) centering row of the Gram (see _centering_row)
     count: Array  # n, as an integer
 
 
@@ -645,7 +631,7 @@ def _blockwise_median_jvp(n, primals, tangents):
 
 def _dense_source(xc: Array, sq: Array, threshold: Array, debiased: bool
                   ) -> tuple[Array, Array]:
-    """The median distance and centring row from the layer's n x n distances formed at
+    """The median distance and centering row from the layer's n x n distances formed at
     once (one block: cheaper than passes over blocks; also the baseline of
     ``benchmarks/scale.py``)."""
     idx = jnp.arange(xc.shape[0])
@@ -656,7 +642,7 @@ def _dense_source(xc: Array, sq: Array, threshold: Array, debiased: bool
 
 def _rbf_source(x: Array, n_pad: int, *, threshold: float, debiased: bool) -> RBFSource:
     """A layer's RBF source, in O(n d + b^2) memory: the median distance by blockwise
-    selection (:func:`_blockwise_median`), then the centring row (see
+    selection (:func:`_blockwise_median`), then the centering row (see
     :func:`_centering_row`) from the column sums of the kernel's blocks, one more pass.
     Up to 1024 rows (one block) the distances are formed at once, without the passes."""
     n = x.shape[0]
@@ -701,7 +687,7 @@ def _rbf_block(src: RBFSource, r0: Array, c0: Array, b: int, *, threshold: float
 
 @functools.lru_cache(maxsize=None)
 def rbf_measure(*, threshold: float = 1.0, debiased: bool = False) -> Measure:
-    """RBF CKA as a :class:`Measure`; in grids, its centred Grams are formed block by block
+    """RBF CKA as a :class:`Measure`; in grids, its centered Grams are formed block by block
     from the features (see :class:`RBFSource`)."""
     t = _v.positive(threshold, "threshold")
     prepare = lambda x: _gram_summary(_gram_rbf(x, jnp.asarray(t, x.dtype)), debiased)
@@ -730,8 +716,8 @@ def cka(gram_x: Any, gram_y: Any, *, debiased: bool = False, check_finite: bool 
       Scalar array; in [0, 1] for the biased form. 0 when either kernel is constant after
       centering (a zero-variance layer), where CKA is undefined.
 
-    Precision: a Gram matrix of uncentred features carries their common offset in every
-    entry, and centring it afterwards cancels that offset in the dtype's precision. In
+    Precision: a Gram matrix of uncentered features carries their common offset in every
+    entry, and centering it afterwards cancels that offset in the dtype's precision. In
     float32 (8 significant digits) activations with an offset of 1000 times their spread
     lose everything (``cka(gram_linear(x), gram_linear(y))`` is then off by ~0.2; by
     ~1e-4 at an offset of 100). For linear CKA use :func:`linear_cka`, which centres the

@@ -12,7 +12,7 @@ import numpy as np
 
 from jaxsim.grid import Grid
 
-# how each measure is written in titles and colour bars
+# how each measure is written in titles and color bars
 NAMES = {
     "linear_cka": "linear CKA", "cka": "linear CKA", "rbf_cka": "RBF CKA",
     "minibatch_cka": "linear CKA (minibatch)", "mean_cca": "mean CCA", "svcca": "SVCCA",
@@ -91,7 +91,7 @@ def heatmap(grid: Grid, *, title: str | None = None, vmin: float = 0.0, vmax: fl
       grid: from :func:`jaxsim.similarity_grid` or :func:`jaxsim.minibatch_cka_result`.
       title: default: the measure and what is compared, e.g. "linear CKA: layers of seed 0
         vs seed 1" (from the grid's metric and labels).
-      vmin, vmax: colour scale.
+      vmin, vmax: color scale.
       annotate: write each value in its cell (default: grids of at most 12 x 12).
       xlabel, ylabel: default "layer of <label>", from the grid's column and row labels.
       figsize: inches; the default fits the grid and is at least 5 x 4.2 (750 x 630
@@ -118,9 +118,9 @@ def heatmap(grid: Grid, *, title: str | None = None, vmin: float = 0.0, vmax: fl
 def heatmap_panel(grids: Mapping[str, Grid], *, shape: tuple[int, int] | None = None,
                   title: str | None = None, vmin: float = 0.0, vmax: float = 1.0,
                   cmap: str = "magma", panel_size: float = 2.4) -> Any:
-    """Several grids side by side on one colour scale (e.g. depth x width, as in Nguyen et
+    """Several grids side by side on one color scale (e.g. depth x width, as in Nguyen et
     al. 2020's figures); ``grids`` maps panel titles to grids, filled row by row. The
-    colour bar is labelled with the first grid's measure."""
+    color bar is labelled with the first grid's measure."""
     count = len(grids)
     nrows, ncols = shape or (1, count)
     if nrows * ncols < count:
@@ -146,11 +146,11 @@ def alignment(grid: Grid, *, top_k: int | None = 3, threshold: float | None = No
               title: str | None = None, cmap: str = "viridis",
               figsize: tuple[float, float] | None = None) -> Any:
     """Two columns of layers (rows on the left, columns on the right) joined by lines whose
-    width and colour grow with similarity, as lucid's model-alignment picture.
+    width and color grow with similarity, as lucid's model-alignment picture.
 
     Each left layer is joined to its ``top_k`` most similar right layers, and each right
     layer to its most similar left layer, so no layer is left without a line. Widths and
-    colours span the range of the values drawn (a colour bar shows the scale), so 0.6 and
+    colors span the range of the values drawn (a color bar shows the scale), so 0.6 and
     0.98 look different.
 
     Args:
@@ -158,7 +158,7 @@ def alignment(grid: Grid, *, top_k: int | None = 3, threshold: float | None = No
       top_k: lines per left layer (None: all pairs).
       threshold: draw only pairs at least this similar (may leave layers unjoined).
       title: default: the measure and the two labels.
-      cmap: colour map of the lines.
+      cmap: color map of the lines.
     Returns:
       A matplotlib Figure.
     """

@@ -4,7 +4,7 @@ intervals and random-Gaussian baselines, for one pair of layers or a whole grid.
 Draws are evaluated ``batch_size`` at a time, each batch one jitted, vmapped call (one
 compile per shape), with a progress bar over the batches when the work takes more than a
 few seconds. The permutation test never re-prepares a layer: permuting the examples of y
-permutes the rows of its prepared summary (its centred Gram ``P K P^T``, its centred
+permutes the rows of its prepared summary (its centered Gram ``P K P^T``, its centered
 features, its SVD basis), while covariances, norms and whitening stay as they are.
 
 Intervals. Resampling examples *with* replacement (the classic bootstrap) duplicates
@@ -388,7 +388,7 @@ def bootstrap(metric: Any, x: Any, y: Any, *, key: Array, num_samples: int = 100
     half-samples and on as many quarter-samples: with the bias expanded as
     :math:`b/n + c/n^2`, :math:`\hat b = \bar\theta^*_{n/2} - \hat\theta` to first
     order, and the second-order term is added when it is the smaller of the two. The
-    interval, centred on the corrected estimate, targets the population value. Biased
+    interval, centered on the corrected estimate, targets the population value. Biased
     estimators (linear and RBF CKA, the CCA family when n is not large against the
     widths) can then exclude the raw ``statistic``: their bias is larger than their
     sampling error; the interval always contains ``estimate``.

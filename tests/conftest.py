@@ -5,7 +5,7 @@ import tempfile
 
 # Tests compile about a thousand small programs and run each for milliseconds, so
 # compiling is most of their time: XLA's cheapest CPU code generation (no LLVM
-# optimisation, the classic elemental fusion emitters, one code-generation unit) compiles
+# optimization, the classic elemental fusion emitters, one code-generation unit) compiles
 # 3x faster than the default (no fast-math; the suite passes under both, and float32
 # accuracy is also checked on a GPU by benchmarks/device_check.sh), and a persistent
 # cache lets the parallel workers (pytest-xdist) share what either compiled.

@@ -148,7 +148,7 @@ def test_zero_variance_gives_zero(rng, dtype):
     # changes solver too (Jacobi below, gesvd above)
     n = 1100
     x = rng.normal(size=(n, 4))
-    # constants whose mean is inexact in binary: the rounding residue of centring must not
+    # constants whose mean is inexact in binary: the rounding residue of centering must not
     # be scaled up into a direction, whatever order the compiler sums in
     with jax.enable_x64(dtype == "float64"):
         for value in (2.0, 0.1, 1 / 3, -1234.567):
@@ -273,7 +273,7 @@ def test_errors(rng):
 
 
 def np_pwcca_variates(x, y):
-    """Morcos et al.'s formula read literally: weights from the normalised canonical
+    """Morcos et al.'s formula read literally: weights from the normalized canonical
     variates of the narrower side and its units' activations."""
     s, u, vh, _, _ = np_cca(x, y)
     acts, vecs = (x, u) if x.shape[1] <= y.shape[1] else (y, vh.T)

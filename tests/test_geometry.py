@@ -12,14 +12,14 @@ from scipy.spatial.distance import pdist
 import jaxsim
 
 
-def np_normalise(x):
+def np_normalize(x):
     xc = x - x.mean(0)
     return xc / np.linalg.norm(xc)
 
 
 def test_procrustes_against_scipy(x64, rng):
     x, y = related(rng, 100, 6, 6)
-    a, b = np_normalise(x), np_normalise(y)
+    a, b = np_normalize(x), np_normalize(y)
     r, scale = linalg.orthogonal_procrustes(a, b)
     np.testing.assert_allclose(jaxsim.procrustes_similarity(x, y), scale, rtol=1e-10)
     np.testing.assert_allclose(jaxsim.procrustes_distance(x, y, angular=False),
@@ -56,7 +56,7 @@ def test_rsa_against_scipy(x64, rng, dissimilarity, compare):
 
 
 def test_pearson_rsa_grid_in_blocks(x64, rng):
-    """Pearson RSA grids form each layer's centred RDM block by block from its features
+    """Pearson RSA grids form each layer's centered RDM block by block from its features
     (n = 1100: 3 blocks, the last padded), equal to SciPy; a constant layer scores 0."""
     n = 1100
     a = [rng.normal(size=(n, 3)) + 5, rng.normal(size=(n, 4))]

@@ -333,7 +333,7 @@ SHARDED = {
     "minibatch, ring and feature route": MESH_PRELUDE + """
     single = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3), layers)
 
-    # 1. one minibatch sharded over the mesh: its U-centred Gram blocks go round the ring
+    # 1. one minibatch sharded over the mesh: its U-centered Gram blocks go round the ring
     # (no activations gathered), same numbers; under jit XLA partitions it
     from jaxsim import grid as grid_module
     sharded = [jax.device_put(x, NamedSharding(mesh, P("batch"))) for x in layers]
@@ -493,7 +493,7 @@ SHARDED = {
     want = cross(long[:1], cols)
     np.testing.assert_allclose(cross(put(long[:1]), put(cols)), want, rtol=2e-5)
     np.testing.assert_allclose(jax.jit(cross)(put(long[:1]), put(cols)), want, rtol=2e-5)
-    # the RBF grid at n = 1104 (3 blocks): each layer's bandwidth and centring row found
+    # the RBF grid at n = 1104 (3 blocks): each layer's bandwidth and centering row found
     # over distance blocks on every device from replicated data, the block pairs divided
     rbf = lambda l: jaxsim.similarity_grid(l, metric="rbf_cka").values
     mid = [x[:1104] for x in long]
@@ -579,10 +579,10 @@ SHARDED = {
 def test_cross_grids_form_only_the_cross_pairs(x64, rng):
     """A cross-grid's slab product forms only row-column pairs and each layer with itself
     (the compiled block sum has a (3, 4) product and no (7, 7) one), with the same values
-    (n = 1100: 3 blocks, diagonal ones as halves): linear CKA and minibatch CKA (U-centred;
+    (n = 1100: 3 blocks, diagonal ones as halves): linear CKA and minibatch CKA (U-centered;
     the slab does not depend on the kernel), against the union's self-grid and NumPy:
-    CKA from the centred features' products (Kornblith et al. 2019, eq. 5) and the
-    unbiased HSIC of U-centred Grams (Szekely & Rizzo 2014), both O(n^2)."""
+    CKA from the centered features' products (Kornblith et al. 2019, eq. 5) and the
+    unbiased HSIC of U-centered Grams (Szekely & Rizzo 2014), both O(n^2)."""
     from jaxsim import grid as grid_module
     from jaxsim import kernel
 
@@ -593,8 +593,8 @@ def test_cross_grids_form_only_the_cross_pairs(x64, rng):
     full = jaxsim.similarity_grid(a + b, method="gram").values
     got = jaxsim.similarity_grid(a, b, method="gram").values
     np.testing.assert_allclose(got, np.asarray(full)[:3, 3:], rtol=1e-10)
-    centred = [x - x.mean(0) for x in a + b]
-    hsic = np.array([[np.linalg.norm(x.T @ y) ** 2 for y in centred] for x in centred])
+    centered = [x - x.mean(0) for x in a + b]
+    hsic = np.array([[np.linalg.norm(x.T @ y) ** 2 for y in centered] for x in centered])
     norms = np.sqrt(np.diag(hsic))
     np.testing.assert_allclose(got, (hsic / np.outer(norms, norms))[:3, 3:], rtol=1e-10)
     blocks = kernel.linear_measure().blocks
@@ -612,7 +612,7 @@ def test_cross_grids_form_only_the_cross_pairs(x64, rng):
                                np.asarray(jaxsim.minibatch_cka_result(joint).values)[:3, 3:],
                                rtol=1e-10)
 
-    def u_centred(x):
+    def u_centered(x):
         k = x @ x.T
         m = len(k)
         np.fill_diagonal(k, 0)
@@ -623,7 +623,7 @@ def test_cross_grids_form_only_the_cross_pairs(x64, rng):
 
     sums = 0
     for batch in split(a + b, 2):
-        grams = [u_centred(x) for x in batch]
+        grams = [u_centered(x) for x in batch]
         sums = sums + np.array([[np.vdot(k, g) for g in grams] for k in grams])
     norms = np.sqrt(np.diag(sums))
     np.testing.assert_allclose(jaxsim.minibatch_cka_result(state).values,
@@ -633,9 +633,9 @@ def test_cross_grids_form_only_the_cross_pairs(x64, rng):
 def test_accelerator_form_batches_equal_shaped_layers(x64, rng, monkeypatch):
     """On an accelerator the Gram route forms each block of equal-width layers as one
     batched product (the compiled block sum has a dot_general with a batch dimension),
-    with the same values as one product per layer: linear CKA biased and U-centred, RBF
+    with the same values as one product per layer: linear CKA biased and U-centered, RBF
     CKA, a cross-grid with a one-layer side, and a minibatch CKA cross-grid; linear CKA
-    also against NumPy's, from the centred features' products."""
+    also against NumPy's, from the centered features' products."""
     from jaxsim import grid as grid_module
     from jaxsim import kernel
 
@@ -657,8 +657,8 @@ def test_accelerator_form_batches_equal_shaped_layers(x64, rng, monkeypatch):
     monkeypatch.setattr(grid_module, "_batched_blocks", lambda: True)
     for run, expected in zip(runs, want):
         np.testing.assert_allclose(run(), expected, rtol=1e-12, atol=1e-15)
-    centred = [x - x.mean(0) for x in layers]  # and NumPy's CKA (Kornblith et al. eq. 5)
-    hsic = np.array([[np.linalg.norm(x.T @ y) ** 2 for y in centred] for x in centred])
+    centered = [x - x.mean(0) for x in layers]  # and NumPy's CKA (Kornblith et al. eq. 5)
+    hsic = np.array([[np.linalg.norm(x.T @ y) ** 2 for y in centered] for x in centered])
     norms = np.sqrt(np.diag(hsic))
     np.testing.assert_allclose(runs[0](), hsic / np.outer(norms, norms), rtol=1e-10)
     np.testing.assert_allclose(runs[3](), (hsic / np.outer(norms, norms))[3:4, :3], rtol=1e-10)
@@ -692,7 +692,7 @@ def test_ring_blocks_tile_the_cross_grams(x64, rng):
                                    want, rtol=1e-12)
     np.testing.assert_allclose(grid_module._cross_products(wrap(rows[:2]), wrap(cols[:2]), 3),
                                np.asarray(want)[:2, :2], rtol=1e-12)
-    # debiased, the diagonal block (rows == cols): the U-centred Gram's terms, n = 7 here
+    # debiased, the diagonal block (rows == cols): the U-centered Gram's terms, n = 7 here
     u_grams = []
     for x in rows:
         k = x @ x.T
@@ -715,9 +715,9 @@ def test_sharded_equals_single_device(part):
 
 
 def test_diagonal_blocks_formed_as_halves(x64, rng):
-    """A centred Gram's diagonal block is symmetric: it is formed as its three upper
+    """A centered Gram's diagonal block is symmetric: it is formed as its three upper
     halves (3/4 of its products; a single-block grid at n = 1024 on a CPU 1.27x faster),
-    the inner products equal to NumPy's over the whole centred Grams. n = 601 is one block
+    the inner products equal to NumPy's over the whole centered Grams. n = 601 is one block
     of 602 rows (even, one row of padding) formed as 301-row halves."""
     from jaxsim import grid as grid_module
     from jaxsim import kernel
@@ -792,7 +792,7 @@ def test_blocked_grams_with_padding(x64, rng, metric, debiased):
 @pytest.mark.parametrize("debiased", [False, True])
 def test_rbf_grid_memory_does_not_grow_with_layers_times_n_squared(debiased):
     """Read from the compiled programs (no run needed): each layer's RBF source (median
-    bandwidth and centring row) passes over b x b blocks of its distances, never holding
+    bandwidth and centering row) passes over b x b blocks of its distances, never holding
     its n x n matrix, and the grid's block sum holds L blocks of b x b, never L n x n
     kernels. Before, one program formed every layer's kernel: 640 MB of temporaries for
     8 layers at n = 2048 in float32; then one layer's n x n distances (80 MB) at a time;

@@ -69,7 +69,7 @@ def test_center_gram(x64, rng):
     k = x @ x.T
     h = np_centering(30)
     np.testing.assert_allclose(jaxsim.center_gram(k), h @ k @ h, atol=1e-10)
-    # U-centred inner products give the unbiased HSIC; U-centred rows sum to 0.
+    # U-centered inner products give the unbiased HSIC; U-centered rows sum to 0.
     ku = np.asarray(jaxsim.center_gram(k, debiased=True))
     np.testing.assert_allclose(np.diag(ku), 0, atol=1e-12)
     np.testing.assert_allclose(ku.sum(0), 0, atol=1e-9)
@@ -83,16 +83,14 @@ def test_hsic(x64, rng, debiased):
     np.testing.assert_allclose(jaxsim.hsic(k, l, debiased=debiased), ref, rtol=1e-9)
 
 
-def test_unbiased_is_a_deprecated_alias_of_debiased(x64, rng):
+def test_debiased_is_the_one_name(rng):
+    """One name per concept, no deprecated aliases in 0.1: ``unbiased=`` is gone."""
     x, y = related(rng, n=20)
     k, l = x @ x.T, y @ y.T
-    with pytest.warns(DeprecationWarning, match=(r"hsic\(unbiased=...\) is deprecated; use "
-                                                 r"hsic\(debiased=...\)")):
-        old = jaxsim.hsic(k, l, unbiased=True)
-    np.testing.assert_array_equal(old, jaxsim.hsic(k, l, debiased=True))
-    with pytest.warns(DeprecationWarning, match=r"center_gram\(unbiased=...\)"):
-        old = jaxsim.center_gram(k, unbiased=True)
-    np.testing.assert_array_equal(old, jaxsim.center_gram(k, debiased=True))
+    with pytest.raises(TypeError, match="unbiased"):
+        jaxsim.hsic(k, l, unbiased=True)
+    with pytest.raises(TypeError, match="unbiased"):
+        jaxsim.center_gram(k, unbiased=True)
 
 
 @pytest.mark.parametrize("debiased", [False, True])
@@ -200,8 +198,8 @@ def test_zero_variance_gives_zero_not_nan(x64, rng):
         assert float(jaxsim.linear_cka(x, const, method=method)) == 0.0
         assert float(jaxsim.linear_cka(const, const, method=method, debiased=True)) == 0.0
     assert np.isfinite(float(jaxsim.rbf_cka(x, const)))
-    # a constant layer's RBF kernel is constant: its centred kernel is exactly zero, so its
-    # similarity to anything, itself included, is 0 (a rounding residue of the U-centring
+    # a constant layer's RBF kernel is constant: its centered kernel is exactly zero, so its
+    # similarity to anything, itself included, is 0 (a rounding residue of the U-centering
     # once scored 1.0 in float64, 0 in float32), on the single-pair and the grid routes
     for dtype in (np.float64, np.float32):
         zero = np.zeros((40, 4), dtype)

@@ -32,7 +32,7 @@ def test_informative_defaults(rng):
     ax = fig.axes[0]
     assert ax.get_title() == "linear CKA between layers of seed 0 vs seed 1"
     assert (ax.get_ylabel(), ax.get_xlabel()) == ("layer of seed 0", "layer of seed 1")
-    assert fig.axes[1].get_ylabel() == "linear CKA"  # the colour bar says what it shows
+    assert fig.axes[1].get_ylabel() == "linear CKA"  # the color bar says what it shows
     width, height = fig.get_size_inches() * fig.dpi
     assert width >= 700 and height >= 600
     acts = {"a": rng.normal(size=(20, 3)), "b": rng.normal(size=(20, 4))}
@@ -53,8 +53,8 @@ def test_alignment_and_panel(tmp_path, rng):
     assert len(ax.lines) == 4 and len({a for a, _ in ends}) == 4 and len({b for _, b in ends}) == 3
     widths = sorted(l.get_linewidth() for l in ax.lines)
     assert widths[-1] > 3 * widths[0]  # 0.7 and 0.98 must look different
-    assert len({l.get_color() for l in ax.lines}) == 4  # colour scales too
-    assert fig.axes[1].get_ylabel() == "linear CKA"  # a colour bar shows the scale
+    assert len({l.get_color() for l in ax.lines}) == 4  # color scales too
+    assert fig.axes[1].get_ylabel() == "linear CKA"  # a color bar shows the scale
     texts = [t.get_text() for t in ax.texts]
     assert "seed 0" in texts and "seed 1" in texts  # the sides are named
     fig.savefig(tmp_path / "a.png")

@@ -136,10 +136,10 @@ def test_float32_grids_agree_with_float64(rng):
 
 
 def test_float32_rbf_grid_bandwidth_in_blocks(rng, monkeypatch):
-    """n = 1100 (3 blocks): each layer's RBF bandwidth (radix selection) and centring row
+    """n = 1100 (3 blocks): each layer's RBF bandwidth (radix selection) and centering row
     are found over distance blocks; in float32 on a power-law spectrum with an offset, a
     post-ReLU and a constant layer (one width: shared compiles), biased and debiased,
-    against float64, U-centred also in the Gram route's accelerator form (the four
+    against float64, U-centered also in the Gram route's accelerator form (the four
     layers' blocks one batched product; forced here); bfloat16 activations are computed
     in float32."""
     from jaxsim import grid as grid_module
@@ -226,7 +226,7 @@ def test_float32_cross_grids_with_a_narrow_side(rng, monkeypatch):
     np.testing.assert_allclose(got, jaxsim.similarity_grid(
         [np.asarray(a, np.float32) for a in half[:1]],
         [np.asarray(a, np.float32) for a in half[1:]], method="gram").values, atol=1e-6)
-    with jax.enable_x64(True):  # (U-centred blocks: the minibatch's)
+    with jax.enable_x64(True):  # (U-centered blocks: the minibatch's)
         union = jaxsim.similarity_grid([x] + others, method="gram").values
     monkeypatch.setattr(grid_module, "_batched_blocks", lambda: True)
     grid = jaxsim.similarity_grid([x32], o32, method="gram").values
@@ -413,7 +413,7 @@ def _reduced_precision_products(fn, *args):
 
 
 def test_every_float32_product_is_full_precision(rng, monkeypatch):
-    """Read on the CPU from the lowered programs, so it guards the GPU and TPU behaviour:
+    """Read on the CPU from the lowered programs, so it guards the GPU and TPU behavior:
     every public measure, grid, streaming update and gradient asks for HIGHEST, the Gram
     route's grids also in the form they take on an accelerator (batched products)."""
     from jaxsim import grid as grid_module
