@@ -25,7 +25,8 @@ from jax.extend.core import Literal
 from jaxsim import grid as _grid
 from jaxsim._progress import bar
 
-__all__ = ["as_capture", "capture_linen", "capture_nnx", "collect_activations", "minibatch_grid"]
+__all__ = ["as_capture", "capture_linen", "capture_nnx", "collect_activations", "minibatch_grid",
+           "minibatch_state"]
 
 Array = jax.Array
 Filter = Any  # None | callable(path, module) | type | tuple of types | str glob | re.Pattern | list
@@ -349,8 +350,8 @@ def _record(acts: dict[str, Array], names: list[str]) -> dict[str, Array]:
 def minibatch_grid(model_a: Any, batches: Iterable[Any], model_b: Any = None, *,
                    filter: Filter = None, filter_b: Filter = None, progress: bool = True,
                    total: int | None = None, state: _grid.MinibatchCKAState | None = None,
-                   return_state: bool = False, labels: tuple[str, str] | None = None,
-                   apply_kwargs: dict | None = None, **more_apply_kwargs: Any) -> Any:
+                   labels: tuple[str, str] | None = None, apply_kwargs: dict | None = None,
+                   **more_apply_kwargs: Any) -> _grid.Grid:
     """Minibatch CKA grid of one model's layers (or two models') over a stream of batches.
 
     Each batch is one jitted step: forward pass(es), capture and
@@ -369,20 +370,42 @@ def minibatch_grid(model_a: Any, batches: Iterable[Any], model_b: Any = None, *,
         ``filter``.
       progress: show a progress bar (tqdm if installed).
       total: number of batches, for the progress bar (default ``len(batches)`` if it has one).
-      state: a state from an earlier call (``return_state=True``), possibly saved and
-        restored with numpy: the stream resumes where it stopped.
-      return_state: also return the state, to resume or combine later.
+      state: a state from :func:`minibatch_state` (possibly saved and restored with
+        numpy): the stream resumes where it stopped.
       labels: names of the two models for figures; default ``("model_a", "model_b")``.
       apply_kwargs, **more_apply_kwargs: keyword arguments for linen's ``apply``, as a
         dict or directly (``train=False``).
     Returns:
-      :class:`jaxsim.Grid` named by layer paths; ``(grid, state)`` with ``return_state``.
+      :class:`jaxsim.Grid` named by layer paths.
 
     Example:
-      >>> grid, state = minibatch_grid(model, first_half, return_state=True)  # doctest: +SKIP
+      >>> state = minibatch_state(model, first_half)  # doctest: +SKIP
       >>> grid = minibatch_grid(model, second_half, state=state)  # doctest: +SKIP
     """
-    apply_kwargs = _merged(apply_kwargs, more_apply_kwargs)
+    state, rows, cols = _stream(model_a, batches, model_b, filter, filter_b, progress, total,
+                                state, _merged(apply_kwargs, more_apply_kwargs))
+    default = ("model_a", "model_a" if model_b is None else "model_b")
+    return _grid.minibatch_cka_result(state, rows=rows, cols=cols,
+                                      labels=default if labels is None else labels)
+
+
+def minibatch_state(model_a: Any, batches: Iterable[Any], model_b: Any = None, *,
+                    filter: Filter = None, filter_b: Filter = None, progress: bool = True,
+                    total: int | None = None, state: _grid.MinibatchCKAState | None = None,
+                    apply_kwargs: dict | None = None, **more_apply_kwargs: Any
+                    ) -> _grid.MinibatchCKAState:
+    """The minibatch CKA state of :func:`minibatch_grid`'s stream (same arguments), to
+    resume later (``minibatch_grid(..., state=state)``), save with numpy, or add to other
+    streams' states (``jax.tree.map(operator.add, s1, s2)``)."""
+    return _stream(model_a, batches, model_b, filter, filter_b, progress, total, state,
+                   _merged(apply_kwargs, more_apply_kwargs))[0]
+
+
+def _stream(model_a: Any, batches: Iterable[Any], model_b: Any, filter: Filter,
+            filter_b: Filter, progress: bool, total: int | None,
+            state: _grid.MinibatchCKAState | None, apply_kwargs: dict
+            ) -> tuple[_grid.MinibatchCKAState, list[str], list[str]]:
+    """The stream's state and its row and column layer names."""
     cap_a = as_capture(model_a, filter=filter, **apply_kwargs)
     cap_b = None if model_b is None else as_capture(
         model_b, filter=filter if filter_b is None else filter_b, **apply_kwargs)
@@ -401,7 +424,7 @@ def minibatch_grid(model_a: Any, batches: Iterable[Any], model_b: Any = None, *,
         if m < 4:
             warnings.warn(f"batches[{index}]: {m} example(s), fewer than the 4 the unbiased HSIC "
                           "needs: skipped (pass drop_last=True to your data loader)",
-                          stacklevel=2)
+                          stacklevel=3)
             continue
         if rows is None:  # layer names and counts from the first batch's shapes
             rows = _names(cap_a, x)
@@ -412,7 +435,7 @@ def minibatch_grid(model_a: Any, batches: Iterable[Any], model_b: Any = None, *,
             warnings.warn(f"batches[{index}]: {m} examples where the first batch had {size}: "
                           "minibatch CKA then averages HSIC over unequal batches, not exactly "
                           "the paper's estimator (pass drop_last=True to your data loader)",
-                          stacklevel=2)
+                          stacklevel=3)
             size = None  # warn once
         try:
             previous, state = state, step(state, x)
@@ -423,10 +446,7 @@ def minibatch_grid(model_a: Any, batches: Iterable[Any], model_b: Any = None, *,
         jax.block_until_ready(previous)
     if rows is None:
         raise ValueError("batches: the iterable yielded no batch with at least 4 examples")
-    default = ("model_a", "model_a" if model_b is None else "model_b")
-    grid = _grid.minibatch_cka_result(state, rows=rows, cols=cols,
-                                      labels=default if labels is None else labels)
-    return (grid, state) if return_state else grid
+    return state, rows, cols
 
 
 def _resumed(state: Any, rows: list[str], cols: list[str]) -> _grid.MinibatchCKAState:

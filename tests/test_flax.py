@@ -10,7 +10,13 @@ import pytest
 from flax import nnx
 
 import jaxsim
-from jaxsim.flax import capture_linen, capture_nnx, collect_activations, minibatch_grid
+from jaxsim.flax import (
+    capture_linen,
+    capture_nnx,
+    collect_activations,
+    minibatch_grid,
+    minibatch_state,
+)
 
 # --------------------------------------------------------------------------- models
 
@@ -254,7 +260,8 @@ def test_streaming_short_batches_resume_and_names(x64, rng):
     with pytest.warns(UserWarning, match=r"batches\[3\]: 10 examples where the first batch had 20"):
         minibatch_grid(model, full + [data[60:70]], progress=False)
     # resume: half the stream, its state (saved and restored with numpy), the other half
-    half, state = minibatch_grid(model, full[:2], progress=False, return_state=True)
+    state = minibatch_state(model, full[:2], progress=False)
+    assert isinstance(state, jaxsim.MinibatchCKAState)  # one return type per function
     restored = jaxsim.MinibatchCKAState(*[jnp.asarray(np.asarray(v)) for v in state])
     resumed = minibatch_grid(model, full[2:], progress=False, state=restored)
     np.testing.assert_allclose(resumed.values, ref.values, rtol=1e-12)
