@@ -63,7 +63,8 @@ def _primal(fn: Callable[[jax.Array], Any], x: jax.Array) -> Any:
 
 
 def _lapack_svd(x: jax.Array, algorithm: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    return tuple(jax.lax.linalg.svd(x, full_matrices=False, algorithm=algorithm))
+    u, s, vh = jax.lax.linalg.svd(x, full_matrices=False, algorithm=algorithm)
+    return u, s, vh
 
 
 def _svd_thin(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -83,11 +84,13 @@ def _svd_thin(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def _eigh(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return tuple(jnp.linalg.eigh(x))
+    w, v = jnp.linalg.eigh(x)
+    return w, v
 
 
 def _qr_reduced(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return tuple(jnp.linalg.qr(x))
+    q, r = jnp.linalg.qr(x)
+    return q, r
 
 
 def _tolerance(s_max: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
@@ -96,7 +99,7 @@ def _tolerance(s_max: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Arra
     return s_max * max(shape[-2:]) * jnp.finfo(dtype).eps
 
 
-def _safe_inverse(v: jax.Array, tol: jax.Array) -> jax.Array:
+def _safe_inverse(v: jax.Array, tol: jax.Array | float) -> jax.Array:
     live = jnp.abs(v) > tol
     return jnp.where(live, 1 / jnp.where(live, v, 1), 0)
 

@@ -50,7 +50,9 @@ def _off_host_mesh(x: Any) -> Any:
     devices = x.sharding.device_set
     if len(devices) < 2 or not jax.sharding.get_abstract_mesh().empty:
         return x
-    if all(d.platform == "cpu" and d.process_index == jax.process_index() for d in devices):
+    here = jax.process_index()
+    if all(getattr(d, "platform", "") == "cpu" and getattr(d, "process_index", here) == here
+           for d in devices):
         return np.asarray(x)
     return x
 

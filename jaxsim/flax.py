@@ -16,7 +16,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sized
 
 import jax
 import numpy as np
@@ -415,7 +415,7 @@ def _stream(model_a: Any, batches: Iterable[Any], model_b: Any, filter: Filter,
         acts_b = None if cap_b is None else cap_b(x)
         return _grid.minibatch_cka_update(state, cap_a(x), acts_b, check_finite=False)
 
-    if total is None and hasattr(batches, "__len__"):
+    if total is None and isinstance(batches, Sized):
         total = len(batches)
     rows = cols = size = None
     for index, batch in enumerate(bar(batches, progress, total, "minibatch CKA")):
@@ -444,7 +444,7 @@ def _stream(model_a: Any, batches: Iterable[Any], model_b: Any, filter: Filter,
         # the next batch is prepared while this one runs, but no more than that is queued:
         # memory stays bounded however fast the iterator yields
         jax.block_until_ready(previous)
-    if rows is None:
+    if rows is None or cols is None or state is None:
         raise ValueError("batches: the iterable yielded no batch with at least 4 examples")
     return state, rows, cols
 
@@ -471,7 +471,7 @@ def collect_activations(model: Any, batches: Iterable[Any], *, filter: Filter = 
     cap = as_capture(model, filter=filter, **_merged(apply_kwargs, more_apply_kwargs))
     names: list[str] = []
     capture = jax.jit(lambda x: list(_record(cap(x), names).values()))
-    if total is None and hasattr(batches, "__len__"):
+    if total is None and isinstance(batches, Sized):
         total = len(batches)
     parts: list[list[np.ndarray]] = []
     for batch in bar(batches, progress, total, "activations"):

@@ -268,7 +268,7 @@ class RDMSource(NamedTuple):
     terms: Array  # (n_pad, d) see _rdm_terms, zero rows past n
     sq: Array  # (n_pad,)
     mean: Array  # () mean of the RDM's off-diagonal entries
-    count: Array  # n, as an integer
+    count: Array  # type: ignore[assignment]  # a field, shadowing tuple.count; n, an integer
 
 
 _MEAN_ENTRIES = 1 << 22  # RDM entries formed at once while the mean is found

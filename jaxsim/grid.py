@@ -125,8 +125,8 @@ class Grid:
             short = tuple(tuple(int(i) for i in f[k]) if k in f.files else ()
                           for k in ("underdetermined_rows", "underdetermined_cols"))
             return cls(jnp.asarray(f["values"]), tuple(str(r) for r in f["rows"]),
-                       tuple(str(c) for c in f["cols"]), str(f["metric"]), *labels, notes,
-                       short)
+                       tuple(str(c) for c in f["cols"]), str(f["metric"]), labels[0],
+                       labels[1], notes, (short[0], short[1]))
 
     def __repr__(self) -> str:
         values = self.to_numpy()
@@ -348,7 +348,8 @@ def _block_offsets(n: int, b: int, dtype: Any, first: int = 0, count: int | None
     """:func:`jaxsim._measure.block_offsets` (row and column offsets of the block pairs,
     and their weights), pairs ``first .. first + count``."""
     end = None if count is None else first + count
-    return tuple(a[first:end] for a in block_offsets(n, b, dtype))
+    rows, cols, weights = block_offsets(n, b, dtype)
+    return rows[first:end], cols[first:end], weights[first:end]
 
 
 def _block_sum(blocks: GramBlocks, sources: list[Any], r0: Array, c0: Array,
@@ -501,7 +502,9 @@ def ring_axis(layers: Sequence[Any]) -> tuple[Any, str] | None:
                       and not spec_axes(getattr(jax.typeof(a).sharding, "spec", ()))
                       for a in layers):
         mesh = layer_mesh(layers)
-        data = [] if mesh is None else [k for k, v in mesh.shape.items() if v > 1]
+        if mesh is None:
+            return None
+        data = [k for k, v in mesh.shape.items() if v > 1]
         if (len(data) == 1 and jax.sharding.AxisType.Explicit not in mesh.axis_types
                 and layers[0].shape[0] % mesh.shape[data[0]] == 0):
             return mesh, data[0]
@@ -1027,7 +1030,8 @@ def similarity_grid(acts_a: Any, acts_b: Any = None, *, metric: Any = "linear_ck
     if name == "svcca":
         canonical.check_keep_dims(options.get("keep_dims"), named,
                                   bool(options.get("cap_keep_dims", False)))
-    notes, short = (), ((), ())
+    notes: tuple[str, ...] = ()
+    short: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
     if name in ("mean_cca", "svcca", "pwcca"):
         keep = options.get("keep_dims") if name == "svcca" else None
         units = lambda a: a.shape[1] if keep is None else min(keep, a.shape[1])
@@ -1142,7 +1146,7 @@ class MinibatchCKAState(NamedTuple):
     cross: Array  # (L_a, L_b) sum over batches of HSIC_1(K_i, L_i)
     self_a: Array  # (L_a,) sum of HSIC_1(K_i, K_i)
     self_b: Array  # (L_b,) sum of HSIC_1(L_i, L_i)
-    count: Array  # number of minibatches
+    count: Array  # type: ignore[assignment]  # a field, shadowing tuple.count; minibatches
 
 
 def minibatch_cka_init(num_a: int, num_b: int | None = None, *, dtype: Any = None

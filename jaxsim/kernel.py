@@ -410,7 +410,7 @@ class LinearSource(NamedTuple):
     features: Array  # (n_pad, d) centered features, zero rows past n
     row_sq: Array | None  # (n_pad,) the centered Gram's diagonal (None: not needed)
     total: Array | None  # its trace
-    count: Array  # n, as a float
+    count: Array  # type: ignore[assignment]  # a field, shadowing tuple.count; n, as a float
 
 
 def _pad_rows(x: Array, n_pad: int) -> Array:
@@ -448,6 +448,7 @@ def linear_cross_block(rows: LinearSource, cols: LinearSource, r0: Array, c0: Ar
         return k
     n = rows.count
     valid = n if valid is None else valid
+    assert rows.total is not None and rows.row_sq is not None and cols.row_sq is not None
     k = (k + (take(rows.row_sq, r0)[:, None] + take(cols.row_sq, c0)[None, :]) / (n - 2)
          - rows.total / ((n - 1) * (n - 2)))
     return _masked_block(k, r0, c0, b, valid, off_diagonal=same)
@@ -499,7 +500,7 @@ class RBFSource(NamedTuple):
     sq: Array  # (n_pad,) their squared norms
     median: Array  # () median squared distance (the bandwidth's scale)
     row: Array  # (n_pad,) centering row of the Gram (see _centering_row)
-    count: Array  # n, as an integer
+    count: Array  # type: ignore[assignment]  # a field, shadowing tuple.count; n, an integer
 
 
 def _source_blocks(n_pad: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:

@@ -167,7 +167,7 @@ def alignment(grid: Grid, *, top_k: int | None = 3, threshold: float | None = No
 
     values = grid.to_numpy()
     rows, cols = values.shape
-    pairs = set()
+    pairs: set[tuple[int, int]] = set()
     for i in range(rows):
         order = np.argsort(-values[i], kind="stable")
         pairs.update((i, int(j)) for j in (order if top_k is None else order[:top_k]))

@@ -228,7 +228,7 @@ def _bias(stat: Array, half: Array, quarter: Array | None, half_var: Array,
     sample means' own variance, ``var / num``, through the extrapolation's weights)."""
     first = half - stat
     first_var = half_var / num
-    if quarter is None:
+    if quarter is None or quarter_var is None:
         return first, first_var
     # stat = T + u + v, half = T + 2u + 4v, quarter = T + 4u + 16v: T = (8 stat - 6 half
     # + quarter) / 3, a bias of 2 half - quarter / 3 - 5 stat / 3
@@ -318,7 +318,7 @@ def _on_pairs(single, x: Any, y: Any, check_finite: bool, progress: Any, desc: s
 def _fields(out: list, names: tuple, labels: tuple[str, ...], stacked: tuple[int, ...]) -> list:
     """Grid results -> one Grid per scalar field (``labels``), stacked arrays for the
     fields in ``stacked``."""
-    result = []
+    result: list[Any] = []
     for i, label in enumerate(labels):
         values = [[o[i] for o in row] for row in out]
         if i in stacked:
