@@ -4,7 +4,6 @@ import operator
 import os
 import subprocess
 import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -307,275 +306,6 @@ def test_minibatch_errors(rng):
         jaxsim.minibatch_cka_result(state)
 
 
-MESH_PRELUDE = """
-    import jax
-    jax.config.update("jax_enable_x64", True)
-    import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    import jaxsim
-
-    assert jax.device_count() == 8, jax.devices()
-    mesh = Mesh(np.array(jax.devices()), ("batch",))
-    rng = np.random.default_rng(0)
-    layers = [rng.normal(size=(64, d)) for d in (5, 9, 5)]
-    layers[1][:, :5] += layers[0]
-    widths = [48, 80, 48, 4]  # wide layers on few examples, and a constant one (which must
-    wide = [rng.normal(size=(64, d)) + 3 for d in widths[:3]]  # stay exactly 0 on a mesh)
-    wide[1][:, :48] += wide[0]
-    wide.append(np.full((64, 4), 2.0))
-    from jaxsim import grid as grid_module
-    from jaxsim import kernel
-    from jaxsim import _validation
-    _validation.gathers_host_meshes = lambda: False  # the multi-device programs themselves
-"""
-
-SHARDED = {
-    "minibatch, ring and feature route": MESH_PRELUDE + """
-    single = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3), layers)
-
-    # 1. one minibatch sharded over the mesh: its U-centered Gram blocks go round the ring
-    # (no activations gathered), same numbers; under jit XLA partitions it
-    from jaxsim import grid as grid_module
-    sharded = [jax.device_put(x, NamedSharding(mesh, P("batch"))) for x in layers]
-    spmd = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3), sharded)
-    np.testing.assert_allclose(jaxsim.minibatch_cka_result(spmd).values,
-                               jaxsim.minibatch_cka_result(single).values, rtol=1e-12)
-    np.testing.assert_allclose(spmd.cross, single.cross, rtol=1e-12)
-    ring = grid_module._ring_program(mesh, "batch", True, False, np.dtype("float64"))
-    assert "all-gather" not in ring.lower(sharded).compile().as_text()
-    # a cross-grid round the ring forms only its cross pairs (5 layers: the slab path)
-    cross = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3, 2), sharded, sharded[:2])
-    want = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3, 2), layers, layers[:2])
-    np.testing.assert_allclose(cross.cross, want.cross, rtol=1e-12)
-    np.testing.assert_allclose(cross.self_b, want.self_b, rtol=1e-12)
-    jitted = jax.jit(jaxsim.minibatch_cka_update)(jaxsim.minibatch_cka_init(3), sharded)
-    np.testing.assert_allclose(jitted.cross, single.cross, rtol=1e-9)
-
-    # 2. shard_map: each device's shard is a minibatch, increments summed with psum
-    step = jax.shard_map(
-        lambda s, xs: jaxsim.minibatch_cka_update(s, xs, axis_name="batch"),
-        mesh=mesh, in_specs=(P(), P("batch")), out_specs=P())
-    dist = jax.jit(step)(jaxsim.minibatch_cka_init(3), sharded)
-    seq = jaxsim.minibatch_cka_init(3)
-    for k in range(8):
-        seq = jaxsim.minibatch_cka_update(seq, [x[8 * k:8 * (k + 1)] for x in layers])
-    np.testing.assert_allclose(jaxsim.minibatch_cka_result(dist).values,
-                               jaxsim.minibatch_cka_result(seq).values, rtol=1e-6)
-    assert float(dist.count) == 8
-
-    # 3. a grid of sharded layers: the cost model counts the work per device. The Gram
-    # route goes round a ring (each device its rows against the others' as they pass,
-    # ppermute), the feature route all-reduces d x d partial products: neither gathers
-    # the activations, both equal one device's grid
-    spread = [jax.device_put(x, NamedSharding(mesh, P("batch"))) for x in wide]
-    assert kernel.example_shards(spread) == 8 and kernel.example_shards(wide) == 1
-    assert grid_module.ring_axis(spread) == (mesh, "batch") and not grid_module.ring_axis(wide)
-    assert not kernel.use_feature_space(64, widths)
-    assert kernel.use_feature_space(64, widths, shards=8)  # Gram blocks computed whole
-    assert not kernel.use_feature_space(64, widths, shards=8, ring=True)
-    single = jaxsim.similarity_grid(wide).values
-    rings = grid_module._ring_program.cache_info()
-    alias = jaxsim.similarity_grid(spread, metric="cka", method="gram").values  # the alias too
-    after = grid_module._ring_program.cache_info()
-    assert after.hits + after.misses > rings.hits + rings.misses, "cka alias skipped the ring"
-    np.testing.assert_allclose(alias, single, rtol=1e-12, atol=1e-15)
-    for method in ("auto", "gram", "features"):
-        np.testing.assert_allclose(jaxsim.similarity_grid(spread, method=method).values,
-                                   single, rtol=1e-12, atol=1e-15, err_msg=method)
-    np.testing.assert_allclose(jaxsim.similarity_grid(spread, method="gram", debiased=True)
-                               .values, jaxsim.similarity_grid(wide, debiased=True).values,
-                               rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(jaxsim.similarity_grid(spread[:2], spread[2:]).values,
-                               single[:2, 2:], rtol=1e-12, atol=1e-15)
-    # the README's multi-host recipe (one process here holds every host's share)
-    sharding = NamedSharding(mesh, P("batch"))
-    global_arrays = [jax.make_array_from_process_local_data(sharding, x) for x in wide]
-    np.testing.assert_allclose(jaxsim.similarity_grid(global_arrays).values, single,
-                               rtol=1e-12, atol=1e-15)
-    ring = grid_module._ring_program(mesh, "batch").lower(spread).compile()
-    assert "all-gather" not in ring.as_text() and "collective-permute" in ring.as_text()
-    flops = lambda compiled: (lambda c: (c[0] if isinstance(c, list) else c)["flops"])(
-        compiled.cost_analysis())
-    gram_one = jax.jit(lambda l: jaxsim.similarity_grid(l, method="gram").values)
-    per_device = flops(ring) / flops(gram_one.lower(wide).compile())
-    assert per_device <= 0.25, per_device
-    # (under jit the layers are traced and their sharding unknown: name the route there)
-    route = lambda l: jaxsim.similarity_grid(l, method="features").values
-    hlo = jax.jit(route).lower(spread).compile().as_text()
-    assert "all-gather" not in hlo, "the feature route must not gather the activations"
-
-    # a layer whose unbiased HSIC is 0 (orthogonal patterns) scores 0 round the ring too
-    onehot = jax.device_put(np.diag(rng.uniform(0.5, 2, 64)) + 3.0, NamedSharding(mesh, P("batch")))
-    ring_grid = jaxsim.similarity_grid([onehot, spread[0]], method="gram", debiased=True).values
-    assert np.all(np.asarray(ring_grid)[0] == 0), ring_grid
-    st = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(1, 1), [onehot], [spread[0]])
-    assert float(jaxsim.minibatch_cka_result(st).values[0, 0]) == 0
-
-    # 4. measures evaluated pair by pair (CCA family, Procrustes, RSA, ...) on layers that
-    # live on a mesh, replicated or sharded along examples: the pairs are divided among
-    # the devices (the layer axis), the same values as one device, eager and under jit
-    reps = [jax.device_put(x, NamedSharding(mesh, P())) for x in layers]
-    grid = lambda l: jaxsim.similarity_grid(l, metric="mean_cca", warn=False).values
-    np.testing.assert_allclose(grid(reps), grid(layers), rtol=1e-10)
-    np.testing.assert_allclose(grid(sharded), grid(layers), rtol=1e-10)
-    # under jit on auto axes the layers' types name no mesh: the mesh set by jax.set_mesh
-    # serves, also for layers that were not placed at all
-    # (and a jitted minibatch update goes round the ring there)
-    with jax.set_mesh(mesh):
-        np.testing.assert_allclose(jax.jit(grid)(layers), grid(layers), rtol=1e-10)
-        update = jax.jit(jaxsim.minibatch_cka_update).lower(jaxsim.minibatch_cka_init(3),
-                                                             sharded).compile()
-        np.testing.assert_allclose(update(jaxsim.minibatch_cka_init(3), sharded).cross,
-                                   spmd.cross, rtol=1e-12)
-        hlo = update.as_text()
-        assert "collective-permute" in hlo and "all-gather" not in hlo
-    # kernel grids (linear, RBF, Pearson RSA) of layers replicated on the mesh: each
-    # device sums its share of the block pairs (n = 1100: 6), the partial sums all-reduced
-    long = [rng.normal(size=(1100, d)) for d in (3, 4)]
-    long[1][:, :3] += long[0]
-    on_mesh = [jax.device_put(x, NamedSharding(mesh, P())) for x in long]
-    before = grid_module._spread_block_sum.cache_info()
-    np.testing.assert_allclose(jaxsim.similarity_grid(on_mesh, method="gram").values,
-                               jaxsim.similarity_grid(long, method="gram").values, rtol=1e-12)
-    after = grid_module._spread_block_sum.cache_info()
-    assert after.hits + after.misses > before.hits + before.misses
-    # per device 1/8 of the pairs: 36 pairs of 8 layers, 5 per device (the last padded),
-    # FLOPs of the compiled programs evaluating all pairs in one batch
-    from jaxsim import canonical
-    m = canonical.cca_measure()
-    eight = tuple(m.prepare(rng.normal(size=(64, 6))) for _ in range(8))
-    ii, jj = (np.asarray(v, np.int32) for v in np.triu_indices(8))
-    one = grid_module._pairs.lower(m.pair, eight, None, ii, jj, 36).compile()
-    assert grid_module.layer_mesh(reps) == mesh and grid_module.layer_mesh(layers) is None
-    spread_pairs = grid_module._spread_pairs(m.pair, 5, mesh)
-    ii, jj = np.resize(ii, 40), np.resize(jj, 40)
-    per_device = flops(spread_pairs.lower(eight, None, ii, jj).compile()) / flops(one)
-    assert per_device <= 0.25, per_device
-    print("sharded ok")
-""",
-    "float32 and under jit": MESH_PRELUDE + """
-    # 4. float32 layers sharded over the mesh, eager and under jit, against one device:
-    # the Gram ring and, under jit, the blocked Gram route (n = 1600: 4 block pairs);
-    # the RBF median by selection, pairwise grids scattered on the device
-    put = lambda layers: [jax.device_put(x, NamedSharding(mesh, P("batch"))) for x in layers]
-    long = [rng.normal(size=(1600, d)).astype(np.float32) for d in (2, 3)]
-    long[1][:, :2] += long[0]
-    ref = jaxsim.similarity_grid(long, method="gram", progress=False).values
-    gram = lambda l: jaxsim.similarity_grid(l, method="gram", progress=True).values
-    np.testing.assert_allclose(gram(put(long)), ref, rtol=2e-5)
-    # under jit on auto axes the layers' types name their mesh, not their sharding: its
-    # one axis is the data axis, and the ring runs there too (no gather); for layers not
-    # placed at all, the mesh set with jax.set_mesh (each program compiled once: run as
-    # compiled, its text read)
-    compiled = jax.jit(gram).lower(put(long)).compile()
-    np.testing.assert_allclose(compiled(put(long)), ref, rtol=2e-5)
-    hlo = compiled.as_text()
-    assert "collective-permute" in hlo and "all-gather" not in hlo
-    with jax.set_mesh(mesh):
-        compiled = jax.jit(gram).lower(long).compile()
-        np.testing.assert_allclose(compiled(long), ref, rtol=2e-5)
-        assert "collective-permute" in compiled.as_text()
-    # the ring in float32 for the debiased estimator and a minibatch, and on bfloat16
-    # activations (computed in float32), against one device
-    debiased = lambda l: jaxsim.similarity_grid(l, method="gram", debiased=True).values
-    np.testing.assert_allclose(debiased(put(long)), debiased(long), rtol=2e-5)
-    init = jaxsim.minibatch_cka_init(1, 1, dtype=np.float32)
-    np.testing.assert_allclose(
-        jaxsim.minibatch_cka_update(init, put(long[:1]), put(long[1:])).cross,
-        jaxsim.minibatch_cka_update(init, long[:1], long[1:]).cross, rtol=2e-5)
-    half = [x.astype(jax.numpy.bfloat16) for x in long]
-    np.testing.assert_allclose(gram(put(half)), gram(half), rtol=2e-5)
-    assert gram(put(half)).dtype == np.float32
-    # a cross-grid round the ring forms only its cross products (1 x 3 layers: a narrow
-    # side), eager and under jit, against one device
-    cols = [long[1], long[0] ** 2, np.sin(long[1])]
-    cross = lambda a, b: jaxsim.similarity_grid(a, b, method="gram").values
-    want = cross(long[:1], cols)
-    np.testing.assert_allclose(cross(put(long[:1]), put(cols)), want, rtol=2e-5)
-    np.testing.assert_allclose(jax.jit(cross)(put(long[:1]), put(cols)), want, rtol=2e-5)
-    # the RBF grid at n = 1104 (3 blocks): each layer's bandwidth and centering row found
-    # over distance blocks on every device from replicated data, the block pairs divided
-    rbf = lambda l: jaxsim.similarity_grid(l, metric="rbf_cka").values
-    mid = [x[:1104] for x in long]
-    np.testing.assert_allclose(rbf(put(mid)), rbf(mid), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(jax.jit(rbf)(put(mid)), rbf(mid), rtol=1e-5, atol=1e-6)
-    # one block (n = 600) of sharded layers, left to XLA's partitioner: its diagonal
-    # block formed as halves (a cond in the block loop), debiased, eager and under jit
-    six = [x[:600] for x in long]
-    rbf_u = lambda l: jaxsim.similarity_grid(l, metric="rbf_cka", debiased=True).values
-    np.testing.assert_allclose(rbf_u(put(six)), rbf_u(six), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(jax.jit(rbf_u)(put(six)), rbf_u(six), rtol=1e-5, atol=1e-6)
-    # the same in an accelerator's form (equal-width layers batched; forced here): one
-    # block under jit, left to XLA's partitioner; 3 blocks divided among the devices
-    six.append(six[0] ** 2)
-    want, batched, grouped = rbf_u(six), grid_module._batched_blocks, grid_module._grouped_products
-    traced = []
-    grid_module._batched_blocks = lambda: True
-    grid_module._grouped_products = lambda *a: traced.append(a[1]) or grouped(*a)
-    np.testing.assert_allclose(jax.jit(rbf_u)(put(six)), want, rtol=1e-5, atol=1e-6)
-    assert traced and traced[0] == ((0, 2), (1,)), traced
-    mid.append(mid[0] ** 2)  # 3 blocks: the block pairs divided among the devices
-    grid_module._batched_blocks = batched
-    want = rbf(mid)
-    grid_module._batched_blocks = lambda: True
-    traced.clear()
-    np.testing.assert_allclose(rbf(put(mid)), want, rtol=1e-5, atol=1e-6)
-    assert traced and traced[0] == ((0, 2), (1,)), traced
-    grid_module._batched_blocks, grid_module._grouped_products = batched, grouped
-    # (widths 8 and 9: mean CCA pads the 8s to 9; Pearson RSA accumulates RDM blocks)
-    small = [rng.normal(size=(64, d)).astype(np.float32) for d in (8, 9, 8)]
-    small[1][:, :8] += small[0]
-    for metric, opts in (("rbf_cka", {}), ("pwcca", {}), ("mean_cca", {"warn": False}),
-                         ("rsa", {"compare": "pearson"})):
-        grid = lambda l: jaxsim.similarity_grid(l, metric=metric, **opts).values
-        ref = grid(small)
-        np.testing.assert_allclose(grid(put(small)), ref, rtol=1e-5, atol=1e-6, err_msg=metric)
-        np.testing.assert_allclose(jax.jit(grid)(put(small)), ref, rtol=1e-5, atol=1e-6,
-                                   err_msg=metric)
-    print("sharded ok")
-""",
-    "explicit mesh axes": MESH_PRELUDE + """
-    # 5. explicit sharding (AxisType.Explicit), where JAX refuses products that contract a
-    # sharded axis unasked: the ring divides linear CKA (eager, and under jit, where the
-    # sharding is in the layers' types); every other measure and route gathers first
-    from jax.sharding import AxisType
-    explicit = jax.make_mesh((8,), ("batch",), axis_types=(AxisType.Explicit,))
-    with jax.set_mesh(explicit):
-        spread = [jax.device_put(x, NamedSharding(explicit, P("batch"))) for x in wide]
-        assert grid_module.ring_axis(spread)[1] == "batch"
-        for opts in ({"method": "gram"}, {"method": "features"}, {"debiased": True},
-                     {"metric": "mean_cca", "warn": False}):
-            want = jaxsim.similarity_grid(wide, **opts).values
-            fn = lambda l: jaxsim.similarity_grid(l, **opts).values
-            np.testing.assert_allclose(fn(spread), want, rtol=1e-12, atol=1e-15,
-                                       err_msg=str(opts))
-            np.testing.assert_allclose(jax.jit(fn)(spread), want, rtol=1e-12, atol=1e-15,
-                                       err_msg=str(opts))
-        # float32 under jit: the ring from the layers' types
-        spread32 = [jax.device_put(x.astype(np.float32), NamedSharding(explicit, P("batch")))
-                    for x in wide]
-        ring32 = jax.jit(lambda l: jaxsim.similarity_grid(l, method="gram").values)(spread32)
-        np.testing.assert_allclose(ring32, jaxsim.similarity_grid(
-            [x.astype(np.float32) for x in wide], method="gram").values, rtol=2e-5, atol=1e-6)
-        np.testing.assert_allclose(jaxsim.linear_cka(spread[0], spread[1]),
-                                   jaxsim.linear_cka(wide[0], wide[1]), rtol=1e-12)
-        from jaxsim import stats
-        key = jax.random.key(0)
-        for metric in ("linear_cka", "mean_cca"):
-            test = stats.permutation_test(metric, spread[0], spread[1], key=key,
-                                          num_permutations=8)
-            plain = stats.permutation_test(metric, wide[0], wide[1], key=key,
-                                           num_permutations=8)
-            np.testing.assert_allclose(test.null, plain.null, rtol=1e-12, err_msg=metric)
-        batch = [jax.device_put(x, NamedSharding(explicit, P("batch"))) for x in layers]
-        np.testing.assert_allclose(
-            jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3), batch).cross,
-            jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3), layers).cross, rtol=1e-12)
-    print("sharded ok")
-""",
-}
-
-
 def test_cross_grids_form_only_the_cross_pairs(x64, rng):
     """A cross-grid's slab product forms only row-column pairs and each layer with itself
     (the compiled block sum has a (3, 4) product and no (7, 7) one), with the same values
@@ -705,10 +435,16 @@ def test_ring_blocks_tile_the_cross_grams(x64, rng):
     np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
-@pytest.mark.parametrize("part", sorted(SHARDED))
-def test_sharded_equals_single_device(part):
+SHARDED = os.path.join(os.path.dirname(__file__), "sharded")
+
+
+@pytest.mark.parametrize("script", ["ring_and_feature_route.py", "float32_and_jit.py",
+                                    "explicit_axes.py"])
+def test_sharded_equals_single_device(script):
+    """The multi-device programs on 8 host devices (tests/sharded/, one child process each:
+    the device count is fixed when JAX starts)."""
     env = subprocess_env("--xla_force_host_platform_device_count=8")
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(SHARDED[part])], env=env,
+    out = subprocess.run([sys.executable, os.path.join(SHARDED, script)], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "sharded ok" in out.stdout
@@ -940,7 +676,7 @@ def test_sharded_pwcca_grid_completes(load):
     within a minute on a quiet machine. Outside jit, layers spread over host devices are
     gathered into host memory on entry, so no collective runs (the jitted linear-CKA grid
     still divides its work); the values equal one device's exactly."""
-    script = os.path.join(os.path.dirname(__file__), "sharded_pwcca_script.py")
+    script = os.path.join(SHARDED, "pwcca_after_cka.py")
     env = subprocess_env("--xla_force_host_platform_device_count=8")
     hog = None
     if load != "quiet":

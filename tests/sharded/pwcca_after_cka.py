@@ -1,4 +1,5 @@
-"""Run by test_grid.py in a child process with 8 host devices (not collected by pytest).
+"""8 host devices (run by test_grid.py in a child process; unlike _mesh.py's scripts, with
+jaxsim's host-device gather on, as a user runs it).
 
 A PWCCA grid of layers sharded along their examples, after linear-CKA grids of the same
 layers (eager, and under jit when ``jit`` is passed), must complete and equal one

@@ -1,0 +1,131 @@
+"""8 host devices: minibatch, ring and feature route (see _mesh.py; run by test_grid.py)."""
+
+import jax
+import numpy as np
+from _mesh import layers, mesh, rng, wide, widths
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxsim
+from jaxsim import canonical, kernel
+from jaxsim import grid as grid_module
+
+single = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3), layers)
+
+# 1. one minibatch sharded over the mesh: its U-centered Gram blocks go round the ring
+# (no activations gathered), same numbers; under jit XLA partitions it
+sharded = [jax.device_put(x, NamedSharding(mesh, P("batch"))) for x in layers]
+spmd = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3), sharded)
+np.testing.assert_allclose(jaxsim.minibatch_cka_result(spmd).values,
+                           jaxsim.minibatch_cka_result(single).values, rtol=1e-12)
+np.testing.assert_allclose(spmd.cross, single.cross, rtol=1e-12)
+ring = grid_module._ring_program(mesh, "batch", True, False, np.dtype("float64"))
+assert "all-gather" not in ring.lower(sharded).compile().as_text()
+# a cross-grid round the ring forms only its cross pairs (5 layers: the slab path)
+cross = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3, 2), sharded, sharded[:2])
+want = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3, 2), layers, layers[:2])
+np.testing.assert_allclose(cross.cross, want.cross, rtol=1e-12)
+np.testing.assert_allclose(cross.self_b, want.self_b, rtol=1e-12)
+jitted = jax.jit(jaxsim.minibatch_cka_update)(jaxsim.minibatch_cka_init(3), sharded)
+np.testing.assert_allclose(jitted.cross, single.cross, rtol=1e-9)
+
+# 2. shard_map: each device's shard is a minibatch, increments summed with psum
+step = jax.shard_map(
+    lambda s, xs: jaxsim.minibatch_cka_update(s, xs, axis_name="batch"),
+    mesh=mesh, in_specs=(P(), P("batch")), out_specs=P())
+dist = jax.jit(step)(jaxsim.minibatch_cka_init(3), sharded)
+seq = jaxsim.minibatch_cka_init(3)
+for k in range(8):
+    seq = jaxsim.minibatch_cka_update(seq, [x[8 * k:8 * (k + 1)] for x in layers])
+np.testing.assert_allclose(jaxsim.minibatch_cka_result(dist).values,
+                           jaxsim.minibatch_cka_result(seq).values, rtol=1e-6)
+assert float(dist.count) == 8
+
+# 3. a grid of sharded layers: the cost model counts the work per device. The Gram
+# route goes round a ring (each device its rows against the others' as they pass,
+# ppermute), the feature route all-reduces d x d partial products: neither gathers
+# the activations, both equal one device's grid
+spread = [jax.device_put(x, NamedSharding(mesh, P("batch"))) for x in wide]
+assert kernel.example_shards(spread) == 8 and kernel.example_shards(wide) == 1
+assert grid_module.ring_axis(spread) == (mesh, "batch") and not grid_module.ring_axis(wide)
+assert not kernel.use_feature_space(64, widths)
+assert kernel.use_feature_space(64, widths, shards=8)  # Gram blocks computed whole
+assert not kernel.use_feature_space(64, widths, shards=8, ring=True)
+single = jaxsim.similarity_grid(wide).values
+rings = grid_module._ring_program.cache_info()
+alias = jaxsim.similarity_grid(spread, metric="cka", method="gram").values  # the alias too
+after = grid_module._ring_program.cache_info()
+assert after.hits + after.misses > rings.hits + rings.misses, "cka alias skipped the ring"
+np.testing.assert_allclose(alias, single, rtol=1e-12, atol=1e-15)
+for method in ("auto", "gram", "features"):
+    np.testing.assert_allclose(jaxsim.similarity_grid(spread, method=method).values,
+                               single, rtol=1e-12, atol=1e-15, err_msg=method)
+np.testing.assert_allclose(jaxsim.similarity_grid(spread, method="gram", debiased=True)
+                           .values, jaxsim.similarity_grid(wide, debiased=True).values,
+                           rtol=1e-12, atol=1e-15)
+np.testing.assert_allclose(jaxsim.similarity_grid(spread[:2], spread[2:]).values,
+                           single[:2, 2:], rtol=1e-12, atol=1e-15)
+# the README's multi-host recipe (one process here holds every host's share)
+sharding = NamedSharding(mesh, P("batch"))
+global_arrays = [jax.make_array_from_process_local_data(sharding, x) for x in wide]
+np.testing.assert_allclose(jaxsim.similarity_grid(global_arrays).values, single,
+                           rtol=1e-12, atol=1e-15)
+ring = grid_module._ring_program(mesh, "batch").lower(spread).compile()
+assert "all-gather" not in ring.as_text() and "collective-permute" in ring.as_text()
+flops = lambda compiled: (lambda c: (c[0] if isinstance(c, list) else c)["flops"])(
+    compiled.cost_analysis())
+gram_one = jax.jit(lambda l: jaxsim.similarity_grid(l, method="gram").values)
+per_device = flops(ring) / flops(gram_one.lower(wide).compile())
+assert per_device <= 0.25, per_device
+# (under jit the layers are traced and their sharding unknown: name the route there)
+route = lambda l: jaxsim.similarity_grid(l, method="features").values
+hlo = jax.jit(route).lower(spread).compile().as_text()
+assert "all-gather" not in hlo, "the feature route must not gather the activations"
+
+# a layer whose unbiased HSIC is 0 (orthogonal patterns) scores 0 round the ring too
+onehot = jax.device_put(np.diag(rng.uniform(0.5, 2, 64)) + 3.0, NamedSharding(mesh, P("batch")))
+ring_grid = jaxsim.similarity_grid([onehot, spread[0]], method="gram", debiased=True).values
+assert np.all(np.asarray(ring_grid)[0] == 0), ring_grid
+st = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(1, 1), [onehot], [spread[0]])
+assert float(jaxsim.minibatch_cka_result(st).values[0, 0]) == 0
+
+# 4. measures evaluated pair by pair (CCA family, Procrustes, RSA, ...) on layers that
+# live on a mesh, replicated or sharded along examples: the pairs are divided among
+# the devices (the layer axis), the same values as one device, eager and under jit
+reps = [jax.device_put(x, NamedSharding(mesh, P())) for x in layers]
+grid = lambda l: jaxsim.similarity_grid(l, metric="mean_cca", warn=False).values
+np.testing.assert_allclose(grid(reps), grid(layers), rtol=1e-10)
+np.testing.assert_allclose(grid(sharded), grid(layers), rtol=1e-10)
+# under jit on auto axes the layers' types name no mesh: the mesh set by jax.set_mesh
+# serves, also for layers that were not placed at all
+# (and a jitted minibatch update goes round the ring there)
+with jax.set_mesh(mesh):
+    np.testing.assert_allclose(jax.jit(grid)(layers), grid(layers), rtol=1e-10)
+    update = jax.jit(jaxsim.minibatch_cka_update).lower(jaxsim.minibatch_cka_init(3),
+                                                         sharded).compile()
+    np.testing.assert_allclose(update(jaxsim.minibatch_cka_init(3), sharded).cross,
+                               spmd.cross, rtol=1e-12)
+    hlo = update.as_text()
+    assert "collective-permute" in hlo and "all-gather" not in hlo
+# kernel grids (linear, RBF, Pearson RSA) of layers replicated on the mesh: each
+# device sums its share of the block pairs (n = 1100: 6), the partial sums all-reduced
+long = [rng.normal(size=(1100, d)) for d in (3, 4)]
+long[1][:, :3] += long[0]
+on_mesh = [jax.device_put(x, NamedSharding(mesh, P())) for x in long]
+before = grid_module._spread_block_sum.cache_info()
+np.testing.assert_allclose(jaxsim.similarity_grid(on_mesh, method="gram").values,
+                           jaxsim.similarity_grid(long, method="gram").values, rtol=1e-12)
+after = grid_module._spread_block_sum.cache_info()
+assert after.hits + after.misses > before.hits + before.misses
+# per device 1/8 of the pairs: 36 pairs of 8 layers, 5 per device (the last padded),
+# FLOPs of the compiled programs evaluating all pairs in one batch
+m = canonical.cca_measure()
+eight = tuple(m.prepare(rng.normal(size=(64, 6))) for _ in range(8))
+ii, jj = (np.asarray(v, np.int32) for v in np.triu_indices(8))
+one = grid_module._pairs.lower(m.pair, eight, None, ii, jj, 36).compile()
+assert grid_module.layer_mesh(reps) == mesh and grid_module.layer_mesh(layers) is None
+spread_pairs = grid_module._spread_pairs(m.pair, 5, mesh)
+ii, jj = np.resize(ii, 40), np.resize(jj, 40)
+per_device = flops(spread_pairs.lower(eight, None, ii, jj).compile()) / flops(one)
+assert per_device <= 0.25, per_device
+print("sharded ok")
