@@ -132,7 +132,7 @@ def bounded_ratio(num: jax.Array, den: jax.Array, lower: float = -1.0, upper: fl
                   ) -> jax.Array:
     """:func:`safe_ratio` of a ratio whose exact value lies in ``[lower, upper]`` (a cosine,
     a correlation, a weighted mean of such values): rounding cannot carry it out of its
-    range (identical layers gave 1.0000000000000002). NaN stays NaN."""
+    range (identical layers would score above 1). NaN stays NaN."""
     return jnp.clip(safe_ratio(num, den), lower, upper)
 
 
@@ -143,8 +143,8 @@ def rounding_zero(self_term: jax.Array, magnitude: jax.Array, *, squared: bool) 
     """A U-centered (unbiased) HSIC of a layer with itself, 0 where it is zero to its
     rounding error relative to the ``magnitude`` of the terms it was formed from. Such a
     layer's U-centered Gram is 0 in exact arithmetic (e.g. examples of orthogonal
-    patterns), and its CKA with anything is 0/0: rounding noise over rounding noise (0.17
-    in float32 on one n = 4 layer) unless recognized. ``squared``: the HSIC is a sum of
+    patterns), and its CKA with anything is 0/0: rounding noise over rounding noise unless
+    recognized. ``squared``: the HSIC is a sum of
     squares of entries formed from terms of size ``magnitude`` (their errors are squared
     too); else a difference of terms summing to ``magnitude``."""
     eps = ROUNDING * jnp.finfo(self_term.dtype).eps
@@ -164,7 +164,7 @@ def center_features(x: jax.Array, axis_name: Any = None) -> jax.Array:
     of the first mean (in float32, a large common offset would otherwise leave a residual
     mean comparable to the spread). A feature whose centered values are within rounding of
     its magnitude (``max |x - mean| <= 16 eps max |x|``) is constant: exactly zero, so that a
-    constant layer is recognised as one however the compiler orders the sums (a rounding
+    constant layer is recognized as one however the compiler orders the sums (a rounding
     residue would otherwise be scaled up to a spurious direction).
 
     ``axis_name``: inside ``shard_map``, x is this device's share of the examples, and the

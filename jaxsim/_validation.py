@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsim._measure import poison
+
 Array = jax.Array
 
 
@@ -78,11 +80,10 @@ def as_float_array(x: Any, name: str) -> Array:
 
 @jax.jit
 def _nonfinite(arrays: list[Array]) -> Array:
-    """Whether each array holds an inf or NaN: ``x * 0`` is 0 for every finite x and NaN
-    for inf or NaN, so one sum per array flags exactly those arrays and cannot overflow.
-    One read of each array (about 6x faster than counting on a CPU: 26-33 vs 194-208 ms
-    for 24 layers of 4096 examples); the count is taken only for an array that failed."""
-    return jnp.stack([jnp.isnan(jnp.sum(a * jnp.zeros((), a.dtype))) for a in arrays])
+    """Whether each array holds an inf or NaN (its :func:`jaxsim._measure.poison` is NaN):
+    one read of each array, which cannot overflow; the count is taken only for an array
+    that failed (counting every array is several times slower)."""
+    return jnp.stack([jnp.isnan(poison(a)) for a in arrays])
 
 
 @jax.jit

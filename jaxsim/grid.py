@@ -356,7 +356,7 @@ def _block_sum(blocks: GramBlocks, sources: list[Any], r0: Array, c0: Array,
                weight: Array, b: int, num_a: int | None = None,
                groups: tuple[tuple[int, ...], ...] | None = None) -> Array:
     """The sum over the block pairs at ``(r0[k], c0[k])`` (see :func:`_block_offsets`) of
-    the weighted ``slab^T slab`` terms of :func:`_gram_inner_products` (not symmetrised;
+    the weighted ``slab^T slab`` terms of :func:`_gram_inner_products` (not symmetrized;
     ``num_a``: see :func:`_slab_products`). The offsets are arguments: chunks of equal
     length share one compiled program. ``groups``: the sources are stacks, one per group
     of layers (see :func:`_source_groups`), and each block is one batched product per
@@ -594,7 +594,7 @@ def _ring_program(mesh: Any, axis: str, debiased: bool = False, rescale: bool = 
 def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
                          tick: Callable[..., None] | None = None, mesh: Any = None,
                          num_a: int | None = None) -> Array:
-    """``<K~_i, K~_j>`` for every pair of layers, ``(L, L)``, up to :func:`_symmetrise`
+    """``<K~_i, K~_j>`` for every pair of layers, ``(L, L)``, up to :func:`_symmetrize`
     (``num_a``: a cross-grid's first ``num_a`` layers against the rest, where only those
     pairs and each layer with itself are formed, see :func:`_slab_products`).
 
@@ -649,7 +649,7 @@ def _gram_inner_products(blocks: GramBlocks, layers: list[Array], b: int,
     return acc
 
 
-def _symmetrise(acc: Array) -> Array:
+def _symmetrize(acc: Array) -> Array:
     """The inner products from :func:`_gram_inner_products`' weighted sums."""
     return (acc + acc.T) / 2
 
@@ -666,7 +666,7 @@ def _gram_values(acc: Array, num_a: int, self_grid: bool, lower: float,
                  magnitudes: Array | None = None) -> Array:
     """The grid from :func:`_gram_inner_products`' sums, in one compiled program;
     ``magnitudes``: of unbiased HSICs, see :func:`_zero_to_rounding`."""
-    return _normalize(*_split(_zero_to_rounding(_symmetrise(acc), magnitudes), num_a,
+    return _normalize(*_split(_zero_to_rounding(_symmetrize(acc), magnitudes), num_a,
                               self_grid), lower)
 
 
@@ -1191,9 +1191,9 @@ def _minibatch_add(state: MinibatchCKAState, sums: Array, num_a: int, self_grid:
                    m: int, axis_name: Any = None, bad: Array | None = None,
                    traces: Array | None = None) -> MinibatchCKAState:
     """The state plus one batch of m examples, from its U-centered Grams' inner products
-    (``sums``, up to :func:`_symmetrise`); ``bad``: the union's layers' poison;
+    (``sums``, up to :func:`_symmetrize`); ``bad``: the union's layers' poison;
     ``traces``: their Grams' traces (see :func:`_zero_to_rounding`)."""
-    products = _zero_to_rounding(_symmetrise(sums), traces) / (m * (m - 3))
+    products = _zero_to_rounding(_symmetrize(sums), traces) / (m * (m - 3))
     cross, self_a, self_b = _split(products, num_a, self_grid)
     if bad is not None:  # a layer with a NaN or inf makes its sums NaN (see poison)
         bad_a, bad_b = bad[:num_a], (bad[:num_a] if self_grid else bad[num_a:])

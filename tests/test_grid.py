@@ -477,7 +477,7 @@ def test_diagonal_blocks_formed_as_halves(x64, rng):
         xc /= np.abs(xc).max()  # the source's unit scaling
         grams.append(xc @ xc.T)
     ref = [[np.vdot(k, g) for g in grams] for k in grams]
-    np.testing.assert_allclose(grid_module._symmetrise(sums), ref, rtol=1e-12)
+    np.testing.assert_allclose(grid_module._symmetrize(sums), ref, rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

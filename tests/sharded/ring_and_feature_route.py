@@ -88,6 +88,18 @@ ring_grid = jaxsim.similarity_grid([onehot, spread[0]], method="gram", debiased=
 assert np.all(np.asarray(ring_grid)[0] == 0), ring_grid
 st = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(1, 1), [onehot], [spread[0]])
 assert float(jaxsim.minibatch_cka_result(st).values[0, 0]) == 0
+# a NaN in a sharded layer (the check skipped) gives NaN round the ring, eager and under
+# jit, and in a minibatch update; the other layers' values stay finite
+bad = wide[0].copy()
+bad[5, 3] = np.nan
+bad = jax.device_put(bad, NamedSharding(mesh, P("batch")))
+nan_grid = lambda l: jaxsim.similarity_grid(l, method="gram", check_finite=False).values
+for values in (nan_grid([bad] + spread[1:]), jax.jit(nan_grid)([bad] + spread[1:])):
+    values = np.asarray(values)
+    assert np.isnan(values[0]).all() and np.isfinite(values[1:, 1:]).all(), values
+st = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(2), [bad, spread[1]],
+                                 check_finite=False)
+assert np.isnan(np.asarray(jaxsim.minibatch_cka_result(st).values)[0]).all()
 
 # 4. measures evaluated pair by pair (CCA family, Procrustes, RSA, ...) on layers that
 # live on a mesh, replicated or sharded along examples: the pairs are divided among
