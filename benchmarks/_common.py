@@ -20,8 +20,9 @@ def timeit(fn, *args, repeat: int = 3, warmup: int = 1) -> float:
     return best
 
 
-def matmul_rate(dtype, size: int | None = None, precision: str = "highest",
-                repeat: int = 5) -> float:
+def matmul_rate(
+    dtype, size: int | None = None, precision: str = "highest", repeat: int = 5
+) -> float:
     """The machine's measured matmul rate in FLOP/s (jax, this dtype), at the precision
     jaxsim computes in (``"highest"``: true float32, not TF32, on a GPU). ``size``: 2048
     on a CPU, 8192 on an accelerator (a smaller product does not fill it)."""
@@ -32,8 +33,7 @@ def matmul_rate(dtype, size: int | None = None, precision: str = "highest",
     return 2 * size**3 / timeit(f, a, repeat=repeat)
 
 
-def paired_fraction(fn, flops: float, repeat: int = 3, warmup: bool = True
-                    ) -> tuple[float, float]:
+def paired_fraction(fn, flops: float, repeat: int = 3, warmup: bool = True) -> tuple[float, float]:
     """(best seconds of ``fn()``, median of ``flops / seconds / rate``), each run read
     against the float32 matmul rate measured just before it: on a shared machine whose
     rate drifts (55-139 GFLOP/s within an hour on the 2-core CI class), a ratio of two
@@ -81,6 +81,7 @@ def classic_svcca(x, y, k=20):
     def reduce(a):
         u, s, _ = np.linalg.svd(a - a.mean(0), full_matrices=False)
         return u[:, :k] * s[:k]
+
     return classic_cca(reduce(x), reduce(y))[0].mean()
 
 
@@ -142,4 +143,5 @@ def covariance_svcca(x, y, k=20):
         ac = a - a.mean(0)
         w, v = jnp.linalg.eigh(ac.T @ ac)
         return ac @ v[:, ::-1][:, :k]
+
     return covariance_mean_cca(reduce(x), reduce(y))

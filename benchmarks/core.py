@@ -47,14 +47,19 @@ def main(argv=None):
     x, y = relu_lowrank(rng, n, d), relu_lowrank(rng, n, d)
     x = x + 0.1 * rng.normal(size=x.shape)  # keep the covariance invertible
     y = y + 0.1 * rng.normal(size=y.shape)
-    print(f"machine: float64 matmul {matmul_rate(np.float64) / 1e9:.0f} GFLOP/s, "
-          f"float32 {matmul_rate(np.float32) / 1e9:.0f} GFLOP/s (jax, full precision) on "
-          f"{jax.devices()[0].device_kind}")
+    print(
+        f"machine: float64 matmul {matmul_rate(np.float64) / 1e9:.0f} GFLOP/s, "
+        f"float32 {matmul_rate(np.float32) / 1e9:.0f} GFLOP/s (jax, full precision) on "
+        f"{jax.devices()[0].device_kind}"
+    )
     print(f"\nCCA family, {d} neurons x {n} examples, float64")
     rows = []
     for name, ours, base in [
-        ("svcca(keep_dims=20)", lambda: jaxsim.svcca(x, y, keep_dims=20),
-         lambda: classic_svcca(x, y, 20)),
+        (
+            "svcca(keep_dims=20)",
+            lambda: jaxsim.svcca(x, y, keep_dims=20),
+            lambda: classic_svcca(x, y, 20),
+        ),
         ("pwcca", lambda: jaxsim.pwcca(x, y), lambda: classic_pwcca(x, y)),
         ("mean_cca", lambda: jaxsim.mean_cca(x, y), None),
     ]:
@@ -65,8 +70,10 @@ def main(argv=None):
         tb = timeit(base, repeat=2, warmup=0)
         diff = abs(float(ours()) - float(base()))
         rows.append((name, t, tb))
-        print(f"  {name:22s} jaxsim {t:7.3f} s   classic NumPy {tb:7.3f} s   "
-              f"speed-up {tb / t:6.1f}x   |diff| {diff:.1e}")
+        print(
+            f"  {name:22s} jaxsim {t:7.3f} s   classic NumPy {tb:7.3f} s   "
+            f"speed-up {tb / t:6.1f}x   |diff| {diff:.1e}"
+        )
 
     jax.config.update("jax_enable_x64", False)
     x32, y32 = x.astype(np.float32), y.astype(np.float32)
@@ -78,14 +85,18 @@ def main(argv=None):
     ]:
         cov = jax.jit(cov)
         t, tc = timeit(ours, x32, y32), timeit(cov, x32, y32)
-        print(f"  {name:22s} jaxsim {t:7.3f} s   covariance route {tc:7.3f} s   "
-              f"jaxsim / covariance {t / tc:5.2f}x")
+        print(
+            f"  {name:22s} jaxsim {t:7.3f} s   covariance route {tc:7.3f} s   "
+            f"jaxsim / covariance {t / tc:5.2f}x"
+        )
 
     print("\nfloat32 error |f32 - f64| on realistic spectra (1e-3 is the promise)")
     print(f"  {'layers':36s} {'measure':10s} {'jaxsim':>9s} {'covariance route':>17s}")
     for label, (a, b) in spectra(rng, args.quick).items():
-        for name, ours, cov in [("mean_cca", jaxsim.mean_cca, covariance_mean_cca),
-                                ("pwcca", jaxsim.pwcca, covariance_pwcca)]:
+        for name, ours, cov in [
+            ("mean_cca", jaxsim.mean_cca, covariance_mean_cca),
+            ("pwcca", jaxsim.pwcca, covariance_pwcca),
+        ]:
             with jax.enable_x64(True):  # each route against its own float64 value
                 ref, ref_cov = float(ours(a, b)), float(jax.jit(cov)(a, b))
             a32, b32 = a.astype(np.float32), b.astype(np.float32)
@@ -101,8 +112,10 @@ def main(argv=None):
     tf = timeit(lambda: jaxsim.linear_cka(a, b, method="features"))
     vg = float(jaxsim.linear_cka(a, b, method="gram"))
     vf = float(jaxsim.linear_cka(a, b, method="features"))
-    print(f"  Gram route {tg:.3f} s   feature route {tf:.3f} s   feature speed-up {tg / tf:.1f}x"
-          f"   values {vg:.6f} / {vf:.6f}")
+    print(
+        f"  Gram route {tg:.3f} s   feature route {tf:.3f} s   feature speed-up {tg / tf:.1f}x"
+        f"   values {vg:.6f} / {vf:.6f}"
+    )
     return rows
 
 
@@ -123,12 +136,16 @@ def spectra(rng, quick):
     dead_y[:, ::5] = 0
     low_x, low_y = power_law(rng, 1500 // s, 48, 48, 1.0, offset=0.0)
     return {
-        f"k^-2, {2000 // s} x {512 // s}/{256 // s}, offset 5":
-            power_law(rng, 2000 // s, 512 // s, 256 // s, 2.0),
-        f"k^-1.5, {4000 // s} x {1024 // s}/{512 // s}, offset 5":
-            power_law(rng, 4000 // s, 1024 // s, 512 // s, 1.5),
-        f"k^-1, {2000 // s} x {512 // s}/{256 // s}, post-ReLU":
-            (np.maximum(x + 0.05, 0), np.maximum(y + 0.02, 0)),
+        f"k^-2, {2000 // s} x {512 // s}/{256 // s}, offset 5": power_law(
+            rng, 2000 // s, 512 // s, 256 // s, 2.0
+        ),
+        f"k^-1.5, {4000 // s} x {1024 // s}/{512 // s}, offset 5": power_law(
+            rng, 4000 // s, 1024 // s, 512 // s, 1.5
+        ),
+        f"k^-1, {2000 // s} x {512 // s}/{256 // s}, post-ReLU": (
+            np.maximum(x + 0.05, 0),
+            np.maximum(y + 0.02, 0),
+        ),
         "rank 48 of width 64": (low_x @ rng.normal(size=(48, 64)), low_y),
         "dead units, offsets 3/-2": (dead_x + 3, dead_y - 2),
     }

@@ -49,14 +49,18 @@ def notebook_cka(x, y):
 
     def hsic(a, b):
         one = np.ones(n, a.dtype)
-        return (np.trace(a @ b) + one @ a @ one * (one @ b @ one) / ((n - 1) * (n - 2))
-                - 2 / (n - 2) * one @ a @ b @ one) / (n * (n - 3))
+        return (
+            np.trace(a @ b)
+            + one @ a @ one * (one @ b @ one) / ((n - 1) * (n - 2))
+            - 2 / (n - 2) * one @ a @ b @ one
+        ) / (n * (n - 3))
 
     return hsic(k, l) / np.sqrt(hsic(k, k) * hsic(l, l))
 
 
 def careful_grid(acts_a, acts_b=None):
     """Each centered Gram once, then <K, L> per pair, in NumPy."""
+
     def centered(x):
         xc = x - x.mean(0)
         return xc @ xc.T
@@ -103,22 +107,27 @@ def grid_workload(name, rng, n, widths_a, widths_b, skip_notebook):
     self_grid = b is None
     pairs = len(a) * (len(a) + 1) // 2 if self_grid else len(a) * len(b)
     whole, flops = gram_flops(n, widths_a, widths_a if self_grid else widths_b, self_grid)
-    t, fraction = paired_fraction(lambda: jaxsim.similarity_grid(a, b, progress=False).values,
-                                  flops)
+    t, fraction = paired_fraction(
+        lambda: jaxsim.similarity_grid(a, b, progress=False).values, flops
+    )
     tc = timeit(lambda: careful_grid(a, b), repeat=1, warmup=0)
-    check = np.abs(np.asarray(jaxsim.similarity_grid(a, b, progress=False).values)
-                   - careful_grid(a, b)).max()
+    check = np.abs(
+        np.asarray(jaxsim.similarity_grid(a, b, progress=False).values) - careful_grid(a, b)
+    ).max()
     print(f"{name}: jaxsim {t:.2f} s, careful loop {tc:.2f} s ({tc / t:.1f}x)", end="")
     if not skip_notebook:
         tn = notebook_time(a, b, pairs)
         print(f", notebook loop ~{tn:.0f} s ({tn / t:.0f}x, from 2 timed pairs of {pairs})", end="")
-    print(f"\n    performs {flops / 1e9:.0f} GFLOP (a careful loop {whole / 1e9:.0f}) -> "
-          f"{flops / t / 1e9:.0f} GFLOP/s at best; {fraction:.0%} of the float32 matmul "
-          f"rate; max |jaxsim - careful| = {check:.1e}")
+    print(
+        f"\n    performs {flops / 1e9:.0f} GFLOP (a careful loop {whole / 1e9:.0f}) -> "
+        f"{flops / t / 1e9:.0f} GFLOP/s at best; {fraction:.0%} of the float32 matmul "
+        f"rate; max |jaxsim - careful| = {check:.1e}"
+    )
 
 
 W4_CHILD = """
 import sys, numpy as np, jax, jaxsim
+from jaxsim import _gram_route, _layers
 batches, n, widths = int(sys.argv[1]), int(sys.argv[2]), [int(w) for w in sys.argv[3].split(",")]
 rng = np.random.default_rng(0)
 proj = [rng.normal(size=(32, d)).astype(np.float32) for d in widths]
@@ -155,17 +164,24 @@ def minibatch_workload(rng, n, widths, quick):
         return [[np.vdot(k, l) for l in grams] for k in grams]
 
     tn = timeit(numpy_update, repeat=1, warmup=0)
-    print(f"W4: minibatch update ({len(widths)} x {len(widths)} layers, batch {n}): jaxsim "
-          f"{t * 1e3:.0f} ms/batch, NumPy loop {tn * 1e3:.0f} ms/batch ({tn / t:.1f}x)")
+    print(
+        f"W4: minibatch update ({len(widths)} x {len(widths)} layers, batch {n}): jaxsim "
+        f"{t * 1e3:.0f} ms/batch, NumPy loop {tn * 1e3:.0f} ms/batch ({tn / t:.1f}x)"
+    )
     counts = (4, 40) if quick else (20, 200)
     peaks = []
     for c in counts:
-        out = subprocess.run([sys.executable, "-c", W4_CHILD, str(c), str(n),
-                              ",".join(map(str, widths))], capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", W4_CHILD, str(c), str(n), ",".join(map(str, widths))],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         peaks.append(int(out.stdout.strip().splitlines()[-1]) / 1024)
-    print(f"    peak memory (VmHWM): {counts[0]} batches {peaks[0]:.0f} MiB, {counts[1]} "
-          f"batches {peaks[1]:.0f} MiB (ratio {peaks[1] / peaks[0]:.3f})")
+    print(
+        f"    peak memory (VmHWM): {counts[0]} batches {peaks[0]:.0f} MiB, {counts[1]} "
+        f"batches {peaks[1]:.0f} MiB (ratio {peaks[1] / peaks[0]:.3f})"
+    )
 
 
 def large_workload(rng, n, num_layers, block_rows=()):
@@ -173,17 +189,19 @@ def large_workload(rng, n, num_layers, block_rows=()):
     both linear-CKA routes: first call (compiles included) and steady state, and the
     FLOPs performed (the cost model's multiply-adds x 2) as a fraction of the matmul rate.
     ``block_rows``: the Gram route again with blocks of about these many rows in place of
-    the size the grid picks (``grid._block_size``'s target)."""
+    the size the grid picks (``_gram_route.block_size``'s target)."""
     import jaxsim
-    from jaxsim import grid as grid_module
+    from jaxsim import _gram_route, _layers
+    from jaxsim._feature_route import use_feature_space
     from jaxsim._linalg import dot
-    from jaxsim.kernel import use_feature_space
 
     widths = [(256, 512, 1024)[i % 3] for i in range(num_layers)]
     acts = [jax.device_put(x) for x in layers(rng, n, widths)]
     picked = "features" if use_feature_space(n, widths) else "gram"
-    flops = {"gram": n * n * (sum(widths) + num_layers**2),
-             "features": n * (sum(d * d for d in widths) * 3 + sum(widths) ** 2)}
+    flops = {
+        "gram": n * n * (sum(widths) + num_layers**2),
+        "features": n * (sum(d * d for d in widths) * 3 + sum(widths) ** 2),
+    }
     print(f"{num_layers} layers, n={n} (self-grid; the cost model picks the {picked} route)")
     values = {}
     for method in ("gram", "features"):
@@ -192,63 +210,86 @@ def large_workload(rng, n, num_layers, block_rows=()):
         values[method] = np.asarray(jax.block_until_ready(grid()))
         first = time.perf_counter() - t0
         t, fraction = paired_fraction(grid, flops[method], warmup=False)
-        print(f"    {method:8s} route: first call {first:.2f} s, then {t:.3f} s; "
-              f"performs {flops[method] / 1e9:.0f} GFLOP -> {flops[method] / t / 1e9:.0f} "
-              f"GFLOP/s at best; {fraction:.0%} of the float32 matmul rate")
-    b = grid_module._block_size(n, num_layers)
-    print(f"    max |gram - features| = {np.abs(values['gram'] - values['features']).max():.1e}"
-          f"; blocks of {b} rows")
+        print(
+            f"    {method:8s} route: first call {first:.2f} s, then {t:.3f} s; "
+            f"performs {flops[method] / 1e9:.0f} GFLOP -> {flops[method] / t / 1e9:.0f} "
+            f"GFLOP/s at best; {fraction:.0%} of the float32 matmul rate"
+        )
+    b = _gram_route.block_size(n, num_layers)
+    print(
+        f"    max |gram - features| = {np.abs(values['gram'] - values['features']).max():.1e}"
+        f"; blocks of {b} rows"
+    )
     # the ceiling of the Gram route at these shapes: its (b, d) x (d, b) products alone, on
     # blocks already in place (one block pair's, then scaled to the grid's block pairs);
     # the rest of the route's time is slicing the blocks out and forming the slab
-    pairs = grid_module._block_count(n, b)
+    pairs = _gram_route.block_count(n, b)
     rows = [jax.device_put(np.asarray(x)[:b]) for x in acts]
     cols = [jax.device_put(np.asarray(x)[-b:]) for x in acts]
-    batched = grid_module._batched_blocks()
+    batched = _gram_route.batched_blocks()
     if batched:  # one batched product per width, as the route forms them on accelerators
-        groups = grid_module._source_groups(rows)
-        rows, cols = ([grid_module._stack([side[i] for i in g]) for g in groups]
-                      for side in (rows, cols))
-        products = jax.jit(lambda rs, cs: [jnp.einsum("kbd,kcd->kbc", r, c, precision="highest")
-                                           for r, c in zip(rs, cs)])
+        groups = _gram_route.source_groups(rows)
+        rows, cols = (
+            [_layers.stack_trees([side[i] for i in g]) for g in groups] for side in (rows, cols)
+        )
+        products = jax.jit(
+            lambda rs, cs: [
+                jnp.einsum("kbd,kcd->kbc", r, c, precision="highest") for r, c in zip(rs, cs)
+            ]
+        )
     else:
         products = jax.jit(lambda rs, cs: [dot(r, c.T) for r, c in zip(rs, cs)])
     t, fraction = paired_fraction(lambda: products(rows, cols), flops["gram"] / pairs)
-    print(f"    the Gram route's block products alone ({pairs} block pairs of (b, d) x (d, b),"
-          f"{' batched by width,' if batched else ''} blocks in place): {t * pairs:.3f} s; "
-          f"{fraction:.0%} of the float32 matmul rate")
+    print(
+        f"    the Gram route's block products alone ({pairs} block pairs of (b, d) x (d, b),"
+        f"{' batched by width,' if batched else ''} blocks in place): {t * pairs:.3f} s; "
+        f"{fraction:.0%} of the float32 matmul rate"
+    )
 
-    def variant(label, name, value):  # the Gram route with grid_module.<name> = value
-        with mock.patch.object(grid_module, name, value):
+    def variant(label, name, value):  # the Gram route with _gram_route.<name> = value
+        with mock.patch.object(_gram_route, name, value):
             grid = lambda: jaxsim.similarity_grid(acts, method="gram", progress=False).values
             t0 = time.perf_counter()
             jax.block_until_ready(grid())
             first = time.perf_counter() - t0
             t, fraction = paired_fraction(grid, flops["gram"], warmup=False)
-        print(f"    gram route, {label}: first call {first:.2f} s, then {t:.3f} s; "
-              f"{fraction:.0%} of the float32 matmul rate")
+        print(
+            f"    gram route, {label}: first call {first:.2f} s, then {t:.3f} s; "
+            f"{fraction:.0%} of the float32 matmul rate"
+        )
 
     if batched:
-        variant("one product per layer and block (the CPU's form)", "_batched_blocks",
-                lambda: False)
-    picked = grid_module._block_size
+        variant("one product per layer and block (the CPU's form)", "batched_blocks", lambda: False)
+    picked = _gram_route.block_size
     for target in block_rows:
-        variant(f"blocks of {picked(n, 1, target=target)} rows (target {target})",
-                "_block_size", lambda m, layers=1, t=target: picked(m, layers, target=t))
+        variant(
+            f"blocks of {picked(n, 1, target=target)} rows (target {target})",
+            "block_size",
+            lambda m, layers=1, t=target: picked(m, layers, target=t),
+        )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke test")
     parser.add_argument("--skip-notebook", action="store_true", help="skip the slow baseline")
-    parser.add_argument("--large", nargs=2, type=int, metavar=("N", "LAYERS"),
-                        help="also a self-grid of LAYERS layers at N examples, both routes "
-                             "(on a GPU: --large 10000 50)")
-    parser.add_argument("--large-only", action="store_true",
-                        help="with --large: only that workload")
-    parser.add_argument("--block-rows", default="", metavar="B,B,...",
-                        help="with --large: the Gram route again with blocks of about these "
-                             "many rows")
+    parser.add_argument(
+        "--large",
+        nargs=2,
+        type=int,
+        metavar=("N", "LAYERS"),
+        help="also a self-grid of LAYERS layers at N examples, both routes "
+        "(on a GPU: --large 10000 50)",
+    )
+    parser.add_argument(
+        "--large-only", action="store_true", help="with --large: only that workload"
+    )
+    parser.add_argument(
+        "--block-rows",
+        default="",
+        metavar="B,B,...",
+        help="with --large: the Gram route again with blocks of about these many rows",
+    )
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     first = matmul_rate(np.float32)
@@ -257,8 +298,10 @@ def main(argv=None):
     else:
         tf32 = matmul_rate(np.float32, precision="default") / 1e12
         where = f"{jax.devices()[0].device_kind}, TF32 {tf32:.0f} TFLOP/s"
-    print(f"machine: float32 matmul {first / 1e9:.0f} GFLOP/s (jax, full precision), "
-          f"{where}, jax {jax.__version__} on {jax.default_backend()}")
+    print(
+        f"machine: float32 matmul {first / 1e9:.0f} GFLOP/s (jax, full precision), "
+        f"{where}, jax {jax.__version__} on {jax.default_backend()}"
+    )
     if args.large:
         large_workload(rng, *args.large, [int(b) for b in args.block_rows.split(",") if b])
         if args.large_only:
@@ -270,11 +313,15 @@ def main(argv=None):
         minibatch_workload(rng, 64, [64] * 6, quick=True)
     else:
         grid_workload("W1", rng, 2048, base, None, args.skip_notebook)
-        grid_workload("W2", rng, 4096, base, [256] * 12 + [512] * 12 + [1024] * 12,
-                      args.skip_notebook)
+        grid_workload(
+            "W2", rng, 4096, base, [256] * 12 + [512] * 12 + [1024] * 12, args.skip_notebook
+        )
         minibatch_workload(rng, 256, [256] * 8 + [512] * 8 + [1024] * 8, quick=False)
-    print("each fraction of the matmul rate: the median over 3 runs of the workload's FLOP/s "
-          "over the float32 matmul rate measured just before that run")
+    print(
+        "each fraction of the matmul rate: the median over 3 runs of the workload's FLOP/s "
+        "over the float32 matmul rate measured just before that run"
+    )
+
 
 if __name__ == "__main__":
     main()

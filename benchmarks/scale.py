@@ -35,72 +35,97 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import timeit  # noqa: E402
 
 import jaxsim  # noqa: E402
-from jaxsim import grid as grid_module  # noqa: E402
-from jaxsim import kernel  # noqa: E402
+from jaxsim import (  # noqa: E402
+    _distances,
+    _gram_route,
+    _kernel_blocks,
+    _measure,
+    _pairwise,
+    _rbf_median,
+    kernel,  # noqa: E402
+)
 
 
 def rbf_median(rng):
     print("1. RBF bandwidth: median of the n^2 squared distances (float32)")
-    print(f"{'n':>6} {'selection s':>12} {'sort s':>8} {'ratio':>6} {'same':>5}  "
-          f"{'gram_rbf / (linear Gram + exp)':>31}")
-    select = jax.jit(kernel._median_of_non_negative)
+    print(
+        f"{'n':>6} {'selection s':>12} {'sort s':>8} {'ratio':>6} {'same':>5}  "
+        f"{'gram_rbf / (linear Gram + exp)':>31}"
+    )
+    select = jax.jit(_rbf_median.median_of_non_negative)
     sort = jax.jit(jnp.median)
     rbf = jax.jit(lambda x: kernel._gram_rbf(x, jnp.float32(1)))
-    linear_exp = jax.jit(lambda x: jnp.exp(-kernel._sq_distances(x)))
+    linear_exp = jax.jit(lambda x: jnp.exp(-_distances.sq_distances(x)))
     for n in (2048, 4096):
         x = jnp.asarray(rng.normal(size=(n, 64)), jnp.float32)
-        d = jax.jit(kernel._sq_distances)(x)
+        d = jax.jit(_distances.sq_distances)(x)
         t_sel, t_sort = timeit(select, d), timeit(sort, d)
         same = float(select(d)) == float(sort(d))
         ratio = timeit(rbf, x) / timeit(linear_exp, x)
-        print(f"{n:6d} {t_sel:12.3f} {t_sort:8.3f} {t_sort / t_sel:5.1f}x {str(same):>5}  "
-              f"{ratio:30.1f}x")
+        print(
+            f"{n:6d} {t_sel:12.3f} {t_sort:8.3f} {t_sort / t_sel:5.1f}x {str(same):>5}  "
+            f"{ratio:30.1f}x"
+        )
 
 
 def padding(rng):
     print("\n2. Gram-route grid, 8 layers of width 64: blocks sized from n vs fixed 512 rows")
-    print(f"{'n':>6} {'rows now':>9} {'s now':>7} {'rows before':>12} {'s before':>9} "
-          f"{'before/now':>10}")
-    sized = grid_module._block_size
+    print(
+        f"{'n':>6} {'rows now':>9} {'s now':>7} {'rows before':>12} {'s before':>9} "
+        f"{'before/now':>10}"
+    )
+    sized = _gram_route.block_size
     fixed = lambda n, layers=1: n if n <= 1024 else 512
     for n in (1025, 1537, 2049):
         layers = [rng.normal(size=(n, 64)).astype(np.float32) for _ in range(8)]
         run = lambda: jaxsim.similarity_grid(layers, method="gram").values
         times = {}
         for label, rule in (("now", sized), ("before", fixed)):
-            grid_module._block_size = rule
+            _gram_route.block_size = rule
             try:
                 times[label] = timeit(run)
             finally:
-                grid_module._block_size = sized
+                _gram_route.block_size = sized
         rows = lambda rule: -(-n // rule(n)) * rule(n)
-        print(f"{n:6d} {rows(sized):9d} {times['now']:7.3f} {rows(fixed):12d} "
-              f"{times['before']:9.3f} {times['before'] / times['now']:9.2f}x")
+        print(
+            f"{n:6d} {rows(sized):9d} {times['now']:7.3f} {rows(fixed):12d} "
+            f"{times['before']:9.3f} {times['before'] / times['now']:9.2f}x"
+        )
 
 
 def compiles(rng):
     print("\n3. 24-layer mean-CCA self-grid, n=1024: first call (compiles) vs steady state")
-    print(f"{'widths':>14} {'first s':>8} {'steady s':>9} {'prepare traces':>15} "
-          f"{'pair traces':>12}")
-    default = grid_module._WIDEN_SLACK
+    print(
+        f"{'widths':>14} {'first s':>8} {'steady s':>9} {'prepare traces':>15} {'pair traces':>12}"
+    )
+    default = _pairwise.WIDEN_SLACK
     # close widths, first without width buckets (every width its own shape group), then
     # padded to one bucket (jaxsim's default); the widths of each row are new shapes
-    for widths, slack in (((91, 93, 95, 97), 0.0), ((91, 93, 95, 97), None), ((64,), None),
-                          ((32, 48, 64, 96), None)):
-        layers = [rng.normal(size=(1024, widths[i % len(widths)])).astype(np.float32)
-                  for i in range(24)]
-        grid_module._WIDEN_SLACK = default if slack is None else slack
-        before = dict(grid_module.TRACE_COUNT)
+    for widths, slack in (
+        ((91, 93, 95, 97), 0.0),
+        ((91, 93, 95, 97), None),
+        ((64,), None),
+        ((32, 48, 64, 96), None),
+    ):
+        layers = [
+            rng.normal(size=(1024, widths[i % len(widths)])).astype(np.float32) for i in range(24)
+        ]
+        _pairwise.WIDEN_SLACK = default if slack is None else slack
+        before = dict(_measure.TRACE_COUNT)
         t0 = time.perf_counter()
-        jax.block_until_ready(jaxsim.similarity_grid(layers, metric="mean_cca",
-                                                     progress=False).values)
+        jax.block_until_ready(
+            jaxsim.similarity_grid(layers, metric="mean_cca", progress=False).values
+        )
         first = time.perf_counter() - t0
-        traced = {k: grid_module.TRACE_COUNT[k] - before.get(k, 0) for k in ("prepare", "pairs")}
-        steady = timeit(lambda: jaxsim.similarity_grid(layers, metric="mean_cca",
-                                                       progress=False).values)
-        print(f"{str(widths):>14} {first:8.2f} {steady:9.3f} {traced['prepare']:15d} "
-              f"{traced['pairs']:12d}{'   (no width buckets)' if slack == 0 else ''}")
-    grid_module._WIDEN_SLACK = default
+        traced = {k: _measure.TRACE_COUNT[k] - before.get(k, 0) for k in ("prepare", "pairs")}
+        steady = timeit(
+            lambda: jaxsim.similarity_grid(layers, metric="mean_cca", progress=False).values
+        )
+        print(
+            f"{str(widths):>14} {first:8.2f} {steady:9.3f} {traced['prepare']:15d} "
+            f"{traced['pairs']:12d}{'   (no width buckets)' if slack == 0 else ''}"
+        )
+    _pairwise.WIDEN_SLACK = default
 
 
 SHARDED = textwrap.dedent("""
@@ -190,63 +215,81 @@ SHARDED = textwrap.dedent("""
 def _materialized_source(x):
     """The former RBF source: the layer's n x n distances at once, for the median
     (selection) and the centering row (what a single block still does)."""
-    return kernel._dense_source(*kernel._distance_terms(x), jnp.float32(1), False)
+    return _kernel_blocks.dense_source(*_distances.distance_terms(x), jnp.float32(1), False)
 
 
 def rbf_memory(rng):
-    print("\n5. RBF-CKA self-grid of 8 layers (width 256, float32): temporaries of the compiled "
-          "programs; a layer's source (median bandwidth, centering row) block by block vs "
-          "from its n x n distances")
-    print(f"{'n':>6} {'source MB':>10} {'n x n source MB':>16} {'block sum MB':>13} "
-          f"{'8 n x n kernels MB':>19} {'source s':>9} {'n x n source s':>15}")
+    print(
+        "\n5. RBF-CKA self-grid of 8 layers (width 256, float32): temporaries of the compiled "
+        "programs; a layer's source (median bandwidth, centering row) block by block vs "
+        "from its n x n distances"
+    )
+    print(
+        f"{'n':>6} {'source MB':>10} {'n x n source MB':>16} {'block sum MB':>13} "
+        f"{'8 n x n kernels MB':>19} {'source s':>9} {'n x n source s':>15}"
+    )
     blocks = kernel.rbf_measure().blocks
     for n in (4096, 8192):
-        b = grid_module._block_size(n, 8)
+        b = _gram_route.block_size(n, 8)
         n_pad = -(-n // b) * b
         x = jax.ShapeDtypeStruct((n, 256), np.float32)
-        one = grid_module._source.lower(blocks.source, x, n_pad).compile()
+        one = _gram_route.layer_source.lower(blocks.source, x, n_pad).compile()
         before = _materialized_source.lower(x).compile()
         sources = [jax.eval_shape(lambda a: blocks.source(a, n_pad), x)] * 8
-        total = grid_module._gram_block_sum.lower(
-            blocks, sources, *grid_module._block_offsets(n, b, np.float32), b).compile()
+        total = _gram_route.gram_block_sum.lower(
+            blocks, sources, *_gram_route.block_pairs(n, b, np.float32), b
+        ).compile()
         mb = lambda v: v / 2**20
         data = jnp.asarray(rng.normal(size=(n, 256)).astype(np.float32))
-        new = grid_module._source(blocks.source, data, n_pad)
+        new = _gram_route.layer_source(blocks.source, data, n_pad)
         same = float(new.median) == float(before(data)[0])
-        print(f"{n:6d} {mb(one.memory_analysis().temp_size_in_bytes):10.0f} "
-              f"{mb(before.memory_analysis().temp_size_in_bytes):16.0f} "
-              f"{mb(total.memory_analysis().temp_size_in_bytes):13.0f} {mb(8 * n * n * 4):19.0f} "
-              f"{timeit(lambda: one(data)):9.3f} {timeit(lambda: before(data)):15.3f}"
-              f"{'' if same else '  (medians differ in the last bit: block-wise rounding)'}")
-    print("   mutual kNN (k=10): a layer's neighbours, kept and temporary, vs its former "
-          "n x n 0/1 matrix")
+        print(
+            f"{n:6d} {mb(one.memory_analysis().temp_size_in_bytes):10.0f} "
+            f"{mb(before.memory_analysis().temp_size_in_bytes):16.0f} "
+            f"{mb(total.memory_analysis().temp_size_in_bytes):13.0f} {mb(8 * n * n * 4):19.0f} "
+            f"{timeit(lambda: one(data)):9.3f} {timeit(lambda: before(data)):15.3f}"
+            f"{'' if same else '  (medians differ in the last bit: block-wise rounding)'}"
+        )
+    print(
+        "   mutual kNN (k=10): a layer's neighbours, kept and temporary, vs its former "
+        "n x n 0/1 matrix"
+    )
     from jaxsim import geometry
+
     for n in (4096, 8192):
         x = jax.ShapeDtypeStruct((n, 256), np.float32)
-        memory = jax.jit(lambda a: geometry._knn_indices(a, 10)).lower(x).compile() \
-            .memory_analysis()
-        print(f"{n:6d} kept {memory.output_size_in_bytes / 2**20:.2f} MB, temporary "
-              f"{memory.temp_size_in_bytes / 2**20:.0f} MB, n x n {n * n * 4 / 2**20:.0f} MB")
+        memory = (
+            jax.jit(lambda a: geometry._knn_indices(a, 10)).lower(x).compile().memory_analysis()
+        )
+        print(
+            f"{n:6d} kept {memory.output_size_in_bytes / 2**20:.2f} MB, temporary "
+            f"{memory.temp_size_in_bytes / 2**20:.0f} MB, n x n {n * n * 4 / 2**20:.0f} MB"
+        )
 
 
 def sharded():
-    print("\n4. linear-CKA grids and minibatch CKA of 6 layers sharded along examples over 8 "
-          "host devices (ideal FLOPs/device 0.125x)")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True,
-                         text=True, timeout=900)
+    print(
+        "\n4. linear-CKA grids and minibatch CKA of 6 layers sharded along examples over 8 "
+        "host devices (ideal FLOPs/device 0.125x)"
+    )
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=900
+    )
     print(out.stdout.rstrip() or out.stderr[-2000:])
 
 
 if __name__ == "__main__":
     import argparse
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="1,2,3,4,5", metavar="K,K,...",
-                        help="the sections to run (default: all)")
+    parser.add_argument(
+        "--only", default="1,2,3,4,5", metavar="K,K,...", help="the sections to run (default: all)"
+    )
     only = {int(k) for k in parser.parse_args().only.split(",")}
     rng = np.random.default_rng(0)
-    for k, section in ((1, rbf_median), (2, padding), (3, compiles), (4, sharded),
-                       (5, rbf_memory)):
+    for k, section in ((1, rbf_median), (2, padding), (3, compiles), (4, sharded), (5, rbf_memory)):
         if k in only:
             section() if section is sharded else section(rng)

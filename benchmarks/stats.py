@@ -35,8 +35,12 @@ def main(argv=None):
     key = jax.random.key(0)
     print(f"permutation test of linear CKA, n={n}, d={d}, {num} permutations")
     for method in ("features", "gram"):
-        t = timeit(lambda: stats.permutation_test("linear_cka", x, y, key=key,
-                                                  num_permutations=num, method=method), repeat=2)
+        t = timeit(
+            lambda: stats.permutation_test(
+                "linear_cka", x, y, key=key, num_permutations=num, method=method
+            ),
+            repeat=2,
+        )
         print(f"  batched ({method} route): {t:.2f} s")
         if method == "features":
             best = t

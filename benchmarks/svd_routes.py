@@ -41,9 +41,12 @@ def covariance(a):
 
 
 ROUTES = {
-    **{f"svd {alg.name.lower()}": (lambda a, alg=alg: jax.lax.linalg.svd(
-        a, full_matrices=False, algorithm=alg)) for alg in (ALG.DEFAULT, ALG.QR, ALG.JACOBI,
-                                                             ALG.POLAR)},
+    **{
+        f"svd {alg.name.lower()}": (
+            lambda a, alg=alg: jax.lax.linalg.svd(a, full_matrices=False, algorithm=alg)
+        )
+        for alg in (ALG.DEFAULT, ALG.QR, ALG.JACOBI, ALG.POLAR)
+    },
     "qr + svd(R)": qr_then_svd,
     "covariance eigh": covariance,
 }
@@ -69,8 +72,10 @@ def main(argv=None):
         s = np.asarray(out if name == "covariance eigh" else out[1], np.float64)
         err = np.max(np.abs(s - ref) / ref[0])
         small = np.abs(s[-1] - ref[-1]) / ref[-1]
-        print(f"  {name:16s} {timeit(f, a) * 1e3:8.1f} ms   max |s - s64| / s_max {err:.1e}"
-              f"   smallest singular value off by {small:.1e} (relative)")
+        print(
+            f"  {name:16s} {timeit(f, a) * 1e3:8.1f} ms   max |s - s64| / s_max {err:.1e}"
+            f"   smallest singular value off by {small:.1e} (relative)"
+        )
     rank = d * 3 // 4
     low = x[:, :rank] @ rng.normal(size=(rank, d))
     low[:, 0] = 0  # a dead unit

@@ -52,8 +52,10 @@ def _cifar10_tfds() -> Data | None:
     except ImportError:
         return None
     try:
-        parts = {s: tfds.as_numpy(tfds.load("cifar10", split=s, batch_size=-1, download=False))
-                 for s in ("train", "test")}
+        parts = {
+            s: tfds.as_numpy(tfds.load("cifar10", split=s, batch_size=-1, download=False))
+            for s in ("train", "test")
+        }
     except Exception:  # noqa: BLE001 - any failure means "not available locally"
         return None
     x = {s: p["image"].astype(np.float32) / 255 for s, p in parts.items()}
@@ -74,7 +76,8 @@ def _cifar10(data_dir: str | None) -> Data:
             "CIFAR-10 not found: pass --data-dir pointing at the extracted python version "
             "(the folder with data_batch_1..5 and test_batch, 'cifar-10-batches-py'), set "
             "CIFAR10_DIR, or have it in tensorflow-datasets' local cache. Nothing is "
-            "downloaded at run time; the default data set, digits, ships with scikit-learn.")
+            "downloaded at run time; the default data set, digits, ships with scikit-learn."
+        )
 
     def read(name):
         with open(os.path.join(root, name), "rb") as f:
@@ -89,12 +92,18 @@ def _cifar10(data_dir: str | None) -> Data:
     return Data(train=((xtr - mean) / std, ytr), test=((xte - mean) / std, yte))
 
 
-def batches(x: np.ndarray, y: np.ndarray | None, size: int, *, seed: int | None = None,
-            drop_last: bool = False) -> Iterator[Any]:
+def batches(
+    x: np.ndarray,
+    y: np.ndarray | None,
+    size: int,
+    *,
+    seed: int | None = None,
+    drop_last: bool = False,
+) -> Iterator[Any]:
     order = np.arange(len(x)) if seed is None else np.random.default_rng(seed).permutation(len(x))
     stop = len(x) - (len(x) % size if drop_last else 0)
     for s in range(0, stop, size):
-        idx = order[s:s + size]
+        idx = order[s : s + size]
         yield x[idx] if y is None else (x[idx], y[idx])
 
 
@@ -121,12 +130,16 @@ class PlainCNN(nnx.Module):
     pooling and a linear head: the plain CNN of Kornblith et al.'s layer-identification
     test, scaled to small images."""
 
-    def __init__(self, in_channels: int, width: int, depth: int, num_classes: int, *,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, in_channels: int, width: int, depth: int, num_classes: int, *, rngs: nnx.Rngs
+    ):
         chans = [in_channels] + [width] * depth
-        self.layers = nnx.List([
-            nnx.Conv(a, b, (3, 3), strides=(2, 2) if i == depth // 2 else (1, 1), rngs=rngs)
-            for i, (a, b) in enumerate(zip(chans, chans[1:]))])
+        self.layers = nnx.List(
+            [
+                nnx.Conv(a, b, (3, 3), strides=(2, 2) if i == depth // 2 else (1, 1), rngs=rngs)
+                for i, (a, b) in enumerate(zip(chans, chans[1:]))
+            ]
+        )
         self.head = nnx.Linear(width, num_classes, rngs=rngs)
 
     def __call__(self, x):
@@ -139,9 +152,13 @@ class ResidualBlock(nnx.Module):
     def __init__(self, channels: int, *, rngs: nnx.Rngs):
         self.conv1 = nnx.Conv(channels, channels, (3, 3), rngs=rngs)
         # a small last layer keeps deep residual stacks trainable without normalization
-        self.conv2 = nnx.Conv(channels, channels, (3, 3), rngs=rngs,
-                              kernel_init=nnx.initializers.variance_scaling(0.1, "fan_in",
-                                                                            "normal"))
+        self.conv2 = nnx.Conv(
+            channels,
+            channels,
+            (3, 3),
+            rngs=rngs,
+            kernel_init=nnx.initializers.variance_scaling(0.1, "fan_in", "normal"),
+        )
 
     def __call__(self, x):
         return nnx.relu(x + self.conv2(nnx.relu(self.conv1(x))))
@@ -152,8 +169,9 @@ class ResNet(nnx.Module):
     conv, ``depth`` blocks at half resolution with twice the channels, pooled linear head.
     Width multiplies the channels, as in Nguyen et al.'s width multipliers."""
 
-    def __init__(self, in_channels: int, width: int, depth: int, num_classes: int, *,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, in_channels: int, width: int, depth: int, num_classes: int, *, rngs: nnx.Rngs
+    ):
         self.stem = nnx.Conv(in_channels, width, (3, 3), rngs=rngs)
         self.stage1 = nnx.List([ResidualBlock(width, rngs=rngs) for _ in range(depth)])
         self.down = nnx.Conv(width, 2 * width, (3, 3), strides=(2, 2), rngs=rngs)
@@ -188,8 +206,9 @@ class NormResNet(nnx.Module):
     twice the channels, pooled head) with batch norm after every conv, as in the paper;
     put it in eval mode (``model.eval()``) before capturing activations."""
 
-    def __init__(self, in_channels: int, width: int, depth: int, num_classes: int, *,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, in_channels: int, width: int, depth: int, num_classes: int, *, rngs: nnx.Rngs
+    ):
         self.stem = nnx.Conv(in_channels, width, (3, 3), use_bias=False, rngs=rngs)
         self.stem_bn = nnx.BatchNorm(width, rngs=rngs)
         self.stage1 = nnx.List([NormBlock(width, rngs=rngs) for _ in range(depth)])
@@ -239,6 +258,7 @@ def _optimizer(name: str, lr: float, steps: int) -> optax.GradientTransformation
 def _step(model, opt, xb, yb):
     def loss_fn(model):
         return optax.softmax_cross_entropy_with_integer_labels(model(xb), yb).mean()
+
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     opt.update(model, grads)
     return loss
@@ -249,10 +269,19 @@ def _predict(model, x):
     return jnp.argmax(model(x), -1)
 
 
-def train(model: nnx.Module, data: Data, *, epochs: int, batch_size: int = 64,
-          lr: float = 2e-3, seed: int = 0, desc: str = "training", progress: bool = True,
-          train_subset: tuple[np.ndarray, np.ndarray] | None = None,
-          optimizer: str = "adam") -> float:
+def train(
+    model: nnx.Module,
+    data: Data,
+    *,
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    desc: str = "training",
+    progress: bool = True,
+    train_subset: tuple[np.ndarray, np.ndarray] | None = None,
+    optimizer: str = "adam",
+) -> float:
     """Adam (or ``optimizer="sgd"``: SGD with momentum 0.9) on cross-entropy with a cosine
     schedule; leaves the model in eval mode and returns its test accuracy."""
     x, y = train_subset if train_subset is not None else data["train"]
@@ -293,11 +322,17 @@ def parser(doc: str, out: str):
     """The options every experiment script shares: data, output folder, --quick."""
     import argparse
 
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=doc.split("\n\n", 1)[1] if "\n\n" in doc else None)
-    p.add_argument("--data", default="digits", choices=["digits", "cifar10"],
-                   help="digits ships with scikit-learn; cifar10 needs --data-dir")
+    p = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=doc.split("\n\n", 1)[1] if "\n\n" in doc else None,
+    )
+    p.add_argument(
+        "--data",
+        default="digits",
+        choices=["digits", "cifar10"],
+        help="digits ships with scikit-learn; cifar10 needs --data-dir",
+    )
     p.add_argument("--data-dir", help="CIFAR-10 python batches (for --data cifar10)")
     p.add_argument("--out", default=out, help="output folder")
     p.add_argument("--quick", action="store_true", help="tiny models, one epoch (seconds, CI)")
@@ -329,6 +364,7 @@ def save_json(path: str, obj: Any) -> None:
         if isinstance(o, (np.floating, np.integer)):
             return o.item()
         raise TypeError(type(o))
+
     with open(path, "w") as f:
         json.dump(obj, f, indent=1, default=default)
 

@@ -45,44 +45,70 @@ def verdict(accuracy: dict[str, float], layers: int) -> tuple[bool, str]:
     cca = max(accuracy[k] for k in CCA_FAMILY)
     ok = cka >= 0.9 and cca < cka
     return ok, C.verdict_line(
-        ok, "linear CKA identifies corresponding layers across seeds, the CCA family less often",
+        ok,
+        "linear CKA identifies corresponding layers across seeds, the CCA family less often",
         f"here linear CKA {cka:.0%}, best of the CCA family {cca:.0%}; published (Table 2) "
         f"{PUBLISHED['linear CKA']:.1%} vs <= {PUBLISHED['CCA family at most']:.0%}",
         f"chance is {1 / layers:.0%} with {layers} layers; the paper used 10-layer CNNs on "
-        "CIFAR-10")
+        "CIFAR-10",
+    )
 
 
 def main(argv=None) -> dict:
     p = C.parser(__doc__, "out/layer_identification")
-    p.add_argument("--model", default="mlp", choices=["mlp", "cnn"],
-                   help="MLP, or a plain CNN as in the paper (its layers average-pooled)")
-    p.add_argument("--reduce", default="average", choices=["average", "none"],
-                   help="conv layers: average-pool the positions, or flatten each example")
+    p.add_argument(
+        "--model",
+        default="mlp",
+        choices=["mlp", "cnn"],
+        help="MLP, or a plain CNN as in the paper (its layers average-pooled)",
+    )
+    p.add_argument(
+        "--reduce",
+        default="average",
+        choices=["average", "none"],
+        help="conv layers: average-pool the positions, or flatten each example",
+    )
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--depth", type=int, default=6, help="hidden layers")
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--probe", type=int, default=None,
-                   help="examples the layers are compared on (default: all images)")
-    args, data, out = C.setup(p, argv, {"seeds": 2, "depth": 3, "width": 16, "epochs": 1,
-                                        "probe": 600})
+    p.add_argument(
+        "--probe",
+        type=int,
+        default=None,
+        help="examples the layers are compared on (default: all images)",
+    )
+    args, data, out = C.setup(
+        p, argv, {"seeds": 2, "depth": 3, "width": 16, "epochs": 1, "probe": 600}
+    )
     x = np.concatenate([data["train"][0], data["test"][0]])  # a probe set, labels unused
-    x = x[:args.probe]
+    x = x[: args.probe]
     in_dim = int(np.prod(x.shape[1:]))
 
     acts = []
     for seed in range(args.seeds):
         if args.model == "cnn":
-            model = C.create(C.PlainCNN, x.shape[-1], args.width, args.depth, data.num_classes,
-                             seed=seed)
+            model = C.create(
+                C.PlainCNN, x.shape[-1], args.width, args.depth, data.num_classes, seed=seed
+            )
         else:
-            model = C.create(C.MLP, in_dim, (args.width,) * args.depth, data.num_classes,
-                             seed=seed)
-        C.train(model, data, epochs=args.epochs, seed=seed, desc=f"seed {seed}",
-                progress=not args.no_progress)
-        acts.append(collect_activations(model, C.batches(x, None, 512),
-                                        filter=lambda path, m: path.startswith("layers/"),
-                                        progress=False))
+            model = C.create(C.MLP, in_dim, (args.width,) * args.depth, data.num_classes, seed=seed)
+        C.train(
+            model,
+            data,
+            epochs=args.epochs,
+            seed=seed,
+            desc=f"seed {seed}",
+            progress=not args.no_progress,
+        )
+        acts.append(
+            collect_activations(
+                model,
+                C.batches(x, None, 512),
+                filter=lambda path, m: path.startswith("layers/"),
+                progress=False,
+            )
+        )
 
     reduce = None if args.reduce == "none" or args.model == "mlp" else args.reduce
     accuracy, example = {}, {}
@@ -98,15 +124,23 @@ def main(argv=None) -> dict:
         accuracy[label] = hits / total
 
     heatmap_panel(example, title="seed 0 (rows) vs seed 1 (columns)").savefig(
-        os.path.join(out, "grids.png"), dpi=130)
-    summary = {"data": args.data, "seeds": args.seeds, "depth": args.depth, "width": args.width,
-               "accuracy": accuracy,
-               "example_grids": {k: C.grid_json(g) for k, g in example.items()}}
+        os.path.join(out, "grids.png"), dpi=130
+    )
+    summary = {
+        "data": args.data,
+        "seeds": args.seeds,
+        "depth": args.depth,
+        "width": args.width,
+        "accuracy": accuracy,
+        "example_grids": {k: C.grid_json(g) for k, g in example.items()},
+    }
     ok, line = verdict(accuracy, args.depth)
     summary.update(reproduced=ok, verdict=line)
     C.save_json(os.path.join(out, "results.json"), summary)
-    print(f"\nLayer identification, {args.seeds} seeds of a {args.model.upper()} with {args.depth} "
-          f"layers of width {args.width}, {args.data} (n={len(x)}):")
+    print(
+        f"\nLayer identification, {args.seeds} seeds of a {args.model.upper()} with {args.depth} "
+        f"layers of width {args.width}, {args.data} (n={len(x)}):"
+    )
     print(f"{'measure':>12} {'accuracy':>9}")
     for label, acc in accuracy.items():
         print(f"{label:>12} {acc:9.3f}")

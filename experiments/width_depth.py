@@ -59,7 +59,7 @@ def runs(values: np.ndarray, threshold: float = THRESHOLD) -> list[tuple[int, in
     found = []
     for i in range(len(values)):
         j = i + 1
-        while j < len(values) and values[i:j + 1, i:j + 1].min() > threshold:
+        while j < len(values) and values[i : j + 1, i : j + 1].min() > threshold:
             j += 1
         if not found or j > found[-1][1]:  # not inside the previous run
             found.append((i, j))
@@ -81,9 +81,15 @@ def without_first_pc(x: np.ndarray) -> np.ndarray:
     return xc - s[0] * np.outer(u[:, 0], vt[0])
 
 
-def find_block(cka: np.ndarray, share: list[float], *, threshold: float = THRESHOLD,
-               dominance: float = DOMINANCE, contrast: float = CONTRAST,
-               min_layers: int = MIN_LAYERS) -> dict:
+def find_block(
+    cka: np.ndarray,
+    share: list[float],
+    *,
+    threshold: float = THRESHOLD,
+    dominance: float = DOMINANCE,
+    contrast: float = CONTRAST,
+    min_layers: int = MIN_LAYERS,
+) -> dict:
     """The paper's block in a CKA self-grid, given each layer's first-PC share: the
     largest run of high mutual CKA that is large (>= ``min_layers`` and a quarter of the
     layers) and dominated by the first PC (mean share >= ``dominance`` and >= ``contrast``
@@ -100,16 +106,23 @@ def find_block(cka: np.ndarray, share: list[float], *, threshold: float = THRESH
         elif inside < dominance:
             reason = f"first PC holds {inside:.0%} of the run's variance, < {dominance:.0%}"
         elif outside is not None and inside < contrast * outside:
-            reason = (f"first-PC share {inside:.2f} inside is not {contrast}x the "
-                      f"{outside:.2f} outside")
+            reason = (
+                f"first-PC share {inside:.2f} inside is not {contrast}x the {outside:.2f} outside"
+            )
         else:
             reason = ""
         candidates.append((start, stop, inside, outside, reason))
     # the largest run that qualifies; else the longest, with why it does not
-    start, stop, inside, outside, reason = next((c for c in candidates if not c[4]),
-                                                candidates[0])
-    return {"found": not reason, "start": start, "stop": stop, "size": stop - start,
-            "share_in": inside, "share_out": outside, "reason": reason}
+    start, stop, inside, outside, reason = next((c for c in candidates if not c[4]), candidates[0])
+    return {
+        "found": not reason,
+        "start": start,
+        "stop": stop,
+        "size": stop - start,
+        "share_in": inside,
+        "share_out": outside,
+        "reason": reason,
+    }
 
 
 def verdict(models: dict[str, dict]) -> tuple[bool, str]:
@@ -127,8 +140,11 @@ def verdict(models: dict[str, dict]) -> tuple[bool, str]:
         observed = f"the smallest model ({smallest}) has one too"
     else:
         observed = f"the largest model ({largest}) has none: {models[largest]['block']['reason']}"
-    return ok, C.verdict_line(ok, "a block dominated by the first PC in the largest model, "
-                              "none in the smallest", f"{observed}; {where}")
+    return ok, C.verdict_line(
+        ok,
+        "a block dominated by the first PC in the largest model, none in the smallest",
+        f"{observed}; {where}",
+    )
 
 
 def mean_offdiag(values: np.ndarray) -> float | None:
@@ -143,20 +159,30 @@ def analyse(acts: dict, twin_acts: dict | None) -> dict:
     names = list(grid.rows)
     share = [first_pc_share(acts[k]) for k in names]
     block = find_block(values, share)
-    inside = names[block["start"]:block["stop"]]
+    inside = names[block["start"] : block["stop"]]
     removed = jaxsim.similarity_grid([without_first_pc(acts[k]) for k in inside]).to_numpy()
-    out = {"layers": names, "grid": grid, "first_pc_share": share, "block": block,
-           "block_cka": mean_offdiag(values[block["start"]:block["stop"],
-                                            block["start"]:block["stop"]]),
-           "block_cka_without_first_pc": mean_offdiag(removed)}
+    out = {
+        "layers": names,
+        "grid": grid,
+        "first_pc_share": share,
+        "block": block,
+        "block_cka": mean_offdiag(
+            values[block["start"] : block["stop"], block["start"] : block["stop"]]
+        ),
+        "block_cka_without_first_pc": mean_offdiag(removed),
+    }
     if twin_acts is not None:
-        cross = jaxsim.similarity_grid(acts, twin_acts, metric="linear_cka",
-                                       labels=("seed 0", "seed 1"))
+        cross = jaxsim.similarity_grid(
+            acts, twin_acts, metric="linear_cka", labels=("seed 0", "seed 1")
+        )
         diag = np.diag(cross.to_numpy())
         mask = np.zeros(len(diag), bool)
-        mask[block["start"]:block["stop"]] = True
-        out.update(cross=cross, cross_seed_block=float(diag[mask].mean()),
-                   cross_seed_outside=float(diag[~mask].mean()) if (~mask).any() else None)
+        mask[block["start"] : block["stop"]] = True
+        out.update(
+            cross=cross,
+            cross_seed_block=float(diag[mask].mean()),
+            cross_seed_outside=float(diag[~mask].mean()) if (~mask).any() else None,
+        )
     return out
 
 
@@ -172,14 +198,21 @@ def _heatmap(ax, values, names, title, block=None, xticks=True):
     ticks = range(len(names))
     size = 6 if len(names) > 10 else 7
     ax.set_yticks(ticks, [_short(n) for n in names], fontsize=size)
-    ax.set_xticks(ticks, [_short(n) for n in names] if xticks else [], rotation=90,
-                  fontsize=size)
+    ax.set_xticks(ticks, [_short(n) for n in names] if xticks else [], rotation=90, fontsize=size)
     ax.set_title(title, fontsize=8)
     if block is not None and block["found"]:
         from matplotlib.patches import Rectangle
 
-        ax.add_patch(Rectangle((block["start"] - 0.5, block["start"] - 0.5), block["size"],
-                               block["size"], fill=False, edgecolor="cyan", linewidth=1.5))
+        ax.add_patch(
+            Rectangle(
+                (block["start"] - 0.5, block["start"] - 0.5),
+                block["size"],
+                block["size"],
+                fill=False,
+                edgecolor="cyan",
+                linewidth=1.5,
+            )
+        )
     return image
 
 
@@ -190,30 +223,51 @@ def figure_models(results: dict, depths: list[int], widths: list[int], data: str
 
     rows, cols = len(depths), len(widths)
     fig = Figure(figsize=(3.2 * cols + 0.9, 4.4 * rows + 0.5), dpi=130)
-    spec = fig.add_gridspec(2 * rows, cols + 1, height_ratios=[3, 1] * rows,
-                            width_ratios=[1] * cols + [0.06], left=0.1, right=0.93,
-                            bottom=0.06, top=1 - 0.75 / (4.4 * rows + 0.5),
-                            hspace=0.25 + 0.35 / rows, wspace=0.45)
+    spec = fig.add_gridspec(
+        2 * rows,
+        cols + 1,
+        height_ratios=[3, 1] * rows,
+        width_ratios=[1] * cols + [0.06],
+        left=0.1,
+        right=0.93,
+        bottom=0.06,
+        top=1 - 0.75 / (4.4 * rows + 0.5),
+        hspace=0.25 + 0.35 / rows,
+        wspace=0.45,
+    )
     image = None
     for i, depth in enumerate(depths):
         for j, width in enumerate(widths):
             r = results[f"depth {depth}, width {width}"]
             ax, ax_pc = fig.add_subplot(spec[2 * i, j]), fig.add_subplot(spec[2 * i + 1, j])
             status = "block" if r["block"]["found"] else "no block"
-            image = _heatmap(ax, r["values"], r["layers"],
-                             f"depth {depth}, width {width}: {status}", r["block"], xticks=False)
+            image = _heatmap(
+                ax,
+                r["values"],
+                r["layers"],
+                f"depth {depth}, width {width}: {status}",
+                r["block"],
+                xticks=False,
+            )
             count = len(r["layers"])
             ax_pc.plot(range(count), r["first_pc_share"], "o-", ms=3)
             ax_pc.axhline(DOMINANCE, color="grey", lw=0.8, ls="--")
             ax_pc.set_xlim(-0.5, count - 0.5)
             ax_pc.set_ylim(0, 1)
-            ax_pc.set_xticks(range(count), [_short(n) for n in r["layers"]], rotation=90,
-                             fontsize=6 if count > 10 else 7)
+            ax_pc.set_xticks(
+                range(count),
+                [_short(n) for n in r["layers"]],
+                rotation=90,
+                fontsize=6 if count > 10 else 7,
+            )
             ax_pc.set_ylabel("1st-PC\nshare", fontsize=7)
             ax_pc.tick_params(axis="y", labelsize=6)
     fig.colorbar(image, cax=fig.add_subplot(spec[:, cols]), label="linear CKA")
-    fig.suptitle(f"Linear CKA between layers, {data} (rows: depth, columns: width); "
-                 f"block outlined; dashed: {DOMINANCE:.0%} first-PC share", fontsize=9)
+    fig.suptitle(
+        f"Linear CKA between layers, {data} (rows: depth, columns: width); "
+        f"block outlined; dashed: {DOMINANCE:.0%} first-PC share",
+        fontsize=9,
+    )
     return fig
 
 
@@ -241,21 +295,33 @@ def _fmt(v: float | None) -> str:
 
 def main(argv=None) -> dict:
     p = C.parser(__doc__, "out/width_depth")
-    p.add_argument("--depths", type=int, nargs="+", default=[1, 6],
-                   help="residual blocks per stage")
-    p.add_argument("--widths", type=int, nargs="+", default=[8, 32],
-                   help="channels of the first stage")
-    p.add_argument("--train-size", type=int, default=200,
-                   help="training images (the rest are held out for CKA); the paper finds "
-                        "blocks sooner with less data")
+    p.add_argument(
+        "--depths", type=int, nargs="+", default=[1, 6], help="residual blocks per stage"
+    )
+    p.add_argument(
+        "--widths", type=int, nargs="+", default=[8, 32], help="channels of the first stage"
+    )
+    p.add_argument(
+        "--train-size",
+        type=int,
+        default=200,
+        help="training images (the rest are held out for CKA); the paper finds "
+        "blocks sooner with less data",
+    )
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seeds", type=int, default=2, choices=[1, 2],
-                   help="2: also train a second seed of every model, for cross-seed CKA")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=2,
+        choices=[1, 2],
+        help="2: also train a second seed of every model, for cross-seed CKA",
+    )
     t0 = time.time()
-    args, data, out = C.setup(p, argv, {"depths": [1, 2], "widths": [4], "epochs": 1,
-                                        "train_size": 200, "seeds": 1})
+    args, data, out = C.setup(
+        p, argv, {"depths": [1, 2], "widths": [4], "epochs": 1, "train_size": 200, "seeds": 1}
+    )
     progress = not args.no_progress
     x_train, y_train = data["train"]
     size = min(args.train_size, len(x_train))
@@ -266,11 +332,21 @@ def main(argv=None) -> dict:
 
     def trained(depth, width, seed):
         model = C.create(C.NormResNet, channels, width, depth, data.num_classes, seed=seed)
-        acc = C.train(model, data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      seed=seed, desc=f"depth {depth}, width {width}, seed {seed}",
-                      progress=progress, train_subset=subset, optimizer="sgd")
-        acts = collect_activations(model, C.batches(probe, None, 256), filter=block_layers,
-                                   progress=False)
+        acc = C.train(
+            model,
+            data,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=seed,
+            desc=f"depth {depth}, width {width}, seed {seed}",
+            progress=progress,
+            train_subset=subset,
+            optimizer="sgd",
+        )
+        acts = collect_activations(
+            model, C.batches(probe, None, 256), filter=block_layers, progress=False
+        )
         return acc, acts
 
     results = {}
@@ -285,33 +361,61 @@ def main(argv=None) -> dict:
     ok, line = verdict(results)
 
     figure_models(results, args.depths, args.widths, args.data).savefig(
-        os.path.join(out, "cka_grids.png"))
+        os.path.join(out, "cka_grids.png")
+    )
     largest = max(results, key=lambda k: (results[k]["depth"], results[k]["width"]))
     if "cross" in results[largest]:
         figure_cross_seed(results[largest], largest).savefig(os.path.join(out, "cross_seed.png"))
 
-    keep = ("depth", "width", "test_accuracy", "layers", "first_pc_share", "block", "block_cka",
-            "block_cka_without_first_pc", "cross_seed_block", "cross_seed_outside")
-    summary = {"data": args.data, "train_size": size, "probe_examples": len(probe),
-               "epochs": args.epochs, "reproduced": ok, "verdict": line,
-               "models": {k: {**{f: r.get(f) for f in keep}, "grid": C.grid_json(r["grid"]),
-                              **({"cross_grid": C.grid_json(r["cross"])} if "cross" in r else {})}
-                          for k, r in results.items()},
-               "seconds": time.time() - t0}
+    keep = (
+        "depth",
+        "width",
+        "test_accuracy",
+        "layers",
+        "first_pc_share",
+        "block",
+        "block_cka",
+        "block_cka_without_first_pc",
+        "cross_seed_block",
+        "cross_seed_outside",
+    )
+    summary = {
+        "data": args.data,
+        "train_size": size,
+        "probe_examples": len(probe),
+        "epochs": args.epochs,
+        "reproduced": ok,
+        "verdict": line,
+        "models": {
+            k: {
+                **{f: r.get(f) for f in keep},
+                "grid": C.grid_json(r["grid"]),
+                **({"cross_grid": C.grid_json(r["cross"])} if "cross" in r else {}),
+            }
+            for k, r in results.items()
+        },
+        "seconds": time.time() - t0,
+    }
     C.save_json(os.path.join(out, "grids.json"), summary)
 
-    print(f"\nBlock structure, {args.data}: {size} training images, CKA on {len(probe)} "
-          f"held-out images (exact, not minibatch)")
-    print(f"{'model':>20} {'acc':>5} {'L':>3}  {'block':>5} {'extent':>16}  "
-          f"{'1st-PC in/out':>13}  {'CKA in / -PC1':>13}  {'cross-seed in/out':>17}")
+    print(
+        f"\nBlock structure, {args.data}: {size} training images, CKA on {len(probe)} "
+        f"held-out images (exact, not minibatch)"
+    )
+    print(
+        f"{'model':>20} {'acc':>5} {'L':>3}  {'block':>5} {'extent':>16}  "
+        f"{'1st-PC in/out':>13}  {'CKA in / -PC1':>13}  {'cross-seed in/out':>17}"
+    )
     for name, r in results.items():
         b = r["block"]
         extent = f"{_short(r['layers'][b['start']])}..{_short(r['layers'][b['stop'] - 1])}"
-        print(f"{name:>20} {r['test_accuracy']:5.3f} {len(r['layers']):3d}  "
-              f"{'yes' if b['found'] else 'no':>5} {extent:>16}  "
-              f"{_fmt(b['share_in'])} / {_fmt(b['share_out'])}  "
-              f"{_fmt(r['block_cka'])} / {_fmt(r['block_cka_without_first_pc'])}  "
-              f"{_fmt(r.get('cross_seed_block')):>8} / {_fmt(r.get('cross_seed_outside'))}")
+        print(
+            f"{name:>20} {r['test_accuracy']:5.3f} {len(r['layers']):3d}  "
+            f"{'yes' if b['found'] else 'no':>5} {extent:>16}  "
+            f"{_fmt(b['share_in'])} / {_fmt(b['share_out'])}  "
+            f"{_fmt(r['block_cka'])} / {_fmt(r['block_cka_without_first_pc'])}  "
+            f"{_fmt(r.get('cross_seed_block')):>8} / {_fmt(r.get('cross_seed_outside'))}"
+        )
         if not b["found"]:
             print(f"{'':>22}(no block: {b['reason']})")
     print(line)

@@ -13,6 +13,8 @@ import importlib as _importlib
 
 from jaxsim import conv as conv
 from jaxsim import stats as stats
+from jaxsim._measure import Measure as Measure
+from jaxsim._result import Grid as Grid
 from jaxsim.canonical import CCAResult as CCAResult
 from jaxsim.canonical import UnderdeterminedWarning as UnderdeterminedWarning
 from jaxsim.canonical import cca as cca
@@ -27,11 +29,6 @@ from jaxsim.geometry import procrustes_distance as procrustes_distance
 from jaxsim.geometry import procrustes_similarity as procrustes_similarity
 from jaxsim.geometry import rdm as rdm
 from jaxsim.geometry import rsa as rsa
-from jaxsim.grid import Grid as Grid
-from jaxsim.grid import MinibatchCKAState as MinibatchCKAState
-from jaxsim.grid import minibatch_cka_init as minibatch_cka_init
-from jaxsim.grid import minibatch_cka_result as minibatch_cka_result
-from jaxsim.grid import minibatch_cka_update as minibatch_cka_update
 from jaxsim.grid import similarity_grid as similarity_grid
 from jaxsim.kernel import center_gram as center_gram
 from jaxsim.kernel import cka as cka
@@ -40,12 +37,17 @@ from jaxsim.kernel import gram_rbf as gram_rbf
 from jaxsim.kernel import hsic as hsic
 from jaxsim.kernel import linear_cka as linear_cka
 from jaxsim.kernel import rbf_cka as rbf_cka
+from jaxsim.minibatch import MinibatchCKAState as MinibatchCKAState
+from jaxsim.minibatch import minibatch_cka_init as minibatch_cka_init
+from jaxsim.minibatch import minibatch_cka_result as minibatch_cka_result
+from jaxsim.minibatch import minibatch_cka_update as minibatch_cka_update
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CCAResult",
     "Grid",
+    "Measure",
     "UnderdeterminedWarning",
     "MinibatchCKAState",
     "cca",

@@ -79,8 +79,9 @@ def _svd_thin(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     if not _on_cpu():
         return u, s, vh
     failed = jnp.any(jnp.isnan(s)) & jnp.all(jnp.isfinite(x))
-    return jax.lax.cond(failed, lambda: _lapack_svd(x, jax.lax.linalg.SvdAlgorithm.QR),
-                        lambda: (u, s, vh))
+    return jax.lax.cond(
+        failed, lambda: _lapack_svd(x, jax.lax.linalg.SvdAlgorithm.QR), lambda: (u, s, vh)
+    )
 
 
 def _eigh(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -123,8 +124,9 @@ def _numpy_left_vectors(x: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.A
             u[keep_rows, :r] = cropped[:, :r]
         return u
 
-    return jax.pure_callback(run, shape, jax.lax.stop_gradient(x), rows, cols,
-                             vmap_method="sequential")
+    return jax.pure_callback(
+        run, shape, jax.lax.stop_gradient(x), rows, cols, vmap_method="sequential"
+    )
 
 
 _HOST_LAPACK = threading.Lock()
@@ -149,9 +151,10 @@ def _with_safe_jvp(primal: Callable[[jax.Array], Any]) -> Callable[[jax.Array], 
 svd = _with_safe_jvp(lambda x: _primal(_svd_thin, x))
 svd.__doc__ = """Thin SVD ``(u, s, vh)`` of a real matrix (see the module docstring)."""
 
-def svd_reference_signs(x: jax.Array, rows: jax.Array | None = None,
-                        cols: jax.Array | None = None
-                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+
+def svd_reference_signs(
+    x: jax.Array, rows: jax.Array | None = None, cols: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Thin SVD whose singular vectors are oriented as NumPy's float64 LAPACK orients those
     of ``x`` cropped to the ``rows`` and ``cols`` marked True (default: all; looked up on
     the host), whatever the dtype and backend: for results that, like google/svcca's
@@ -207,8 +210,9 @@ def _eigh_jvp(primals, tangents):
     return (w, v), (jnp.diagonal(vdv), dot(v, f * vdv))
 
 
-def data_svd(x: jax.Array, keep: int | None = None
-             ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def data_svd(
+    x: jax.Array, keep: int | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Thin SVD ``(u, s, vh)`` of a (centered, scaled) data matrix, descending, and the mask
     of its numerically nonzero singular values; with ``keep``, only the first ``keep``
     columns of ``u`` (and rows of ``vh``), all singular values.

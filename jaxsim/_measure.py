@@ -6,6 +6,7 @@ measure is written once and the grid is built from its pair function, never re-d
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Any, Callable, NamedTuple
 
@@ -50,9 +51,11 @@ def block_offsets(n: int, b: int, dtype: Any) -> tuple[np.ndarray, np.ndarray, n
     diagonal, 2 for a block standing for its mirror image too)."""
     nb = -(-n // b)
     pairs = [(r, c) for r in range(nb) for c in range(r, nb)]
-    return (np.array([r * b for r, _ in pairs], np.int32),
-            np.array([c * b for _, c in pairs], np.int32),
-            np.array([1 if r == c else 2 for r, c in pairs], dtype))
+    return (
+        np.array([r * b for r, _ in pairs], np.int32),
+        np.array([c * b for _, c in pairs], np.int32),
+        np.array([1 if r == c else 2 for r, c in pairs], dtype),
+    )
 
 
 def summary_width(summary: Any) -> int:
@@ -82,15 +85,17 @@ def poison(x: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("factory", "options"))
-def _evaluate(factory: Callable[..., Measure], options: tuple, x: jax.Array, y: jax.Array
-              ) -> jax.Array:
+def _evaluate(
+    factory: Callable[..., Measure], options: tuple, x: jax.Array, y: jax.Array
+) -> jax.Array:
     m = factory(**dict(options))
     value = m.pair(m.prepare(x), m.prepare(y))
     return value + (poison(x) + poison(y)).astype(value.dtype)
 
 
-def evaluate(factory: Callable[..., Measure], x: jax.Array, y: jax.Array, **options: Any
-             ) -> jax.Array:
+def evaluate(
+    factory: Callable[..., Measure], x: jax.Array, y: jax.Array, **options: Any
+) -> jax.Array:
     """``pair(prepare(x), prepare(y))`` of the measure ``factory(**options)``, jitted once
     per measure, options and shapes: every public single-pair function is this."""
     return _evaluate(factory, tuple(sorted(options.items())), replicated(x), replicated(y))
@@ -115,8 +120,30 @@ def replicated(x: Any) -> Any:
     names = spec_axes(sharding.spec)
     if not any(types.get(n) == jax.sharding.AxisType.Explicit for n in names):
         return x
-    return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh,
-                                                              jax.sharding.PartitionSpec()))
+    return jax.sharding.reshard(
+        x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    )
+
+
+# Incremented at trace time only: tests use it to prove that grids do not recompile.
+TRACE_COUNT: collections.Counter = collections.Counter()
+
+
+def on_mesh(
+    local: Callable[..., Any], mesh: Any, in_specs: tuple, out_specs: Any
+) -> Callable[..., Any]:
+    """``shard_map(local)`` over ``mesh``, to be jitted. On explicit axes, where
+    shard_map takes only arguments already sharded as ``in_specs`` says, they are
+    resharded first, and the result is replicated."""
+    program = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+    if jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return program
+    put = lambda tree, s: jax.tree.map(
+        lambda leaf: jax.sharding.reshard(leaf, jax.sharding.NamedSharding(mesh, s)), tree
+    )
+    return lambda *args: put(
+        program(*(put(a, s) for a, s in zip(args, in_specs))), jax.sharding.PartitionSpec()
+    )
 
 
 def safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -128,8 +155,9 @@ def safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
     return jnp.where(empty, jnp.zeros_like(num), num / jnp.where(empty, 1, den))
 
 
-def bounded_ratio(num: jax.Array, den: jax.Array, lower: float = -1.0, upper: float = 1.0
-                  ) -> jax.Array:
+def bounded_ratio(
+    num: jax.Array, den: jax.Array, lower: float = -1.0, upper: float = 1.0
+) -> jax.Array:
     """:func:`safe_ratio` of a ratio whose exact value lies in ``[lower, upper]`` (a cosine,
     a correlation, a weighted mean of such values): rounding cannot carry it out of its
     range (identical layers would score above 1). NaN stays NaN."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Callable, Iterable, Iterator
 
+import jax
+
 # with ``progress=None`` a bar appears only once a loop has run this long
 AUTO_DELAY_S = 3.0
 
@@ -13,8 +15,9 @@ def _nothing() -> None:
     return None
 
 
-def steps(enabled: bool | None, total: int | None, desc: str
-          ) -> tuple[Callable[[], None], Callable[[], None]]:
+def steps(
+    enabled: bool | None, total: int | None, desc: str
+) -> tuple[Callable[[], None], Callable[[], None]]:
     """``(advance, close)`` of a progress bar on stderr over ``total`` steps.
 
     ``enabled``: True always shows one (tqdm, or a plain counter without it); False never;
@@ -26,8 +29,9 @@ def steps(enabled: bool | None, total: int | None, desc: str
         from tqdm.auto import tqdm
     except ImportError:
         return _plain(total, desc) if enabled else (_nothing, _nothing)
-    shown = tqdm(total=total, desc=desc, leave=False, file=sys.stderr,
-                 delay=0.0 if enabled else AUTO_DELAY_S)
+    shown = tqdm(
+        total=total, desc=desc, leave=False, file=sys.stderr, delay=0.0 if enabled else AUTO_DELAY_S
+    )
     return (lambda: shown.update(1) and None), shown.close
 
 
@@ -37,8 +41,12 @@ def _plain(total: int | None, desc: str) -> tuple[Callable[[], None], Callable[[
     def advance():
         nonlocal count
         count += 1
-        print(f"\r{desc}: {count}" + (f"/{total}" if total else ""), end="", file=sys.stderr,
-              flush=True)
+        print(
+            f"\r{desc}: {count}" + (f"/{total}" if total else ""),
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def close():
         if count:
@@ -56,3 +64,24 @@ def bar(iterable: Iterable, enabled: bool | None, total: int | None, desc: str) 
             advance()
     finally:
         close()
+
+
+def ticker(
+    enabled: bool | None, total: int, desc: str, traced: bool
+) -> tuple[Callable[..., None], Callable[[], None]]:
+    """``(tick, close)`` for a progress bar over ``total`` steps of a grid:
+    ``tick(value, steps=1)`` waits for ``value`` (so that the bar follows the work, not its
+    dispatch) and advances.
+    No bar, and no waiting, when ``enabled`` is False or the layers are traced."""
+    if traced:
+        enabled = False
+    advance, close = steps(enabled, total, desc)
+    if enabled is False:
+        return (lambda value, steps=1: None), close
+
+    def tick(value, steps=1):
+        jax.block_until_ready(value)
+        for _ in range(steps):
+            advance()
+
+    return tick, close

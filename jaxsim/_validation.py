@@ -53,8 +53,10 @@ def _off_host_mesh(x: Any) -> Any:
     if len(devices) < 2 or not jax.sharding.get_abstract_mesh().empty:
         return x
     here = jax.process_index()
-    if all(getattr(d, "platform", "") == "cpu" and getattr(d, "process_index", here) == here
-           for d in devices):
+    if all(
+        getattr(d, "platform", "") == "cpu" and getattr(d, "process_index", here) == here
+        for d in devices
+    ):
         return np.asarray(x)
     return x
 
@@ -101,18 +103,22 @@ def finite(named: dict[str, Any], enabled: bool = True) -> None:
     """
     if not enabled:
         return
-    named = {k: _off_host_mesh(a) if hasattr(a, "dtype") else np.asarray(a)
-             for k, a in named.items()}
+    named = {
+        k: _off_host_mesh(a) if hasattr(a, "dtype") else np.asarray(a) for k, a in named.items()
+    }
     host = {k: a for k, a in named.items() if isinstance(a, np.ndarray)}
-    device = {k: a for k, a in named.items()
-              if not isinstance(a, np.ndarray) and not _is_tracer(a)}
-    counts = {k: int(np.sum(~np.isfinite(a))) if a.dtype.kind in "fc" else 0
-              for k, a in host.items()}
+    device = {k: a for k, a in named.items() if not isinstance(a, np.ndarray) and not _is_tracer(a)}
+    counts = {
+        k: int(np.sum(~np.isfinite(a))) if a.dtype.kind in "fc" else 0 for k, a in host.items()
+    }
     if device:
         with jax.ensure_compile_time_eval():
             flagged = np.asarray(_nonfinite(list(device.values())))
-            counts.update((k, int(_nonfinite_count(device[k])))
-                          for k, bad in zip(device, flagged.tolist()) if bad)
+            counts.update(
+                (k, int(_nonfinite_count(device[k])))
+                for k, bad in zip(device, flagged.tolist())
+                if bad
+            )
     for name in named:
         if counts.get(name):
             raise ValueError(
@@ -148,8 +154,9 @@ def layers(named: dict[str, Any], *, check_finite_values: bool = True) -> dict[s
     return out
 
 
-_TRANSPOSE_HINT = ("; if the arrays are laid out (neurons, n) as in google/svcca, pass their "
-                   "transposes (x.T)")
+_TRANSPOSE_HINT = (
+    "; if the arrays are laid out (neurons, n) as in google/svcca, pass their transposes (x.T)"
+)
 
 
 def same_n(arrays: dict[str, Array], *, min_n: int = 2, why: str = "") -> int:
@@ -160,8 +167,9 @@ def same_n(arrays: dict[str, Array], *, min_n: int = 2, why: str = "") -> int:
         if a.shape[0] != n:
             first = items[0][1]
             # (neurons, n) arrays share their second axis, longer than either first one
-            looks_transposed = (a.ndim == first.ndim == 2 and a.shape[1] == first.shape[1]
-                                > max(a.shape[0], n))
+            looks_transposed = a.ndim == first.ndim == 2 and a.shape[1] == first.shape[1] > max(
+                a.shape[0], n
+            )
             hint = _TRANSPOSE_HINT if looks_transposed else ""
             raise ValueError(
                 f"{name}: has {a.shape[0]} examples (shape {tuple(a.shape)}) but "
@@ -177,15 +185,21 @@ def same_n(arrays: dict[str, Array], *, min_n: int = 2, why: str = "") -> int:
     return n
 
 
-def _two(a: Array, b: Array, names: tuple[str, str], min_n: int, why: str
-         ) -> tuple[Array, Array]:
+def _two(a: Array, b: Array, names: tuple[str, str], min_n: int, why: str) -> tuple[Array, Array]:
     same_n({names[0]: a, names[1]: b}, min_n=min_n, why=why)
     dtype = jnp.promote_types(a.dtype, b.dtype)
     return a.astype(dtype), b.astype(dtype)
 
 
-def pair(x: Any, y: Any, *, min_n: int = 2, why: str = "", check_finite: bool = True,
-         names: tuple[str, str] = ("x", "y")) -> tuple[Array, Array]:
+def pair(
+    x: Any,
+    y: Any,
+    *,
+    min_n: int = 2,
+    why: str = "",
+    check_finite: bool = True,
+    names: tuple[str, str] = ("x", "y"),
+) -> tuple[Array, Array]:
     """Converts and checks two activation arrays that must share n; returns a common dtype."""
     a, b = layers(dict(zip(names, (x, y))), check_finite_values=check_finite).values()
     return _two(a, b, names, min_n, why)
@@ -194,13 +208,21 @@ def pair(x: Any, y: Any, *, min_n: int = 2, why: str = "", check_finite: bool = 
 def gram(k: Any, name: str) -> Array:
     k = as_float_array(k, name)
     if k.ndim != 2 or k.shape[0] != k.shape[1]:
-        raise ValueError(f"{name}: expected a square (n, n) Gram matrix, got shape "
-                         f"{tuple(k.shape)}")
+        raise ValueError(
+            f"{name}: expected a square (n, n) Gram matrix, got shape {tuple(k.shape)}"
+        )
     return k
 
 
-def gram_pair(k: Any, l: Any, *, min_n: int = 2, why: str = "", check_finite: bool = True,
-              names: tuple[str, str] = ("gram_x", "gram_y")) -> tuple[Array, Array]:
+def gram_pair(
+    k: Any,
+    l: Any,
+    *,
+    min_n: int = 2,
+    why: str = "",
+    check_finite: bool = True,
+    names: tuple[str, str] = ("gram_x", "gram_y"),
+) -> tuple[Array, Array]:
     a, b = gram(k, names[0]), gram(l, names[1])
     finite(dict(zip(names, (k, l))), check_finite)
     return _two(a, b, names, min_n, why)

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -58,6 +57,7 @@ import jax.numpy as jnp
 
 from jaxsim import _linalg as _la
 from jaxsim import _validation as _v
+from jaxsim._cca_checks import UnderdeterminedWarning, check_keep_dims, warn_examples
 from jaxsim._measure import (
     Measure,
     bounded_ratio,
@@ -68,6 +68,8 @@ from jaxsim._measure import (
     safe_sqrt,
     unit_scaled,
 )
+
+__all__ = ["CCAResult", "UnderdeterminedWarning", "cca", "mean_cca", "pwcca", "svcca"]
 
 Array = jax.Array
 
@@ -151,8 +153,9 @@ def _whitening_input(x: Array, epsilon: float) -> tuple[Array, Array, Array, Arr
     return jnp.where(kept, xs, 0) / norm, offset, kept, 1 / (big * norm)
 
 
-def _summary(u: Array, s: Array, vh: Array, live: Array, offset: Array, kept: Array,
-             eps: float) -> CCASummary:
+def _summary(
+    u: Array, s: Array, vh: Array, live: Array, offset: Array, kept: Array, eps: float
+) -> CCASummary:
     """A prepared layer from the SVD of its scaled activations (``live``: the directions
     above the rank cut-off of :func:`jaxsim._linalg.data_svd`); google/svcca's epsilon
     shrinks direction i by ``sqrt(lam_i / (lam_i + eps))``, as ``(Sigma + eps I)^(-1/2)``
@@ -169,8 +172,13 @@ def _prepare_cca(x: Array, epsilon: float) -> CCASummary:
     return _summary(u, s, vh, live, offset, kept, epsilon)
 
 
-def _prepare_svcca(x: Array, keep_dims: int | None, keep_variance: float,
-                   epsilon: float, cap_keep_dims: bool = False) -> CCASummary:
+def _prepare_svcca(
+    x: Array,
+    keep_dims: int | None,
+    keep_variance: float,
+    epsilon: float,
+    cap_keep_dims: bool = False,
+) -> CCASummary:
     n, d = x.shape
     m = min(n, d) if keep_dims is None else keep_dims
     if cap_keep_dims:
@@ -190,8 +198,9 @@ def _prepare_svcca(x: Array, keep_dims: int | None, keep_variance: float,
     # basis is U_m itself, and the epsilon rule acts on S_m^2 / S_1^2
     rel = safe_ratio(s, s[0])
     kept = mask & (rel * rel >= epsilon)
-    return _summary(u, rel, jnp.eye(m, dtype=x.dtype), live & kept, jnp.zeros(m, x.dtype),
-                    kept, epsilon)
+    return _summary(
+        u, rel, jnp.eye(m, dtype=x.dtype), live & kept, jnp.zeros(m, x.dtype), kept, epsilon
+    )
 
 
 # -------------------------------------------------------------------------------- pair
@@ -234,9 +243,14 @@ def _cca_result(a: CCASummary, b: CCASummary, scale_a: Array, scale_b: Array) ->
     # variates = X_c W: W = V (F / S) P / scale, the pseudo-inverse on null directions
     xw = dot(a.right.T * (safe_ratio(a.factor, a.values) * scale_a), p) * root
     yw = dot(b.right.T * (safe_ratio(b.factor, b.values) * scale_b), qh.T) * root
-    return CCAResult(jnp.pad(_valid(s, rank), (0, k - s.shape[0])), rank,
-                     _pad_columns(xw, k), _pad_columns(yw, k), _pad_columns(xv, k),
-                     _pad_columns(yv, k))
+    return CCAResult(
+        jnp.pad(_valid(s, rank), (0, k - s.shape[0])),
+        rank,
+        _pad_columns(xw, k),
+        _pad_columns(yw, k),
+        _pad_columns(xv, k),
+        _pad_columns(yv, k),
+    )
 
 
 def _kept_first(s: CCASummary) -> CCASummary:
@@ -291,8 +305,9 @@ def _weighted(weights: Array, rank: Array, coefs: Array) -> Array:
     return bounded_ratio(jnp.sum(weights * coefs), jnp.sum(weights), 0.0)
 
 
-def _pwcca_pair(a: CCASummary, b: CCASummary, *, epsilon: float,
-                directions: str = "reference") -> Array:
+def _pwcca_pair(
+    a: CCASummary, b: CCASummary, *, epsilon: float, directions: str = "reference"
+) -> Array:
     side = _pw_side if directions == "reference" else _pw_variates
     if epsilon:
         a, b = _kept_first(a), _kept_first(b)
@@ -329,14 +344,22 @@ def cca_measure(*, epsilon: float = 0.0) -> Measure:
 
 
 @functools.lru_cache(maxsize=None)
-def svcca_measure(*, keep_dims: int | None = None, keep_variance: float = 0.99,
-                  epsilon: float = 0.0, cap_keep_dims: bool = False) -> Measure:
+def svcca_measure(
+    *,
+    keep_dims: int | None = None,
+    keep_variance: float = 0.99,
+    epsilon: float = 0.0,
+    cap_keep_dims: bool = False,
+) -> Measure:
     """SVCCA as a :class:`Measure` (keep_dims is checked against each layer's shape by
     :func:`check_keep_dims`)."""
-    summary = functools.partial(_prepare_svcca, keep_dims=keep_dims,
-                                keep_variance=_check_keep(keep_dims, keep_variance),
-                                epsilon=_v.non_negative(epsilon, "epsilon"),
-                                cap_keep_dims=bool(cap_keep_dims))
+    summary = functools.partial(
+        _prepare_svcca,
+        keep_dims=keep_dims,
+        keep_variance=_check_keep(keep_dims, keep_variance),
+        epsilon=_v.non_negative(epsilon, "epsilon"),
+        cap_keep_dims=bool(cap_keep_dims),
+    )
     return Measure("svcca", lambda x: _subspace(summary(x)), _mean_pair, widen=_widen)
 
 
@@ -346,55 +369,15 @@ def pwcca_measure(*, epsilon: float = 0.0, directions: str = "reference") -> Mea
     _v.choice(directions, "directions", ("reference", "variates"))
     epsilon = _v.non_negative(epsilon, "epsilon")
     pair = functools.partial(_pwcca_pair, epsilon=epsilon, directions=directions)
-    return Measure("pwcca", functools.partial(_prepare_cca, epsilon=epsilon), pair,
-                   symmetric=False)
+    return Measure("pwcca", functools.partial(_prepare_cca, epsilon=epsilon), pair, symmetric=False)
 
 
 # ---------------------------------------------------------------------- public functions
 
 
-# google/svcca's tutorial ("How many datapoints?"): "pick the number of datapoints to be
-# at least a few times larger than the number of neurons", because with few examples per
-# unit CCA finds correlations in noise (unrelated layers score near 1).
-EXAMPLES_PER_UNIT = 5
-
-
-class UnderdeterminedWarning(UserWarning):
-    """CCA on fewer examples than a few per unit: canonical correlations are inflated."""
-
-
-def examples_note(n: int, widths: dict[str, int]) -> str | None:
-    """The under-determined-CCA message for n examples and the units CCA sees per layer
-    (the width, or SVCCA's keep_dims), or None when n is at least EXAMPLES_PER_UNIT times
-    every one of them."""
-    short = {k: w for k, w in widths.items() if n < EXAMPLES_PER_UNIT * w}
-    if not short:
-        return None
-    name, width = max(short.items(), key=lambda kv: kv[1])
-    every = ", ".join(f"{k} ({w})" for k, w in short.items())
-    note = (f"{name}: CCA on n={n} examples for {width} units (fewer than "
-            f"{EXAMPLES_PER_UNIT} per unit, google/svcca's advice; {len(short)} layer(s) so: "
-            f"{every}): canonical correlations are inflated toward 1, on unrelated layers "
-            f"too. Use more examples, svcca with keep_dims <= {max(1, n // EXAMPLES_PER_UNIT)}, "
-            "reduce='average' for conv layers in grids (channels as units), or CKA "
-            "(linear_cka), which needs no more examples than units")
-    if all(n < w for w in widths.values()):
-        note += ("; if the arrays are laid out (neurons, n) as in google/svcca, pass their "
-                 "transposes (x.T)")
-    return note
-
-
-def warn_examples(n: int, widths: dict[str, int], warn: bool) -> str | None:
-    """Warns (once per call) when CCA is under-determined; returns the note."""
-    note = examples_note(n, widths)
-    if note and warn:
-        warnings.warn(note + ". Pass warn=False to silence this warning.",
-                      UnderdeterminedWarning, stacklevel=3)
-    return note
-
-
-def _checked(x: Any, y: Any, epsilon: float, check_finite: bool, warn: bool,
-             keep_dims: int | None = None) -> tuple[Array, Array, float]:
+def _checked(
+    x: Any, y: Any, epsilon: float, check_finite: bool, warn: bool, keep_dims: int | None = None
+) -> tuple[Array, Array, float]:
     x, y = _v.pair(x, y, min_n=2, check_finite=check_finite)
     units = lambda a: a.shape[1] if keep_dims is None else min(keep_dims, a.shape[1])
     warn_examples(x.shape[0], {"x": units(x), "y": units(y)}, warn)
@@ -406,12 +389,14 @@ def _cca(x: Array, y: Array, epsilon: float) -> CCAResult:
     scale = lambda a: _whitening_input(a, epsilon)[3]
     res = _cca_result(_prepare_cca(x, epsilon), _prepare_cca(y, epsilon), scale(x), scale(y))
     bad = poison(x) + poison(y)
-    return jax.tree.map(lambda v: v + bad.astype(v.dtype)
-                        if jnp.issubdtype(v.dtype, jnp.floating) else v, res)
+    return jax.tree.map(
+        lambda v: v + bad.astype(v.dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, res
+    )
 
 
-def cca(x: Any, y: Any, *, epsilon: float = 0.0, check_finite: bool = True,
-        warn: bool = True) -> CCAResult:
+def cca(
+    x: Any, y: Any, *, epsilon: float = 0.0, check_finite: bool = True, warn: bool = True
+) -> CCAResult:
     r"""Canonical correlation analysis of two activation arrays.
 
     With :math:`\Sigma` the (scaled, regularized) covariance blocks, the coefficients are the
@@ -436,8 +421,9 @@ def cca(x: Any, y: Any, *, epsilon: float = 0.0, check_finite: bool = True,
     return _cca(*_checked(x, y, epsilon, check_finite, warn))
 
 
-def mean_cca(x: Any, y: Any, *, epsilon: float = 0.0, check_finite: bool = True,
-        warn: bool = True) -> Array:
+def mean_cca(
+    x: Any, y: Any, *, epsilon: float = 0.0, check_finite: bool = True, warn: bool = True
+) -> Array:
     r"""Mean canonical correlation, :math:`\frac{1}{k} \sum_i \rho_i` over the ``rank``
     coefficients of :func:`cca`.
 
@@ -455,36 +441,25 @@ def _check_keep(keep_dims: Any, keep_variance: Any) -> float:
     try:
         kv = float(keep_variance)
     except (TypeError, ValueError):
-        raise TypeError(f"keep_variance: expected a number in (0, 1], got "
-                        f"{keep_variance!r}") from None
+        raise TypeError(
+            f"keep_variance: expected a number in (0, 1], got {keep_variance!r}"
+        ) from None
     if keep_dims is None and not 0 < kv <= 1:
         raise ValueError(f"keep_variance: must lie in (0, 1], got {keep_variance!r}")
     return kv
 
 
-def check_keep_dims(keep_dims: int | None, named: dict[str, Array],
-                    cap_keep_dims: bool = False) -> None:
-    """keep_dims must fit every layer (at most min(n, features) directions exist), unless
-    capped to each layer's."""
-    if keep_dims is None:
-        return
-    if keep_dims < 1:
-        raise ValueError(f"keep_dims: expected at least 1 direction, got {keep_dims}")
-    if cap_keep_dims:
-        return
-    for name, a in named.items():
-        limit = min(a.shape)
-        if keep_dims > limit:
-            raise ValueError(
-                f"keep_dims: {keep_dims} directions requested but {name} has shape "
-                f"{tuple(a.shape)}, which has at most min(n, features) = {limit}; pass "
-                f"cap_keep_dims=True to keep min(keep_dims, min(n, features)) directions of "
-                f"each layer")
-
-
-def svcca(x: Any, y: Any, *, keep_dims: int | None = None, keep_variance: float = 0.99,
-          epsilon: float = 0.0, cap_keep_dims: bool = False, check_finite: bool = True,
-          warn: bool = True) -> Array:
+def svcca(
+    x: Any,
+    y: Any,
+    *,
+    keep_dims: int | None = None,
+    keep_variance: float = 0.99,
+    epsilon: float = 0.0,
+    cap_keep_dims: bool = False,
+    check_finite: bool = True,
+    warn: bool = True,
+) -> Array:
     r"""Singular vector CCA: mean CCA of each layer's top principal directions.
 
     Each feature is centered, the layer is reduced to its top ``keep_dims`` singular
@@ -508,12 +483,26 @@ def svcca(x: Any, y: Any, *, keep_dims: int | None = None, keep_variance: float 
     keep_variance = _check_keep(keep_dims, keep_variance)
     x, y, epsilon = _checked(x, y, epsilon, check_finite, warn, keep_dims)
     check_keep_dims(keep_dims, {"x": x, "y": y}, cap_keep_dims)
-    return evaluate(svcca_measure, x, y, keep_dims=keep_dims, keep_variance=keep_variance,
-                    epsilon=epsilon, cap_keep_dims=bool(cap_keep_dims))
+    return evaluate(
+        svcca_measure,
+        x,
+        y,
+        keep_dims=keep_dims,
+        keep_variance=keep_variance,
+        epsilon=epsilon,
+        cap_keep_dims=bool(cap_keep_dims),
+    )
 
 
-def pwcca(x: Any, y: Any, *, epsilon: float = 0.0, directions: str = "reference",
-          check_finite: bool = True, warn: bool = True) -> Array:
+def pwcca(
+    x: Any,
+    y: Any,
+    *,
+    epsilon: float = 0.0,
+    directions: str = "reference",
+    check_finite: bool = True,
+    warn: bool = True,
+) -> Array:
     r"""Projection-weighted CCA (Morcos et al. 2018), as google/svcca computes it.
 
     .. math:: \mathrm{PWCCA} = \sum_i \alpha_i \rho_i, \qquad

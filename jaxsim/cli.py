@@ -10,9 +10,9 @@ from typing import Sequence
 import numpy as np
 
 from jaxsim._progress import bar
-from jaxsim.grid import METRICS
+from jaxsim._registry import METRICS
 
-_EPILOG = f"""metrics: {', '.join(sorted(METRICS))}
+_EPILOG = f"""metrics: {", ".join(sorted(METRICS))}
 
 example:
   jaxsim grid model_a.npz model_b.npz --metric linear_cka --out grid.npz --plot grid.png
@@ -30,38 +30,66 @@ def _version() -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="jaxsim", description="Layer-by-layer similarity of neural-network representations.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="jaxsim",
+        description="Layer-by-layer similarity of neural-network representations.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"jaxsim {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("grid", help="compare every layer of A with every layer of B (or A)",
-                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = sub.add_parser(
+        "grid",
+        help="compare every layer of A with every layer of B (or A)",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     g.add_argument("a", help="npz file of the row layers")
     g.add_argument("b", nargs="?", help="npz file of the column layers (default: a self-grid of A)")
-    g.add_argument("--metric", default="linear_cka", choices=sorted(METRICS),
-                   help="similarity measure (default linear_cka)")
-    g.add_argument("--out", help="save the grid to this .npz (values, rows, cols, metric); "
-                                 "without it the grid is only printed")
+    g.add_argument(
+        "--metric",
+        default="linear_cka",
+        choices=sorted(METRICS),
+        help="similarity measure (default linear_cka)",
+    )
+    g.add_argument(
+        "--out",
+        help="save the grid to this .npz (values, rows, cols, metric); "
+        "without it the grid is only printed",
+    )
     g.add_argument("--plot", help="also save a heatmap (.png or .pdf)")
-    g.add_argument("--batch-size", type=int,
-                   help="minibatch CKA over batches of this many examples (linear CKA only; "
-                        "memory independent of the number of examples)")
-    g.add_argument("--reduce", choices=["flatten", "average", "resize"],
-                   help="reduction of 4-D (n, h, w, c) layers: flatten (positions become "
-                        "examples), average (pool over positions) or resize (to the smallest "
-                        "h, w, then flatten); default: each example's h*w*c values are its "
-                        "features")
-    g.add_argument("--layout", choices=["examples-first", "neurons-first"],
-                   default="examples-first",
-                   help="examples-first: axis 0 indexes the examples (default); "
-                        "neurons-first: 2-D arrays laid out (neurons, n), as google/svcca's")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        help="minibatch CKA over batches of this many examples (linear CKA only; "
+        "memory independent of the number of examples)",
+    )
+    g.add_argument(
+        "--reduce",
+        choices=["flatten", "average", "resize"],
+        help="reduction of 4-D (n, h, w, c) layers: flatten (positions become "
+        "examples), average (pool over positions) or resize (to the smallest "
+        "h, w, then flatten); default: each example's h*w*c values are its "
+        "features",
+    )
+    g.add_argument(
+        "--layout",
+        choices=["examples-first", "neurons-first"],
+        default="examples-first",
+        help="examples-first: axis 0 indexes the examples (default); "
+        "neurons-first: 2-D arrays laid out (neurons, n), as google/svcca's",
+    )
     g.add_argument("--debiased", action="store_true", help="unbiased HSIC estimator (CKA)")
     g.add_argument("--epsilon", type=float, help="CCA regularizer (mean_cca, svcca, pwcca)")
     g.add_argument("--keep-dims", type=int, help="SVCCA: directions kept per layer")
     g.add_argument("--keep-variance", type=float, help="SVCCA: fraction of variance kept")
-    g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other option of the metric, e.g. --option alpha=0.5 "
-                        "--option compare=kendall (repeatable)")
+    g.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other option of the metric, e.g. --option alpha=0.5 "
+        "--option compare=kendall (repeatable)",
+    )
     g.add_argument("--x64", action="store_true", help="compute in float64")
     return parser
 
@@ -73,8 +101,10 @@ def _load(path: str, layout: str = "examples-first") -> dict[str, np.ndarray]:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else err
         raise ValueError(f"cannot read {path}: {reason}") from None
     if isinstance(loaded, np.ndarray):
-        raise ValueError(f"{path}: holds a single array (.npy); jaxsim grid reads .npz files "
-                         "of one array per layer, e.g. np.savez('layers.npz', fc1=a, fc2=b)")
+        raise ValueError(
+            f"{path}: holds a single array (.npy); jaxsim grid reads .npz files "
+            "of one array per layer, e.g. np.savez('layers.npz', fc1=a, fc2=b)"
+        )
     with loaded as f:
         layers = {k: f[k] for k in f.files}
     if not layers:
@@ -82,8 +112,10 @@ def _load(path: str, layout: str = "examples-first") -> dict[str, np.ndarray]:
     if layout == "neurons-first":
         for name, a in layers.items():
             if a.ndim != 2:
-                raise ValueError(f"--layout neurons-first: {name} has shape {a.shape}; only "
-                                 "2-D (neurons, n) arrays can be read so")
+                raise ValueError(
+                    f"--layout neurons-first: {name} has shape {a.shape}; only "
+                    "2-D (neurons, n) arrays can be read so"
+                )
         layers = {name: a.T for name, a in layers.items()}
     return layers
 
@@ -127,8 +159,8 @@ def _minibatch(a: dict, b: dict | None, batch_size: int):
     state = jaxsim.minibatch_cka_init(len(a), None if b is None else len(b))
     starts = range(0, n - batch_size + 1, batch_size)  # equal batches: the paper's estimator
     for s in bar(starts, True, len(starts), "minibatch CKA"):
-        part_a = [v[s:s + batch_size] for v in a.values()]
-        part_b = None if b is None else [v[s:s + batch_size] for v in b.values()]
+        part_a = [v[s : s + batch_size] for v in a.values()]
+        part_b = None if b is None else [v[s : s + batch_size] for v in b.values()]
         state = jaxsim.minibatch_cka_update(state, part_a, part_b)
     return jaxsim.minibatch_cka_result(state, rows=list(a), cols=list(a if b is None else b))
 
@@ -137,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.x64:
         import jax
+
         jax.config.update("jax_enable_x64", True)
     import jaxsim
 

@@ -27,8 +27,10 @@ REDUCTIONS = ("flatten", "average", "resize")
 def _conv(a: Any, name: str) -> Array:
     a = _v.as_float_array(a, name)
     if a.ndim != 4:
-        raise ValueError(f"{name}: expected a conv activation of shape (n, h, w, c), got shape "
-                         f"{tuple(a.shape)} (rank {a.ndim})")
+        raise ValueError(
+            f"{name}: expected a conv activation of shape (n, h, w, c), got shape "
+            f"{tuple(a.shape)} (rank {a.ndim})"
+        )
     return a
 
 
@@ -50,13 +52,18 @@ def resize_spatial(a: Any, size: Sequence[int], method: str = "linear") -> Array
     a = _conv(a, "a")
     if len(size) != 2 or any(int(s) < 1 for s in size):
         raise ValueError(f"size: expected two positive ints (h, w), got {size!r}")
-    return jax.image.resize(a, (a.shape[0], int(size[0]), int(size[1]), a.shape[3]),
-                            method=method)
+    return jax.image.resize(a, (a.shape[0], int(size[0]), int(size[1]), a.shape[3]), method=method)
 
 
-def reduce_layers(named: dict[str, Array], reduce: str | None, *, size: Sequence[int] | None = None,
-                  subsample: float | None = None, key: Array | None = None,
-                  method: str = "linear") -> dict[str, Array]:
+def reduce_layers(
+    named: dict[str, Array],
+    reduce: str | None,
+    *,
+    size: Sequence[int] | None = None,
+    subsample: float | None = None,
+    key: Array | None = None,
+    method: str = "linear",
+) -> dict[str, Array]:
     """Applies one reduction to every 4-D layer of ``{name: activation}``.
 
     Args:
@@ -82,7 +89,8 @@ def reduce_layers(named: dict[str, Array], reduce: str | None, *, size: Sequence
             f"reduce={reduce!r}: makes every spatial position of a conv layer an example, so "
             f"conv layers get n*h*w rows, but these layers are not (n, h, w, c): {listing}; "
             "use reduce='average' (one row per example for every layer) or compare the conv "
-            "layers on their own")
+            "layers on their own"
+        )
     if reduce == "resize":
         if size is None:
             size = min((a.shape[1:3] for a in conv.values()), key=lambda s: s[0] * s[1])
@@ -90,8 +98,10 @@ def reduce_layers(named: dict[str, Array], reduce: str | None, *, size: Sequence
     spatial = {k: a.shape[1:3] for k, a in conv.items()}
     if len(set(spatial.values())) > 1:
         listing = ", ".join(f"{k}: {h}x{w}" for k, (h, w) in spatial.items())
-        raise ValueError(f"reduce='flatten': layers have different spatial sizes ({listing}); "
-                         "use reduce='average' or reduce='resize'")
+        raise ValueError(
+            f"reduce='flatten': layers have different spatial sizes ({listing}); "
+            "use reduce='average' or reduce='resize'"
+        )
     out = {k: (flatten_spatial(conv[k]) if k in conv else a) for k, a in named.items()}
     if subsample is not None:
         rows = next(iter(out[k] for k in conv)).shape[0]
@@ -99,8 +109,7 @@ def reduce_layers(named: dict[str, Array], reduce: str | None, *, size: Sequence
             raise ValueError(f"subsample: expected a fraction in (0, 1], got {subsample!r}")
         if key is None:
             raise ValueError("key: subsample needs a jax.random key")
-        keep = jax.random.choice(key, rows, (max(1, int(round(subsample * rows))),),
-                                 replace=False)
+        keep = jax.random.choice(key, rows, (max(1, int(round(subsample * rows))),), replace=False)
         keep = jnp.sort(keep)
         out = {k: (a[keep] if k in conv else a) for k, a in out.items()}
     return out

@@ -22,11 +22,18 @@ import jax
 import numpy as np
 from jax.extend.core import Literal
 
-from jaxsim import grid as _grid
+from jaxsim import minibatch as _minibatch
 from jaxsim._progress import bar
+from jaxsim._result import Grid
 
-__all__ = ["as_capture", "capture_linen", "capture_nnx", "collect_activations", "minibatch_grid",
-           "minibatch_state"]
+__all__ = [
+    "as_capture",
+    "capture_linen",
+    "capture_nnx",
+    "collect_activations",
+    "minibatch_grid",
+    "minibatch_state",
+]
 
 Array = jax.Array
 Filter = Any  # None | callable(path, module) | type | tuple of types | str glob | re.Pattern | list
@@ -55,9 +62,11 @@ def _accept(filter: Filter) -> Callable[[str, Any], bool]:
         return lambda path, module: any(p(path, module) for p in parts)
     if callable(filter):
         return lambda path, module: bool(filter(path, module))
-    raise TypeError("filter: expected None, a callable (path, module) -> bool, a module type "
-                    f"or tuple of types, a glob string, a compiled regex, or a list; "
-                    f"got {filter!r}")
+    raise TypeError(
+        "filter: expected None, a callable (path, module) -> bool, a module type "
+        f"or tuple of types, a glob string, a compiled regex, or a list; "
+        f"got {filter!r}"
+    )
 
 
 def _select(found: dict[str, tuple[Array, Any, int]], filter: Filter) -> dict[str, Array]:
@@ -79,8 +88,9 @@ def _select(found: dict[str, tuple[Array, Any, int]], filter: Filter) -> dict[st
 # ------------------------------------------------------------------------ forward order
 
 
-def _equation_positions(fn: Callable[[Any], list[Array]], inputs: Any
-                        ) -> tuple[list[int], list[int]]:
+def _equation_positions(
+    fn: Callable[[Any], list[Array]], inputs: Any
+) -> tuple[list[int], list[int]]:
     """For each output of ``fn(inputs)``, the position in the computation of the equation
     that produces it (-1 for inputs and constants), and an identity shared by outputs that
     are the very same value; read off the jaxpr."""
@@ -91,13 +101,15 @@ def _equation_positions(fn: Callable[[Any], list[Array]], inputs: Any
             made[v] = i
     position = [-1 if isinstance(v, Literal) else made.get(v, -1) for v in jaxpr.outvars]
     ids: dict[Any, int] = {}
-    identity = [k if isinstance(v, Literal) else ids.setdefault(v, k)
-                for k, v in enumerate(jaxpr.outvars)]
+    identity = [
+        k if isinstance(v, Literal) else ids.setdefault(v, k) for k, v in enumerate(jaxpr.outvars)
+    ]
     return position, identity
 
 
-def _ordered(fn: Callable[[Any], dict[str, tuple[Array, Any]]], inputs: Any
-             ) -> dict[str, tuple[Array, Any, int]]:
+def _ordered(
+    fn: Callable[[Any], dict[str, tuple[Array, Any]]], inputs: Any
+) -> dict[str, tuple[Array, Any, int]]:
     """``{path: (value, module, identity)}`` in forward order."""
     found = fn(inputs)
     keys = list(found)
@@ -149,8 +161,9 @@ def _collected(tree: Any, modules: dict[str, Any]) -> dict[str, tuple[Array, Any
 # ------------------------------------------------------------------------------- linen
 
 
-def _linen_found(module: Any, variables: Any, inputs: Any, apply_kwargs: dict
-                 ) -> dict[str, tuple[Array, Any]]:
+def _linen_found(
+    module: Any, variables: Any, inputs: Any, apply_kwargs: dict
+) -> dict[str, tuple[Array, Any]]:
     modules: dict[str, Any] = {}
 
     def record(mdl: Any, method_name: str) -> bool:
@@ -163,14 +176,20 @@ def _linen_found(module: Any, variables: Any, inputs: Any, apply_kwargs: dict
 
     variables = {k: v for k, v in dict(variables).items() if k != "intermediates"}
     try:
-        _, state = module.apply(variables, inputs, capture_intermediates=record,
-                                mutable=["intermediates"], **apply_kwargs)
+        _, state = module.apply(
+            variables,
+            inputs,
+            capture_intermediates=record,
+            mutable=["intermediates"],
+            **apply_kwargs,
+        )
     except (errors.ModifyScopeVariableError, errors.InvalidRngError) as err:
         raise ValueError(
             f"model: it runs in training mode ({err.__class__.__name__}: batch norm would "
             "update its statistics or dropout needs a random key); capture inference-mode "
             "activations with the model's own switch, e.g. capture_linen(module, variables, "
-            "x, train=False) or apply_kwargs={'train': False}") from None
+            "x, train=False) or apply_kwargs={'train': False}"
+        ) from None
     return _collected(state.get("intermediates", {}), modules)
 
 
@@ -178,8 +197,7 @@ def _linen_module(module: Any) -> None:
     from flax import linen as nn
 
     if not isinstance(module, nn.Module):
-        hint = (" (for an nnx model use capture_nnx(model, x))"
-                if _is_nnx(module) else "")
+        hint = " (for an nnx model use capture_nnx(model, x))" if _is_nnx(module) else ""
         raise TypeError(f"module: expected a flax.linen.Module, got {type(module).__name__}{hint}")
 
 
@@ -188,15 +206,23 @@ def _merged(apply_kwargs: dict | None, more: dict) -> dict:
     both = dict(apply_kwargs or {})
     clash = sorted(set(both) & set(more))
     if clash:
-        raise TypeError(f"apply_kwargs: {', '.join(clash)} given twice (in apply_kwargs and as "
-                        "a keyword argument)")
+        raise TypeError(
+            f"apply_kwargs: {', '.join(clash)} given twice (in apply_kwargs and as "
+            "a keyword argument)"
+        )
     both.update(more)
     return both
 
 
-def capture_linen(module: Any, variables: Any, inputs: Any, *, filter: Filter = None,
-                  apply_kwargs: dict | None = None, **more_apply_kwargs: Any
-                  ) -> dict[str, Array]:
+def capture_linen(
+    module: Any,
+    variables: Any,
+    inputs: Any,
+    *,
+    filter: Filter = None,
+    apply_kwargs: dict | None = None,
+    **more_apply_kwargs: Any,
+) -> dict[str, Array]:
     """Activations of a linen model, ``{layer path: array}`` in forward order.
 
     Args:
@@ -267,15 +293,15 @@ def _nnx_module(module: Any) -> None:
     if not _is_nnx(module):
         hint = ""
         if isinstance(module, tuple) and len(module) == 2:
-            hint = (" (a linen (module, variables) pair: use capture_linen(module, variables, "
-                    "x))")
+            hint = " (a linen (module, variables) pair: use capture_linen(module, variables, x))"
         raise TypeError(f"module: expected a flax.nnx.Module, got {type(module).__name__}{hint}")
     training = _training_layers(module)
     if training:
         raise ValueError(
             f"model: in training mode ({', '.join(training)} would use batch statistics or "
             "drop units, and update the model); call model.eval() before capturing "
-            "activations (model.train() switches back)")
+            "activations (model.train() switches back)"
+        )
 
 
 def capture_nnx(module: Any, inputs: Any, *, filter: Filter = None) -> dict[str, Array]:
@@ -300,8 +326,9 @@ def capture_nnx(module: Any, inputs: Any, *, filter: Filter = None) -> dict[str,
 # ---------------------------------------------------------------------------- streaming
 
 
-def as_capture(model: Any, *, filter: Filter = None, **apply_kwargs: Any
-               ) -> Callable[[Any], dict[str, Array]]:
+def as_capture(
+    model: Any, *, filter: Filter = None, **apply_kwargs: Any
+) -> Callable[[Any], dict[str, Array]]:
     """``inputs -> {path: activation}`` for an nnx module, a linen ``(module, variables)``
     pair, or a callable that already returns activations (a dict or a sequence)."""
     from flax import linen as nn
@@ -313,14 +340,21 @@ def as_capture(model: Any, *, filter: Filter = None, **apply_kwargs: Any
         module, variables = model
         return lambda x: capture_linen(module, variables, x, filter=filter, **apply_kwargs)
     if callable(model) and not isinstance(model, nn.Module):
+
         def run(x):
             acts = model(x)
             return dict(acts) if isinstance(acts, dict) else {str(i): a for i, a in enumerate(acts)}
+
         return run
-    hint = (" (a linen module needs its variables: pass (module, variables))"
-            if isinstance(model, nn.Module) else "")
-    raise TypeError("model: expected an nnx.Module, a (linen module, variables) pair, or a "
-                    f"callable returning activations; got {type(model).__name__}{hint}")
+    hint = (
+        " (a linen module needs its variables: pass (module, variables))"
+        if isinstance(model, nn.Module)
+        else ""
+    )
+    raise TypeError(
+        "model: expected an nnx.Module, a (linen module, variables) pair, or a "
+        f"callable returning activations; got {type(model).__name__}{hint}"
+    )
 
 
 def _inputs(batch: Any) -> Any:
@@ -347,11 +381,20 @@ def _record(acts: dict[str, Array], names: list[str]) -> dict[str, Array]:
     return acts
 
 
-def minibatch_grid(model_a: Any, batches: Iterable[Any], model_b: Any = None, *,
-                   filter: Filter = None, filter_b: Filter = None, progress: bool = True,
-                   total: int | None = None, state: _grid.MinibatchCKAState | None = None,
-                   labels: tuple[str, str] | None = None, apply_kwargs: dict | None = None,
-                   **more_apply_kwargs: Any) -> _grid.Grid:
+def minibatch_grid(
+    model_a: Any,
+    batches: Iterable[Any],
+    model_b: Any = None,
+    *,
+    filter: Filter = None,
+    filter_b: Filter = None,
+    progress: bool = True,
+    total: int | None = None,
+    state: _minibatch.MinibatchCKAState | None = None,
+    labels: tuple[str, str] | None = None,
+    apply_kwargs: dict | None = None,
+    **more_apply_kwargs: Any,
+) -> Grid:
     """Minibatch CKA grid of one model's layers (or two models') over a stream of batches.
 
     Each batch is one jitted step: forward pass(es), capture and
@@ -382,38 +425,75 @@ def minibatch_grid(model_a: Any, batches: Iterable[Any], model_b: Any = None, *,
       >>> state = minibatch_state(model, first_half)  # doctest: +SKIP
       >>> grid = minibatch_grid(model, second_half, state=state)  # doctest: +SKIP
     """
-    state, rows, cols = _stream(model_a, batches, model_b, filter, filter_b, progress, total,
-                                state, _merged(apply_kwargs, more_apply_kwargs))
+    state, rows, cols = _stream(
+        model_a,
+        batches,
+        model_b,
+        filter,
+        filter_b,
+        progress,
+        total,
+        state,
+        _merged(apply_kwargs, more_apply_kwargs),
+    )
     default = ("model_a", "model_a" if model_b is None else "model_b")
-    return _grid.minibatch_cka_result(state, rows=rows, cols=cols,
-                                      labels=default if labels is None else labels)
+    return _minibatch.minibatch_cka_result(
+        state, rows=rows, cols=cols, labels=default if labels is None else labels
+    )
 
 
-def minibatch_state(model_a: Any, batches: Iterable[Any], model_b: Any = None, *,
-                    filter: Filter = None, filter_b: Filter = None, progress: bool = True,
-                    total: int | None = None, state: _grid.MinibatchCKAState | None = None,
-                    apply_kwargs: dict | None = None, **more_apply_kwargs: Any
-                    ) -> _grid.MinibatchCKAState:
+def minibatch_state(
+    model_a: Any,
+    batches: Iterable[Any],
+    model_b: Any = None,
+    *,
+    filter: Filter = None,
+    filter_b: Filter = None,
+    progress: bool = True,
+    total: int | None = None,
+    state: _minibatch.MinibatchCKAState | None = None,
+    apply_kwargs: dict | None = None,
+    **more_apply_kwargs: Any,
+) -> _minibatch.MinibatchCKAState:
     """The minibatch CKA state of :func:`minibatch_grid`'s stream (same arguments), to
     resume later (``minibatch_grid(..., state=state)``), save with numpy, or add to other
     streams' states (``jax.tree.map(operator.add, s1, s2)``)."""
-    return _stream(model_a, batches, model_b, filter, filter_b, progress, total, state,
-                   _merged(apply_kwargs, more_apply_kwargs))[0]
+    return _stream(
+        model_a,
+        batches,
+        model_b,
+        filter,
+        filter_b,
+        progress,
+        total,
+        state,
+        _merged(apply_kwargs, more_apply_kwargs),
+    )[0]
 
 
-def _stream(model_a: Any, batches: Iterable[Any], model_b: Any, filter: Filter,
-            filter_b: Filter, progress: bool, total: int | None,
-            state: _grid.MinibatchCKAState | None, apply_kwargs: dict
-            ) -> tuple[_grid.MinibatchCKAState, list[str], list[str]]:
+def _stream(
+    model_a: Any,
+    batches: Iterable[Any],
+    model_b: Any,
+    filter: Filter,
+    filter_b: Filter,
+    progress: bool,
+    total: int | None,
+    state: _minibatch.MinibatchCKAState | None,
+    apply_kwargs: dict,
+) -> tuple[_minibatch.MinibatchCKAState, list[str], list[str]]:
     """The stream's state and its row and column layer names."""
     cap_a = as_capture(model_a, filter=filter, **apply_kwargs)
-    cap_b = None if model_b is None else as_capture(
-        model_b, filter=filter if filter_b is None else filter_b, **apply_kwargs)
+    cap_b = (
+        None
+        if model_b is None
+        else as_capture(model_b, filter=filter if filter_b is None else filter_b, **apply_kwargs)
+    )
 
     @jax.jit
     def step(state, x):
         acts_b = None if cap_b is None else cap_b(x)
-        return _grid.minibatch_cka_update(state, cap_a(x), acts_b, check_finite=False)
+        return _minibatch.minibatch_cka_update(state, cap_a(x), acts_b, check_finite=False)
 
     if total is None and isinstance(batches, Sized):
         total = len(batches)
@@ -422,9 +502,11 @@ def _stream(model_a: Any, batches: Iterable[Any], model_b: Any, filter: Filter,
         x = _inputs(batch)
         m = _examples(x)
         if m < 4:
-            warnings.warn(f"batches[{index}]: {m} example(s), fewer than the 4 the unbiased HSIC "
-                          "needs: skipped (pass drop_last=True to your data loader)",
-                          stacklevel=3)
+            warnings.warn(
+                f"batches[{index}]: {m} example(s), fewer than the 4 the unbiased HSIC "
+                "needs: skipped (pass drop_last=True to your data loader)",
+                stacklevel=3,
+            )
             continue
         if rows is None:  # layer names and counts from the first batch's shapes
             rows = _names(cap_a, x)
@@ -432,10 +514,12 @@ def _stream(model_a: Any, batches: Iterable[Any], model_b: Any, filter: Filter,
             state = _resumed(state, rows, cols)
             size = m
         elif m != size and size is not None:
-            warnings.warn(f"batches[{index}]: {m} examples where the first batch had {size}: "
-                          "minibatch CKA then averages HSIC over unequal batches, not exactly "
-                          "the paper's estimator (pass drop_last=True to your data loader)",
-                          stacklevel=3)
+            warnings.warn(
+                f"batches[{index}]: {m} examples where the first batch had {size}: "
+                "minibatch CKA then averages HSIC over unequal batches, not exactly "
+                "the paper's estimator (pass drop_last=True to your data loader)",
+                stacklevel=3,
+            )
             size = None  # warn once
         try:
             previous, state = state, step(state, x)
@@ -449,19 +533,27 @@ def _stream(model_a: Any, batches: Iterable[Any], model_b: Any, filter: Filter,
     return state, rows, cols
 
 
-def _resumed(state: Any, rows: list[str], cols: list[str]) -> _grid.MinibatchCKAState:
+def _resumed(state: Any, rows: list[str], cols: list[str]) -> _minibatch.MinibatchCKAState:
     if state is None:
-        return _grid.minibatch_cka_init(len(rows), len(cols))
+        return _minibatch.minibatch_cka_init(len(rows), len(cols))
     if tuple(state.cross.shape) != (len(rows), len(cols)):
-        raise ValueError(f"state: compares {state.cross.shape[0]} x {state.cross.shape[1]} layers "
-                         f"but the model(s) give {len(rows)} x {len(cols)} with these filters")
+        raise ValueError(
+            f"state: compares {state.cross.shape[0]} x {state.cross.shape[1]} layers "
+            f"but the model(s) give {len(rows)} x {len(cols)} with these filters"
+        )
     return state
 
 
-def collect_activations(model: Any, batches: Iterable[Any], *, filter: Filter = None,
-                        progress: bool = True, total: int | None = None,
-                        apply_kwargs: dict | None = None, **more_apply_kwargs: Any
-                        ) -> dict[str, np.ndarray]:
+def collect_activations(
+    model: Any,
+    batches: Iterable[Any],
+    *,
+    filter: Filter = None,
+    progress: bool = True,
+    total: int | None = None,
+    apply_kwargs: dict | None = None,
+    **more_apply_kwargs: Any,
+) -> dict[str, np.ndarray]:
     """All activations of a model over a data set, ``{path: (N, ...) numpy array}``.
 
     For measures that need every example at once (the CCA family); each batch's forward

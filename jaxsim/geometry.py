@@ -26,6 +26,7 @@ from jax.scipy.stats import rankdata
 
 from jaxsim import _linalg as _la
 from jaxsim import _validation as _v
+from jaxsim._distances import distance_block, masked_block, pad_rows
 from jaxsim._measure import (
     GramBlocks,
     Measure,
@@ -39,7 +40,6 @@ from jaxsim._measure import (
     safe_sqrt,
     unit_scaled,
 )
-from jaxsim.kernel import _distance_block, _masked_block, _pad_rows
 
 Array = jax.Array
 
@@ -84,13 +84,15 @@ def procrustes_measure(*, alpha: float = 1.0) -> Measure:
 def _check_alpha(alpha: Any) -> float:
     a = _v.non_negative(alpha, "alpha")
     if a > 1:
-        raise ValueError(f"alpha: must lie in [0, 1] (1: no whitening, 0: full whitening), "
-                         f"got {alpha!r}")
+        raise ValueError(
+            f"alpha: must lie in [0, 1] (1: no whitening, 0: full whitening), got {alpha!r}"
+        )
     return a
 
 
-def procrustes_similarity(x: Any, y: Any, *, alpha: float = 1.0, check_finite: bool = True
-                          ) -> Array:
+def procrustes_similarity(
+    x: Any, y: Any, *, alpha: float = 1.0, check_finite: bool = True
+) -> Array:
     r"""Orthogonal Procrustes similarity :math:`\lVert \tilde X^\top \tilde Y \rVert_*` in [0, 1].
 
     :math:`\tilde X` is x centered, partially whitened with ``alpha`` and scaled to unit
@@ -102,8 +104,9 @@ def procrustes_similarity(x: Any, y: Any, *, alpha: float = 1.0, check_finite: b
     return evaluate(procrustes_measure, x, y, alpha=_check_alpha(alpha))
 
 
-def procrustes_distance(x: Any, y: Any, *, alpha: float = 1.0, angular: bool = True,
-                        check_finite: bool = True) -> Array:
+def procrustes_distance(
+    x: Any, y: Any, *, alpha: float = 1.0, angular: bool = True, check_finite: bool = True
+) -> Array:
     r"""Shape distance of Williams et al. 2021.
 
     Angular: :math:`\arccos \lVert \tilde X^\top \tilde Y \rVert_*` (a metric, in
@@ -120,8 +123,9 @@ def procrustes_distance(x: Any, y: Any, *, alpha: float = 1.0, angular: bool = T
     return jnp.where(below, jnp.arccos(jnp.where(below, s, 0)), 0)
 
 
-def _row_blocks(fn: Callable[[Array, Any], Any], values: Any, width: int,
-                block_entries: int) -> Any:
+def _row_blocks(
+    fn: Callable[[Array, Any], Any], values: Any, width: int, block_entries: int
+) -> Any:
     """``fn(rows, block)`` over consecutive blocks of the rows of ``values`` (arrays
     sharing axis 0, zero-padded past its end), each of at most ``block_entries // width``
     rows (at least one), stacked along a new first axis (``lax.map``): ``rows`` are the
@@ -130,8 +134,7 @@ def _row_blocks(fn: Callable[[Array, Any], Any], values: Any, width: int,
     n = jax.tree.leaves(values)[0].shape[0]
     b = max(1, min(n, block_entries // width))
     count = -(-n // b)
-    blocks = jax.tree.map(lambda v: _pad_rows(v, count * b).reshape(count, b, *v.shape[1:]),
-                          values)
+    blocks = jax.tree.map(lambda v: pad_rows(v, count * b).reshape(count, b, *v.shape[1:]), values)
     starts = jnp.arange(count, dtype=jnp.int32) * b
     return jax.lax.map(lambda args: fn(args[0] + jnp.arange(b), args[1]), (starts, blocks))
 
@@ -167,12 +170,13 @@ def _rdm_terms(x: Array, dissimilarity: str) -> tuple[Array, Array, Array]:
     return xs, jnp.sum(xs * xs, axis=1), big
 
 
-def _rdm_entries(zr: Array, zc: Array, sq_r: Array, sq_c: Array, i: Array, j: Array,
-                 dissimilarity: str) -> Array:
+def _rdm_entries(
+    zr: Array, zc: Array, sq_r: Array, sq_c: Array, i: Array, j: Array, dissimilarity: str
+) -> Array:
     """RDM entries between examples ``i`` and ``j`` from their :func:`_rdm_terms`."""
     if dissimilarity == "correlation":
         return 1 - dot(zr, zc.T)
-    return jnp.sqrt(_distance_block(zr, zc, sq_r, sq_c, i, j))
+    return jnp.sqrt(distance_block(zr, zc, sq_r, sq_c, i, j))
 
 
 def _rdm(x: Array, dissimilarity: str, in_units: bool = False) -> Array:
@@ -204,9 +208,9 @@ def _kendall_tau_b(a: Array, b: Array, block_entries: int = _KENDALL_ENTRIES) ->
     m = a.shape[0]
 
     def step(rows, block):
-        signs = lambda v, every: jnp.where((rows < m)[:, None],
-                                           jnp.sign(v[:, None] - every[None, :]), 0
-                                           ).astype(jnp.int32)
+        signs = lambda v, every: jnp.where(
+            (rows < m)[:, None], jnp.sign(v[:, None] - every[None, :]), 0
+        ).astype(jnp.int32)
         sa, sb = signs(block[0], a), signs(block[1], b)
         return jnp.stack([jnp.sum(sa * sb), jnp.sum(sa * sa), jnp.sum(sb * sb)])
 
@@ -286,8 +290,7 @@ def _rdm_source(x: Array, n_pad: int, *, dissimilarity: str) -> RDMSource:
         return jnp.sum(jnp.where((rows[:, None] < n) & (rows[:, None] != cols[None, :]), d, 0))
 
     mean = jnp.sum(_row_blocks(row_sum, (z, sq), n, _MEAN_ENTRIES)) / (n * (n - 1))
-    return RDMSource(_pad_rows(z, n_pad), _pad_rows(sq, n_pad), mean,
-                     jnp.asarray(n, jnp.int32))
+    return RDMSource(pad_rows(z, n_pad), pad_rows(sq, n_pad), mean, jnp.asarray(n, jnp.int32))
 
 
 def _rdm_block(src: RDMSource, r0: Array, c0: Array, b: int, *, dissimilarity: str) -> Array:
@@ -296,9 +299,16 @@ def _rdm_block(src: RDMSource, r0: Array, c0: Array, b: int, *, dissimilarity: s
     upper triangles."""
     take = lambda v, start: jax.lax.dynamic_slice_in_dim(v, start, b)
     i, j = r0 + jnp.arange(b), c0 + jnp.arange(b)
-    d = _rdm_entries(take(src.terms, r0), take(src.terms, c0), take(src.sq, r0),
-                     take(src.sq, c0), i, j, dissimilarity)
-    return _masked_block(d - src.mean, r0, c0, b, src.count, off_diagonal=True)
+    d = _rdm_entries(
+        take(src.terms, r0),
+        take(src.terms, c0),
+        take(src.sq, r0),
+        take(src.sq, c0),
+        i,
+        j,
+        dissimilarity,
+    )
+    return masked_block(d - src.mean, r0, c0, b, src.count, off_diagonal=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -312,23 +322,35 @@ def rsa_measure(*, dissimilarity: str = "correlation", compare: str = "spearman"
     _v.choice(compare, "compare", _COMPARISONS)
     blocks = None
     if compare == "pearson":
-        blocks = GramBlocks(functools.partial(_rdm_source, dissimilarity=dissimilarity),
-                            functools.partial(_rdm_block, dissimilarity=dissimilarity))
-    return Measure("rsa", functools.partial(_rsa_prepare, dissimilarity=dissimilarity,
-                                            compare=compare),
-                   functools.partial(_rsa_pair, compare=compare), blocks=blocks)
+        blocks = GramBlocks(
+            functools.partial(_rdm_source, dissimilarity=dissimilarity),
+            functools.partial(_rdm_block, dissimilarity=dissimilarity),
+        )
+    return Measure(
+        "rsa",
+        functools.partial(_rsa_prepare, dissimilarity=dissimilarity, compare=compare),
+        functools.partial(_rsa_pair, compare=compare),
+        blocks=blocks,
+    )
 
 
-def rsa(x: Any, y: Any, *, dissimilarity: str = "correlation", compare: str = "spearman",
-        check_finite: bool = True) -> Array:
+def rsa(
+    x: Any,
+    y: Any,
+    *,
+    dissimilarity: str = "correlation",
+    compare: str = "spearman",
+    check_finite: bool = True,
+) -> Array:
     """Representational similarity analysis: the correlation (Spearman, Pearson or Kendall's
     tau-b) of the upper triangles of the two layers' RDMs (``m = n (n - 1) / 2`` entries).
     Kendall's tau-b compares every pair of entries: O(m^2) = O(n^4) time (memory O(m));
     keep n in the hundreds for it."""
     _v.choice(dissimilarity, "dissimilarity", _DISSIMILARITIES)
     _v.choice(compare, "compare", _COMPARISONS)
-    x, y = _v.pair(x, y, min_n=3, why=" for an RDM with more than one pair",
-                   check_finite=check_finite)
+    x, y = _v.pair(
+        x, y, min_n=3, why=" for an RDM with more than one pair", check_finite=check_finite
+    )
     return evaluate(rsa_measure, x, y, dissimilarity=dissimilarity, compare=compare)
 
 
@@ -422,8 +444,12 @@ def _predictivity_pair(a: RidgeSummary, b: RidgeSummary) -> Array:
 @functools.lru_cache(maxsize=None)
 def predictivity_measure(*, ridge: float = 1e-3) -> Measure:
     ridge = _v.non_negative(ridge, "ridge")
-    return Measure("linear_predictivity", functools.partial(_ridge_prepare, ridge=ridge),
-                   _predictivity_pair, symmetric=False)
+    return Measure(
+        "linear_predictivity",
+        functools.partial(_ridge_prepare, ridge=ridge),
+        _predictivity_pair,
+        symmetric=False,
+    )
 
 
 def linear_predictivity(x: Any, y: Any, *, ridge: float = 1e-3, check_finite: bool = True) -> Array:
@@ -444,8 +470,10 @@ def predict_direction(x: Any, y: Any, direction: Any, *, ridge: float = 1e-3) ->
     x, y = _v.pair(x, y)
     direction = _v.as_float_array(direction, "direction")
     if direction.shape != (x.shape[1],):
-        raise ValueError(f"direction: expected shape ({x.shape[1]},) for x of shape "
-                         f"{tuple(x.shape)}, got {tuple(direction.shape)}")
+        raise ValueError(
+            f"direction: expected shape ({x.shape[1]},) for x of shape "
+            f"{tuple(x.shape)}, got {tuple(direction.shape)}"
+        )
     s = _ridge_prepare(y, _v.non_negative(ridge, "ridge"))
     target = dot(center_features(x), direction.astype(x.dtype))
     # w = (Y^T Y + lambda)^-1 Y^T t = V diag(g / S) U^T t (up to Y's scale, which the

@@ -10,14 +10,21 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from jaxsim.grid import Grid
+from jaxsim._result import Grid
 
 # how each measure is written in titles and color bars
 NAMES = {
-    "linear_cka": "linear CKA", "cka": "linear CKA", "rbf_cka": "RBF CKA",
-    "minibatch_cka": "linear CKA (minibatch)", "mean_cca": "mean CCA", "svcca": "SVCCA",
-    "pwcca": "PWCCA", "procrustes": "Procrustes similarity", "rsa": "RSA",
-    "mutual_knn": "mutual kNN", "linear_predictivity": "linear predictivity (R\u00b2)",
+    "linear_cka": "linear CKA",
+    "cka": "linear CKA",
+    "rbf_cka": "RBF CKA",
+    "minibatch_cka": "linear CKA (minibatch)",
+    "mean_cca": "mean CCA",
+    "svcca": "SVCCA",
+    "pwcca": "PWCCA",
+    "procrustes": "Procrustes similarity",
+    "rsa": "RSA",
+    "mutual_knn": "mutual kNN",
+    "linear_predictivity": "linear predictivity (R\u00b2)",
 }
 
 _DPI = 150
@@ -40,11 +47,19 @@ def _side(label: str) -> str:
     return f"layer of {label}" if label else "layer"
 
 
-def _draw(ax: Any, grid: Grid, vmin: float, vmax: float, cmap: str, annotate: bool | None,
-          labels: bool) -> Any:
+def _draw(
+    ax: Any, grid: Grid, vmin: float, vmax: float, cmap: str, annotate: bool | None, labels: bool
+) -> Any:
     values = grid.to_numpy()
-    image = ax.imshow(values, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax,
-                      aspect="auto", interpolation="nearest")
+    image = ax.imshow(
+        values,
+        origin="lower",
+        cmap=cmap,
+        vmin=vmin,
+        vmax=vmax,
+        aspect="auto",
+        interpolation="nearest",
+    )
     rows, cols = values.shape
     if labels:
         ax.set_yticks(range(rows), grid.rows, fontsize=7 if rows > 12 else 9)
@@ -55,8 +70,15 @@ def _draw(ax: Any, grid: Grid, vmin: float, vmax: float, cmap: str, annotate: bo
         mid = (vmin + vmax) / 2
         for i in range(rows):
             for j in range(cols):
-                ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="black" if values[i, j] > mid else "white")
+                ax.text(
+                    j,
+                    i,
+                    f"{values[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="black" if values[i, j] > mid else "white",
+                )
     _mark_underdetermined(ax, grid)
     return image
 
@@ -70,20 +92,38 @@ def _mark_underdetermined(ax: Any, grid: Grid) -> None:
     from matplotlib.patches import Rectangle
 
     rows, cols = grid.shape
-    cells = [(i, j) for i in range(rows) for j in range(cols)
-             if i in short_rows or j in short_cols]
+    cells = [(i, j) for i in range(rows) for j in range(cols) if i in short_rows or j in short_cols]
     for k, (i, j) in enumerate(cells):
-        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///",
-                               edgecolor="0.6", linewidth=0,
-                               label="under 5 examples per unit" if k == 0 else None))
-    ax.figure.legend(handles=ax.patches[-len(cells):][:1], loc="outside lower left",
-                     fontsize=7, frameon=False)
+        ax.add_patch(
+            Rectangle(
+                (j - 0.5, i - 0.5),
+                1,
+                1,
+                fill=False,
+                hatch="///",
+                edgecolor="0.6",
+                linewidth=0,
+                label="under 5 examples per unit" if k == 0 else None,
+            )
+        )
+    ax.figure.legend(
+        handles=ax.patches[-len(cells) :][:1], loc="outside lower left", fontsize=7, frameon=False
+    )
 
 
-def heatmap(grid: Grid, *, title: str | None = None, vmin: float = 0.0, vmax: float = 1.0,
-            cmap: str = "magma", annotate: bool | None = None, colorbar: bool = True,
-            xlabel: str | None = None, ylabel: str | None = None,
-            figsize: tuple[float, float] | None = None) -> Any:
+def heatmap(
+    grid: Grid,
+    *,
+    title: str | None = None,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    cmap: str = "magma",
+    annotate: bool | None = None,
+    colorbar: bool = True,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    figsize: tuple[float, float] | None = None,
+) -> Any:
     """A grid as a heatmap: row layers on the y axis, column layers on the x axis, layer 0
     at the bottom-left as in Kornblith et al. and Nguyen et al.
 
@@ -104,8 +144,11 @@ def heatmap(grid: Grid, *, title: str | None = None, vmin: float = 0.0, vmax: fl
     ax = fig.add_subplot()
     image = _draw(ax, grid, vmin, vmax, cmap, annotate, labels=True)
     if title is None:
-        pair = (grid.row_label if grid.row_label == grid.col_label
-                else f"{grid.row_label or 'rows'} vs {grid.col_label or 'columns'}")
+        pair = (
+            grid.row_label
+            if grid.row_label == grid.col_label
+            else f"{grid.row_label or 'rows'} vs {grid.col_label or 'columns'}"
+        )
         title = f"{measure_name(grid)} between layers" + (f" of {pair}" if pair else "")
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel or _side(grid.col_label))
@@ -115,9 +158,16 @@ def heatmap(grid: Grid, *, title: str | None = None, vmin: float = 0.0, vmax: fl
     return fig
 
 
-def heatmap_panel(grids: Mapping[str, Grid], *, shape: tuple[int, int] | None = None,
-                  title: str | None = None, vmin: float = 0.0, vmax: float = 1.0,
-                  cmap: str = "magma", panel_size: float = 2.4) -> Any:
+def heatmap_panel(
+    grids: Mapping[str, Grid],
+    *,
+    shape: tuple[int, int] | None = None,
+    title: str | None = None,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    cmap: str = "magma",
+    panel_size: float = 2.4,
+) -> Any:
     """Several grids side by side on one color scale (e.g. depth x width, as in Nguyen et
     al. 2020's figures); ``grids`` maps panel titles to grids, filled row by row. The
     color bar is labelled with the first grid's measure."""
@@ -142,9 +192,15 @@ def heatmap_panel(grids: Mapping[str, Grid], *, shape: tuple[int, int] | None = 
     return fig
 
 
-def alignment(grid: Grid, *, top_k: int | None = 3, threshold: float | None = None,
-              title: str | None = None, cmap: str = "viridis",
-              figsize: tuple[float, float] | None = None) -> Any:
+def alignment(
+    grid: Grid,
+    *,
+    top_k: int | None = 3,
+    threshold: float | None = None,
+    title: str | None = None,
+    cmap: str = "viridis",
+    figsize: tuple[float, float] | None = None,
+) -> Any:
     """Two columns of layers (rows on the left, columns on the right) joined by lines whose
     width and color grow with similarity, as lucid's model-alignment picture.
 
@@ -185,35 +241,69 @@ def alignment(grid: Grid, *, top_k: int | None = 3, threshold: float | None = No
     y_right = np.linspace(height - 1, 0, cols) if cols > 1 else np.array([(height - 1) / 2])
     for i, j in sorted(pairs, key=lambda p: values[p]):  # strongest drawn last, on top
         t = float(norm(values[i, j]))
-        ax.plot([0, 1], [y_left[i], y_right[j]], color=colormap(t), linewidth=0.6 + 5.4 * t,
-                solid_capstyle="round")
+        ax.plot(
+            [0, 1],
+            [y_left[i], y_right[j]],
+            color=colormap(t),
+            linewidth=0.6 + 5.4 * t,
+            solid_capstyle="round",
+        )
     for y, name in zip(y_left, grid.rows):
         ax.text(-0.03, y, name, ha="right", va="center", fontsize=8)
     for y, name in zip(y_right, grid.cols):
         ax.text(1.03, y, name, ha="left", va="center", fontsize=8)
-    ax.text(-0.03, height - 0.2, grid.row_label or "rows", ha="right", va="bottom",
-            fontsize=9, fontweight="bold")
-    ax.text(1.03, height - 0.2, grid.col_label or "columns", ha="left", va="bottom",
-            fontsize=9, fontweight="bold")
+    ax.text(
+        -0.03,
+        height - 0.2,
+        grid.row_label or "rows",
+        ha="right",
+        va="bottom",
+        fontsize=9,
+        fontweight="bold",
+    )
+    ax.text(
+        1.03,
+        height - 0.2,
+        grid.col_label or "columns",
+        ha="left",
+        va="bottom",
+        fontsize=9,
+        fontweight="bold",
+    )
     ax.set_xlim(-0.6, 1.6)
     ax.set_ylim(-1, height + 0.5)
     ax.axis("off")
-    fig.colorbar(cm.ScalarMappable(norm=norm, cmap=colormap), ax=ax, shrink=0.7,
-                 label=measure_name(grid))
+    fig.colorbar(
+        cm.ScalarMappable(norm=norm, cmap=colormap), ax=ax, shrink=0.7, label=measure_name(grid)
+    )
     ax.set_title(title if title is not None else f"{measure_name(grid)} alignment", fontsize=10)
     return fig
 
 
-def line(xs: Sequence[float], series: Mapping[str, Sequence[float]], *, xlabel: str,
-         ylabel: str, title: str = "", logx: bool = False, dashed: Sequence[str] = ()) -> Any:
+def line(
+    xs: Sequence[float],
+    series: Mapping[str, Sequence[float]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    logx: bool = False,
+    dashed: Sequence[str] = (),
+) -> Any:
     """A small line plot of named series (used by the experiment scripts); the series named
     in ``dashed`` (baselines) are drawn dashed."""
     fig = _figure((5.5, 3.8))
     ax = fig.add_subplot()
     xs = list(xs)
     for name, ys in series.items():
-        ax.plot(xs, ys, marker="o", markersize=3 if len(xs) > 20 else 5, label=name,
-                linestyle="--" if name in dashed else "-")
+        ax.plot(
+            xs,
+            ys,
+            marker="o",
+            markersize=3 if len(xs) > 20 else 5,
+            label=name,
+            linestyle="--" if name in dashed else "-",
+        )
     if logx:
         ax.set_xscale("log")
     elif len(xs) <= 12 and all(float(x).is_integer() for x in xs):

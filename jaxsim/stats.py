@@ -33,9 +33,14 @@ import numpy as np
 import scipy.stats
 
 from jaxsim import _validation as _v
-from jaxsim import canonical, geometry, grid, kernel
+from jaxsim import canonical, geometry, kernel
+from jaxsim._cca_checks import check_keep_dims
+from jaxsim._feature_route import FeatureSummary, debias_inner, norm_product, use_feature_space
+from jaxsim._layers import reduced_layers
 from jaxsim._measure import Measure, bounded_ratio, dot, replicated, safe_sqrt
 from jaxsim._progress import bar
+from jaxsim._registry import measure_for
+from jaxsim._result import Grid
 
 Array = jax.Array
 
@@ -94,14 +99,13 @@ class BaselineResult(NamedTuple):
 # -------------------------------------------------------------------------- resolution
 
 
-def _resolve(metric: Any, options: dict, x: Array, y: Array, permuted: bool = False
-             ) -> Measure:
+def _resolve(metric: Any, options: dict, x: Array, y: Array, permuted: bool = False) -> Measure:
     options = dict(options)
     method = _v.choice(options.pop("method", "auto"), "method", ("auto", "gram", "features"))
-    make, _ = grid._measure_for(metric, options)
+    make, _ = measure_for(metric, options)
     measure = make()
     if measure.name == "svcca":
-        canonical.check_keep_dims(options.get("keep_dims"), {"x": x, "y": y})
+        check_keep_dims(options.get("keep_dims"), {"x": x, "y": y})
     if measure.name == "linear_cka":
         n, d1, d2 = x.shape[0], x.shape[1], y.shape[1]
         if method != "auto":
@@ -110,7 +114,7 @@ def _resolve(metric: Any, options: dict, x: Array, y: Array, permuted: bool = Fa
             # per permutation: gather the n x n Gram, or one n x d1 x d2 product
             feature_space = d1 * d2 < _GATHER_COST * n
         else:
-            feature_space = kernel.use_feature_space(n, [d1], [d2])
+            feature_space = use_feature_space(n, [d1], [d2])
         measure = make(feature_space=feature_space)
     return measure
 
@@ -120,7 +124,7 @@ def _permuted(measure: Measure, summary: Any, y: Array, perm: Array) -> Any:
     summary's structure allows it."""
     if isinstance(summary, kernel.GramSummary):
         return summary._replace(vec=summary.vec[perm][:, perm])
-    if isinstance(summary, kernel.FeatureSummary):
+    if isinstance(summary, FeatureSummary):
         return summary._replace(features=summary.features[perm], row_sq=summary.row_sq[perm])
     if isinstance(summary, (canonical.CCASummary, canonical.Subspace, geometry.RidgeSummary)):
         return summary._replace(basis=summary.basis[perm])
@@ -129,8 +133,7 @@ def _permuted(measure: Measure, summary: Any, y: Array, perm: Array) -> Any:
     return measure.prepare(y[perm])
 
 
-def _feature_null(sx: kernel.FeatureSummary, sy: kernel.FeatureSummary, perms: Array,
-                  debiased: bool) -> Array:
+def _feature_null(sx: FeatureSummary, sy: FeatureSummary, perms: Array, debiased: bool) -> Array:
     """Linear CKA of x with a batch of permutations of y, feature route, as ONE matrix
     product ``X^T [P_1 Y, ..., P_B Y]`` (a batched matmul is much slower on CPU)."""
     b, n = perms.shape
@@ -139,8 +142,8 @@ def _feature_null(sx: kernel.FeatureSummary, sy: kernel.FeatureSummary, perms: A
     cross = dot(sx.features.T, stacked)
     xty = jnp.sum(cross.reshape(-1, b, d2) ** 2, axis=(0, 2))
     if debiased:
-        xty = kernel._debias_inner(xty, sx.row_sq, sy.row_sq[perms].T, sx.total, sy.total, n)
-    return bounded_ratio(xty, kernel._norm_product(sx, sy), -1.0 if debiased else 0.0)
+        xty = debias_inner(xty, sx.row_sq, sy.row_sq[perms].T, sx.total, sy.total, n)
+    return bounded_ratio(xty, norm_product(sx, sy), -1.0 if debiased else 0.0)
 
 
 # ------------------------------------------------------------------ jitted batches
@@ -154,7 +157,7 @@ def _prepared(measure: Measure, x: Array, y: Array) -> tuple[Any, Any, Array]:
 
 @functools.partial(jax.jit, static_argnames=("measure",))
 def _null_batch(measure: Measure, sx: Any, sy: Any, y: Array, perms: Array) -> Array:
-    if isinstance(sx, kernel.FeatureSummary):
+    if isinstance(sx, FeatureSummary):
         return _feature_null(sx, sy, perms, measure.min_n == 4)
     return jax.vmap(lambda p: measure.pair(sx, _permuted(measure, sy, y, p)))(perms)
 
@@ -171,11 +174,13 @@ def _gaussian_batch(measure: Measure, keys: Array, shapes: tuple, dtype: Any) ->
         gx = jax.random.normal(kx, shapes[0], dtype)
         gy = jax.random.normal(ky, shapes[1], dtype)
         return measure.pair(measure.prepare(gx), measure.prepare(gy))
+
     return jax.vmap(one)(keys)
 
 
-def _in_batches(fn: Callable[[Array], Array], draws: Array, size: int, progress: Any,
-                desc: str) -> Array:
+def _in_batches(
+    fn: Callable[[Array], Array], draws: Array, size: int, progress: Any, desc: str
+) -> Array:
     """``fn`` over the leading axis of ``draws`` in batches of ``size`` (the last padded,
     so one compile serves all), one batch in flight at a time."""
     num = draws.shape[0]
@@ -186,7 +191,7 @@ def _in_batches(fn: Callable[[Array], Array], draws: Array, size: int, progress:
     out, previous = [], None
     starts = range(0, num + pad, size)
     for start in bar(starts, progress, len(starts), desc):
-        out.append(fn(draws[start:start + size]))
+        out.append(fn(draws[start : start + size]))
         if previous is not None:  # keep memory to two batches however fast we dispatch
             jax.block_until_ready(previous)
         previous = out[-1]
@@ -200,15 +205,21 @@ def _batch_size(requested: int, bytes_per_draw: int) -> int:
 # ------------------------------------------------------------------- one pair of layers
 
 
-def _permutation_pair(measure: Measure, x: Array, y: Array, key: Array, num: int,
-                      batch_size: int, progress: Any):
+def _permutation_pair(
+    measure: Measure, x: Array, y: Array, key: Array, num: int, batch_size: int, progress: Any
+):
     n = x.shape[0]
     sx, sy, stat = _prepared(measure, x, y)
     perms = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, num))
     item = y.dtype.itemsize
-    per_draw = (n * y.shape[1] if isinstance(sy, kernel.FeatureSummary) else n * n) * item
-    null = _in_batches(lambda p: _null_batch(measure, sx, sy, y, p), perms,
-                       _batch_size(batch_size, per_draw), progress, "permutations")
+    per_draw = (n * y.shape[1] if isinstance(sy, FeatureSummary) else n * n) * item
+    null = _in_batches(
+        lambda p: _null_batch(measure, sx, sy, y, p),
+        perms,
+        _batch_size(batch_size, per_draw),
+        progress,
+        "permutations",
+    )
     p_value = (1 + jnp.sum(null >= stat)) / (num + 1)
     return stat, p_value, null
 
@@ -219,8 +230,14 @@ def _subsamples(key: Array, n: int, m: int, num: int) -> Array:
     return jax.vmap(lambda k: jax.random.permutation(k, n)[:m])(jax.random.split(key, num))
 
 
-def _bias(stat: Array, half: Array, quarter: Array | None, half_var: Array,
-          quarter_var: Array | None, num: int) -> tuple[Array, Array]:
+def _bias(
+    stat: Array,
+    half: Array,
+    quarter: Array | None,
+    half_var: Array,
+    quarter_var: Array | None,
+    num: int,
+) -> tuple[Array, Array]:
     """Finite-sample bias of the full-sample value from the mean values on ``num`` half-
     and quarter-samples, with the bias expanded as ``b/n + c/n^2``: to second order when
     the quarter-samples are there and the expansion's second term is the smaller, else to
@@ -239,16 +256,30 @@ def _bias(stat: Array, half: Array, quarter: Array | None, half_var: Array,
     return jnp.where(second, u + v, first), jnp.where(second, second_var, first_var)
 
 
-def _bootstrap_pair(measure: Measure, x: Array, y: Array, key: Array, num: int,
-                    batch_size: int, confidence: float, resample: str, progress: Any):
+def _bootstrap_pair(
+    measure: Measure,
+    x: Array,
+    y: Array,
+    key: Array,
+    num: int,
+    batch_size: int,
+    confidence: float,
+    resample: str,
+    progress: Any,
+):
     n = x.shape[0]
     stat = _prepared(measure, x, y)[2]
 
     def evaluate(rows, desc):
         m = rows.shape[1]
         per_draw = m * (x.shape[1] + y.shape[1] + (m if measure.blocks is not None else 0))
-        return _in_batches(lambda r: _resample_batch(measure, x, y, r), rows,
-                           _batch_size(batch_size, per_draw * x.dtype.itemsize), progress, desc)
+        return _in_batches(
+            lambda r: _resample_batch(measure, x, y, r),
+            rows,
+            _batch_size(batch_size, per_draw * x.dtype.itemsize),
+            progress,
+            desc,
+        )
 
     tails = np.array([(1 - confidence) / 2, (1 + confidence) / 2])
     if resample == "replacement":
@@ -258,8 +289,9 @@ def _bootstrap_pair(measure: Measure, x: Array, y: Array, key: Array, num: int,
     samples = evaluate(_subsamples(key, n, n // 2, num), "half-samples")
     quarter = quarter_var = None
     if n // 4 >= measure.min_n:
-        quarters = evaluate(_subsamples(jax.random.fold_in(key, 1), n, n // 4, num),
-                            "quarter-samples")
+        quarters = evaluate(
+            _subsamples(jax.random.fold_in(key, 1), n, n // 4, num), "quarter-samples"
+        )
         quarter, quarter_var = jnp.mean(quarters), jnp.var(quarters)
     mean = jnp.mean(samples)
     bias, bias_var = _bias(stat, mean, quarter, jnp.var(samples), quarter_var, num)
@@ -273,13 +305,17 @@ def _bootstrap_pair(measure: Measure, x: Array, y: Array, key: Array, num: int,
     return stat, estimate - z * sd, estimate + z * sd, samples, estimate
 
 
-def _baseline_pair(measure: Measure, x: Array, y: Array, key: Array, num: int,
-                   batch_size: int, progress: Any):
+def _baseline_pair(
+    measure: Measure, x: Array, y: Array, key: Array, num: int, batch_size: int, progress: Any
+):
     per_draw = x.shape[0] * (x.shape[1] + y.shape[1]) * x.dtype.itemsize
     samples = _in_batches(
         lambda k: _gaussian_batch(measure, k, (x.shape, y.shape), np.dtype(x.dtype)),
-        jax.random.split(key, num), _batch_size(batch_size, per_draw), progress,
-        "Gaussian baselines")
+        jax.random.split(key, num),
+        _batch_size(batch_size, per_draw),
+        progress,
+        "Gaussian baselines",
+    )
     return jnp.mean(samples), jnp.std(samples), samples
 
 
@@ -287,8 +323,9 @@ def _baseline_pair(measure: Measure, x: Array, y: Array, key: Array, num: int,
 
 
 def _is_layers(acts: Any) -> bool:
-    return isinstance(acts, Mapping) or (isinstance(acts, (list, tuple))
-                                         and not hasattr(acts, "shape"))
+    return isinstance(acts, Mapping) or (
+        isinstance(acts, (list, tuple)) and not hasattr(acts, "shape")
+    )
 
 
 def _count(value: Any, name: str) -> int:
@@ -304,14 +341,14 @@ def _on_pairs(single, x: Any, y: Any, check_finite: bool, progress: Any, desc: s
     if not _is_layers(x):
         x, y = _v.pair(x, y, check_finite=check_finite)
         return single(replicated(x), replicated(y), progress), None
-    rows, layers_a, cols, layers_b = grid._reduced_layers(x, y, {"reduce": None}, check_finite)
+    rows, layers_a, cols, layers_b = reduced_layers(x, y, {"reduce": None}, check_finite)
     if y is None:
         cols, layers_b = rows, layers_a
     layers_a = [replicated(a) for a in layers_a]
     layers_b = [replicated(b) for b in layers_b]
     pairs = [(a, b) for a in layers_a for b in layers_b]
     flat = [single(a, b, False) for a, b in bar(pairs, progress, len(pairs), desc)]
-    out = [flat[i * len(layers_b):(i + 1) * len(layers_b)] for i in range(len(layers_a))]
+    out = [flat[i * len(layers_b) : (i + 1) * len(layers_b)] for i in range(len(layers_a))]
     return out, (tuple(rows), tuple(cols))
 
 
@@ -324,13 +361,22 @@ def _fields(out: list, names: tuple, labels: tuple[str, ...], stacked: tuple[int
         if i in stacked:
             result.append(jnp.stack([jnp.stack(r) for r in values]))
         else:
-            result.append(grid.Grid(jnp.asarray(values), names[0], names[1], label))
+            result.append(Grid(jnp.asarray(values), names[0], names[1], label))
     return result
 
 
-def permutation_test(metric: Any, x: Any, y: Any, *, key: Array, num_permutations: int = 1000,
-                     batch_size: int = 100, check_finite: bool = True,
-                     progress: bool | None = None, **options: Any) -> PermutationResult:
+def permutation_test(
+    metric: Any,
+    x: Any,
+    y: Any,
+    *,
+    key: Array,
+    num_permutations: int = 1000,
+    batch_size: int = 100,
+    check_finite: bool = True,
+    progress: bool | None = None,
+    **options: Any,
+) -> PermutationResult:
     """Permutation test of "no relation between x and y": the measure recomputed with y's
     examples shuffled.
 
@@ -356,8 +402,9 @@ def permutation_test(metric: Any, x: Any, y: Any, *, key: Array, num_permutation
     bs = _count(batch_size, "batch_size")
 
     def single(a, b, show):
-        return _permutation_pair(_resolve(metric, options, a, b, permuted=True), a, b, key, num,
-                                 bs, show)
+        return _permutation_pair(
+            _resolve(metric, options, a, b, permuted=True), a, b, key, num, bs, show
+        )
 
     out, names = _on_pairs(single, x, y, check_finite, progress, "permutation test")
     if names is None:
@@ -365,10 +412,20 @@ def permutation_test(metric: Any, x: Any, y: Any, *, key: Array, num_permutation
     return PermutationResult(*_fields(out, names, (str(metric), "p-value", "null"), (2,)))
 
 
-def bootstrap(metric: Any, x: Any, y: Any, *, key: Array, num_samples: int = 1000,
-              confidence: float = 0.95, resample: str = "half", batch_size: int = 50,
-              check_finite: bool = True, progress: bool | None = None, **options: Any
-              ) -> BootstrapResult:
+def bootstrap(
+    metric: Any,
+    x: Any,
+    y: Any,
+    *,
+    key: Array,
+    num_samples: int = 1000,
+    confidence: float = 0.95,
+    resample: str = "half",
+    batch_size: int = 50,
+    check_finite: bool = True,
+    progress: bool | None = None,
+    **options: Any,
+) -> BootstrapResult:
     r"""Confidence interval for a similarity measure by resampling examples.
 
     ``resample="half"`` (default): each resample is ``m = n // 2`` distinct examples drawn
@@ -421,21 +478,33 @@ def bootstrap(metric: Any, x: Any, y: Any, *, key: Array, num_samples: int = 100
     def single(a, b, show):
         measure = _resolve(metric, options, a, b)
         if resample == "half" and a.shape[0] // 2 < measure.min_n:
-            raise ValueError(f"x: half-samples of n={a.shape[0]} examples have fewer than the "
-                             f"{measure.min_n} this estimator needs")
+            raise ValueError(
+                f"x: half-samples of n={a.shape[0]} examples have fewer than the "
+                f"{measure.min_n} this estimator needs"
+            )
         return _bootstrap_pair(measure, a, b, key, num, bs, c, resample, show)
 
     out, names = _on_pairs(single, x, y, check_finite, progress, "bootstrap")
     if names is None:
         return BootstrapResult(*out)
     stat, low, high, samples, estimate = _fields(
-        out, names, (str(metric), "low", "high", "samples", "estimate"), (3,))
+        out, names, (str(metric), "low", "high", "samples", "estimate"), (3,)
+    )
     return BootstrapResult(stat, low, high, samples, estimate)
 
 
-def random_baseline(metric: Any, x: Any, y: Any, *, key: Array, num_samples: int = 100,
-                    batch_size: int = 20, check_finite: bool = True,
-                    progress: bool | None = None, **options: Any) -> BaselineResult:
+def random_baseline(
+    metric: Any,
+    x: Any,
+    y: Any,
+    *,
+    key: Array,
+    num_samples: int = 100,
+    batch_size: int = 20,
+    check_finite: bool = True,
+    progress: bool | None = None,
+    **options: Any,
+) -> BaselineResult:
     """The measure on pairs of i.i.d. standard Gaussian activations with the shapes of x
     and y (the SVCCA tutorial's baseline): what "unrelated" looks like at this n and these
     widths. Arguments as in :func:`permutation_test`."""
@@ -448,5 +517,4 @@ def random_baseline(metric: Any, x: Any, y: Any, *, key: Array, num_samples: int
     out, names = _on_pairs(single, x, y, check_finite, progress, "Gaussian baseline")
     if names is None:
         return BaselineResult(*out)
-    return BaselineResult(*_fields(out, names, ("baseline mean", "baseline std", "samples"),
-                                   (2,)))
+    return BaselineResult(*_fields(out, names, ("baseline mean", "baseline std", "samples"), (2,)))

@@ -74,17 +74,24 @@ def test_finiteness_check_is_exact_at_the_edges_of_each_dtype(rng):
 
 def test_namespace():
     # a fresh interpreter: other tests' imports must not make the submodules appear
-    code = ("import jaxsim; jaxsim.stats.permutation_test; jaxsim.conv.average_pool; "
-            "jaxsim.flax.capture_nnx; jaxsim.plot.heatmap; print(jaxsim.__version__)")
+    code = (
+        "import jaxsim; jaxsim.stats.permutation_test; jaxsim.conv.average_pool; "
+        "jaxsim.flax.capture_nnx; jaxsim.plot.heatmap; print(jaxsim.__version__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == jaxsim.__version__
     assert set(jaxsim.__all__) <= set(dir(jaxsim))
     assert "importlib" not in dir(jaxsim)  # no helper module in the public namespace
     from jaxsim import flax as jflax
+
     assert sorted(jflax.__all__) == sorted(
-        n for n in dir(jflax) if not n.startswith("_") and callable(getattr(jflax, n))
-        and getattr(getattr(jflax, n), "__module__", "") == "jaxsim.flax")
+        n
+        for n in dir(jflax)
+        if not n.startswith("_")
+        and callable(getattr(jflax, n))
+        and getattr(getattr(jflax, n), "__module__", "") == "jaxsim.flax"
+    )
 
 
 # ------------------------------------------------------------------ identity
@@ -100,16 +107,22 @@ SIMILARITIES = {
     "svcca keep_variance=1": (lambda x, y: jaxsim.svcca(x, y, keep_variance=1.0), "invertible"),
     "pwcca": (jaxsim.pwcca, "invertible"),
     "pwcca variates": (lambda x, y: jaxsim.pwcca(x, y, directions="variates"), "invertible"),
-    "cca": (lambda x, y: jnp.mean(jaxsim.cca(x, y).coefficients[:int(jaxsim.cca(x, y).rank)]),
-            "invertible"),
+    "cca": (
+        lambda x, y: jnp.mean(jaxsim.cca(x, y).coefficients[: int(jaxsim.cca(x, y).rank)]),
+        "invertible",
+    ),
     "procrustes": (jaxsim.procrustes_similarity, "rotation"),
-    "procrustes alpha=0": (lambda x, y: jaxsim.procrustes_similarity(x, y, alpha=0.0),
-                           "invertible"),
+    "procrustes alpha=0": (
+        lambda x, y: jaxsim.procrustes_similarity(x, y, alpha=0.0),
+        "invertible",
+    ),
     # correlation RDMs and cosine neighbours are not invariant to rotations with offsets
     "rsa": (jaxsim.rsa, "none"),
     "mutual_knn": (jaxsim.mutual_knn, "none"),
-    "linear_predictivity ridge=0": (lambda x, y: jaxsim.linear_predictivity(x, y, ridge=0.0),
-                                    "invertible"),
+    "linear_predictivity ridge=0": (
+        lambda x, y: jaxsim.linear_predictivity(x, y, ridge=0.0),
+        "invertible",
+    ),
 }
 
 
@@ -153,14 +166,23 @@ def test_rank_deficient_cca_counts_its_effective_rank(rng):
 
 def test_underdetermined_cca_warns_once_with_remedies(rng):
     x, y = rng.normal(size=(20, 64)), rng.normal(size=(20, 64))
-    for fn in (jaxsim.mean_cca, jaxsim.pwcca, jaxsim.svcca,
-               lambda a, b, **kw: jaxsim.cca(a, b, **kw).coefficients):
+    for fn in (
+        jaxsim.mean_cca,
+        jaxsim.pwcca,
+        jaxsim.svcca,
+        lambda a, b, **kw: jaxsim.cca(a, b, **kw).coefficients,
+    ):
         with pytest.warns(jaxsim.UnderdeterminedWarning) as caught:
             fn(x, y)
         assert len(caught) == 1
         text = str(caught[0].message)
-        for part in ("n=20 examples for 64 units", "keep_dims <= 4", "linear_cka",
-                     "transposes (x.T)", "warn=False"):
+        for part in (
+            "n=20 examples for 64 units",
+            "keep_dims <= 4",
+            "linear_cka",
+            "transposes (x.T)",
+            "warn=False",
+        ):
             assert part in text, part
     import warnings
 
@@ -214,13 +236,17 @@ def test_non_finite_in_gives_nan_out(rng, bad):
     assert all(np.isnan(np.asarray(v)).all() for k, v in res._asdict().items() if k != "rank")
     for n in (48, 1100):
         layers = [a.astype(np.float32) for a in related(rng, n, 6, 5)] + [
-            rng.normal(size=(n, 4)).astype(np.float32)]
+            rng.normal(size=(n, 4)).astype(np.float32)
+        ]
         layers[0][min(n - 1, 700), 1] = bad
         for route, (metric, opts) in GRID_ROUTES.items():
             if n > 48 and metric not in ("linear_cka", "rbf_cka"):
                 continue
-            values = np.asarray(jaxsim.similarity_grid(layers, metric=metric, check_finite=False,
-                                                       progress=False, **opts).values)
+            values = np.asarray(
+                jaxsim.similarity_grid(
+                    layers, metric=metric, check_finite=False, progress=False, **opts
+                ).values
+            )
             assert np.isnan(values[0]).all() and np.isnan(values[:, 0]).all(), route
             assert np.isfinite(values[1:, 1:]).all(), route
     state = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3), layers, check_finite=False)
@@ -229,11 +255,18 @@ def test_non_finite_in_gives_nan_out(rng, bad):
 
 
 BOUNDS = {  # (metric, options) -> documented range
-    ("linear_cka", "gram"): (0, 1), ("linear_cka", "features"): (0, 1),
-    ("linear_cka", "debiased"): (-1, 1), ("rbf_cka", ""): (0, 1),
-    ("rbf_cka", "debiased"): (-1, 1), ("mean_cca", ""): (0, 1), ("svcca", ""): (0, 1),
-    ("pwcca", ""): (0, 1), ("procrustes", ""): (0, 1), ("rsa", "pearson"): (-1, 1),
-    ("rsa", ""): (-1, 1), ("linear_predictivity", "ridge=0"): (0, 1),
+    ("linear_cka", "gram"): (0, 1),
+    ("linear_cka", "features"): (0, 1),
+    ("linear_cka", "debiased"): (-1, 1),
+    ("rbf_cka", ""): (0, 1),
+    ("rbf_cka", "debiased"): (-1, 1),
+    ("mean_cca", ""): (0, 1),
+    ("svcca", ""): (0, 1),
+    ("pwcca", ""): (0, 1),
+    ("procrustes", ""): (0, 1),
+    ("rsa", "pearson"): (-1, 1),
+    ("rsa", ""): (-1, 1),
+    ("linear_predictivity", "ridge=0"): (0, 1),
 }
 
 
@@ -246,17 +279,24 @@ def test_bounded_measures_stay_in_range(x64, rng, dtype):
     x = (rng.normal(size=(n, d)) / np.arange(1, d + 1)) @ orthogonal(rng, d) + 3.0
     layers = [x.astype(dtype), (2 * x).astype(dtype), rng.normal(size=(n, 5)).astype(dtype)]
     for (metric, option), (lo, hi) in BOUNDS.items():
-        opts = {"gram": {"method": "gram"}, "features": {"method": "features"},
-                "debiased": {"debiased": True}, "pearson": {"compare": "pearson"},
-                "ridge=0": {"ridge": 0.0}, "": {}}[option]
+        opts = {
+            "gram": {"method": "gram"},
+            "features": {"method": "features"},
+            "debiased": {"debiased": True},
+            "pearson": {"compare": "pearson"},
+            "ridge=0": {"ridge": 0.0},
+            "": {},
+        }[option]
         if metric in ("mean_cca", "svcca", "pwcca"):
             opts = {**opts, "warn": False}
         if metric == "rsa":
             layers_here = [a[:300] for a in layers]  # ranks of n^2 / 2 entries: keep it small
         else:
             layers_here = layers
-        values = np.asarray(jaxsim.similarity_grid(layers_here, metric=metric, progress=False,
-                                                   **opts).values)
+        values = np.asarray(
+            jaxsim.similarity_grid(layers_here, metric=metric, progress=False, **opts).values
+        )
         assert values.max() <= hi and values.min() >= lo, (metric, option, values)
-        np.testing.assert_allclose(values[0, 1], 1.0, atol=1e-5 if dtype == np.float32
-                                   else 1e-9, err_msg=(metric, option))
+        np.testing.assert_allclose(
+            values[0, 1], 1.0, atol=1e-5 if dtype == np.float32 else 1e-9, err_msg=(metric, option)
+        )

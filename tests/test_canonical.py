@@ -28,8 +28,11 @@ def np_cca(x, y, epsilon=0.0):
     sxx, syy, sxy = sxx / xmax, syy / ymax, sxy / np.sqrt(xmax * ymax)
     kx, ky = np.diag(sxx) >= epsilon, np.diag(syy) >= epsilon
     sxx, syy, sxy = sxx[kx][:, kx], syy[ky][:, ky], sxy[kx][:, ky]
-    t = np_inv_sqrt(sxx + epsilon * np.eye(len(sxx))) @ sxy @ np_inv_sqrt(
-        syy + epsilon * np.eye(len(syy)))
+    t = (
+        np_inv_sqrt(sxx + epsilon * np.eye(len(sxx)))
+        @ sxy
+        @ np_inv_sqrt(syy + epsilon * np.eye(len(syy)))
+    )
     u, s, vh = np.linalg.svd(t)
     return s, u, vh, kx, ky
 
@@ -39,6 +42,7 @@ def np_svcca(x, y, k):
         ac = a - a.mean(0)
         u, s, vh = np.linalg.svd(ac, full_matrices=False)
         return u[:, :k] * s[:k]
+
     return np_cca(reduce(x), reduce(y))[0].mean()
 
 
@@ -68,8 +72,9 @@ def test_cca_against_reference(x64, rng, shape, epsilon):
     assert res.coefficients.shape == (min(shape[1:]),)
     np.testing.assert_allclose(res.coefficients, s, rtol=1e-9)
     np.testing.assert_allclose(jaxsim.mean_cca(x, y, epsilon=epsilon), s.mean(), rtol=1e-9)
-    np.testing.assert_allclose(jaxsim.pwcca(x, y, epsilon=epsilon), np_pwcca(x, y, epsilon),
-                               rtol=1e-9)
+    np.testing.assert_allclose(
+        jaxsim.pwcca(x, y, epsilon=epsilon), np_pwcca(x, y, epsilon), rtol=1e-9
+    )
 
 
 def test_epsilon_drops_low_variance_units(x64, rng):
@@ -157,9 +162,11 @@ def test_zero_variance_gives_zero(rng, dtype):
                 assert float(f(jnp.asarray(x, dtype), const)) == 0.0, (f.__name__, value)
             # a constant unit inside a realistic layer changes nothing
             layer = np.concatenate([x, np.full((n, 1), value)], axis=1)
-            np.testing.assert_allclose(jaxsim.mean_cca(jnp.asarray(layer, dtype), x[:, :3] ** 2),
-                                       jaxsim.mean_cca(jnp.asarray(x, dtype), x[:, :3] ** 2),
-                                       rtol=1e-5)
+            np.testing.assert_allclose(
+                jaxsim.mean_cca(jnp.asarray(layer, dtype), x[:, :3] ** 2),
+                jaxsim.mean_cca(jnp.asarray(x, dtype), x[:, :3] ** 2),
+                rtol=1e-5,
+            )
         np.testing.assert_array_equal(jaxsim.cca(const, x).coefficients, 0)
 
 
@@ -177,11 +184,13 @@ def test_cca_invariant_to_invertible_maps(x64, rng):
     assert np.all((base >= 0) & (base <= 1))
     assert np.all(np.diff(np.asarray(base)) <= 1e-12)
     # full-rank SVCCA inherits CCA's invariance; truncated SVCCA keeps the orthogonal one
-    np.testing.assert_allclose(jaxsim.svcca(x @ a, y @ b, keep_variance=1.0),
-                               jaxsim.mean_cca(x, y), rtol=1e-8)
+    np.testing.assert_allclose(
+        jaxsim.svcca(x @ a, y @ b, keep_variance=1.0), jaxsim.mean_cca(x, y), rtol=1e-8
+    )
     q = orthogonal(rng, 8)
-    np.testing.assert_allclose(jaxsim.svcca(2.5 * x @ q, y, keep_dims=4),
-                               jaxsim.svcca(x, y, keep_dims=4), rtol=1e-8)
+    np.testing.assert_allclose(
+        jaxsim.svcca(2.5 * x @ q, y, keep_dims=4), jaxsim.svcca(x, y, keep_dims=4), rtol=1e-8
+    )
 
 
 def test_truncated_svcca_is_not_mean_cca(x64, rng):
@@ -210,10 +219,12 @@ def test_dead_units_and_pwcca_side(x64, rng):
     dead = lambda a, width: np.pad(a, ((0, 0), (0, width - a.shape[1])))
     xd, yd = dead(x, 32), dead(y, 32)
     assert abs(float(jaxsim.pwcca(xd, yd)) - float(jaxsim.pwcca(x, y))) > 0.1
-    np.testing.assert_allclose(jaxsim.pwcca(xd, yd, epsilon=1e-6),
-                               jaxsim.pwcca(x, y, epsilon=1e-6), rtol=1e-10)
-    np.testing.assert_allclose(jaxsim.pwcca(xd, yd, epsilon=1e-6),
-                               np_pwcca(x, y, epsilon=1e-6), rtol=1e-9)
+    np.testing.assert_allclose(
+        jaxsim.pwcca(xd, yd, epsilon=1e-6), jaxsim.pwcca(x, y, epsilon=1e-6), rtol=1e-10
+    )
+    np.testing.assert_allclose(
+        jaxsim.pwcca(xd, yd, epsilon=1e-6), np_pwcca(x, y, epsilon=1e-6), rtol=1e-9
+    )
     for fn in (jaxsim.mean_cca, lambda a, b: jaxsim.svcca(a, b, keep_dims=8)):
         np.testing.assert_allclose(fn(xd, yd), fn(x, y), rtol=1e-10)
 
@@ -249,11 +260,21 @@ def test_jit_and_vmap(x64, rng, name):
 def test_errors(rng):
     x = rng.normal(size=(30, 5))
     y = rng.normal(size=(30, 7))
-    with pytest.raises(ValueError, match=(r"keep_dims: 6 directions requested but x has shape "
-                                          r"\(30, 5\)")):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"keep_dims: 6 directions requested but x has shape "
+            r"\(30, 5\)"
+        ),
+    ):
         jaxsim.svcca(x, y, keep_dims=6)
-    with pytest.raises(ValueError, match=(r"keep_dims: 3 directions requested but x has shape "
-                                          r"\(2, 5\)")):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"keep_dims: 3 directions requested but x has shape "
+            r"\(2, 5\)"
+        ),
+    ):
         jaxsim.svcca(x[:2], y[:2], keep_dims=3)
     with pytest.raises(TypeError, match=r"keep_dims: expected an int or None, got 2.5"):
         jaxsim.svcca(x, y, keep_dims=2.5)
@@ -298,8 +319,10 @@ def test_pwcca_variates_reading(x64, rng):
 def relu_layers(rng, n=400, widths=(8, 10), latent=6):
     """Post-ReLU layers with offsets (unit means far from 0, as in trained networks)."""
     z = rng.normal(size=(n, latent))
-    return [np.maximum(z @ rng.normal(size=(latent, w)) + rng.normal(size=(n, w)) + 0.5, 0)
-            for w in widths]
+    return [
+        np.maximum(z @ rng.normal(size=(latent, w)) + rng.normal(size=(n, w)) + 0.5, 0)
+        for w in widths
+    ]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -311,17 +334,22 @@ def test_pwcca_with_units_dropped_by_epsilon(x64, rng, dtype):
     from the SVD of the padded one (0.598 for 0.670 here)."""
     x, y = relu_layers(rng)
     zeros = np.zeros((len(x), 2))
-    padded = [np.concatenate([x, zeros, zeros], 1),
-              np.concatenate([x[:, :3], zeros, x[:, 3:], zeros], 1)]
+    padded = [
+        np.concatenate([x, zeros, zeros], 1),
+        np.concatenate([x[:, :3], zeros, x[:, 3:], zeros], 1),
+    ]
     tol = dict(rtol=1e-9) if dtype == np.float64 else dict(atol=2e-5)
     cast = lambda a: a.astype(dtype)
     for xd in padded:
-        np.testing.assert_allclose(jaxsim.pwcca(cast(xd), cast(y), epsilon=1e-6),
-                                   np_pwcca(x, y, 1e-6), **tol)
-        np.testing.assert_allclose(jaxsim.pwcca(cast(y), cast(xd), epsilon=1e-6),
-                                   np_pwcca(y, x, 1e-6), **tol)
-    grid = jaxsim.similarity_grid([cast(padded[1]), cast(y)], metric="pwcca", epsilon=1e-6,
-                                  progress=False, warn=False).values
+        np.testing.assert_allclose(
+            jaxsim.pwcca(cast(xd), cast(y), epsilon=1e-6), np_pwcca(x, y, 1e-6), **tol
+        )
+        np.testing.assert_allclose(
+            jaxsim.pwcca(cast(y), cast(xd), epsilon=1e-6), np_pwcca(y, x, 1e-6), **tol
+        )
+    grid = jaxsim.similarity_grid(
+        [cast(padded[1]), cast(y)], metric="pwcca", epsilon=1e-6, progress=False, warn=False
+    ).values
     np.testing.assert_allclose(grid[0, 1], np_pwcca(x, y, 1e-6), **tol)
     np.testing.assert_allclose(grid[1, 0], np_pwcca(y, x, 1e-6), **tol)
 
@@ -335,7 +363,8 @@ def test_pwcca_variates_on_a_rank_deficient_side(x64, rng):
     x5, y = relu_layers(rng, widths=(5, 10))
     x = np.concatenate([x5, x5 @ rng.normal(size=(5, 3))], 1)
     basis = lambda a: np.linalg.svd(a - a.mean(0), full_matrices=False)[0][
-        :, :np.linalg.matrix_rank(a - a.mean(0))]
+        :, : np.linalg.matrix_rank(a - a.mean(0))
+    ]
     ux, uy = basis(x), basis(y)
     p, rho, _ = np.linalg.svd(ux.T @ uy)
     h = ux @ p  # unit-norm canonical variates of x, rank 5 of them
@@ -355,12 +384,17 @@ def test_cca_survives_an_svd_that_does_not_converge(rng, monkeypatch):
     z = rng.normal(size=(120, 30))
     x = np.maximum(z @ rng.normal(size=(30, 200)) + 0.2, 0).astype(np.float32)  # n < width
     y = np.maximum(z[:, :10] @ rng.normal(size=(10, 12)), 0).astype(np.float32)
-    funcs = {"mean_cca": lambda a, b: jaxsim.mean_cca(a, b, epsilon=1e-6, warn=False),
-             "svcca": lambda a, b: jaxsim.svcca(a, b, keep_dims=5, warn=False),
-             "pwcca": lambda a, b: jaxsim.pwcca(a, b, epsilon=1e-6, warn=False),
-             "coefficients": lambda a, b: jaxsim.cca(a, b, epsilon=1e-6, warn=False).coefficients,
-             "grid": lambda a, b: jaxsim.similarity_grid([a, b], metric="mean_cca", epsilon=1e-6,
-                                                         warn=False, progress=False).values}
+    funcs = {
+        "mean_cca": lambda a, b: jaxsim.mean_cca(a, b, epsilon=1e-6, warn=False),
+        "svcca": lambda a, b: jaxsim.svcca(a, b, keep_dims=5, warn=False),
+        "pwcca": lambda a, b: jaxsim.pwcca(a, b, epsilon=1e-6, warn=False),
+        "coefficients": lambda a, b: jaxsim.cca(a, b, epsilon=1e-6, warn=False).coefficients,
+        "grid": lambda a, b: (
+            jaxsim.similarity_grid(
+                [a, b], metric="mean_cca", epsilon=1e-6, warn=False, progress=False
+            ).values
+        ),
+    }
     want = {k: np.asarray(f(x, y)) for k, f in funcs.items()}
     real = _linalg._lapack_svd
 
@@ -391,9 +425,11 @@ def test_svcca_keep_dims_capped_to_narrow_layers(x64, rng):
     with pytest.raises(ValueError, match=r"pass cap_keep_dims=True"):
         jaxsim.similarity_grid([x, y], metric="svcca", keep_dims=20)
     want = np_svcca(x, y, 20)
-    np.testing.assert_allclose(jaxsim.svcca(x, y, keep_dims=20, cap_keep_dims=True), want,
-                               rtol=1e-9)
-    grid = jaxsim.similarity_grid([x, y], metric="svcca", keep_dims=20, cap_keep_dims=True,
-                                  progress=False).values
+    np.testing.assert_allclose(
+        jaxsim.svcca(x, y, keep_dims=20, cap_keep_dims=True), want, rtol=1e-9
+    )
+    grid = jaxsim.similarity_grid(
+        [x, y], metric="svcca", keep_dims=20, cap_keep_dims=True, progress=False
+    ).values
     np.testing.assert_allclose(grid[0, 1], want, rtol=1e-9)
     np.testing.assert_allclose(grid[1, 1], 1.0, rtol=1e-9)

@@ -20,8 +20,24 @@ def test_grid_command(tmp_path, rng, capsys):
     a = write(tmp_path / "a.npz", rng, (4, 6, 5))
     b = write(tmp_path / "b.npz", rng, (3, 7))
     out, png = tmp_path / "g.npz", tmp_path / "g.png"
-    assert main(["grid", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--metric", "svcca",
-                 "--keep-dims", "2", "--out", str(out), "--plot", str(png)]) == 0
+    assert (
+        main(
+            [
+                "grid",
+                str(tmp_path / "a.npz"),
+                str(tmp_path / "b.npz"),
+                "--metric",
+                "svcca",
+                "--keep-dims",
+                "2",
+                "--out",
+                str(out),
+                "--plot",
+                str(png),
+            ]
+        )
+        == 0
+    )
     grid = jaxsim.Grid.load(out)
     ref = jaxsim.similarity_grid(a, b, metric="svcca", keep_dims=2)
     np.testing.assert_allclose(grid.values, ref.values, rtol=1e-6)
@@ -36,9 +52,10 @@ def test_minibatch_and_conv_options(tmp_path, rng):
     assert main(["grid", str(tmp_path / "a.npz"), "--batch-size", "16", "--out", str(out)]) == 0
     state = jaxsim.minibatch_cka_init(2)
     for s in range(0, 64, 16):
-        state = jaxsim.minibatch_cka_update(state, [v[s:s + 16] for v in a.values()])
-    np.testing.assert_allclose(jaxsim.Grid.load(out).values,
-                               jaxsim.minibatch_cka_result(state).values, rtol=1e-6)
+        state = jaxsim.minibatch_cka_update(state, [v[s : s + 16] for v in a.values()])
+    np.testing.assert_allclose(
+        jaxsim.Grid.load(out).values, jaxsim.minibatch_cka_result(state).values, rtol=1e-6
+    )
     np.savez(tmp_path / "c.npz", c1=rng.normal(size=(8, 4, 4, 3)), c2=rng.normal(size=(8, 2, 2, 3)))
     assert main(["grid", str(tmp_path / "c.npz"), "--reduce", "flatten", "--out", str(out)]) == 2
     assert main(["grid", str(tmp_path / "c.npz"), "--reduce", "average", "--out", str(out)]) == 0
@@ -47,16 +64,35 @@ def test_minibatch_and_conv_options(tmp_path, rng):
 def test_generic_options(tmp_path, rng):
     a = write(tmp_path / "a.npz", rng, (4, 6))
     out = tmp_path / "g.npz"
-    assert main(["grid", str(tmp_path / "a.npz"), "--metric", "rsa", "--option", "compare=kendall",
-                 "--option", "dissimilarity='euclidean'", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "grid",
+                str(tmp_path / "a.npz"),
+                "--metric",
+                "rsa",
+                "--option",
+                "compare=kendall",
+                "--option",
+                "dissimilarity='euclidean'",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     ref = jaxsim.similarity_grid(a, metric="rsa", compare="kendall", dissimilarity="euclidean")
     np.testing.assert_allclose(jaxsim.Grid.load(out).values, ref.values, rtol=1e-6)
     assert main(["grid", str(tmp_path / "a.npz"), "--option", "nonsense", "--out", str(out)]) == 2
 
 
 def test_help_lists_metrics():
-    out = subprocess.run([sys.executable, "-m", "jaxsim.cli", "grid", "--help"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxsim.cli", "grid", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for name in ("linear_cka", "rbf_cka", "mean_cca", "svcca", "pwcca"):
         assert name in out
 
@@ -104,16 +140,34 @@ def test_layers_are_described_and_transposed_files_read(tmp_path, rng, capsys):
     assert main(["grid", str(tmp_path / "a.npz")]) == 0
     out = capsys.readouterr().out
     assert "l0: 48 examples x 4 features" in out and "l1: 48 examples x 6 features" in out
-    assert main(["grid", str(tmp_path / "t.npz"), "--layout", "neurons-first",
-                 "--out", str(tmp_path / "g.npz")]) == 0
+    assert (
+        main(
+            [
+                "grid",
+                str(tmp_path / "t.npz"),
+                "--layout",
+                "neurons-first",
+                "--out",
+                str(tmp_path / "g.npz"),
+            ]
+        )
+        == 0
+    )
     assert "l1: 48 examples x 6 features" in capsys.readouterr().out
-    np.testing.assert_allclose(jaxsim.Grid.load(tmp_path / "g.npz").values,
-                               jaxsim.similarity_grid(layers).values, rtol=1e-6)
+    np.testing.assert_allclose(
+        jaxsim.Grid.load(tmp_path / "g.npz").values,
+        jaxsim.similarity_grid(layers).values,
+        rtol=1e-6,
+    )
     np.savez(tmp_path / "c.npz", c=rng.normal(size=(3, 8, 2, 2)))
     assert main(["grid", str(tmp_path / "c.npz"), "--layout", "neurons-first"]) == 2
     assert "neurons-first: c has shape (3, 8, 2, 2)" in capsys.readouterr().err
-    help_text = subprocess.run([sys.executable, "-m", "jaxsim.cli", "grid", "--help"],
-                               capture_output=True, text=True, check=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "jaxsim.cli", "grid", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "positions become examples" in help_text  # --reduce flatten, described as it is
 
 

@@ -21,8 +21,13 @@ def test_reductions_against_numpy(x64, rng):
 
 
 def test_rank_errors(rng):
-    with pytest.raises(ValueError, match=(r"a: expected a conv activation of shape \(n, h, w, "
-                                          r"c\), got shape \(3, 4\) \(rank 2\)")):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"a: expected a conv activation of shape \(n, h, w, "
+            r"c\), got shape \(3, 4\) \(rank 2\)"
+        ),
+    ):
         conv.flatten_spatial(rng.normal(size=(3, 4)))
     with pytest.raises(ValueError, match=r"rank 3"):
         conv.average_pool(rng.normal(size=(3, 4, 5)))
@@ -37,20 +42,25 @@ def test_grid_reductions(x64, rng):
     ref = np_linear_cka(a["c1"].reshape(-1, 3), a["c2"].reshape(-1, 5))
     np.testing.assert_allclose(g["c1", "c2"], ref, rtol=1e-10)
     g = jaxsim.similarity_grid(a, reduce="average")
-    np.testing.assert_allclose(g["c1", "c2"],
-                               np_linear_cka(a["c1"].mean((1, 2)), a["c2"].mean((1, 2))),
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        g["c1", "c2"], np_linear_cka(a["c1"].mean((1, 2)), a["c2"].mean((1, 2))), rtol=1e-10
+    )
     g = jaxsim.similarity_grid(a)  # default: each example's h*w*c values are its features
-    np.testing.assert_allclose(g["c1", "c2"], np_linear_cka(a["c1"].reshape(10, -1),
-                                                           a["c2"].reshape(10, -1)), rtol=1e-10)
+    np.testing.assert_allclose(
+        g["c1", "c2"], np_linear_cka(a["c1"].reshape(10, -1), a["c2"].reshape(10, -1)), rtol=1e-10
+    )
     b = dict(a, c3=rng.normal(size=(10, 2, 2, 3)))
-    with pytest.raises(ValueError, match=r"different spatial sizes \(acts_a\['c1'\]: "
-                                         r"4x4.*c3'\]: 2x2\); "
-                                         r"use reduce='average' or reduce='resize'"):
+    with pytest.raises(
+        ValueError,
+        match=r"different spatial sizes \(acts_a\['c1'\]: "
+        r"4x4.*c3'\]: 2x2\); "
+        r"use reduce='average' or reduce='resize'",
+    ):
         jaxsim.similarity_grid(b, reduce="flatten")
     g = jaxsim.similarity_grid(b, reduce="resize")  # to the smallest, 2x2
-    small = {k: np.asarray(conv.resize_spatial(v, (2, 2))).reshape(-1, v.shape[-1])
-             for k, v in b.items()}
+    small = {
+        k: np.asarray(conv.resize_spatial(v, (2, 2))).reshape(-1, v.shape[-1]) for k, v in b.items()
+    }
     np.testing.assert_allclose(g["c1", "c3"], np_linear_cka(small["c1"], small["c3"]), rtol=1e-10)
     half = jaxsim.similarity_grid(a, reduce="flatten", subsample=0.5, key=jax.random.key(0))
     full = jaxsim.similarity_grid(a, reduce="flatten")
@@ -63,10 +73,14 @@ def test_grid_reductions(x64, rng):
     # a dense layer among conv layers: the message says why, not "n mismatch"
     mixed = dict(b, fc=rng.normal(size=(10, 7)))
     for how in ("resize", "flatten"):
-        with pytest.raises(ValueError, match=rf"reduce='{how}': makes every spatial position.*"
-                                             r"not \(n, h, w, c\): acts_a\['fc'\] \(10, 7\); use "
-                                             r"reduce='average'"):
+        with pytest.raises(
+            ValueError,
+            match=rf"reduce='{how}': makes every spatial position.*"
+            r"not \(n, h, w, c\): acts_a\['fc'\] \(10, 7\); use "
+            r"reduce='average'",
+        ):
             jaxsim.similarity_grid(mixed, reduce=how)
     avg = jaxsim.similarity_grid(mixed, reduce="average")
-    np.testing.assert_allclose(avg["c1", "fc"], np_linear_cka(a["c1"].mean((1, 2)), mixed["fc"]),
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        avg["c1", "fc"], np_linear_cka(a["c1"].mean((1, 2)), mixed["fc"]), rtol=1e-10
+    )

@@ -101,9 +101,11 @@ def test_block_detector_on_activations_with_a_dominant_component():
 def test_verdict():
     wd = load("width_depth")
     block = lambda found: {"found": found, "reason": "" if found else "no run"}
-    models = {"small": {"depth": 1, "width": 8, "block": block(False)},
-              "wide": {"depth": 1, "width": 64, "block": block(True)},
-              "large": {"depth": 4, "width": 64, "block": block(True)}}
+    models = {
+        "small": {"depth": 1, "width": 8, "block": block(False)},
+        "wide": {"depth": 1, "width": 64, "block": block(True)},
+        "large": {"depth": 4, "width": 64, "block": block(True)},
+    }
     ok, line = wd.verdict(models)
     assert ok and line.startswith("REPRODUCED") and "large" in line
     models["large"]["block"] = block(False)
@@ -116,12 +118,30 @@ def test_verdict():
 
 def test_svcca_baselines_quick(tmp_path):
     load("svcca_baselines").main(["--quick", "--no-progress", "--out", str(tmp_path)])
-    for f in ("q1_mean_cca_vs_baseline.png", "q2_cca_vs_datapoints.png", "q3a_topk_cca.png",
-              "q3b_svcca_pwcca.png"):
+    for f in (
+        "q1_mean_cca_vs_baseline.png",
+        "q2_cca_vs_datapoints.png",
+        "q3a_topk_cca.png",
+        "q3b_svcca_pwcca.png",
+    ):
         check_png(tmp_path / f)
     r = json.loads((tmp_path / "results.json").read_text())
-    assert all(0 <= v <= 1 for v in numbers({k: r[k] for k in (
-        "mean_cca", "mean_cca_gaussian", "svcca", "pwcca", "topk_trained", "topk_gaussian")}))
+    assert all(
+        0 <= v <= 1
+        for v in numbers(
+            {
+                k: r[k]
+                for k in (
+                    "mean_cca",
+                    "mean_cca_gaussian",
+                    "svcca",
+                    "pwcca",
+                    "topk_trained",
+                    "topk_gaussian",
+                )
+            }
+        )
+    )
     # the tutorial's falling curve: random data look less correlated with more datapoints
     curve = r["mean_cca_vs_n_gaussian"]
     assert curve[0] > 0.5 and curve[-1] < curve[0] / 2
@@ -168,8 +188,10 @@ def test_cifar10_loader_reads_python_batches(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, size=(4, 3072), dtype=np.uint8),
-                 b"labels": list(rng.integers(0, 10, size=4))}
+        batch = {
+            b"data": rng.integers(0, 256, size=(4, 3072), dtype=np.uint8),
+            b"labels": list(rng.integers(0, 10, size=4)),
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
     data = common.load_data("cifar10", str(tmp_path))

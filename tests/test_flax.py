@@ -81,8 +81,9 @@ class NnxCNN(nnx.Module):
 
 def conv(x, kernel, bias=None):
     x = jnp.asarray(x)
-    y = jax.lax.conv_general_dilated(x, jnp.asarray(kernel, x.dtype), (1, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.lax.conv_general_dilated(
+        x, jnp.asarray(kernel, x.dtype), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     return y if bias is None else y + bias
 
 
@@ -117,8 +118,10 @@ def test_linen_cnn_with_batch_norm_eval_mode(x64):
     variables = model.init(jax.random.key(0), x, train=False)
     # non-trivial running statistics, so eval mode is visible in the numbers
     stats = variables["batch_stats"]["block1"]["bn"]
-    variables = {"params": variables["params"], "batch_stats": {"block1": {"bn": {
-        "mean": stats["mean"] + 0.3, "var": stats["var"] * 2.0}}}}
+    variables = {
+        "params": variables["params"],
+        "batch_stats": {"block1": {"bn": {"mean": stats["mean"] + 0.3, "var": stats["var"] * 2.0}}},
+    }
     acts = capture_linen(model, variables, x, train=False)
     assert list(acts) == ["stem", "block1/conv", "block1/bn", "block1", "head"]
     p = variables["params"]
@@ -128,8 +131,13 @@ def test_linen_cnn_with_batch_norm_eval_mode(x64):
     bn = batch_norm(c, bs["mean"], bs["var"], p["block1"]["bn"]["scale"], p["block1"]["bn"]["bias"])
     block = np.maximum(bn + stem, 0)
     pooled = nn.avg_pool(block, (2, 2), strides=(2, 2)).mean(axis=(1, 2))
-    for key, ref in [("stem", stem), ("block1/conv", c), ("block1/bn", bn), ("block1", block),
-                     ("head", pooled @ p["head"]["kernel"] + p["head"]["bias"])]:
+    for key, ref in [
+        ("stem", stem),
+        ("block1/conv", c),
+        ("block1/bn", bn),
+        ("block1", block),
+        ("head", pooled @ p["head"]["kernel"] + p["head"]["bias"]),
+    ]:
         np.testing.assert_allclose(acts[key], ref, rtol=1e-6, atol=1e-7)  # flax convs in float32
 
 
@@ -144,8 +152,11 @@ def test_linen_filters_and_jit(rng):
     assert cap(re.compile(r"^block1$|head")) == ["block1", "head"]
     assert cap(["stem", nn.Dense]) == ["stem", "head"]
     assert cap(lambda path, m: path.endswith("bn")) == ["block1/bn"]
-    with pytest.raises(ValueError, match=r"filter: 'conv9' matched no layer; available paths: "
-                                         r"stem, block1/conv, block1/bn, block1, head, output"):
+    with pytest.raises(
+        ValueError,
+        match=r"filter: 'conv9' matched no layer; available paths: "
+        r"stem, block1/conv, block1/bn, block1, head, output",
+    ):
         cap("conv9")
     eager = capture_linen(model, variables, x, train=False)
     jitted = jax.jit(lambda v: capture_linen(model, variables, v, train=False))(x)
@@ -181,8 +192,9 @@ def test_nnx_cnn_with_batch_norm(x64):
     stem = conv(x, model.stem.kernel[...], model.stem.bias[...])
     c = conv(stem, model.block1.conv.kernel[...])
     bn_layer = model.block1.bn
-    bn = batch_norm(c, bn_layer.mean[...], bn_layer.var[...], bn_layer.scale[...],
-                    bn_layer.bias[...])
+    bn = batch_norm(
+        c, bn_layer.mean[...], bn_layer.var[...], bn_layer.scale[...], bn_layer.bias[...]
+    )
     np.testing.assert_allclose(acts["block1/bn"], bn, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(acts["block1"], np.maximum(bn + stem, 0), rtol=1e-6, atol=1e-7)
     # filters, jit, and the model left untouched
@@ -201,14 +213,14 @@ def test_nnx_cnn_with_batch_norm(x64):
 def test_streaming_grid_equals_minibatch_cka_of_captured(x64, rng):
     model = NnxMLP(nnx.Rngs(0))
     data = rng.normal(size=(60, 4))
-    batches = [data[i:i + 20] for i in range(0, 60, 20)]
+    batches = [data[i : i + 20] for i in range(0, 60, 20)]
     grid = minibatch_grid(model, batches, progress=False)
     assert grid.rows == ("fc1", "fc2", "hidden", "head")
     full = collect_activations(model, batches, progress=False)
     assert list(full) == list(grid.rows) and full["fc1"].shape == (60, 6)
     state = jaxsim.minibatch_cka_init(4)
     for i in range(0, 60, 20):
-        state = jaxsim.minibatch_cka_update(state, [a[i:i + 20] for a in full.values()])
+        state = jaxsim.minibatch_cka_update(state, [a[i : i + 20] for a in full.values()])
     np.testing.assert_allclose(grid.values, jaxsim.minibatch_cka_result(state).values, rtol=1e-10)
 
 
@@ -217,11 +229,19 @@ def test_streaming_two_linen_models(x64, rng):
     m = LinenCNN()
     va, vb = m.init(jax.random.key(0), x0, train=False), m.init(jax.random.key(1), x0, train=False)
     batches = [(rng.normal(size=(8, 6, 6, 2)), np.zeros(8)) for _ in range(3)]  # (x, labels)
-    grid = minibatch_grid((m, va), batches, (m, vb), filter=nn.Conv, filter_b="block1",
-                          progress=False, apply_kwargs={"train": False})
+    grid = minibatch_grid(
+        (m, va),
+        batches,
+        (m, vb),
+        filter=nn.Conv,
+        filter_b="block1",
+        progress=False,
+        apply_kwargs={"train": False},
+    )
     # the keyword given directly, as capture_linen takes it, means the same
-    same = minibatch_grid((m, va), batches, (m, vb), filter=nn.Conv, filter_b="block1",
-                          progress=False, train=False)
+    same = minibatch_grid(
+        (m, va), batches, (m, vb), filter=nn.Conv, filter_b="block1", progress=False, train=False
+    )
     np.testing.assert_array_equal(same.values, grid.values)
     assert grid.rows == ("stem", "block1/conv") and grid.cols == ("block1",)
     xs = np.concatenate([b[0] for b in batches])
@@ -229,8 +249,9 @@ def test_streaming_two_linen_models(x64, rng):
     b = capture_linen(m, vb, xs, filter="block1", train=False)
     state = jaxsim.minibatch_cka_init(2, 1)
     for i in range(0, 24, 8):
-        state = jaxsim.minibatch_cka_update(state, [v[i:i + 8] for v in a.values()],
-                                            [v[i:i + 8] for v in b.values()])
+        state = jaxsim.minibatch_cka_update(
+            state, [v[i : i + 8] for v in a.values()], [v[i : i + 8] for v in b.values()]
+        )
     np.testing.assert_allclose(grid.values, jaxsim.minibatch_cka_result(state).values, rtol=1e-10)
 
 
@@ -250,11 +271,16 @@ def test_streaming_errors():
 def test_streaming_short_batches_resume_and_names(x64, rng):
     model = NnxMLP(nnx.Rngs(0))
     data = rng.normal(size=(70, 4))
-    full = [data[i:i + 20] for i in range(0, 60, 20)]
+    full = [data[i : i + 20] for i in range(0, 60, 20)]
     ref = minibatch_grid(model, full, progress=False)
     # a loader's short last batch (< 4 examples) is skipped with a warning, not fatal
-    with pytest.warns(UserWarning, match=(r"batches\[3\]: 2 example\(s\), fewer than the "
-                                          r"4.*drop_last=True")):
+    with pytest.warns(
+        UserWarning,
+        match=(
+            r"batches\[3\]: 2 example\(s\), fewer than the "
+            r"4.*drop_last=True"
+        ),
+    ):
         got = minibatch_grid(model, full + [data[60:62]], progress=False)
     np.testing.assert_array_equal(got.values, ref.values)
     with pytest.warns(UserWarning, match=r"batches\[3\]: 10 examples where the first batch had 20"):
@@ -266,8 +292,13 @@ def test_streaming_short_batches_resume_and_names(x64, rng):
     resumed = minibatch_grid(model, full[2:], progress=False, state=restored)
     np.testing.assert_allclose(resumed.values, ref.values, rtol=1e-12)
     assert resumed.rows == ref.rows
-    with pytest.raises(ValueError, match=(r"state: compares 4 x 4 layers but the model\(s\) "
-                                          r"give 2 x 2")):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"state: compares 4 x 4 layers but the model\(s\) "
+            r"give 2 x 2"
+        ),
+    ):
         minibatch_grid(model, full, progress=False, state=state, filter=["fc1", "fc2"])
 
 
@@ -295,8 +326,11 @@ def test_training_mode_is_named_not_a_trace_error(rng):
     x = rng.normal(size=(8, 4)).astype(np.float32)
     model = NnxTrainable(nnx.Rngs(0))
     for run in (lambda: capture_nnx(model, x), lambda: minibatch_grid(model, [x], progress=False)):
-        with pytest.raises(ValueError, match=r"training mode \(bn, drop would use batch "
-                                             r"statistics.*call model.eval\(\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"training mode \(bn, drop would use batch "
+            r"statistics.*call model.eval\(\)",
+        ):
             run()
     model.eval()
     assert list(capture_nnx(model, x)) == ["fc", "bn", "drop"]
@@ -307,9 +341,15 @@ def test_training_mode_is_named_not_a_trace_error(rng):
     acts = capture_linen(linen, variables, x, train=False)
     np.testing.assert_allclose(acts["Dropout_0"], np.maximum(acts["BatchNorm_0"], 0))
     # dropout off in eval mode: the output is the ReLU of the batch norm, unchanged
-    with pytest.raises(TypeError, match=r"expected a flax.nnx.Module, got tuple \(a linen "
-                                        r"\(module, variables\) pair: use capture_linen"):
+    with pytest.raises(
+        TypeError,
+        match=r"expected a flax.nnx.Module, got tuple \(a linen "
+        r"\(module, variables\) pair: use capture_linen",
+    ):
         capture_nnx((linen, variables), x)
-    with pytest.raises(TypeError, match=r"expected a flax.linen.Module, got NnxTrainable "
-                                        r"\(for an nnx model use capture_nnx"):
+    with pytest.raises(
+        TypeError,
+        match=r"expected a flax.linen.Module, got NnxTrainable "
+        r"\(for an nnx model use capture_nnx",
+    ):
         capture_linen(model, {}, x)

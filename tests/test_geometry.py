@@ -10,6 +10,7 @@ from scipy import linalg, stats
 from scipy.spatial.distance import pdist
 
 import jaxsim
+from jaxsim import _pairwise
 
 
 def np_normalize(x):
@@ -22,8 +23,9 @@ def test_procrustes_against_scipy(x64, rng):
     a, b = np_normalize(x), np_normalize(y)
     r, scale = linalg.orthogonal_procrustes(a, b)
     np.testing.assert_allclose(jaxsim.procrustes_similarity(x, y), scale, rtol=1e-10)
-    np.testing.assert_allclose(jaxsim.procrustes_distance(x, y, angular=False),
-                               np.linalg.norm(a @ r - b), rtol=1e-8)
+    np.testing.assert_allclose(
+        jaxsim.procrustes_distance(x, y, angular=False), np.linalg.norm(a @ r - b), rtol=1e-8
+    )
     np.testing.assert_allclose(jaxsim.procrustes_distance(x, y), np.arccos(scale), rtol=1e-10)
     # invariances: rotation, isotropic scaling, translation; not anisotropic scaling
     q = orthogonal(rng, 6)
@@ -34,8 +36,9 @@ def test_procrustes_against_scipy(x64, rng):
 
 def test_full_whitening_gives_mean_cca(x64, rng):
     x, y = related(rng, 300, 5, 5)
-    np.testing.assert_allclose(jaxsim.procrustes_similarity(x, y, alpha=0.0),
-                               jaxsim.mean_cca(x, y), rtol=1e-8)
+    np.testing.assert_allclose(
+        jaxsim.procrustes_similarity(x, y, alpha=0.0), jaxsim.mean_cca(x, y), rtol=1e-8
+    )
     mid = float(jaxsim.procrustes_similarity(x, y, alpha=0.5))
     assert np.isfinite(mid) and 0 < mid <= 1
     with pytest.raises(ValueError, match=r"alpha: must lie in \[0, 1\]"):
@@ -48,8 +51,9 @@ def test_rsa_against_scipy(x64, rng, dissimilarity, compare):
     x, y = related(rng, 40, 6, 5)
     da = pdist(x, "correlation" if dissimilarity == "correlation" else "euclidean")
     db = pdist(y, "correlation" if dissimilarity == "correlation" else "euclidean")
-    ref = {"spearman": stats.spearmanr, "pearson": stats.pearsonr,
-           "kendall": stats.kendalltau}[compare](da, db)[0]
+    ref = {"spearman": stats.spearmanr, "pearson": stats.pearsonr, "kendall": stats.kendalltau}[
+        compare
+    ](da, db)[0]
     got = jaxsim.rsa(x, y, dissimilarity=dissimilarity, compare=compare)
     np.testing.assert_allclose(got, ref, rtol=1e-9)
     np.testing.assert_allclose(jaxsim.rdm(x, dissimilarity=dissimilarity)[0, 1], da[0], rtol=1e-9)
@@ -63,12 +67,14 @@ def test_pearson_rsa_grid_in_blocks(x64, rng):
     a[1][:, :3] += a[0]
     a.append(np.tanh(a[1]) + 0.1 * rng.normal(size=(n, 4)))
     for dissimilarity in ("correlation", "euclidean"):
-        grid = jaxsim.similarity_grid(a + [np.ones((n, 2))], metric="rsa", compare="pearson",
-                                      dissimilarity=dissimilarity).values
-        ref = [[stats.pearsonr(pdist(x, dissimilarity), pdist(y, dissimilarity))[0]
-                for y in a] for x in a]
-        np.testing.assert_allclose(np.asarray(grid)[:3, :3], ref, rtol=1e-10,
-                                   err_msg=dissimilarity)
+        grid = jaxsim.similarity_grid(
+            a + [np.ones((n, 2))], metric="rsa", compare="pearson", dissimilarity=dissimilarity
+        ).values
+        ref = [
+            [stats.pearsonr(pdist(x, dissimilarity), pdist(y, dissimilarity))[0] for y in a]
+            for x in a
+        ]
+        np.testing.assert_allclose(np.asarray(grid)[:3, :3], ref, rtol=1e-10, err_msg=dissimilarity)
         np.testing.assert_array_equal(np.asarray(grid)[3, :3], 0)
 
 
@@ -79,8 +85,9 @@ def test_rsa_grid_memory_is_not_layers_times_n_squared():
     from jaxsim import geometry
 
     n, d = 3000, 16
-    one, total, n_pad = block_grid_memory(geometry.rsa_measure(compare="pearson").blocks,
-                                          n, d, num_layers=6)
+    one, total, n_pad = block_grid_memory(
+        geometry.rsa_measure(compare="pearson").blocks, n, d, num_layers=6
+    )
     rdm_bytes = n * n * 4
     assert one.temp_size_in_bytes < rdm_bytes / 2
     assert one.output_size_in_bytes < 2 * n_pad * (d + 1) * 4
@@ -124,6 +131,7 @@ def test_mutual_knn_against_brute_force(x64, rng):
     # neighbours found in row blocks (here 3 rows, 17 blocks, the last padded): the same
     # sets, with O(b n) memory instead of an n x n matrix
     from jaxsim.geometry import _knn_indices
+
     blocked = np.asarray(jax.jit(lambda a: _knn_indices(a, k, block_entries=150))(x).indices)
     assert [set(row) for row in blocked] == nx
     assert float(jaxsim.mutual_knn(x, 2 * x, k=k)) == 1.0
@@ -141,8 +149,7 @@ def test_mutual_knn_memory_is_not_n_squared():
 
     def memory(n):
         x = jax.ShapeDtypeStruct((n, 8), np.float32)
-        return jax.jit(lambda a: geometry._knn_indices(a, k)).lower(x).compile() \
-            .memory_analysis()
+        return jax.jit(lambda a: geometry._knn_indices(a, k)).lower(x).compile().memory_analysis()
 
     small, large = memory(6000), memory(12000)
     assert large.output_size_in_bytes < 2 * 12000 * k * 4
@@ -172,12 +179,15 @@ def test_linear_predictivity_and_helpers(x64, rng):
         jaxsim.predict_direction(x, y, np.ones(5))
 
 
-@pytest.mark.parametrize("metric,fn,opts", [
-    ("procrustes", jaxsim.procrustes_similarity, {"alpha": 0.5}),
-    ("rsa", jaxsim.rsa, {"compare": "pearson"}),
-    ("mutual_knn", jaxsim.mutual_knn, {"k": 4}),
-    ("linear_predictivity", jaxsim.linear_predictivity, {"ridge": 1e-2}),
-])
+@pytest.mark.parametrize(
+    "metric,fn,opts",
+    [
+        ("procrustes", jaxsim.procrustes_similarity, {"alpha": 0.5}),
+        ("rsa", jaxsim.rsa, {"compare": "pearson"}),
+        ("mutual_knn", jaxsim.mutual_knn, {"k": 4}),
+        ("linear_predictivity", jaxsim.linear_predictivity, {"ridge": 1e-2}),
+    ],
+)
 def test_in_grids(x64, rng, metric, fn, opts):
     x, y = related(rng, 60, 6, 5)
     layers = [x, y, np.tanh(y)]
@@ -223,7 +233,6 @@ def test_rsa_with_tied_dissimilarities(x64, rng, dtype):
     as scipy.stats does, on RDMs whose ties are exact: single pairs, grids (grouped and
     not) and the permutation test's statistic. jaxsim's RDMs were formed by a rounding
     expansion that broke exact ties (Spearman 0.1076 for 0.1030 on the first pair here)."""
-    from jaxsim import grid as grid_module
 
     x, y, relu = quantised_layers(rng)
     layers = [x, y, relu, 3 * y + 2]
@@ -232,26 +241,37 @@ def test_rsa_with_tied_dissimilarities(x64, rng, dtype):
     for dissimilarity in ("euclidean", "correlation"):
         rdms = [exact_rdm_order(a, dissimilarity) for a in layers]
         assert len(np.unique(rdms[0])) < len(rdms[0]) / 4  # ties are the rule here
-        for compare, ref in (("spearman", stats.spearmanr),
-                             ("kendall", lambda a, b: stats.kendalltau(a, b, variant="b"))):
+        for compare, ref in (
+            ("spearman", stats.spearmanr),
+            ("kendall", lambda a, b: stats.kendalltau(a, b, variant="b")),
+        ):
             want = np.array([[ref(a, b)[0] for b in rdms] for a in rdms])
             got = jaxsim.rsa(cast[0], cast[1], dissimilarity=dissimilarity, compare=compare)
             np.testing.assert_allclose(got, want[0, 1], **tol, err_msg=compare)
-            grid = jaxsim.similarity_grid(cast, metric="rsa", dissimilarity=dissimilarity,
-                                          compare=compare, progress=False).values
+            grid = jaxsim.similarity_grid(
+                cast, metric="rsa", dissimilarity=dissimilarity, compare=compare, progress=False
+            ).values
             np.testing.assert_allclose(grid, want, **tol, err_msg=compare)
-            stat = jaxsim.stats.permutation_test("rsa", cast[0], cast[2], num_permutations=4,
-                                                 key=jax.random.key(0),
-                                                 dissimilarity=dissimilarity, compare=compare)
+            stat = jaxsim.stats.permutation_test(
+                "rsa",
+                cast[0],
+                cast[2],
+                num_permutations=4,
+                key=jax.random.key(0),
+                dissimilarity=dissimilarity,
+                compare=compare,
+            )
             np.testing.assert_allclose(stat.statistic, want[0, 2], **tol, err_msg=compare)
     # grouped: a summary budget of one layer's ranks, so each is prepared in its own group
-    budget = grid_module._SUMMARY_BUDGET
-    grid_module._SUMMARY_BUDGET = 2 * np.dtype(dtype).itemsize * len(rdms[0])
+    budget = _pairwise.SUMMARY_BUDGET
+    _pairwise.SUMMARY_BUDGET = 2 * np.dtype(dtype).itemsize * len(rdms[0])
     try:
-        grouped = jaxsim.similarity_grid(cast, metric="rsa", dissimilarity="euclidean",
-                                         progress=False).values
+        grouped = jaxsim.similarity_grid(
+            cast, metric="rsa", dissimilarity="euclidean", progress=False
+        ).values
     finally:
-        grid_module._SUMMARY_BUDGET = budget
+        _pairwise.SUMMARY_BUDGET = budget
     rdms = [pdist(a) for a in layers]
-    np.testing.assert_allclose(grouped, [[stats.spearmanr(a, b)[0] for b in rdms]
-                                         for a in rdms], **tol)
+    np.testing.assert_allclose(
+        grouped, [[stats.spearmanr(a, b)[0] for b in rdms] for a in rdms], **tol
+    )

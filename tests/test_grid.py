@@ -14,7 +14,8 @@ from test_canonical import np_cca
 from test_kernel import np_hsic_unbiased, np_linear_cka
 
 import jaxsim
-from jaxsim.grid import TRACE_COUNT
+from jaxsim import _gram_route, _kernel_blocks, _layers, _pairwise, _registry
+from jaxsim._measure import TRACE_COUNT
 
 
 def model_acts(rng, n=120, widths=(6, 10, 6, 10), noise=0.3):
@@ -46,8 +47,9 @@ def test_grid_equals_loop_of_pair_function(x64, rng, metric):
         assert grid.rows == tuple(a)
         assert grid.cols == tuple(cols)
         # (the 3-D layer flattened for the loop: the same values, fewer shapes to compile)
-        loop = [[float(fn(x, y.reshape(len(y), -1), **opts)) for y in cols.values()]
-                for x in a.values()]
+        loop = [
+            [float(fn(x, y.reshape(len(y), -1), **opts)) for y in cols.values()] for x in a.values()
+        ]
         # PWCCA of a layer with itself (all coefficients 1) depends on directions within a
         # degenerate singular subspace: batched and single evaluations round differently
         rtol = 1e-6 if metric == "pwcca" else 1e-9
@@ -71,12 +73,14 @@ def test_self_grid_symmetric_unit_diagonal_and_rotation_invariant(x64, rng):
         np.testing.assert_array_equal(v, v.T)
         np.testing.assert_allclose(np.diag(v), 1.0, rtol=1e-10)
     rotated = {k: x @ orthogonal(rng, x.shape[1]) for k, x in acts.items()}
-    np.testing.assert_allclose(jaxsim.similarity_grid(rotated).values,
-                               jaxsim.similarity_grid(acts).values, rtol=1e-9)
+    np.testing.assert_allclose(
+        jaxsim.similarity_grid(rotated).values, jaxsim.similarity_grid(acts).values, rtol=1e-9
+    )
     # a test that could not fail would pass this too; a shuffled layer must not
     shuffled = dict(acts, layer0=acts["layer0"][rng.permutation(120)])
-    assert not np.allclose(jaxsim.similarity_grid(shuffled).values,
-                           jaxsim.similarity_grid(acts).values, atol=1e-3)
+    assert not np.allclose(
+        jaxsim.similarity_grid(shuffled).values, jaxsim.similarity_grid(acts).values, atol=1e-3
+    )
 
 
 def test_pwcca_self_grid_computes_both_orders(x64, rng):
@@ -93,7 +97,8 @@ def test_callable_metric_and_symmetric_option(x64, rng):
     dot = lambda x, y: (x.mean() - y.mean()) ** 2
     grid = jaxsim.similarity_grid(acts, metric=dot)
     assert float(grid["layer0", "layer1"]) == pytest.approx(
-        float(dot(acts["layer0"], acts["layer1"])), rel=1e-9)
+        float(dot(acts["layer0"], acts["layer1"])), rel=1e-9
+    )
 
 
 def test_no_retracing(x64, rng):
@@ -118,12 +123,12 @@ def test_one_compile_per_pair_of_width_groups(rng):
     def corner():  # cheap, asymmetric, defined for any two widths; new each time (no cache)
         return lambda x, y: x[0, 0] - 2 * y[1, 1]
 
-    expected = lambda rows, cols: np.array([[a[0, 0] - 2 * b[1, 1] for b in cols]
-                                            for a in rows])
+    expected = lambda rows, cols: np.array([[a[0, 0] - 2 * b[1, 1] for b in cols] for a in rows])
     for fn_cols, symmetric, pair_steps in [(None, True, 6), (None, False, 9), (cols, True, 6)]:
         before = TRACE_COUNT["pairs"]
-        grid = jaxsim.similarity_grid(acts, fn_cols, metric=corner(), symmetric=symmetric,
-                                      progress=False).values
+        grid = jaxsim.similarity_grid(
+            acts, fn_cols, metric=corner(), symmetric=symmetric, progress=False
+        ).values
         assert TRACE_COUNT["pairs"] - before == pair_steps, (fn_cols, symmetric)
         want = expected(acts.values(), (acts if fn_cols is None else fn_cols).values())
         if fn_cols is None and symmetric:  # each unordered pair computed in one order
@@ -135,10 +140,12 @@ def test_one_compile_per_pair_of_width_groups(rng):
 
 def np_svcca_variance(x, y, frac):
     """SVCCA keeping each layer's fewest directions with ``frac`` of its variance."""
+
     def reduce(a):
         u, s, _ = np.linalg.svd(a - a.mean(0), full_matrices=False)
         k = np.searchsorted(np.cumsum(s**2) / np.sum(s**2), frac) + 1
         return u[:, :k] * s[:k]
+
     return np_cca(reduce(x), reduce(y))[0].mean()
 
 
@@ -149,24 +156,32 @@ def test_close_widths_share_a_compiled_pair_step(x64, rng):
     6, and the values (padded with each other, with an unpadded layer, with themselves)
     equal the NumPy formulas."""
     widths = (58, 60, 64, 40)
-    acts = [rng.normal(size=(300, 8)) @ rng.normal(size=(8, d)) + rng.normal(size=(300, d))
-            for d in widths]
+    acts = [
+        rng.normal(size=(300, 8)) @ rng.normal(size=(8, d)) + rng.normal(size=(300, d))
+        for d in widths
+    ]
     frac = 0.9
     for metric, ref, opts in (
-            ("mean_cca", lambda x, y: np_cca(x, y)[0].mean(), {}),
-            ("svcca", lambda x, y: np_svcca_variance(x, y, frac), {"keep_variance": frac})):
+        ("mean_cca", lambda x, y: np_cca(x, y)[0].mean(), {}),
+        ("svcca", lambda x, y: np_svcca_variance(x, y, frac), {"keep_variance": frac}),
+    ):
         if metric == "svcca":
             acts = [a[:250] for a in acts]  # new shapes (svcca's pair step is mean CCA's)
         before = TRACE_COUNT["pairs"]
         grid = jaxsim.similarity_grid(acts, metric=metric, progress=False, **opts).values
         assert TRACE_COUNT["pairs"] - before == 3, metric
         for i, j in ((0, 1), (1, 3), (0, 0)):
-            np.testing.assert_allclose(grid[i, j], ref(acts[i], acts[j]), rtol=1e-9,
-                                       err_msg=f"{metric} {widths[i]} {widths[j]}")
+            np.testing.assert_allclose(
+                grid[i, j],
+                ref(acts[i], acts[j]),
+                rtol=1e-9,
+                err_msg=f"{metric} {widths[i]} {widths[j]}",
+            )
     # the SVCCA grid padded in float32 and under jit: as in float64 (these layers are well
     # conditioned: 1e-5)
     f32 = jax.jit(lambda a: jaxsim.similarity_grid(a, metric="svcca", **opts).values)(
-        [a.astype(np.float32) for a in acts])
+        [a.astype(np.float32) for a in acts]
+    )
     np.testing.assert_allclose(f32, grid, atol=1e-5)
 
 
@@ -182,8 +197,11 @@ def test_grid_save_load_and_repr(x64, rng, tmp_path):
     assert np.asarray(grid).shape == (4, 4)
     doubled = jax.tree.map(lambda v: 2 * v, grid)  # a pytree: names ride along
     assert doubled.rows == grid.rows
-    with pytest.raises(KeyError, match=r"'nope' is not a row layer of this grid; row layers: "
-                                       r"'layer0', 'layer1', 'layer2', 'layer3'"):
+    with pytest.raises(
+        KeyError,
+        match=r"'nope' is not a row layer of this grid; row layers: "
+        r"'layer0', 'layer1', 'layer2', 'layer3'",
+    ):
         grid["nope", "layer0"]
     with pytest.raises(KeyError, match=r"'x' is not a column layer"):
         grid["layer0", "x"]
@@ -191,24 +209,42 @@ def test_grid_save_load_and_repr(x64, rng, tmp_path):
 
 def test_grid_errors(rng):
     acts = model_acts(rng)
-    with pytest.raises(ValueError, match=(r"acts_b\['1'\]: has 50 examples.*acts_a\['layer0'\] "
-                                          r"has 120")):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"acts_b\['1'\]: has 50 examples.*acts_a\['layer0'\] "
+            r"has 120"
+        ),
+    ):
         jaxsim.similarity_grid(acts, [acts["layer0"], acts["layer1"][:50]])
     with pytest.raises(ValueError, match=r"acts_a\['layer2'\]: has 119 examples"):
         jaxsim.similarity_grid(dict(acts, layer2=acts["layer2"][:119]))
     with pytest.raises(ValueError, match=r"acts_a: no layers given"):
         jaxsim.similarity_grid([])
-    with pytest.raises(ValueError, match=r"unknown metric 'cca2'; valid names: cka, linear_cka, "
-                                         r"linear_predictivity, mean_cca, mutual_knn, procrustes, "
-                                         r"pwcca, rbf_cka, rsa, svcca, or a callable"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown metric 'cca2'; valid names: cka, linear_cka, "
+        r"linear_predictivity, mean_cca, mutual_knn, procrustes, "
+        r"pwcca, rbf_cka, rsa, svcca, or a callable",
+    ):
         jaxsim.similarity_grid(acts, metric="cca2")
     with pytest.raises(TypeError, match=r"metric 'linear_cka': unexpected option\(s\) epsilon"):
         jaxsim.similarity_grid(acts, epsilon=0.1)
-    with pytest.raises(TypeError, match=(r"acts_a: expected a sequence or mapping.*shape "
-                                         r"\(120, 6\)")):
+    with pytest.raises(
+        TypeError,
+        match=(
+            r"acts_a: expected a sequence or mapping.*shape "
+            r"\(120, 6\)"
+        ),
+    ):
         jaxsim.similarity_grid(acts["layer0"])
-    with pytest.raises(ValueError, match=(r"keep_dims: 8 directions requested but "
-                                          r"acts_a\['layer0'\] has shape \(120, 6\)")):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"keep_dims: 8 directions requested but "
+            r"acts_a\['layer0'\] has shape \(120, 6\)"
+        ),
+    ):
         jaxsim.similarity_grid(acts, metric="svcca", keep_dims=8)
     with pytest.raises(ValueError, match=r"need at least 4 examples for the unbiased"):
         jaxsim.similarity_grid([a[:3] for a in acts.values()], debiased=True)
@@ -255,8 +291,9 @@ def test_minibatch_self_grid_and_state_algebra(x64, rng, tmp_path):
     full = jaxsim.minibatch_cka_init(4)
     for xa in batches:
         full = jaxsim.minibatch_cka_update(full, xa)
-    np.testing.assert_allclose(jaxsim.minibatch_cka_result(full).values,
-                               np_minibatch_cka(batches, batches), rtol=1e-9)
+    np.testing.assert_allclose(
+        jaxsim.minibatch_cka_result(full).values, np_minibatch_cka(batches, batches), rtol=1e-9
+    )
 
     # two streams added leaf-wise == one stream of all batches
     s1, s2 = jaxsim.minibatch_cka_init(4), jaxsim.minibatch_cka_init(4)
@@ -265,8 +302,11 @@ def test_minibatch_self_grid_and_state_algebra(x64, rng, tmp_path):
     for xa in batches[2:]:
         s2 = jaxsim.minibatch_cka_update(s2, xa)
     both = jax.tree.map(operator.add, s1, s2)
-    np.testing.assert_allclose(jaxsim.minibatch_cka_result(both).values,
-                               jaxsim.minibatch_cka_result(full).values, rtol=1e-12)
+    np.testing.assert_allclose(
+        jaxsim.minibatch_cka_result(both).values,
+        jaxsim.minibatch_cka_result(full).values,
+        rtol=1e-12,
+    )
 
     # save with numpy mid-stream, restore, resume: identical result
     path = tmp_path / "state.npz"
@@ -275,8 +315,9 @@ def test_minibatch_self_grid_and_state_algebra(x64, rng, tmp_path):
         restored = jaxsim.MinibatchCKAState(**{k: jax.numpy.asarray(f[k]) for k in f.files})
     for xa in batches[2:]:
         restored = jaxsim.minibatch_cka_update(restored, xa)
-    np.testing.assert_array_equal(jaxsim.minibatch_cka_result(restored).values,
-                                  jaxsim.minibatch_cka_result(full).values)
+    np.testing.assert_array_equal(
+        jaxsim.minibatch_cka_result(restored).values, jaxsim.minibatch_cka_result(full).values
+    )
 
 
 def test_minibatch_one_trace_per_shape(x64, rng):
@@ -285,18 +326,28 @@ def test_minibatch_one_trace_per_shape(x64, rng):
     state = jaxsim.minibatch_cka_update(state, [x[:20] for x in a])
     before = TRACE_COUNT["minibatch"]
     for k in (1, 2):
-        state = jaxsim.minibatch_cka_update(state, [x[20 * k:20 * (k + 1)] for x in a])
+        state = jaxsim.minibatch_cka_update(state, [x[20 * k : 20 * (k + 1)] for x in a])
     assert TRACE_COUNT["minibatch"] == before
 
 
 def test_minibatch_errors(rng):
     a = list(model_acts(rng, n=40).values())
     state = jaxsim.minibatch_cka_init(4, 2)
-    with pytest.raises(ValueError, match=(r"batch_acts_a: the state has 4 layer\(s\) on this "
-                                          r"side but the batch has 3")):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"batch_acts_a: the state has 4 layer\(s\) on this "
+            r"side but the batch has 3"
+        ),
+    ):
         jaxsim.minibatch_cka_update(state, a[:3], a[:2])
-    with pytest.raises(ValueError, match=(r"batch_acts_b: missing, but the state compares 4 "
-                                          r"row layers with 2")):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"batch_acts_b: missing, but the state compares 4 "
+            r"row layers with 2"
+        ),
+    ):
         jaxsim.minibatch_cka_update(state, a)
     with pytest.raises(ValueError, match=r"need at least 4 examples per minibatch.*n=3"):
         jaxsim.minibatch_cka_update(state, [x[:3] for x in a], [x[:3] for x in a[:2]])
@@ -313,13 +364,16 @@ def test_cross_grids_form_only_the_cross_pairs(x64, rng):
     the slab does not depend on the kernel), against the union's self-grid and NumPy:
     CKA from the centered features' products (Kornblith et al. 2019, eq. 5) and the
     unbiased HSIC of U-centered Grams (Szekely & Rizzo 2014), both O(n^2)."""
-    from jaxsim import grid as grid_module
     from jaxsim import kernel
 
     n = 1100
     a = [rng.normal(size=(n, w)) for w in (4, 6, 3)]
-    b = [np.tanh(a[0] @ rng.normal(size=(4, 5))), rng.normal(size=(n, 2)), a[2] ** 2,
-         rng.normal(size=(n, 7))]
+    b = [
+        np.tanh(a[0] @ rng.normal(size=(4, 5))),
+        rng.normal(size=(n, 2)),
+        a[2] ** 2,
+        rng.normal(size=(n, 7)),
+    ]
     full = jaxsim.similarity_grid(a + b, method="gram").values
     got = jaxsim.similarity_grid(a, b, method="gram").values
     np.testing.assert_allclose(got, np.asarray(full)[:3, 3:], rtol=1e-10)
@@ -328,19 +382,22 @@ def test_cross_grids_form_only_the_cross_pairs(x64, rng):
     norms = np.sqrt(np.diag(hsic))
     np.testing.assert_allclose(got, (hsic / np.outer(norms, norms))[:3, 3:], rtol=1e-10)
     blocks = kernel.linear_measure().blocks
-    size = grid_module._block_size(n, 7)
-    sources = [grid_module._source(blocks.source, jnp.asarray(x), -(-n // size) * size)
-               for x in a + b]
-    offsets = grid_module._block_offsets(n, size, np.float64)
-    text = grid_module._gram_block_sum.lower(blocks, sources, *offsets, size, 3).as_text()
+    size = _gram_route.block_size(n, 7)
+    sources = [
+        _gram_route.layer_source(blocks.source, jnp.asarray(x), -(-n // size) * size) for x in a + b
+    ]
+    offsets = _gram_route.block_pairs(n, size, np.float64)
+    text = _gram_route.gram_block_sum.lower(blocks, sources, *offsets, size, 3).as_text()
     assert "tensor<3x4xf64>" in text and "7x7xf64> = stablehlo.dot" not in text
     state, joint = jaxsim.minibatch_cka_init(3, 4), jaxsim.minibatch_cka_init(7)
     for xa, xb in zip(split(a, 2), split(b, 2)):
         state = jaxsim.minibatch_cka_update(state, xa, xb)
         joint = jaxsim.minibatch_cka_update(joint, xa + xb)
-    np.testing.assert_allclose(jaxsim.minibatch_cka_result(state).values,
-                               np.asarray(jaxsim.minibatch_cka_result(joint).values)[:3, 3:],
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        jaxsim.minibatch_cka_result(state).values,
+        np.asarray(jaxsim.minibatch_cka_result(joint).values)[:3, 3:],
+        rtol=1e-10,
+    )
 
     def u_centered(x):
         k = x @ x.T
@@ -356,8 +413,11 @@ def test_cross_grids_form_only_the_cross_pairs(x64, rng):
         grams = [u_centered(x) for x in batch]
         sums = sums + np.array([[np.vdot(k, g) for g in grams] for k in grams])
     norms = np.sqrt(np.diag(sums))
-    np.testing.assert_allclose(jaxsim.minibatch_cka_result(state).values,
-                               (sums / np.outer(norms, norms))[:3, 3:], rtol=1e-10)
+    np.testing.assert_allclose(
+        jaxsim.minibatch_cka_result(state).values,
+        (sums / np.outer(norms, norms))[:3, 3:],
+        rtol=1e-10,
+    )
 
 
 def test_accelerator_form_batches_equal_shaped_layers(x64, rng, monkeypatch):
@@ -366,25 +426,28 @@ def test_accelerator_form_batches_equal_shaped_layers(x64, rng, monkeypatch):
     with the same values as one product per layer: linear CKA biased and U-centered, RBF
     CKA, a cross-grid with a one-layer side, and a minibatch CKA cross-grid; linear CKA
     also against NumPy's, from the centered features' products."""
-    from jaxsim import grid as grid_module
     from jaxsim import kernel
 
     n = 600  # one block, formed as halves
     layers = [rng.normal(size=(n, w)) for w in (5, 3, 5, 7, 3, 5)]
     layers[2] = np.tanh(layers[0] @ rng.normal(size=(5, 5)))
-    runs = [lambda: jaxsim.similarity_grid(layers, method="gram").values,
-            lambda: jaxsim.similarity_grid(layers, method="gram", debiased=True).values,
-            lambda: jaxsim.similarity_grid(layers[:4], metric="rbf_cka").values,
-            lambda: jaxsim.similarity_grid(layers[3:4], layers[:3], method="gram").values]
+    runs = [
+        lambda: jaxsim.similarity_grid(layers, method="gram").values,
+        lambda: jaxsim.similarity_grid(layers, method="gram", debiased=True).values,
+        lambda: jaxsim.similarity_grid(layers[:4], metric="rbf_cka").values,
+        lambda: jaxsim.similarity_grid(layers[3:4], layers[:3], method="gram").values,
+    ]
     batches = split(layers, 2)
+
     def minibatch():  # a cross-grid
         state = jaxsim.minibatch_cka_init(4, 2)
         for batch in batches:
             state = jaxsim.minibatch_cka_update(state, batch[:4], batch[4:])
         return jaxsim.minibatch_cka_result(state).values
+
     runs.append(minibatch)
     want = [np.asarray(run()) for run in runs]
-    monkeypatch.setattr(grid_module, "_batched_blocks", lambda: True)
+    monkeypatch.setattr(_gram_route, "batched_blocks", lambda: True)
     for run, expected in zip(runs, want):
         np.testing.assert_allclose(run(), expected, rtol=1e-12, atol=1e-15)
     centered = [x - x.mean(0) for x in layers]  # and NumPy's CKA (Kornblith et al. eq. 5)
@@ -393,59 +456,71 @@ def test_accelerator_form_batches_equal_shaped_layers(x64, rng, monkeypatch):
     np.testing.assert_allclose(runs[0](), hsic / np.outer(norms, norms), rtol=1e-10)
     np.testing.assert_allclose(runs[3](), (hsic / np.outer(norms, norms))[3:4, :3], rtol=1e-10)
     blocks = kernel.linear_measure().blocks
-    sources = [grid_module._source(blocks.source, jnp.asarray(x), n) for x in layers]
-    groups = grid_module._source_groups(sources)
+    sources = [_gram_route.layer_source(blocks.source, jnp.asarray(x), n) for x in layers]
+    groups = _gram_route.source_groups(sources)
     assert groups == ((0, 2, 5), (1, 4), (3,))
-    assert grid_module._source_groups(sources, 4) == ((0, 2), (1,), (3,), (4,), (5,))
-    stacks = [grid_module._stack([sources[i] for i in g]) for g in groups]
-    text = grid_module._gram_block_sum.lower(
-        blocks, stacks, *grid_module._block_offsets(n, n, np.float64), n,
-        groups=groups).as_text()
+    assert _gram_route.source_groups(sources, 4) == ((0, 2), (1,), (3,), (4,), (5,))
+    stacks = [_layers.stack_trees([sources[i] for i in g]) for g in groups]
+    text = _gram_route.gram_block_sum.lower(
+        blocks, stacks, *_gram_route.block_pairs(n, n, np.float64), n, groups=groups
+    ).as_text()
     assert "batching_dims = [0] x [0]" in text
 
 
 def test_ring_blocks_tile_the_cross_grams(x64, rng):
     """The ring's per-step products, tiled b x b (the last tile padded): <R_l C_l^T,
     R_m C_m^T> for every pair of layers, as in NumPy."""
-    from jaxsim import grid as grid_module
-    from jaxsim import kernel
 
     rows = [rng.normal(size=(7, d)) for d in (2, 3, 5, 4)]
     cols = [rng.normal(size=(7, d)) for d in (2, 3, 5, 4)]
     n = 7
-    wrap = lambda xs: [kernel.LinearSource(x, np.sum(x * x, axis=1), np.sum(x * x), n)
-                       for x in xs]
+    wrap = lambda xs: [
+        _kernel_blocks.LinearSource(x, np.sum(x * x, axis=1), np.sum(x * x), n) for x in xs
+    ]
     grams = [r @ c.T for r, c in zip(rows, cols)]
     want = [[np.vdot(g, h) for h in grams] for g in grams]
     for b in (3, 7):
-        np.testing.assert_allclose(grid_module._cross_products(wrap(rows), wrap(cols), b),
-                                   want, rtol=1e-12)
-    np.testing.assert_allclose(grid_module._cross_products(wrap(rows[:2]), wrap(cols[:2]), 3),
-                               np.asarray(want)[:2, :2], rtol=1e-12)
+        np.testing.assert_allclose(
+            _gram_route.cross_products(wrap(rows), wrap(cols), b), want, rtol=1e-12
+        )
+    np.testing.assert_allclose(
+        _gram_route.cross_products(wrap(rows[:2]), wrap(cols[:2]), 3),
+        np.asarray(want)[:2, :2],
+        rtol=1e-12,
+    )
     # debiased, the diagonal block (rows == cols): the U-centered Gram's terms, n = 7 here
     u_grams = []
     for x in rows:
         k = x @ x.T
-        u = k + (np.diag(k)[:, None] + np.diag(k)[None, :]) / (n - 2) - np.trace(k) / (
-            (n - 1) * (n - 2))
+        u = (
+            k
+            + (np.diag(k)[:, None] + np.diag(k)[None, :]) / (n - 2)
+            - np.trace(k) / ((n - 1) * (n - 2))
+        )
         np.fill_diagonal(u, 0)
         u_grams.append(u)
     want = [[np.vdot(g, h) for h in u_grams] for g in u_grams]
-    got = grid_module._cross_products(wrap(rows), wrap(rows), 3, debiased=True, same=True)
+    got = _gram_route.cross_products(wrap(rows), wrap(rows), 3, debiased=True, same=True)
     np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 SHARDED = os.path.join(os.path.dirname(__file__), "sharded")
 
 
-@pytest.mark.parametrize("script", ["ring_and_feature_route.py", "float32_and_jit.py",
-                                    "explicit_axes.py"])
+@pytest.mark.parametrize(
+    "script", ["ring_and_feature_route.py", "float32_and_jit.py", "explicit_axes.py"]
+)
 def test_sharded_equals_single_device(script):
     """The multi-device programs on 8 host devices (tests/sharded/, one child process each:
     the device count is fixed when JAX starts)."""
     env = subprocess_env("--xla_force_host_platform_device_count=8")
-    out = subprocess.run([sys.executable, os.path.join(SHARDED, script)], env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, os.path.join(SHARDED, script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "sharded ok" in out.stdout
 
@@ -455,7 +530,6 @@ def test_diagonal_blocks_formed_as_halves(x64, rng):
     halves (3/4 of its products; a single-block grid at n = 1024 on a CPU 1.27x faster),
     the inner products equal to NumPy's over the whole centered Grams. n = 601 is one block
     of 602 rows (even, one row of padding) formed as 301-row halves."""
-    from jaxsim import grid as grid_module
     from jaxsim import kernel
     from jaxsim._measure import GramBlocks
 
@@ -468,8 +542,8 @@ def test_diagonal_blocks_formed_as_halves(x64, rng):
 
     n = 601
     layers = [rng.normal(size=(n, 5)), rng.normal(size=(n, 3)) ** 2]
-    b = grid_module._block_size(n, 2)
-    sums = grid_module._gram_inner_products(GramBlocks(linear.source, block), layers, b)
+    b = _gram_route.block_size(n, 2)
+    sums = _gram_route.gram_inner_products(GramBlocks(linear.source, block), layers, b)
     assert (b, sorted(set(sizes))) == (602, [301, 602])
     grams = []
     for x in layers:
@@ -477,7 +551,7 @@ def test_diagonal_blocks_formed_as_halves(x64, rng):
         xc /= np.abs(xc).max()  # the source's unit scaling
         grams.append(xc @ xc.T)
     ref = [[np.vdot(k, g) for g in grams] for k in grams]
-    np.testing.assert_allclose(grid_module._symmetrize(sums), ref, rtol=1e-12)
+    np.testing.assert_allclose(_gram_route.symmetrize(sums), ref, rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -496,14 +570,17 @@ def test_diagonal_halves_in_low_precision(rng, dtype):
     for debiased in (False, True):
         got = jaxsim.similarity_grid(layers, method="gram", debiased=debiased).values
         assert got.dtype == np.float32
-        np.testing.assert_allclose(got[0, 1], np_linear_cka(*exact, debiased), atol=1e-4,
-                                   err_msg=str(debiased))
+        np.testing.assert_allclose(
+            got[0, 1], np_linear_cka(*exact, debiased), atol=1e-4, err_msg=str(debiased)
+        )
     got = jaxsim.similarity_grid(layers, metric="rbf_cka", debiased=True).values
     np.testing.assert_allclose(got[0, 1], np_cka(*map(np_gram_rbf, exact), True), atol=1e-4)
 
 
-@pytest.mark.parametrize("metric,debiased", [("linear_cka", False), ("linear_cka", True),
-                                             ("rbf_cka", False), ("rbf_cka", True)])
+@pytest.mark.parametrize(
+    "metric,debiased",
+    [("linear_cka", False), ("linear_cka", True), ("rbf_cka", False), ("rbf_cka", True)],
+)
 def test_blocked_grams_with_padding(x64, rng, metric, debiased):
     # n > 1024: Grams are accumulated in blocks (here 3 of 368 rows), the last one padded
     n = 1100
@@ -516,12 +593,14 @@ def test_blocked_grams_with_padding(x64, rng, metric, debiased):
         ref = [[np_linear_cka(x, y, debiased) for y in b] for x in a]
     else:
         from test_kernel import np_cka, np_gram_rbf
+
         ref = [[np_cka(np_gram_rbf(x), np_gram_rbf(y), debiased) for y in b] for x in a]
     np.testing.assert_allclose(grid.values, ref, rtol=1e-9)
     selfgrid = jaxsim.similarity_grid(a, metric=metric, debiased=debiased, **opts)
     single = jaxsim.linear_cka if metric == "linear_cka" else jaxsim.rbf_cka
-    np.testing.assert_allclose(selfgrid.values[0, 1], single(a[0], a[1], debiased=debiased),
-                               rtol=1e-9)
+    np.testing.assert_allclose(
+        selfgrid.values[0, 1], single(a[0], a[1], debiased=debiased), rtol=1e-9
+    )
     np.testing.assert_allclose(np.diag(selfgrid.values), 1.0, rtol=1e-10)
 
 
@@ -551,26 +630,36 @@ def test_grids_under_jit(rng):
     # (linear, RBF, Pearson RSA), pairwise symmetric (one triangle) and asymmetric
     from jaxsim.grid import METRICS
 
-    metrics = {"linear_cka": {"method": "features"}, "cka": {"method": "gram"},
-               "rbf_cka": {}, "mean_cca": {}, "svcca": {"keep_dims": 3}, "procrustes": {},
-               "rsa": {}, "rsa pearson": {"compare": "pearson"}, "mutual_knn": {"k": 5},
-               "linear_predictivity": {}}
+    metrics = {
+        "linear_cka": {"method": "features"},
+        "cka": {"method": "gram"},
+        "rbf_cka": {},
+        "mean_cca": {},
+        "svcca": {"keep_dims": 3},
+        "procrustes": {},
+        "rsa": {},
+        "rsa pearson": {"compare": "pearson"},
+        "mutual_knn": {"k": 5},
+        "linear_predictivity": {},
+    }
     assert set(METRICS) - {"pwcca"} <= {m.split()[0] for m in metrics}
     for name, opts in metrics.items():
         metric = name.split()[0]
         grid = lambda a: jaxsim.similarity_grid(a, metric=metric, warn=False, **opts).values
-        np.testing.assert_allclose(jax.jit(grid)(acts), grid(acts), rtol=1e-5, atol=1e-6,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            jax.jit(grid)(acts), grid(acts), rtol=1e-5, atol=1e-6, err_msg=name
+        )
     # a cross-grid too (the scatter of both orders, no triangle)
     cross = jax.jit(lambda a, b: jaxsim.similarity_grid(a, b, metric="pwcca").values)
-    np.testing.assert_allclose(cross(acts, [acts["layer1"]]),
-                               jaxsim.similarity_grid(acts, [acts["layer1"]],
-                                                      metric="pwcca").values,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        cross(acts, [acts["layer1"]]),
+        jaxsim.similarity_grid(acts, [acts["layer1"]], metric="pwcca").values,
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_progress_bar_on_pairwise_grids(rng, capsys, monkeypatch):
-    from jaxsim import grid as grid_module
 
     acts = model_acts(rng, n=40, widths=(6, 4))
     jaxsim.similarity_grid(acts, metric="mean_cca", progress=True, warn=False)
@@ -581,27 +670,27 @@ def test_progress_bar_on_pairwise_grids(rng, capsys, monkeypatch):
     # n = 1600 is 4 blocks, 10 block pairs, here 3 chunks (4, 4, 2) of at most two
     # compiled programs (the chunks' offsets are arguments; they were constants, one
     # program per chunk: 5 at n = 6000)
-    monkeypatch.setattr(grid_module, "_CHUNK", 4)
-    monkeypatch.setattr(grid_module, "_SLAB_BUDGET", 0)  # 512-row blocks on a GPU too
+    monkeypatch.setattr(_gram_route, "CHUNK", 4)
+    monkeypatch.setattr(_gram_route, "SLAB_BUDGET", 0)  # 512-row blocks on a GPU too
     layers = [rng.normal(size=(1600, 2)).astype(np.float32) for _ in range(2)]
     before = TRACE_COUNT["blocks"]
     followed = jaxsim.similarity_grid(layers, method="gram", progress=True).values
     assert TRACE_COUNT["blocks"] - before == 2
     assert "linear_cka grid" in capsys.readouterr().err
-    np.testing.assert_allclose(followed, jaxsim.similarity_grid(
-        layers, method="gram", progress=False).values, rtol=1e-6)
+    np.testing.assert_allclose(
+        followed, jaxsim.similarity_grid(layers, method="gram", progress=False).values, rtol=1e-6
+    )
     # and equal to the published formula, computed independently in NumPy
-    np.testing.assert_allclose(followed[0, 1], np_linear_cka(*[a.astype(np.float64)
-                                                               for a in layers]), rtol=1e-5)
+    np.testing.assert_allclose(
+        followed[0, 1], np_linear_cka(*[a.astype(np.float64) for a in layers]), rtol=1e-5
+    )
 
 
 def test_block_size_has_no_padding_cliff():
-    from jaxsim.grid import _block_size
 
     for target in (512, 2048):
-        for n in list(range(2, 1025, 97)) + [1024, 1025, 1100, 1536, 1537, 2048, 2049, 4097,
-                                             10000]:
-            b = _block_size(n, target=target)
+        for n in list(range(2, 1025, 97)) + [1024, 1025, 1100, 1536, 1537, 2048, 2049, 4097, 10000]:
+            b = _gram_route.block_size(n, target=target)
             blocks = -(-n // b)
             assert b <= max(n, target) and b % 8 == 0 or b in (n, n + 1), n
             assert blocks * b - n < 8 * blocks, (n, b)  # a few rows of padding per block
@@ -610,16 +699,15 @@ def test_block_size_has_no_padding_cliff():
 def test_block_size_by_backend(monkeypatch):
     """512-row blocks on a CPU; on an accelerator up to 2048 rows, as long as the largest
     slab of L blocks fits grid._SLAB_BUDGET (timings in _block_size's docstring)."""
-    from jaxsim import grid as grid_module
 
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    assert grid_module._block_size(10000, 50) == 504
+    assert _gram_route.block_size(10000, 50) == 504
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert grid_module._block_size(10000, 50) == 2000
-    assert grid_module._block_size(3000, 50) == 3000  # one block up to twice the target
-    assert grid_module._block_size(10000, 200) == 1000  # 4 * 200 * 4096^2 bytes > 4 GiB
-    assert grid_module._block_size(10000, 2000) == 504
-    assert 4 * 200 * 2048**2 <= grid_module._SLAB_BUDGET < 4 * 200 * 4096**2
+    assert _gram_route.block_size(10000, 50) == 2000
+    assert _gram_route.block_size(3000, 50) == 3000  # one block up to twice the target
+    assert _gram_route.block_size(10000, 200) == 1000  # 4 * 200 * 4096^2 bytes > 4 GiB
+    assert _gram_route.block_size(10000, 2000) == 504
+    assert 4 * 200 * 2048**2 <= _gram_route.SLAB_BUDGET < 4 * 200 * 4096**2
 
 
 def test_one_finiteness_sync_per_call(rng, monkeypatch):
@@ -627,8 +715,9 @@ def test_one_finiteness_sync_per_call(rng, monkeypatch):
 
     calls = []
     flags = _validation._nonfinite
-    monkeypatch.setattr(_validation, "_nonfinite",
-                        lambda arrays: calls.append(len(arrays)) or flags(arrays))
+    monkeypatch.setattr(
+        _validation, "_nonfinite", lambda arrays: calls.append(len(arrays)) or flags(arrays)
+    )
     a = [jax.numpy.asarray(rng.normal(size=(8, w)), jax.numpy.float32) for w in (3, 4, 5)]
     jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3, 2), a, a[:2])
     jaxsim.similarity_grid(a, a[:2])
@@ -641,31 +730,36 @@ def test_pairwise_grids_hold_a_bounded_set_of_summaries(rng, monkeypatch):
     column group again for each row group), with the same values; an asymmetric measure
     (PWCCA) and a cross-grid too."""
     from jaxsim import geometry
-    from jaxsim import grid as grid_module
 
     layers = [rng.normal(size=(20, 4)) for _ in range(5)]
     others = [rng.normal(size=(20, 4)) for _ in range(2)]
     cases = [("rsa", layers, None), ("rsa", layers, others), ("pwcca", layers, None)]
     want = [jaxsim.similarity_grid(a, b, metric=m, warn=False).values for m, a, b in cases]
     prepared = []
-    real = grid_module._prepare_all
-    monkeypatch.setattr(grid_module, "_prepare_all",
-                        lambda measure, xs, tick: prepared.append(len(xs))
-                        or real(measure, xs, tick))
+    real = _pairwise.prepare_all
+    monkeypatch.setattr(
+        _pairwise,
+        "prepare_all",
+        lambda measure, xs, tick: prepared.append(len(xs)) or real(measure, xs, tick),
+    )
     one = jax.eval_shape(geometry.rsa_measure().prepare, layers[0])
     size = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(one))
-    monkeypatch.setattr(grid_module, "_SUMMARY_BUDGET", 4 * size)  # 2 layers a group
+    monkeypatch.setattr(_pairwise, "SUMMARY_BUDGET", 4 * size)  # 2 layers a group
     got = jaxsim.similarity_grid(layers, metric="rsa").values
     # groups {0, 1}, {2, 3}, {4}: 5 rows, then columns {2, 3}, {4} after the first, {4}
     assert sum(prepared) == 9 and max(prepared) == 2, prepared
     np.testing.assert_allclose(got, want[0], rtol=1e-12)
     for (m, a, b), ref in zip(cases[1:], want[1:]):
-        one = jax.eval_shape(grid_module._measure_for(m, {})[0]().prepare, a[0])
-        monkeypatch.setattr(grid_module, "_SUMMARY_BUDGET", 4 * sum(
-            leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(one)))
+        one = jax.eval_shape(_registry.measure_for(m, {})[0]().prepare, a[0])
+        monkeypatch.setattr(
+            _pairwise,
+            "SUMMARY_BUDGET",
+            4 * sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(one)),
+        )
         prepared.clear()
-        np.testing.assert_allclose(jaxsim.similarity_grid(a, b, metric=m, warn=False).values,
-                                   ref, rtol=1e-12, err_msg=m)
+        np.testing.assert_allclose(
+            jaxsim.similarity_grid(a, b, metric=m, warn=False).values, ref, rtol=1e-12, err_msg=m
+        )
         assert max(prepared) == 2 and len(prepared) > 3, (m, prepared)
 
 
@@ -680,17 +774,26 @@ def test_sharded_pwcca_grid_completes(load):
     env = subprocess_env("--xla_force_host_platform_device_count=8")
     hog = None
     if load != "quiet":
-        hog = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 120\n"
-                                "while time.time() < end: pass"])
+        hog = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import time\nend = time.time() + 120\nwhile time.time() < end: pass",
+            ]
+        )
     try:
         # under load only eager calls, which run no collective; a jitted grid's collectives
         # are XLA's CPU runtime's to schedule
         mode = "jit" if load == "quiet" else "eager"
-        out = subprocess.run([sys.executable, script, "2048", "128,256,128,256", mode],
-                             env=env, capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, script, "2048", "128,256,128,256", mode],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         if hog is not None:
             hog.kill()
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     assert "sharded pwcca ok" in out.stdout
-

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import jaxsim
+from jaxsim import _distances, _rbf_median
 
 # ---------------------------------------------------------------- NumPy references
 # Kornblith et al. 2019 (Gram, centering, CKA) and Song et al. 2012 (unbiased HSIC).
@@ -60,8 +61,9 @@ def test_grams(x64, rng):
     x, _ = related(rng, n=40)
     np.testing.assert_allclose(jaxsim.gram_linear(x), x @ x.T, rtol=1e-12)
     for t in (0.5, 1.0, 2.0):
-        np.testing.assert_allclose(jaxsim.gram_rbf(x, threshold=t), np_gram_rbf(x, t),
-                                   rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(
+            jaxsim.gram_rbf(x, threshold=t), np_gram_rbf(x, t), rtol=1e-10, atol=1e-12
+        )
 
 
 def test_center_gram(x64, rng):
@@ -103,12 +105,14 @@ def test_cka_against_reference(x64, rng, debiased):
         np.testing.assert_allclose(got, ref, rtol=1e-10)
     for t in (0.5, 1.0):
         ref_rbf = np_cka(np_gram_rbf(x, t), np_gram_rbf(y, t), debiased)
-        np.testing.assert_allclose(jaxsim.rbf_cka(x, y, threshold=t, debiased=debiased),
-                                   ref_rbf, rtol=1e-9)
+        np.testing.assert_allclose(
+            jaxsim.rbf_cka(x, y, threshold=t, debiased=debiased), ref_rbf, rtol=1e-9
+        )
 
 
 def test_feature_space_route_is_chosen_for_tall_inputs():
-    from jaxsim.kernel import use_feature_space
+    from jaxsim._feature_route import use_feature_space
+
     assert use_feature_space(10_000, [512], [512])
     assert not use_feature_space(256, [1024], [2048])
     # a cross-grid forms only L_a L_b + L inner products of Gram blocks, but stacks all
@@ -123,8 +127,9 @@ def test_large_n_feature_route(x64, rng):
     # n much larger than the widths: the auto route must agree with the reference
     x, y = related(rng, n=1500, d1=5, d2=7)
     np.testing.assert_allclose(jaxsim.linear_cka(x, y), np_linear_cka(x, y), rtol=1e-10)
-    np.testing.assert_allclose(jaxsim.linear_cka(x, y, debiased=True),
-                               np_linear_cka(x, y, True), rtol=1e-9)
+    np.testing.assert_allclose(
+        jaxsim.linear_cka(x, y, debiased=True), np_linear_cka(x, y, True), rtol=1e-9
+    )
 
 
 # -------------------------------------------------------------------- invariances
@@ -156,8 +161,12 @@ def test_linear_cka_not_invariant_to_anisotropic_scaling(x64, rng):
     assert abs(float(jaxsim.linear_cka(x * scale, y)) - float(jaxsim.linear_cka(x, y))) > 1e-3
 
 
-@given(st.sampled_from([(8, 1, 3), (30, 10, 4)]), st.floats(0.01, 100), st.floats(-50, 50),
-       st.integers(0, 2**16))
+@given(
+    st.sampled_from([(8, 1, 3), (30, 10, 4)]),
+    st.floats(0.01, 100),
+    st.floats(-50, 50),
+    st.integers(0, 2**16),
+)
 def test_cka_bounds(shape, scale, offset, seed):
     # two shapes (one with a single feature and few examples): every example reuses
     # the same compiled functions, the values vary
@@ -169,8 +178,12 @@ def test_cka_bounds(shape, scale, offset, seed):
         for f in (jaxsim.linear_cka, jaxsim.rbf_cka):
             v = float(f(x, y))
             assert 0 <= v <= 1 + 1e-12
-        np.testing.assert_allclose(jaxsim.linear_cka(x, y, method="features"),
-                                   jaxsim.linear_cka(x, y, method="gram"), rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(
+            jaxsim.linear_cka(x, y, method="features"),
+            jaxsim.linear_cka(x, y, method="gram"),
+            rtol=1e-8,
+            atol=1e-12,
+        )
 
 
 # --------------------------------------------------------------------- numerics
@@ -182,8 +195,9 @@ def test_float32_unbiased_cka_with_large_mean(rng):
     y = np.tanh(x @ rng.normal(size=(64, 32)) / 8) + 5.0 + 0.1 * rng.normal(size=(n, 32))
     with jax.enable_x64(True):
         ref = float(jaxsim.linear_cka(x, y, debiased=True, method="gram"))
-        np.testing.assert_allclose(ref, np_linear_cka(x - x.mean(0), y - y.mean(0), True),
-                                   rtol=1e-8)
+        np.testing.assert_allclose(
+            ref, np_linear_cka(x - x.mean(0), y - y.mean(0), True), rtol=1e-8
+        )
     x32, y32 = x.astype(np.float32), y.astype(np.float32)
     for method in ("gram", "features"):
         got = jaxsim.linear_cka(x32, y32, debiased=True, method=method)
@@ -205,8 +219,9 @@ def test_zero_variance_gives_zero_not_nan(x64, rng):
         zero = np.zeros((40, 4), dtype)
         for debiased in (False, True):
             assert float(jaxsim.rbf_cka(zero, zero, debiased=debiased)) == 0.0, (dtype, debiased)
-            grid = jaxsim.similarity_grid([zero, x.repeat(2, 0).astype(dtype)],
-                                          metric="rbf_cka", debiased=debiased).values
+            grid = jaxsim.similarity_grid(
+                [zero, x.repeat(2, 0).astype(dtype)], metric="rbf_cka", debiased=debiased
+            ).values
             assert float(grid[0, 0]) == float(grid[0, 1]) == 0.0, (dtype, debiased)
         ones = np.ones((30, 30), dtype)
         assert float(jaxsim.cka(ones, ones, debiased=True)) == 0.0, dtype
@@ -238,15 +253,19 @@ def test_jit_equals_eager_and_vmap_equals_loop(x64, rng, name):
     eager = np.array([float(f(a, b)) for a, b in zip(xs, ys)])
     np.testing.assert_allclose(jax.vmap(f)(xs, ys), eager, rtol=1e-12)
     np.testing.assert_allclose(jax.jit(f)(xs[0], ys[0]), eager[0], rtol=1e-12)
-    np.testing.assert_allclose(jax.jit(jaxsim.hsic)(xs[0] @ xs[0].T, ys[0] @ ys[0].T),
-                               jaxsim.hsic(xs[0] @ xs[0].T, ys[0] @ ys[0].T), rtol=1e-12)
+    np.testing.assert_allclose(
+        jax.jit(jaxsim.hsic)(xs[0] @ xs[0].T, ys[0] @ ys[0].T),
+        jaxsim.hsic(xs[0] @ xs[0].T, ys[0] @ ys[0].T),
+        rtol=1e-12,
+    )
 
 
 def test_higher_rank_activations_are_flattened(x64, rng):
     x = rng.normal(size=(30, 2, 3, 4))
     y = rng.normal(size=(30, 5))
-    np.testing.assert_allclose(jaxsim.linear_cka(x, y), np_linear_cka(x.reshape(30, -1), y),
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        jaxsim.linear_cka(x, y), np_linear_cka(x.reshape(30, -1), y), rtol=1e-10
+    )
 
 
 # -------------------------------------------------------------------- validation
@@ -271,11 +290,21 @@ def test_errors(rng):
         jaxsim.linear_cka(x.astype(complex), x)
     with pytest.raises(TypeError, match=r"y: expected a numeric array, got dtype <U1"):
         jaxsim.linear_cka(x, np.full((10, 3), "a"))
-    with pytest.raises(ValueError, match=(r"x: expected activations of shape \(n, "
-                                          r"features...\), got shape \(10,\)")):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"x: expected activations of shape \(n, "
+            r"features...\), got shape \(10,\)"
+        ),
+    ):
         jaxsim.linear_cka(x[:, 0], x)
-    with pytest.raises(ValueError, match=(r"gram_x: expected a square \(n, n\) Gram matrix, "
-                                          r"got shape \(10, 3\)")):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"gram_x: expected a square \(n, n\) Gram matrix, "
+            r"got shape \(10, 3\)"
+        ),
+    ):
         jaxsim.cka(x, x)
     with pytest.raises(ValueError, match=r"method: expected one of 'auto', 'gram', 'features'"):
         jaxsim.linear_cka(x, x, method="fast")
@@ -288,26 +317,31 @@ def test_blockwise_median_of_distances(rng, dtype):
     padded to 1032 (3 blocks of 344, nearly all padding), ties at the middle (repeated
     points, two clusters whose median falls between them, more than half the pairs
     coinciding), and its derivative against that of the median of the full matrix."""
-    from jaxsim.kernel import _blockwise_median, _distance_terms, _pad_rows, _sq_distances
 
     def both(x):
-        xc, sq = _distance_terms(x)
-        got = _blockwise_median(_pad_rows(xc, 1032), _pad_rows(sq, 1032), x.shape[0])
-        return got, jnp.median(_sq_distances(x))
+        xc, sq = _distances.distance_terms(x)
+        got = _rbf_median.blockwise_median(
+            _distances.pad_rows(xc, 1032), _distances.pad_rows(sq, 1032), x.shape[0]
+        )
+        return got, jnp.median(_distances.sq_distances(x))
 
     check = jax.jit(both)
     with jax.enable_x64(dtype == "float64"):
-        cases = [rng.normal(size=(12, 2)), rng.normal(size=(9, 2)) ** 3,
-                 np.repeat(rng.normal(size=(3, 2)), 4, axis=0),  # many ties
-                 np.repeat([[0.0, 0], [1, 1]], [6, 6], axis=0),  # two values, median between
-                 np.repeat([[0.0, 0], [1, 1]], [9, 3], axis=0)]  # most pairs coincide
+        cases = [
+            rng.normal(size=(12, 2)),
+            rng.normal(size=(9, 2)) ** 3,
+            np.repeat(rng.normal(size=(3, 2)), 4, axis=0),  # many ties
+            np.repeat([[0.0, 0], [1, 1]], [6, 6], axis=0),  # two values, median between
+            np.repeat([[0.0, 0], [1, 1]], [9, 3], axis=0),
+        ]  # most pairs coincide
         for x in cases:
             got, want = check(jnp.asarray(x, dtype))
             assert got.dtype == dtype, got.dtype
             # (float32: the blocks' distances may round differently from the whole matrix's)
             np.testing.assert_allclose(got, want, rtol=0 if dtype == "float64" else 3e-7)
         grad, want = jax.jit(lambda a: [jax.grad(lambda v, k=k: both(v)[k])(a) for k in (0, 1)])(
-            jnp.asarray(cases[0], dtype))
+            jnp.asarray(cases[0], dtype)
+        )
         np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
         assert np.abs(np.asarray(grad)).max() > 0
 
@@ -320,48 +354,56 @@ def test_blockwise_median_derivative_when_distances_round_differently(rng, monke
     still flow to those entries, as the median of the whole matrix's does. (A tolerance
     instead would average in distinct entries near the median: at n = 1500 in float32
     the derivative was then off by 0.13 of 0.97: checked first, without the simulation.)"""
-    from jaxsim import kernel
 
     def both(x, rows=1032):
-        xc, sq = kernel._distance_terms(x)
-        got = kernel._blockwise_median(kernel._pad_rows(xc, rows), kernel._pad_rows(sq, rows),
-                                       x.shape[0])
-        return got, jnp.median(kernel._sq_distances(x))
+        xc, sq = _distances.distance_terms(x)
+        got = _rbf_median.blockwise_median(
+            _distances.pad_rows(xc, rows), _distances.pad_rows(sq, rows), x.shape[0]
+        )
+        return got, jnp.median(_distances.sq_distances(x))
 
     x = jnp.asarray(rng.normal(size=(1100, 16)), jnp.float32)  # 3 x 3 blocks of 368
-    grad, want = jax.jit(lambda v: [jax.grad(lambda a, k=k: both(a, 1104)[k])(v)
-                                    for k in (0, 1)])(x)
+    grad, want = jax.jit(lambda v: [jax.grad(lambda a, k=k: both(a, 1104)[k])(v) for k in (0, 1)])(
+        x
+    )
     np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-7)
 
-    found = kernel._median_patterns
-    monkeypatch.setattr(kernel, "_median_patterns",
-                        lambda *a: (lambda lo, hi: (lo + 1, hi - 1))(*found(*a)))
+    found = _rbf_median.median_patterns
+    monkeypatch.setattr(
+        _rbf_median, "median_patterns", lambda *a: (lambda lo, hi: (lo + 1, hi - 1))(*found(*a))
+    )
     with jax.enable_x64(True):
         for shape in ((12, 2), (700, 3)):  # (700: the entries spread over 3 x 3 blocks)
             x = jnp.asarray(rng.normal(size=shape))
-            grad, want = jax.jit(lambda v: [jax.grad(lambda a, k=k: both(a)[k])(v)
-                                            for k in (0, 1)])(x)
+            grad, want = jax.jit(
+                lambda v: [jax.grad(lambda a, k=k: both(a)[k])(v) for k in (0, 1)]
+            )(x)
             np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-9, err_msg=str(shape))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_rbf_median_by_selection_equals_the_sorted_median(rng, dtype):
-    from jaxsim.kernel import _median_of_non_negative, _sq_distances
 
-    median = jax.jit(_median_of_non_negative)
+    median = jax.jit(_rbf_median.median_of_non_negative)
     with jax.enable_x64(dtype == "float64"):  # the float64 route bisects int64 patterns
         for n in (6, 101):  # even and odd numbers of entries
-            d = _sq_distances(jnp.asarray(rng.normal(size=(n, 3)), dtype))
+            d = _distances.sq_distances(jnp.asarray(rng.normal(size=(n, 3)), dtype))
             assert d.dtype == dtype and float(median(d)) == float(jnp.median(d))
         # realistic activations: a power-law spectrum with an offset, n even
         x = (rng.normal(size=(300, 32)) * np.arange(1, 33) ** -1.0 + 5).astype(dtype)
-        d = _sq_distances(jnp.asarray(x))
+        d = _distances.sq_distances(jnp.asarray(x))
         assert float(median(d)) == float(jnp.median(d))
     if dtype == "float64":
         return
     # ties at the middle, one value, extremes; one shape, one compile
-    for values in ([0, 0, 0, 1.0, 1], [0, 0, 1.0, 1.0, 9], [3.0] * 5, [1.0, 2, 2, 2, 5],
-                   [0, 1e-30, 1e30, 7, 7], [1.0, np.nan, 2, 3, 4]):
+    for values in (
+        [0, 0, 0, 1.0, 1],
+        [0, 0, 1.0, 1.0, 9],
+        [3.0] * 5,
+        [1.0, 2, 2, 2, 5],
+        [0, 1e-30, 1e30, 7, 7],
+        [1.0, np.nan, 2, 3, 4],
+    ):
         v = jnp.asarray(values, jnp.float32)
         np.testing.assert_array_equal(median(v), jnp.median(v), err_msg=str(values))
 
@@ -378,7 +420,9 @@ def test_bandwidth_selection_refuses_more_distances_than_it_counts():
         with pytest.raises(ValueError, match=r"exceed the 2\^32 - 1"):
             jax.eval_shape(lambda a: kernel.rbf_measure().blocks.source(a, n + (-n) % 512), x)
         with pytest.raises(ValueError, match=r"exceed the 2\^32 - 1"):
-            jax.eval_shape(lambda a: kernel._median_of_non_negative(kernel._sq_distances(a)), x)
+            jax.eval_shape(
+                lambda a: _rbf_median.median_of_non_negative(_distances.sq_distances(a)), x
+            )
     x = jax.ShapeDtypeStruct((65535, 2), np.float32)
     source = lambda a: kernel.rbf_measure().blocks.source(a, 65536)
     assert jax.eval_shape(source, x).median.shape == ()
@@ -390,15 +434,22 @@ def exact_unbiased_hsic(x, y):
     from fractions import Fraction
 
     n = len(x)
-    gram = lambda a: [[Fraction(int(sum(u * v for u, v in zip(p, q)))) if i != j else Fraction(0)
-                       for j, q in enumerate(a)] for i, p in enumerate(a)]
+    gram = lambda a: [
+        [
+            Fraction(int(sum(u * v for u, v in zip(p, q)))) if i != j else Fraction(0)
+            for j, q in enumerate(a)
+        ]
+        for i, p in enumerate(a)
+    ]
     k, l = gram([[int(v) for v in r] for r in x]), gram([[int(v) for v in r] for r in y])
     total = lambda m: sum(sum(r) for r in m)
     trace_kl = sum(k[i][j] * l[j][i] for i in range(n) for j in range(n))
-    kl_sum = sum(sum(k[i][j] for i in range(n)) * sum(l[j][m] for m in range(n))
-                 for j in range(n))  # 1^T K L 1
-    return (trace_kl + total(k) * total(l) / ((n - 1) * (n - 2)) - Fraction(2, n - 2) * kl_sum
-            ) / (n * (n - 3))
+    kl_sum = sum(
+        sum(k[i][j] for i in range(n)) * sum(l[j][m] for m in range(n)) for j in range(n)
+    )  # 1^T K L 1
+    return (trace_kl + total(k) * total(l) / ((n - 1) * (n - 2)) - Fraction(2, n - 2) * kl_sum) / (
+        n * (n - 3)
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -420,8 +471,11 @@ def test_debiased_cka_of_a_layer_whose_unbiased_hsic_is_zero(x64, rng, dtype):
         for method in ("gram", "features"):
             assert float(jaxsim.linear_cka(a, b, debiased=True, method=method)) == 0, method
             assert float(jaxsim.linear_cka(b, a, debiased=True, method=method)) == 0, method
-            grid = np.asarray(jaxsim.similarity_grid([a, b, 2 * b], debiased=True, method=method,
-                                                     progress=False).values)
+            grid = np.asarray(
+                jaxsim.similarity_grid(
+                    [a, b, 2 * b], debiased=True, method=method, progress=False
+                ).values
+            )
             np.testing.assert_array_equal(grid[0], 0, err_msg=method)
             np.testing.assert_array_equal(grid[:, 0], 0, err_msg=method)
             np.testing.assert_allclose(grid[1, 2], 1, rtol=1e-5)
@@ -429,6 +483,7 @@ def test_debiased_cka_of_a_layer_whose_unbiased_hsic_is_zero(x64, rng, dtype):
     half = n // 2  # each batch's rows are orthogonal patterns too
     state = jaxsim.minibatch_cka_init(1, 1, dtype=dtype)
     for rows in (slice(0, half), slice(half, n)):
-        state = jaxsim.minibatch_cka_update(state, [onehot[rows].astype(dtype)],
-                                            [other[rows].astype(dtype)])
+        state = jaxsim.minibatch_cka_update(
+            state, [onehot[rows].astype(dtype)], [other[rows].astype(dtype)]
+        )
     assert float(jaxsim.minibatch_cka_result(state).values[0, 0]) == 0

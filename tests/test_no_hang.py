@@ -61,8 +61,13 @@ SHARDED = textwrap.dedent("""
 def run(script, timeout, **env):
     env = subprocess_env(**env)
     try:
-        proc = subprocess.run([sys.executable, "-c", PRELUDE + script], capture_output=True,
-                              text=True, timeout=timeout, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-c", PRELUDE + script],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
     except subprocess.TimeoutExpired as err:
         out = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
         finished = [line for line in out.splitlines() if line.startswith("finished")]

@@ -1,6 +1,5 @@
 """Figures from grids."""
 
-
 import numpy as np
 
 import jaxsim
@@ -9,8 +8,13 @@ from jaxsim.plot import alignment, heatmap, heatmap_panel, line
 
 def grid(rng, rows=4, cols=3, labels=("seed 0", "seed 1")):
     v = rng.uniform(size=(rows, cols))
-    return jaxsim.Grid(v, tuple(f"r{i}" for i in range(rows)), tuple(f"c{j}" for j in range(cols)),
-                       "linear_cka", *labels)
+    return jaxsim.Grid(
+        v,
+        tuple(f"r{i}" for i in range(rows)),
+        tuple(f"c{j}" for j in range(cols)),
+        "linear_cka",
+        *labels,
+    )
 
 
 def test_heatmap_layout_and_files(tmp_path, rng):
@@ -44,8 +48,14 @@ def test_informative_defaults(rng):
 
 def test_alignment_and_panel(tmp_path, rng):
     g = grid(rng)
-    g = jaxsim.Grid(np.array([[0.98, 0.6, 0.62], [0.61, 0.97, 0.6], [0.6, 0.63, 0.96],
-                              [0.7, 0.65, 0.9]]), g.rows, g.cols, g.metric, "seed 0", "seed 1")
+    g = jaxsim.Grid(
+        np.array([[0.98, 0.6, 0.62], [0.61, 0.97, 0.6], [0.6, 0.63, 0.96], [0.7, 0.65, 0.9]]),
+        g.rows,
+        g.cols,
+        g.metric,
+        "seed 0",
+        "seed 1",
+    )
     fig = alignment(g, top_k=1)
     ax = fig.axes[0]
     # every left layer's best match, and every right layer's: no layer without a line
@@ -67,13 +77,17 @@ def test_alignment_and_panel(tmp_path, rng):
 def test_heatmap_marks_underdetermined_cells(tmp_path, rng):
     """A CCA grid with layers under 5 examples per unit records them, its heatmap hatches
     exactly their rows and columns (with a legend), and the record survives save/load."""
-    acts = {"wide": rng.normal(size=(40, 20)), "narrow": rng.normal(size=(40, 3)),
-            "mid": rng.normal(size=(40, 10))}
+    acts = {
+        "wide": rng.normal(size=(40, 20)),
+        "narrow": rng.normal(size=(40, 3)),
+        "mid": rng.normal(size=(40, 10)),
+    }
     g = jaxsim.similarity_grid(acts, metric="mean_cca", warn=False)
     assert g.underdetermined == ((0, 2), (0, 2))
     ax = heatmap(g).axes[0]
-    hatched = {(round(p.get_x() + 0.5), round(p.get_y() + 0.5)) for p in ax.patches
-               if p.get_hatch()}
+    hatched = {
+        (round(p.get_x() + 0.5), round(p.get_y() + 0.5)) for p in ax.patches if p.get_hatch()
+    }
     assert hatched == {(j, i) for i in range(3) for j in range(3) if i != 1 or j != 1}
     assert ax.figure.legends  # saying what the hatching means
     g.save(tmp_path / "g.npz")

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import jaxsim
+from jaxsim import _gram_route
 
 # ------------------------------------------------------------------ realistic layers
 
@@ -84,8 +85,12 @@ SMALL_N = {
 }
 
 # all measures in one jitted call (validation is jit-safe): one compile per shape and dtype
-_ALL = jax.jit(lambda x, y, xs, ys: ({k: f(x, y) for k, f in MEASURES.items()},
-                                     {k: f(xs, ys) for k, f in SMALL_N.items()}))
+_ALL = jax.jit(
+    lambda x, y, xs, ys: (
+        {k: f(x, y) for k, f in MEASURES.items()},
+        {k: f(xs, ys) for k, f in SMALL_N.items()},
+    )
+)
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,14 +113,20 @@ TOLERANCE = {"mutual_knn": 3e-3}
 IN_BETWEEN = ("k^-1.5", "k^-1")
 
 
-@pytest.mark.parametrize("case", [c for c in sorted(CASES) if c not in IN_BETWEEN] + [
-    pytest.param(c, marks=pytest.mark.slow) for c in IN_BETWEEN + tuple(sorted(WIDE))])
+@pytest.mark.parametrize(
+    "case",
+    [c for c in sorted(CASES) if c not in IN_BETWEEN]
+    + [pytest.param(c, marks=pytest.mark.slow) for c in IN_BETWEEN + tuple(sorted(WIDE))],
+)
 def test_float32_agrees_with_float64_on_realistic_layers(case):
     ref, got = case_values(case)
     assert all(v.dtype == np.float32 for v in got.values())
     errors = {k: abs(float(got[k]) - ref[k]) for k in ref}
-    bad = {k: (round(ref[k], 6), round(float(got[k]), 6)) for k, e in errors.items()
-           if e > TOLERANCE.get(k, 1e-3)}
+    bad = {
+        k: (round(ref[k], 6), round(float(got[k]), 6))
+        for k, e in errors.items()
+        if e > TOLERANCE.get(k, 1e-3)
+    }
     assert not bad, f"float64 vs float32 off by more than 1e-3: {bad}"
 
 
@@ -125,10 +136,16 @@ def test_float32_grids_agree_with_float64(rng):
     # the feature route is linear_cka's pair function, covered on every realistic case above
     # (the RBF and Pearson-RSA grids form their blocks from the features, not from the
     # pair's kernel or RDM; the third layer is constant: 0 everywhere, also debiased)
-    for metric, opts in [("linear_cka", {"method": "gram"}), ("mean_cca", {}), ("pwcca", {}),
-                         ("procrustes", {"alpha": 0.5}), ("rbf_cka", {}),
-                         ("rbf_cka", {"debiased": True}), ("rsa", {"compare": "pearson"}),
-                         ("rsa", {"compare": "pearson", "dissimilarity": "euclidean"})]:
+    for metric, opts in [
+        ("linear_cka", {"method": "gram"}),
+        ("mean_cca", {}),
+        ("pwcca", {}),
+        ("procrustes", {"alpha": 0.5}),
+        ("rbf_cka", {}),
+        ("rbf_cka", {"debiased": True}),
+        ("rsa", {"compare": "pearson"}),
+        ("rsa", {"compare": "pearson", "dissimilarity": "euclidean"}),
+    ]:
         with jax.enable_x64(True):
             ref = np.asarray(jaxsim.similarity_grid(layers, metric=metric, **opts).values)
         got = jaxsim.similarity_grid([a.astype(np.float32) for a in layers], metric=metric, **opts)
@@ -142,41 +159,50 @@ def test_float32_rbf_grid_bandwidth_in_blocks(rng, monkeypatch):
     against float64, U-centered also in the Gram route's accelerator form (the four
     layers' blocks one batched product; forced here); bfloat16 activations are computed
     in float32."""
-    from jaxsim import grid as grid_module
 
     x, y = power_law(rng, 1100, 24, 24, 1.5)
     layers = [x, y, np.maximum(y, 0), np.full((1100, 24), 7.0)]
     for debiased in (False, True):
         with jax.enable_x64(True):
-            ref = np.asarray(jaxsim.similarity_grid(layers, metric="rbf_cka",
-                                                    debiased=debiased).values)
-        got = jaxsim.similarity_grid([a.astype(np.float32) for a in layers],
-                                     metric="rbf_cka", debiased=debiased).values
+            ref = np.asarray(
+                jaxsim.similarity_grid(layers, metric="rbf_cka", debiased=debiased).values
+            )
+        got = jaxsim.similarity_grid(
+            [a.astype(np.float32) for a in layers], metric="rbf_cka", debiased=debiased
+        ).values
         np.testing.assert_allclose(got, ref, atol=1e-3, err_msg=str(debiased))
         if not debiased:
             continue
         with monkeypatch.context() as patch:
-            patch.setattr(grid_module, "_batched_blocks", lambda: True)
-            batched = jaxsim.similarity_grid([a.astype(np.float32) for a in layers],
-                                             metric="rbf_cka", debiased=debiased).values
+            patch.setattr(_gram_route, "batched_blocks", lambda: True)
+            batched = jaxsim.similarity_grid(
+                [a.astype(np.float32) for a in layers], metric="rbf_cka", debiased=debiased
+            ).values
         np.testing.assert_allclose(batched, ref, atol=2e-6, err_msg=str(debiased))
     half = [jnp.asarray(a, jnp.bfloat16) for a in layers]
     got = jaxsim.similarity_grid(half, metric="rbf_cka").values
     assert got.dtype == np.float32
-    np.testing.assert_allclose(got, jaxsim.similarity_grid(
-        [a.astype(np.float32) for a in half], metric="rbf_cka").values, atol=1e-6)
+    np.testing.assert_allclose(
+        got,
+        jaxsim.similarity_grid([a.astype(np.float32) for a in half], metric="rbf_cka").values,
+        atol=1e-6,
+    )
 
 
 def test_float32_neighbours_found_in_row_blocks(rng):
     """Mutual kNN's blocked neighbour search in float32 against the float64 value (the
     whole row at once), within the tolerance for nearly tied neighbours."""
     from jaxsim import geometry
+
     x, y = relu_layers(rng, 600, 64, 32)
     with jax.enable_x64(True):
         ref = float(jaxsim.mutual_knn(x, y))
-    blocked = jax.jit(lambda a, b: geometry._knn_pair(
-        geometry._knn_indices(a, 10, block_entries=600 * 64),
-        geometry._knn_indices(b, 10, block_entries=600 * 64)))
+    blocked = jax.jit(
+        lambda a, b: geometry._knn_pair(
+            geometry._knn_indices(a, 10, block_entries=600 * 64),
+            geometry._knn_indices(b, 10, block_entries=600 * 64),
+        )
+    )
     got = blocked(x.astype(np.float32), y.astype(np.float32))
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, ref, atol=TOLERANCE["mutual_knn"])
@@ -194,8 +220,9 @@ def test_small_float32_grids_as_accurate_as_one_pair(rng):
     assert abs(float(jaxsim.linear_cka(x32, y32)) - ref) < 1e-6
     grid = jaxsim.similarity_grid([x32], [y32], method="gram")
     assert abs(float(grid.values[0, 0]) - ref) < 2e-6
-    state = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(1, 1, dtype=np.float32),
-                                        [x32[:2000]], [y32[:2000]])
+    state = jaxsim.minibatch_cka_update(
+        jaxsim.minibatch_cka_init(1, 1, dtype=np.float32), [x32[:2000]], [y32[:2000]]
+    )
     assert abs(float(jaxsim.minibatch_cka_result(state).values[0, 0]) - ref_mb) < 2e-6
 
 
@@ -205,11 +232,15 @@ def test_float32_cross_grids_with_a_narrow_side(rng, monkeypatch):
     long float32 sum; it must keep the accuracy of the pair (n = 2000: 4 blocks of 504),
     also in the Gram route's accelerator form (equal-width layers' blocks one batched
     product; forced here), and the union's self-grid too."""
-    from jaxsim import grid as grid_module
 
     x = rng.normal(size=(2000, 64)) * np.arange(1, 65) ** -1.0 + 3.0
-    others = [np.tanh(x[:, :32]) + rng.normal(size=(2000, 32)), np.maximum(x[:, :48], 3.0),
-              rng.normal(size=(2000, 16)), x[:, ::2] ** 2, np.sin(x[:, :40])]
+    others = [
+        np.tanh(x[:, :32]) + rng.normal(size=(2000, 32)),
+        np.maximum(x[:, :48], 3.0),
+        rng.normal(size=(2000, 16)),
+        x[:, ::2] ** 2,
+        np.sin(x[:, :40]),
+    ]
     with jax.enable_x64(True):
         ref = np.asarray(jaxsim.similarity_grid([x], others, method="gram").values)
         state = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(5, 1), others, [x])
@@ -217,28 +248,40 @@ def test_float32_cross_grids_with_a_narrow_side(rng, monkeypatch):
     x32, o32 = x.astype(np.float32), [o.astype(np.float32) for o in others]
     grid = jaxsim.similarity_grid([x32], o32, method="gram").values
     np.testing.assert_allclose(grid, ref, atol=2e-6)
-    state = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(5, 1, dtype=np.float32),
-                                        o32, [x32])
+    state = jaxsim.minibatch_cka_update(
+        jaxsim.minibatch_cka_init(5, 1, dtype=np.float32), o32, [x32]
+    )
     np.testing.assert_allclose(jaxsim.minibatch_cka_result(state).values, ref_mb, atol=2e-6)
     half = [jnp.asarray(a, jnp.bfloat16) for a in [x32] + o32]
     got = jaxsim.similarity_grid(half[:1], half[1:], method="gram").values
     assert got.dtype == np.float32
-    np.testing.assert_allclose(got, jaxsim.similarity_grid(
-        [np.asarray(a, np.float32) for a in half[:1]],
-        [np.asarray(a, np.float32) for a in half[1:]], method="gram").values, atol=1e-6)
+    np.testing.assert_allclose(
+        got,
+        jaxsim.similarity_grid(
+            [np.asarray(a, np.float32) for a in half[:1]],
+            [np.asarray(a, np.float32) for a in half[1:]],
+            method="gram",
+        ).values,
+        atol=1e-6,
+    )
     with jax.enable_x64(True):  # (U-centered blocks: the minibatch's)
         union = jaxsim.similarity_grid([x] + others, method="gram").values
-    monkeypatch.setattr(grid_module, "_batched_blocks", lambda: True)
+    monkeypatch.setattr(_gram_route, "batched_blocks", lambda: True)
     grid = jaxsim.similarity_grid([x32], o32, method="gram").values
     np.testing.assert_allclose(grid, ref, atol=2e-6)
-    state = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(5, 1, dtype=np.float32),
-                                        o32, [x32])
+    state = jaxsim.minibatch_cka_update(
+        jaxsim.minibatch_cka_init(5, 1, dtype=np.float32), o32, [x32]
+    )
     np.testing.assert_allclose(jaxsim.minibatch_cka_result(state).values, ref_mb, atol=2e-6)
-    np.testing.assert_allclose(jaxsim.similarity_grid([x32] + o32, method="gram").values,
-                               union, atol=2e-6)
+    np.testing.assert_allclose(
+        jaxsim.similarity_grid([x32] + o32, method="gram").values, union, atol=2e-6
+    )
     got = jaxsim.similarity_grid(half, method="gram").values
-    np.testing.assert_allclose(got, jaxsim.similarity_grid(
-        [np.asarray(a, np.float32) for a in half], method="gram").values, atol=1e-6)
+    np.testing.assert_allclose(
+        got,
+        jaxsim.similarity_grid([np.asarray(a, np.float32) for a in half], method="gram").values,
+        atol=1e-6,
+    )
 
 
 @given(seed=st.integers(0, 2**31 - 1), offset=st.floats(-10, 10), scale=st.floats(0.1, 10))
@@ -246,8 +289,14 @@ def test_float32_matches_float64_on_well_conditioned_inputs(seed, offset, scale)
     # one shape: every example runs the same compiled functions
     x, y = related(np.random.default_rng(seed), 120, 8, 5)
     x, y = scale * x + offset, y - offset
-    fns = [jaxsim.linear_cka, jaxsim.mean_cca, jaxsim.pwcca, jaxsim.procrustes_similarity,
-           jaxsim.linear_predictivity, functools.partial(jaxsim.svcca, keep_dims=2)]
+    fns = [
+        jaxsim.linear_cka,
+        jaxsim.mean_cca,
+        jaxsim.pwcca,
+        jaxsim.procrustes_similarity,
+        jaxsim.linear_predictivity,
+        functools.partial(jaxsim.svcca, keep_dims=2),
+    ]
     with jax.enable_x64(True):
         ref = [float(f(x, y)) for f in fns]
     got = [float(f(x.astype(np.float32), y.astype(np.float32))) for f in fns]
@@ -280,8 +329,9 @@ PUBLIC = {
     "linear_predictivity": jaxsim.linear_predictivity,
     "grid": lambda x, y: jaxsim.similarity_grid([x], [y]).values[0, 0],
     "grid pwcca": lambda x, y: jaxsim.similarity_grid([x, y], metric="pwcca").values[0, 1],
-    "minibatch": lambda x, y: jaxsim.minibatch_cka_result(jaxsim.minibatch_cka_update(
-        jaxsim.minibatch_cka_init(1, 1), [x], [y])).values[0, 0],
+    "minibatch": lambda x, y: jaxsim.minibatch_cka_result(
+        jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(1, 1), [x], [y])
+    ).values[0, 0],
 }
 
 
@@ -296,9 +346,11 @@ def test_half_precision_inputs_computed_in_float32(rng, dtype):
         got = fn(half_x, half_y)
         assert got.dtype == jnp.float32, name
         if name in ("cka", "hsic", "center_gram"):
-            ref = {"cka": jaxsim.cka, "hsic": jaxsim.hsic,
-                   "center_gram": lambda k, l: jaxsim.center_gram(k)[0, 1]}[name](
-                gram(half_x).astype(jnp.float32), gram(half_y).astype(jnp.float32))
+            ref = {
+                "cka": jaxsim.cka,
+                "hsic": jaxsim.hsic,
+                "center_gram": lambda k, l: jaxsim.center_gram(k)[0, 1],
+            }[name](gram(half_x).astype(jnp.float32), gram(half_y).astype(jnp.float32))
         else:
             ref = wide(fn, half_x, half_y)
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6, err_msg=name)
@@ -310,8 +362,11 @@ def test_bfloat16_flax_model_streams(rng):
 
     from jaxsim.flax import minibatch_grid
 
-    model = nnx.Sequential(nnx.Linear(4, 8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), nnx.relu,
-                           nnx.Linear(8, 3, dtype=jnp.bfloat16, rngs=nnx.Rngs(1)))
+    model = nnx.Sequential(
+        nnx.Linear(4, 8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)),
+        nnx.relu,
+        nnx.Linear(8, 3, dtype=jnp.bfloat16, rngs=nnx.Rngs(1)),
+    )
     batches = [rng.normal(size=(16, 4)).astype(np.float32) for _ in range(3)]
     grid = minibatch_grid(model, batches, progress=False)
     assert grid.values.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(grid.values)))
@@ -327,20 +382,26 @@ def test_scale_invariant_measures_never_overflow(rng):
         "linear_cka": jaxsim.linear_cka,
         "linear_cka gram": functools.partial(jaxsim.linear_cka, method="gram"),
         "linear_cka debiased": functools.partial(jaxsim.linear_cka, debiased=True),
-        "rbf_cka": jaxsim.rbf_cka, "mean_cca": jaxsim.mean_cca, "pwcca": jaxsim.pwcca,
+        "rbf_cka": jaxsim.rbf_cka,
+        "mean_cca": jaxsim.mean_cca,
+        "pwcca": jaxsim.pwcca,
         "svcca": functools.partial(jaxsim.svcca, keep_dims=3),
-        "procrustes": jaxsim.procrustes_similarity, "rsa": jaxsim.rsa,
+        "procrustes": jaxsim.procrustes_similarity,
+        "rsa": jaxsim.rsa,
         "rsa euclidean": functools.partial(jaxsim.rsa, dissimilarity="euclidean"),
-        "linear_predictivity": jaxsim.linear_predictivity, "mutual_knn": jaxsim.mutual_knn,
+        "linear_predictivity": jaxsim.linear_predictivity,
+        "mutual_knn": jaxsim.mutual_knn,
         "grid": lambda a, b: jaxsim.similarity_grid([a], [b], method="gram").values[0, 0],
         "rsa grid": lambda a, b: jaxsim.similarity_grid(
-            [a], [b], metric="rsa", compare="pearson", dissimilarity="euclidean").values[0, 0],
+            [a], [b], metric="rsa", compare="pearson", dissimilarity="euclidean"
+        ).values[0, 0],
     }
     for name, fn in invariant.items():
         base = float(fn(x32, y32))
         for scale in (1e18, 1e-18, 1e25, 1e-25):
-            np.testing.assert_allclose(fn(x32 * scale, y32), base, rtol=1e-4, atol=1e-6,
-                                       err_msg=f"{name} at scale {scale}")
+            np.testing.assert_allclose(
+                fn(x32 * scale, y32), base, rtol=1e-4, atol=1e-6, err_msg=f"{name} at scale {scale}"
+            )
 
 
 def test_cka_of_grams_with_an_offset_is_documented():
@@ -379,14 +440,18 @@ def test_gradients(x64, rng, name):
     loss = lambda a: fn(a, y)
     grad_x = jax.jit(jax.grad(fn, argnums=0))  # compiled once, for every y below
     grad = grad_x(x, y)
-    np.testing.assert_allclose(np.vdot(grad, direction), finite_difference(loss, x, direction),
-                               rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(
+        np.vdot(grad, direction), finite_difference(loss, x, direction), rtol=1e-5, atol=1e-8
+    )
     # the second argument too
     grad_y = jax.jit(jax.grad(fn, argnums=1))(x, y)
     direction_y = rng.normal(size=y.shape)
-    np.testing.assert_allclose(np.vdot(grad_y, direction_y),
-                               finite_difference(lambda b: fn(x, b), y, direction_y),
-                               rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(
+        np.vdot(grad_y, direction_y),
+        finite_difference(lambda b: fn(x, b), y, direction_y),
+        rtol=1e-5,
+        atol=1e-8,
+    )
     degenerate = {
         "zero variance": np.zeros((40, 4)),
         "constant": np.full((40, 4), 2.0),
@@ -406,6 +471,7 @@ def _reduced_precision_products(fn, *args):
     mantissa) and in bfloat16 passes on TPUs, ~1e-3 relative error, which the CCA family
     turns into wrong answers on ill-conditioned layers."""
     import re
+
     text = jax.jit(fn).lower(*args).as_text()
     products = re.findall(r"stablehlo\.dot(?:_general)?\b.*", text)
     assert products, "no matrix product found: the check would pass vacuously"
@@ -416,7 +482,6 @@ def test_every_float32_product_is_full_precision(rng, monkeypatch):
     """Read on the CPU from the lowered programs, so it guards the GPU and TPU behavior:
     every public measure, grid, streaming update and gradient asks for HIGHEST, the Gram
     route's grids also in the form they take on an accelerator (batched products)."""
-    from jaxsim import grid as grid_module
 
     x = rng.normal(size=(120, 24)).astype(np.float32)
     y = (x[:, :21] @ rng.normal(size=(21, 21)) + 1).astype(np.float32)
@@ -424,27 +489,56 @@ def test_every_float32_product_is_full_precision(rng, monkeypatch):
     state = jaxsim.minibatch_cka_init(2, 1)
     programs = {
         **{name: (f, x, y) for name, f in {**MEASURES, **SMALL_N}.items()},
-        **{f"grad {name}": (jax.grad(f, argnums=(0, 1)), x, y)
-           for name, f in DIFFERENTIABLE.items()},
+        **{
+            f"grad {name}": (jax.grad(f, argnums=(0, 1)), x, y)
+            for name, f in DIFFERENTIABLE.items()
+        },
         "cca": (lambda a, b: jaxsim.cca(a, b, warn=False), x, y),
         "gram_linear": (jaxsim.gram_linear, x),
-        "cka of grams": (lambda a, b: jaxsim.cka(jaxsim.gram_linear(a), jaxsim.gram_linear(b),
-                                                 debiased=True), x, y),
+        "cka of grams": (
+            lambda a, b: jaxsim.cka(jaxsim.gram_linear(a), jaxsim.gram_linear(b), debiased=True),
+            x,
+            y,
+        ),
         "hsic": (lambda a, b: jaxsim.hsic(jaxsim.gram_rbf(a), jaxsim.gram_rbf(b)), x, y),
         "rdm": (jaxsim.rdm, x),
         "most_similar_neurons": (jaxsim.most_similar_neurons, x, y),
         "predict_direction": (jaxsim.predict_direction, x, y, direction),
-        "minibatch_cka_update": (lambda a, b: jaxsim.minibatch_cka_update(state, [a, a], [b]),
-                                 x, y),
-        **{f"grid {metric}": (lambda a, b, m=metric: jaxsim.similarity_grid(
-            [a, 2 * a], [b], metric=m, progress=False, warn=False).values, x, y)
-           for metric in ["linear_cka", "rbf_cka", "mean_cca", "svcca", "pwcca", "procrustes",
-                          "linear_predictivity", "rsa", "mutual_knn"]},
+        "minibatch_cka_update": (
+            lambda a, b: jaxsim.minibatch_cka_update(state, [a, a], [b]),
+            x,
+            y,
+        ),
+        **{
+            f"grid {metric}": (
+                lambda a, b, m=metric: (
+                    jaxsim.similarity_grid(
+                        [a, 2 * a], [b], metric=m, progress=False, warn=False
+                    ).values
+                ),
+                x,
+                y,
+            )
+            for metric in [
+                "linear_cka",
+                "rbf_cka",
+                "mean_cca",
+                "svcca",
+                "pwcca",
+                "procrustes",
+                "linear_predictivity",
+                "rsa",
+                "mutual_knn",
+            ]
+        },
     }
-    reduced = {name: found for name, (fn, *args) in programs.items()
-               if (found := _reduced_precision_products(fn, *args))}
+    reduced = {
+        name: found
+        for name, (fn, *args) in programs.items()
+        if (found := _reduced_precision_products(fn, *args))
+    }
     assert not reduced, reduced
-    monkeypatch.setattr(grid_module, "_batched_blocks", lambda: True)
+    monkeypatch.setattr(_gram_route, "batched_blocks", lambda: True)
     for name in ("grid linear_cka", "grid rbf_cka", "minibatch_cka_update"):
         fn, *args = programs[name]
         fresh = lambda *a, fn=fn: fn(*a)  # not the traces cached above (nor their shapes)
@@ -473,5 +567,4 @@ def test_svds_never_use_the_polar_solver():
         found = solvers(shape, "cuda")
         assert found and "gesvdp" not in str(found), (shape, found)
     x = np.random.default_rng(0).normal(size=(1100, 6)).astype(np.float32)
-    np.testing.assert_allclose(_linalg.svd(x)[1], np.linalg.svd(x, compute_uv=False),
-                               rtol=1e-5)
+    np.testing.assert_allclose(_linalg.svd(x)[1], np.linalg.svd(x, compute_uv=False), rtol=1e-5)

@@ -9,21 +9,34 @@ import jaxsim
 from jaxsim import stats
 
 
-@pytest.mark.parametrize("metric,opts", [
-    ("linear_cka", {"method": "features"}), ("linear_cka", {"method": "gram"}),
-    ("linear_cka", {"debiased": True, "method": "features"}), ("rbf_cka", {}),
-    ("mean_cca", {}), ("rsa", {"compare": "pearson"}), ("mutual_knn", {"k": 4}),
-])
+@pytest.mark.parametrize(
+    "metric,opts",
+    [
+        ("linear_cka", {"method": "features"}),
+        ("linear_cka", {"method": "gram"}),
+        ("linear_cka", {"debiased": True, "method": "features"}),
+        ("rbf_cka", {}),
+        ("mean_cca", {}),
+        ("rsa", {"compare": "pearson"}),
+        ("mutual_knn", {"k": 4}),
+    ],
+)
 def test_vmapped_permutations_equal_loop(x64, rng, metric, opts):
     x, y = related(rng, 40, 5, 4)
     key = jax.random.key(3)
     res = stats.permutation_test(metric, x, y, key=key, num_permutations=7, batch_size=3, **opts)
-    single = {"linear_cka": jaxsim.linear_cka, "rbf_cka": jaxsim.rbf_cka,
-              "mean_cca": jaxsim.mean_cca, "rsa": jaxsim.rsa,
-              "mutual_knn": jaxsim.mutual_knn}[metric]
+    single = {
+        "linear_cka": jaxsim.linear_cka,
+        "rbf_cka": jaxsim.rbf_cka,
+        "mean_cca": jaxsim.mean_cca,
+        "rsa": jaxsim.rsa,
+        "mutual_knn": jaxsim.mutual_knn,
+    }[metric]
     kw = {k: v for k, v in opts.items() if k != "method"}
-    loop = [float(single(x, y[np.asarray(jax.random.permutation(k, 40))], **kw))
-            for k in jax.random.split(key, 7)]
+    loop = [
+        float(single(x, y[np.asarray(jax.random.permutation(k, 40))], **kw))
+        for k in jax.random.split(key, 7)
+    ]
     np.testing.assert_allclose(res.null, loop, rtol=1e-9)
     np.testing.assert_allclose(res.statistic, single(x, y, **kw), rtol=1e-9)
     assert float(res.p_value) == (1 + sum(v >= float(res.statistic) for v in loop)) / 8
@@ -33,8 +46,13 @@ def test_p_values_under_the_null_and_for_related_data(rng):
     ps = []
     for i in range(40):
         x, y = rng.normal(size=(30, 3)), rng.normal(size=(30, 4))
-        ps.append(float(stats.permutation_test("linear_cka", x, y, key=jax.random.key(i),
-                                               num_permutations=99).p_value))
+        ps.append(
+            float(
+                stats.permutation_test(
+                    "linear_cka", x, y, key=jax.random.key(i), num_permutations=99
+                ).p_value
+            )
+        )
     ps = np.array(ps)
     assert 0 < ps.min() and ps.max() <= 1
     assert 0.3 < ps.mean() < 0.7 and ps.min() < 0.15 and ps.max() > 0.85
@@ -46,14 +64,16 @@ def test_p_values_under_the_null_and_for_related_data(rng):
 def test_classic_bootstrap_on_request(x64, rng):
     x, y = related(rng, 80, 5, 4)
     key = jax.random.key(1)
-    res = stats.bootstrap("linear_cka", x, y, key=key, num_samples=200, confidence=0.9,
-                          resample="replacement")
+    res = stats.bootstrap(
+        "linear_cka", x, y, key=key, num_samples=200, confidence=0.9, resample="replacement"
+    )
     np.testing.assert_allclose(res.statistic, jaxsim.linear_cka(x, y), rtol=1e-10)
     idx = np.asarray(jax.random.randint(key, (200, 80), 0, 80))
     loop = [float(jaxsim.linear_cka(x[i], y[i])) for i in idx[:5]]
     np.testing.assert_allclose(res.samples[:5], loop, rtol=1e-9)
-    np.testing.assert_allclose([res.low, res.high], np.quantile(res.samples, [0.05, 0.95]),
-                               rtol=1e-9)
+    np.testing.assert_allclose(
+        [res.low, res.high], np.quantile(res.samples, [0.05, 0.95]), rtol=1e-9
+    )
     # the repr names the samples' shape instead of printing all 200 of them
     assert "samples=<array of shape (200,)>" in repr(res) and len(repr(res)) < 400
     with pytest.raises(ValueError, match=r"confidence: must lie in \(0, 1\)"):
@@ -88,11 +108,14 @@ def test_half_sample_interval_by_hand(x64, rng):
     half = np.array([float(jaxsim.linear_cka(x[i], y[i])) for i in rows])
     np.testing.assert_allclose(res.samples, half, rtol=1e-9)
     quarter_keys = jax.random.split(jax.random.fold_in(key, 1), 40)
-    quarter = np.array([float(jaxsim.linear_cka(x[i], y[i])) for i in
-                        (np.asarray(jax.random.permutation(k, 80))[:20] for k in quarter_keys)])
+    quarter = np.array(
+        [
+            float(jaxsim.linear_cka(x[i], y[i]))
+            for i in (np.asarray(jax.random.permutation(k, 80))[:20] for k in quarter_keys)
+        ]
+    )
     low, high, estimate = np_half_sample_interval(float(res.statistic), half, quarter, 0.9)
-    np.testing.assert_allclose([res.low, res.high, res.estimate], [low, high, estimate],
-                               rtol=1e-9)
+    np.testing.assert_allclose([res.low, res.high, res.estimate], [low, high, estimate], rtol=1e-9)
 
 
 def test_intervals_contain_their_estimate(rng):
@@ -100,12 +123,12 @@ def test_intervals_contain_their_estimate(rng):
     x = rng.normal(size=(1024, 64)).astype(np.float32)
     y = (x[:, :32] + rng.normal(size=(1024, 32))).astype(np.float32)
     key = jax.random.key(0)
-    classic = stats.bootstrap("linear_cka", x, y, key=key, num_samples=100,
-                              resample="replacement")
+    classic = stats.bootstrap("linear_cka", x, y, key=key, num_samples=100, resample="replacement")
     assert float(classic.low) > float(classic.statistic)  # what was wrong
     for metric, opts in [("svcca", {"keep_dims": 5}), ("pwcca", {}), ("procrustes", {})]:
-        res = stats.bootstrap(metric, x[:400, :16], y[:400, :8], key=key, num_samples=40,
-                              batch_size=40, **opts)
+        res = stats.bootstrap(
+            metric, x[:400, :16], y[:400, :8], key=key, num_samples=40, batch_size=40, **opts
+        )
         assert float(res.low) <= float(res.estimate) <= float(res.high), metric
     debiased = stats.bootstrap("linear_cka", x, y, key=key, num_samples=100, debiased=True)
     assert float(debiased.low) <= float(debiased.estimate) <= float(debiased.high)
@@ -117,8 +140,9 @@ def coverage(metric, opts, make, truth, reps, num):
     hits = 0
     for r in range(reps):
         x, y = make(rng)
-        res = stats.bootstrap(metric, x, y, key=jax.random.key(r), num_samples=num,
-                              batch_size=num, **opts)
+        res = stats.bootstrap(
+            metric, x, y, key=jax.random.key(r), num_samples=num, batch_size=num, **opts
+        )
         hits += float(res.low) <= truth <= float(res.high)
     return hits / reps
 
@@ -141,9 +165,11 @@ def svcca_population(rng, n=512):
 
 
 CKA_TRUTH = 16 / (np.sqrt(32) * 8)
-COVERAGE = [("linear_cka", {}, cka_population, CKA_TRUTH),
-            ("linear_cka", {"debiased": True}, cka_population, CKA_TRUTH),
-            ("svcca", {"keep_dims": 4}, svcca_population, 1 / np.sqrt(2))]
+COVERAGE = [
+    ("linear_cka", {}, cka_population, CKA_TRUTH),
+    ("linear_cka", {"debiased": True}, cka_population, CKA_TRUTH),
+    ("svcca", {"keep_dims": 4}, svcca_population, 1 / np.sqrt(2)),
+]
 
 
 @pytest.mark.parametrize("metric,opts,make,truth", COVERAGE, ids=["cka", "debiased", "svcca"])
@@ -161,12 +187,19 @@ def test_coverage_with_more_replications(metric, opts, make, truth):
 
 def test_random_baseline(x64, rng):
     x, y = related(rng, 50, 20, 10)
-    res = stats.random_baseline("mean_cca", x, y, key=jax.random.key(0), num_samples=30,
-                                batch_size=30)
+    res = stats.random_baseline(
+        "mean_cca", x, y, key=jax.random.key(0), num_samples=30, batch_size=30
+    )
     assert res.samples.shape == (30,)
     assert 0 < float(res.mean) < float(jaxsim.mean_cca(x, y))
-    more = stats.random_baseline("mean_cca", np.zeros((500, 20)), np.zeros((500, 10)),
-                                 key=jax.random.key(0), num_samples=10, batch_size=10)
+    more = stats.random_baseline(
+        "mean_cca",
+        np.zeros((500, 20)),
+        np.zeros((500, 10)),
+        key=jax.random.key(0),
+        num_samples=10,
+        batch_size=10,
+    )
     assert float(more.mean) < float(res.mean)  # more data points, a lower baseline
     np.testing.assert_allclose(res.std, np.std(res.samples), rtol=1e-9)
 

@@ -7,7 +7,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxsim
-from jaxsim import grid as grid_module
+from jaxsim import _gram_route
 
 # 4. float32 layers sharded over the mesh, eager and under jit, against one device:
 # the Gram ring and, under jit, the blocked Gram route (n = 1600: 4 block pairs);
@@ -37,7 +37,9 @@ np.testing.assert_allclose(debiased(put(long)), debiased(long), rtol=2e-5)
 init = jaxsim.minibatch_cka_init(1, 1, dtype=np.float32)
 np.testing.assert_allclose(
     jaxsim.minibatch_cka_update(init, put(long[:1]), put(long[1:])).cross,
-    jaxsim.minibatch_cka_update(init, long[:1], long[1:]).cross, rtol=2e-5)
+    jaxsim.minibatch_cka_update(init, long[:1], long[1:]).cross,
+    rtol=2e-5,
+)
 half = [x.astype(jax.numpy.bfloat16) for x in long]
 np.testing.assert_allclose(gram(put(half)), gram(half), rtol=2e-5)
 assert gram(put(half)).dtype == np.float32
@@ -63,28 +65,31 @@ np.testing.assert_allclose(jax.jit(rbf_u)(put(six)), rbf_u(six), rtol=1e-5, atol
 # the same in an accelerator's form (equal-width layers batched; forced here): one
 # block under jit, left to XLA's partitioner; 3 blocks divided among the devices
 six.append(six[0] ** 2)
-want, batched, grouped = rbf_u(six), grid_module._batched_blocks, grid_module._grouped_products
+want, batched, grouped = rbf_u(six), _gram_route.batched_blocks, _gram_route.grouped_products
 traced = []
-grid_module._batched_blocks = lambda: True
-grid_module._grouped_products = lambda *a: traced.append(a[1]) or grouped(*a)
+_gram_route.batched_blocks = lambda: True
+_gram_route.grouped_products = lambda *a: traced.append(a[1]) or grouped(*a)
 np.testing.assert_allclose(jax.jit(rbf_u)(put(six)), want, rtol=1e-5, atol=1e-6)
 assert traced and traced[0] == ((0, 2), (1,)), traced
 mid.append(mid[0] ** 2)  # 3 blocks: the block pairs divided among the devices
-grid_module._batched_blocks = batched
+_gram_route.batched_blocks = batched
 want = rbf(mid)
-grid_module._batched_blocks = lambda: True
+_gram_route.batched_blocks = lambda: True
 traced.clear()
 np.testing.assert_allclose(rbf(put(mid)), want, rtol=1e-5, atol=1e-6)
 assert traced and traced[0] == ((0, 2), (1,)), traced
-grid_module._batched_blocks, grid_module._grouped_products = batched, grouped
+_gram_route.batched_blocks, _gram_route.grouped_products = batched, grouped
 # (widths 8 and 9: mean CCA pads the 8s to 9; Pearson RSA accumulates RDM blocks)
 small = [rng.normal(size=(64, d)).astype(np.float32) for d in (8, 9, 8)]
 small[1][:, :8] += small[0]
-for metric, opts in (("rbf_cka", {}), ("pwcca", {}), ("mean_cca", {"warn": False}),
-                     ("rsa", {"compare": "pearson"})):
+for metric, opts in (
+    ("rbf_cka", {}),
+    ("pwcca", {}),
+    ("mean_cca", {"warn": False}),
+    ("rsa", {"compare": "pearson"}),
+):
     grid = lambda l: jaxsim.similarity_grid(l, metric=metric, **opts).values
     ref = grid(small)
     np.testing.assert_allclose(grid(put(small)), ref, rtol=1e-5, atol=1e-6, err_msg=metric)
-    np.testing.assert_allclose(jax.jit(grid)(put(small)), ref, rtol=1e-5, atol=1e-6,
-                               err_msg=metric)
+    np.testing.assert_allclose(jax.jit(grid)(put(small)), ref, rtol=1e-5, atol=1e-6, err_msg=metric)
 print("sharded ok")

@@ -27,8 +27,9 @@ print("eager cka", flush=True)
 np.testing.assert_allclose(jaxsim.similarity_grid(acts, progress=False).values, cka, rtol=2e-5)
 if "jit" in sys.argv[3:]:  # the ring's collectives: only eager calls avoid them
     print("jit cka", flush=True)
-    np.testing.assert_allclose(jax.jit(lambda a: jaxsim.similarity_grid(a).values)(acts), cka,
-                               rtol=2e-5)
+    np.testing.assert_allclose(
+        jax.jit(lambda a: jaxsim.similarity_grid(a).values)(acts), cka, rtol=2e-5
+    )
 want = jaxsim.similarity_grid(raw, metric="pwcca", epsilon=1e-6, progress=False).values
 got = jaxsim.similarity_grid(acts, metric="pwcca", epsilon=1e-6, progress=False).values
 np.testing.assert_array_equal(got, want)

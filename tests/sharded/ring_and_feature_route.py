@@ -7,8 +7,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxsim
-from jaxsim import canonical, kernel
-from jaxsim import grid as grid_module
+from jaxsim import _feature_route, _gram_route, _pairwise, _sharding, canonical
 
 single = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3), layers)
 
@@ -16,10 +15,11 @@ single = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3), layers)
 # (no activations gathered), same numbers; under jit XLA partitions it
 sharded = [jax.device_put(x, NamedSharding(mesh, P("batch"))) for x in layers]
 spmd = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3), sharded)
-np.testing.assert_allclose(jaxsim.minibatch_cka_result(spmd).values,
-                           jaxsim.minibatch_cka_result(single).values, rtol=1e-12)
+np.testing.assert_allclose(
+    jaxsim.minibatch_cka_result(spmd).values, jaxsim.minibatch_cka_result(single).values, rtol=1e-12
+)
 np.testing.assert_allclose(spmd.cross, single.cross, rtol=1e-12)
-ring = grid_module._ring_program(mesh, "batch", True, False, np.dtype("float64"))
+ring = _sharding.ring_program(mesh, "batch", True, False, np.dtype("float64"))
 assert "all-gather" not in ring.lower(sharded).compile().as_text()
 # a cross-grid round the ring forms only its cross pairs (5 layers: the slab path)
 cross = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3, 2), sharded, sharded[:2])
@@ -32,13 +32,17 @@ np.testing.assert_allclose(jitted.cross, single.cross, rtol=1e-9)
 # 2. shard_map: each device's shard is a minibatch, increments summed with psum
 step = jax.shard_map(
     lambda s, xs: jaxsim.minibatch_cka_update(s, xs, axis_name="batch"),
-    mesh=mesh, in_specs=(P(), P("batch")), out_specs=P())
+    mesh=mesh,
+    in_specs=(P(), P("batch")),
+    out_specs=P(),
+)
 dist = jax.jit(step)(jaxsim.minibatch_cka_init(3), sharded)
 seq = jaxsim.minibatch_cka_init(3)
 for k in range(8):
-    seq = jaxsim.minibatch_cka_update(seq, [x[8 * k:8 * (k + 1)] for x in layers])
-np.testing.assert_allclose(jaxsim.minibatch_cka_result(dist).values,
-                           jaxsim.minibatch_cka_result(seq).values, rtol=1e-6)
+    seq = jaxsim.minibatch_cka_update(seq, [x[8 * k : 8 * (k + 1)] for x in layers])
+np.testing.assert_allclose(
+    jaxsim.minibatch_cka_result(dist).values, jaxsim.minibatch_cka_result(seq).values, rtol=1e-6
+)
 assert float(dist.count) == 8
 
 # 3. a grid of sharded layers: the cost model counts the work per device. The Gram
@@ -46,34 +50,45 @@ assert float(dist.count) == 8
 # ppermute), the feature route all-reduces d x d partial products: neither gathers
 # the activations, both equal one device's grid
 spread = [jax.device_put(x, NamedSharding(mesh, P("batch"))) for x in wide]
-assert kernel.example_shards(spread) == 8 and kernel.example_shards(wide) == 1
-assert grid_module.ring_axis(spread) == (mesh, "batch") and not grid_module.ring_axis(wide)
-assert not kernel.use_feature_space(64, widths)
-assert kernel.use_feature_space(64, widths, shards=8)  # Gram blocks computed whole
-assert not kernel.use_feature_space(64, widths, shards=8, ring=True)
+assert _feature_route.example_shards(spread) == 8 and _feature_route.example_shards(wide) == 1
+assert _sharding.ring_axis(spread) == (mesh, "batch") and not _sharding.ring_axis(wide)
+assert not _feature_route.use_feature_space(64, widths)
+assert _feature_route.use_feature_space(64, widths, shards=8)  # Gram blocks computed whole
+assert not _feature_route.use_feature_space(64, widths, shards=8, ring=True)
 single = jaxsim.similarity_grid(wide).values
-rings = grid_module._ring_program.cache_info()
+rings = _sharding.ring_program.cache_info()
 alias = jaxsim.similarity_grid(spread, metric="cka", method="gram").values  # the alias too
-after = grid_module._ring_program.cache_info()
+after = _sharding.ring_program.cache_info()
 assert after.hits + after.misses > rings.hits + rings.misses, "cka alias skipped the ring"
 np.testing.assert_allclose(alias, single, rtol=1e-12, atol=1e-15)
 for method in ("auto", "gram", "features"):
-    np.testing.assert_allclose(jaxsim.similarity_grid(spread, method=method).values,
-                               single, rtol=1e-12, atol=1e-15, err_msg=method)
-np.testing.assert_allclose(jaxsim.similarity_grid(spread, method="gram", debiased=True)
-                           .values, jaxsim.similarity_grid(wide, debiased=True).values,
-                           rtol=1e-12, atol=1e-15)
-np.testing.assert_allclose(jaxsim.similarity_grid(spread[:2], spread[2:]).values,
-                           single[:2, 2:], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(
+        jaxsim.similarity_grid(spread, method=method).values,
+        single,
+        rtol=1e-12,
+        atol=1e-15,
+        err_msg=method,
+    )
+np.testing.assert_allclose(
+    jaxsim.similarity_grid(spread, method="gram", debiased=True).values,
+    jaxsim.similarity_grid(wide, debiased=True).values,
+    rtol=1e-12,
+    atol=1e-15,
+)
+np.testing.assert_allclose(
+    jaxsim.similarity_grid(spread[:2], spread[2:]).values, single[:2, 2:], rtol=1e-12, atol=1e-15
+)
 # the README's multi-host recipe (one process here holds every host's share)
 sharding = NamedSharding(mesh, P("batch"))
 global_arrays = [jax.make_array_from_process_local_data(sharding, x) for x in wide]
-np.testing.assert_allclose(jaxsim.similarity_grid(global_arrays).values, single,
-                           rtol=1e-12, atol=1e-15)
-ring = grid_module._ring_program(mesh, "batch").lower(spread).compile()
+np.testing.assert_allclose(
+    jaxsim.similarity_grid(global_arrays).values, single, rtol=1e-12, atol=1e-15
+)
+ring = _sharding.ring_program(mesh, "batch").lower(spread).compile()
 assert "all-gather" not in ring.as_text() and "collective-permute" in ring.as_text()
 flops = lambda compiled: (lambda c: (c[0] if isinstance(c, list) else c)["flops"])(
-    compiled.cost_analysis())
+    compiled.cost_analysis()
+)
 gram_one = jax.jit(lambda l: jaxsim.similarity_grid(l, method="gram").values)
 per_device = flops(ring) / flops(gram_one.lower(wide).compile())
 assert per_device <= 0.25, per_device
@@ -97,8 +112,7 @@ nan_grid = lambda l: jaxsim.similarity_grid(l, method="gram", check_finite=False
 for values in (nan_grid([bad] + spread[1:]), jax.jit(nan_grid)([bad] + spread[1:])):
     values = np.asarray(values)
     assert np.isnan(values[0]).all() and np.isfinite(values[1:, 1:]).all(), values
-st = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(2), [bad, spread[1]],
-                                 check_finite=False)
+st = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(2), [bad, spread[1]], check_finite=False)
 assert np.isnan(np.asarray(jaxsim.minibatch_cka_result(st).values)[0]).all()
 
 # 4. measures evaluated pair by pair (CCA family, Procrustes, RSA, ...) on layers that
@@ -113,10 +127,12 @@ np.testing.assert_allclose(grid(sharded), grid(layers), rtol=1e-10)
 # (and a jitted minibatch update goes round the ring there)
 with jax.set_mesh(mesh):
     np.testing.assert_allclose(jax.jit(grid)(layers), grid(layers), rtol=1e-10)
-    update = jax.jit(jaxsim.minibatch_cka_update).lower(jaxsim.minibatch_cka_init(3),
-                                                         sharded).compile()
-    np.testing.assert_allclose(update(jaxsim.minibatch_cka_init(3), sharded).cross,
-                               spmd.cross, rtol=1e-12)
+    update = (
+        jax.jit(jaxsim.minibatch_cka_update).lower(jaxsim.minibatch_cka_init(3), sharded).compile()
+    )
+    np.testing.assert_allclose(
+        update(jaxsim.minibatch_cka_init(3), sharded).cross, spmd.cross, rtol=1e-12
+    )
     hlo = update.as_text()
     assert "collective-permute" in hlo and "all-gather" not in hlo
 # kernel grids (linear, RBF, Pearson RSA) of layers replicated on the mesh: each
@@ -124,19 +140,22 @@ with jax.set_mesh(mesh):
 long = [rng.normal(size=(1100, d)) for d in (3, 4)]
 long[1][:, :3] += long[0]
 on_mesh = [jax.device_put(x, NamedSharding(mesh, P())) for x in long]
-before = grid_module._spread_block_sum.cache_info()
-np.testing.assert_allclose(jaxsim.similarity_grid(on_mesh, method="gram").values,
-                           jaxsim.similarity_grid(long, method="gram").values, rtol=1e-12)
-after = grid_module._spread_block_sum.cache_info()
+before = _gram_route.spread_block_sum.cache_info()
+np.testing.assert_allclose(
+    jaxsim.similarity_grid(on_mesh, method="gram").values,
+    jaxsim.similarity_grid(long, method="gram").values,
+    rtol=1e-12,
+)
+after = _gram_route.spread_block_sum.cache_info()
 assert after.hits + after.misses > before.hits + before.misses
 # per device 1/8 of the pairs: 36 pairs of 8 layers, 5 per device (the last padded),
 # FLOPs of the compiled programs evaluating all pairs in one batch
 m = canonical.cca_measure()
 eight = tuple(m.prepare(rng.normal(size=(64, 6))) for _ in range(8))
 ii, jj = (np.asarray(v, np.int32) for v in np.triu_indices(8))
-one = grid_module._pairs.lower(m.pair, eight, None, ii, jj, 36).compile()
-assert grid_module.layer_mesh(reps) == mesh and grid_module.layer_mesh(layers) is None
-spread_pairs = grid_module._spread_pairs(m.pair, 5, mesh)
+one = _pairwise.pair_batches.lower(m.pair, eight, None, ii, jj, 36).compile()
+assert _sharding.layer_mesh(reps) == mesh and _sharding.layer_mesh(layers) is None
+spread_pairs = _pairwise.spread_pairs(m.pair, 5, mesh)
 ii, jj = np.resize(ii, 40), np.resize(jj, 40)
 per_device = flops(spread_pairs.lower(eight, None, ii, jj).compile()) / flops(one)
 assert per_device <= 0.25, per_device

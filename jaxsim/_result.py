@@ -1,0 +1,126 @@
+"""The result of a grid: :class:`Grid`, values with the names of their layers."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["values"],
+    meta_fields=["rows", "cols", "metric", "row_label", "col_label", "notes", "underdetermined"],
+)
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """Similarity of every row layer with every column layer (a pytree).
+
+    Attributes:
+      values: ``(len(rows), len(cols))`` array; ``values[i, j]`` compares row layer i (first
+        argument of :func:`similarity_grid`) with column layer j.
+      rows: names of the row layers.
+      cols: names of the column layers.
+      metric: the measure's name.
+      row_label, col_label: what the row and column layers belong to (a model's name; by
+        default the argument they came from), for titles and axis labels.
+      notes: caveats about the values (e.g. CCA on too few examples per unit), shown by
+        ``repr``.
+      underdetermined: the positions of the row and of the column layers that CCA saw on
+        fewer than 5 examples per unit (their cells' values are inflated); heatmaps mark
+        them.
+    """
+
+    values: Array
+    rows: tuple[str, ...]
+    cols: tuple[str, ...]
+    metric: str = ""
+    row_label: str = ""
+    col_label: str = ""
+    notes: tuple[str, ...] = ()
+    underdetermined: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+
+    def to_numpy(self) -> np.ndarray:
+        return np.asarray(self.values)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.values, dtype=dtype)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.rows), len(self.cols))
+
+    def __getitem__(self, key: tuple[str, str]) -> Array:
+        """``grid["layer_a", "layer_b"]``: one value by layer names."""
+        if not (isinstance(key, tuple) and len(key) == 2):
+            raise TypeError(f"Grid: index with two layer names, grid[row, col]; got {key!r}")
+        return self.values[
+            _position(self.rows, key[0], "row"), _position(self.cols, key[1], "column")
+        ]
+
+    def save(self, path: str) -> str:
+        """Writes the grid (values, names, metric, labels) to an ``.npz`` file; returns the
+        path written (numpy adds ``.npz`` when it is missing)."""
+        path = str(path)
+        path = path if path.endswith(".npz") else path + ".npz"
+        np.savez(
+            path,
+            values=self.to_numpy(),
+            rows=np.array(self.rows, dtype=str),
+            cols=np.array(self.cols, dtype=str),
+            metric=np.array(self.metric),
+            labels=np.array([self.row_label, self.col_label], dtype=str),
+            notes=np.array(self.notes, dtype=str),
+            underdetermined_rows=np.array(self.underdetermined[0], dtype=np.int64),
+            underdetermined_cols=np.array(self.underdetermined[1], dtype=np.int64),
+        )
+        return path
+
+    @classmethod
+    def load(cls, path: str) -> "Grid":
+        with np.load(path) as f:
+            labels = [str(v) for v in f["labels"]] if "labels" in f.files else ["", ""]
+            notes = tuple(str(v) for v in f["notes"]) if "notes" in f.files else ()
+            short = tuple(
+                tuple(int(i) for i in f[k]) if k in f.files else ()
+                for k in ("underdetermined_rows", "underdetermined_cols")
+            )
+            return cls(
+                jnp.asarray(f["values"]),
+                tuple(str(r) for r in f["rows"]),
+                tuple(str(c) for c in f["cols"]),
+                str(f["metric"]),
+                labels[0],
+                labels[1],
+                notes,
+                (short[0], short[1]),
+            )
+
+    def __repr__(self) -> str:
+        values = self.to_numpy()
+        head = f"Grid({self.metric or 'similarity'}, {values.shape[0]} x {values.shape[1]})"
+        notes = "".join(f"\nnote: {n}" for n in self.notes)
+        if values.size > 400:
+            return head + notes
+        width = max([6] + [len(c) for c in self.cols])
+        label = max([0] + [len(r) for r in self.rows])
+        lines = [head, " " * label + "".join(f" {c:>{width}}" for c in self.cols)]
+        for name, row in zip(self.rows, values):
+            lines.append(f"{name:>{label}}" + "".join(f" {v:>{width}.4f}" for v in row))
+        return "\n".join(lines) + notes
+
+
+def _position(names: tuple[str, ...], name: Any, side: str) -> int:
+    try:
+        return names.index(name)
+    except ValueError:
+        raise KeyError(
+            f"{name!r} is not a {side} layer of this grid; {side} layers: "
+            f"{', '.join(map(repr, names))}"
+        ) from None
