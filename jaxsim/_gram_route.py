@@ -44,12 +44,10 @@ def block_size(n: int, layers: int = 1, target: int | None = None) -> int:
     padding wastes at most a few rows per block: n = 1025 runs as 3 blocks of 344
     (1032 rows), not 3 of 512 (1536).
 
-    ``target`` defaults to 512 rows on a CPU (larger blocks gain nothing measurable there
-    and fall out of cache); on an accelerator, where small products leave the device idle
-    between them, to the largest power of two up to 2048 whose largest slab (``layers``
-    blocks of ``2 * target`` rows, float32) fits ``SLAB_BUDGET``. On an H100, 50 layers
-    at n = 10000: 0.230 s with 504-row blocks, 0.158 s with 1000, 0.138 s with 2000,
-    0.151 s with 3336 (``benchmarks/grids.py --block-rows``)."""
+    ``target`` defaults to 512 rows on a CPU (larger blocks fall out of cache); on an
+    accelerator, where small products leave the device idle between them, to the largest
+    power of two up to 2048 whose largest slab (``layers`` blocks of ``2 * target`` rows,
+    float32) fits ``SLAB_BUDGET`` (measurements: docs/performance.md)."""
     if target is None:
         target = 512
         if jax.default_backend() != "cpu":
@@ -189,7 +187,7 @@ def slab_products(grams: list[Array], num_a: int | None = None) -> Array:
     ``num_a``: the blocks are the rows (the first ``num_a``) and columns of a cross-grid,
     and only the pairs of a row with a column and each block with itself are formed (the
     rest of the matrix is 0): for 24 x 36 layers, 24 * 36 + 60 products of the slab's
-    3600, and ~10% of the time of each block pair on a CPU."""
+    3600."""
     rows = lambda gs: jnp.stack(gs, axis=-1).reshape(-1, len(gs)).T  # (L, b^2), a view
     if num_a is None:
         return _row_inner(rows(grams), rows(grams))
@@ -222,8 +220,7 @@ def grouped_products(
 def batched_blocks() -> bool:
     """Whether the Gram route forms each block of equal-shaped layers as one batched
     product (:func:`source_groups`): on an accelerator, where one product per layer
-    leaves it partly idle (on an H100, 50 layers of 3 widths, blocks of 2000 rows: 6.6 ms
-    per block pair against 8.6 ms); not on a CPU, where it gains nothing measurable."""
+    leaves it partly idle; not on a CPU, where it gains nothing (docs/performance.md)."""
     return jax.default_backend() != "cpu"
 
 

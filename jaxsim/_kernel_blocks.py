@@ -77,7 +77,7 @@ def linear_source(
     x: Array, n_pad: int, rescale: bool = True, debiased: bool = True
 ) -> LinearSource:
     """``debiased=False``: without the diagonal and trace, which only U-centering reads
-    (a quarter to a half of the source's time on a CPU, where it is memory-bound)."""
+    (memory-bound work the biased estimator does without)."""
     xc = unit_scaled(x)[0] if rescale else center_features(x)
     count = jnp.asarray(x.shape[0], x.dtype)
     if not debiased:

@@ -220,7 +220,7 @@ def data_svd(
     float32 (and anything narrower): LAPACK's SVD of the data, accurate to the dtype's
     resolution relative to the largest singular value; null below numpy's ``matrix_rank``
     cut-off ``s_max * max(n, d) * eps``. float64: through the eigendecomposition of the
-    smaller Gram matrix (``x^T x`` or ``x x^T``) and one product, 2-3x faster on a CPU
+    smaller Gram matrix (``x^T x`` or ``x x^T``) and one product, faster than the SVD,
     and, at float64's resolution, exact to ~1e-10 for condition numbers up to ~1e3 (the
     covariance route of the published code, which float64 results must equal); null
     below the same cut-off applied to the eigenvalues, ``max(n, d) * eps * lambda_max``.

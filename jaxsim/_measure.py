@@ -18,10 +18,15 @@ from jaxsim._linalg import HIGHEST, dot, inner  # noqa: F401  (re-exported for t
 
 
 class Measure(NamedTuple):
-    """A similarity measure as two pure functions.
+    """A similarity measure as two pure functions: the way to add a metric.
+
+    ``prepare`` runs once per layer and ``pair`` once per pair of layers, so a grid of L
+    layers costs L preparations and L^2 (cheap) pair steps. A ``Measure`` works wherever a
+    metric name does: ``similarity_grid(acts, metric=measure)``, the statistics functions,
+    under ``jax.jit``; pairs of layers with equal summary shapes are ``vmap``-ped together.
 
     Attributes:
-      name: the name ``similarity_grid(metric=...)`` knows it by.
+      name: the measure's name (the grid's ``metric``).
       prepare: ``(n, d) array -> summary`` (a pytree), run once per layer.
       pair: ``(summary_a, summary_b) -> 0-d array``.
       symmetric: ``pair(a, b) == pair(b, a)``; self-grids then compute one triangle.
@@ -34,6 +39,20 @@ class Measure(NamedTuple):
         padded to a larger width without changing any pair's value (the width is a
         summary's last axis, see :func:`summary_width`): grids then pad layers of close
         widths to one shape and compile one pair step for them.
+
+    Example: Yanai's R^2_CCA, the mean squared canonical correlation:
+
+      >>> import jax, jax.numpy as jnp, jaxsim
+      >>> def prepare(x):  # an orthonormal basis of the centered layer
+      ...     return jnp.linalg.qr(x - x.mean(axis=0))[0]
+      >>> def pair(qa, qb):
+      ...     overlap = jnp.matmul(qa.T, qb, precision="highest")
+      ...     return jnp.sum(overlap**2) / min(qa.shape[1], qb.shape[1])
+      >>> r2_cca = jaxsim.Measure("r2_cca", prepare, pair)
+      >>> keys = jax.random.split(jax.random.key(0), 2)
+      >>> acts = [jax.random.normal(k, (100, 8)) for k in keys]
+      >>> jaxsim.similarity_grid(acts, metric=r2_cca).values.shape
+      (2, 2)
     """
 
     name: str

@@ -36,11 +36,10 @@ def median_of_non_negative(d: Array) -> Array:
     """``jnp.median(d)`` of an array of non-negative floats, by exact selection instead of a
     sort: non-negative floats order like their bit patterns read as integers, so the k-th
     smallest value is found by bisection on the pattern, one counting pass per bit (31 for
-    float32, 63 for float64), each a fused compare-and-sum. At n = 2048 (4e6 distances) this
-    is ~11x cheaper than the sort behind ``jnp.median`` on a CPU, and bit-for-bit the same
-    value. The derivative flows to the entries equal to the median (as through a sort), and
-    NaN propagates. Counts are uint32: at most 2^32 - 1 entries (an n x n matrix up to
-    n = 65535, 17 GB in float32)."""
+    float32, 63 for float64), each a fused compare-and-sum: far cheaper than the sort
+    behind ``jnp.median``, and bit-for-bit the same value. The derivative flows to the
+    entries equal to the median (as through a sort), and NaN propagates. Counts are uint32:
+    at most 2^32 - 1 entries (an n x n matrix up to n = 65535, 17 GB in float32)."""
     flat = d.ravel()
     m = flat.size
     check_countable(d.shape[0])
@@ -160,9 +159,9 @@ def _blockwise_median_jvp(n, primals, tangents):
     far = jnp.iinfo(lower.dtype).max
 
     # One pass finds the entries nearest each order statistic's pattern (those equal to
-    # it, unless this pass rounds a distance differently from the selection's passes: a
-    # GPU fuses each program differently, and on an H100 an entry an ulp away dropped half
-    # the derivative) and sums their derivatives, a running (gap, sum, count) reduction:
+    # it, unless this pass rounds a distance differently from the selection's passes, as
+    # a compiler that fuses each program differently can: an entry an ulp away would drop
+    # half the derivative) and sums their derivatives, a running (gap, sum, count) reduction:
     # finding them in a pass of their own could round differently again.
     def nearest(carry, block):  # linear in the tangents (the selects' predicates known)
         gap, total, many = carry

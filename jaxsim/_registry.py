@@ -49,21 +49,27 @@ METRICS: dict[str, Callable[..., Measure]] = {
 
 
 def measure_for(
-    metric: Any, options: dict[str, Any], symmetric: bool | None = None
+    metric: Any, options: dict[str, Any], symmetric: bool = False
 ) -> tuple[Callable[..., Measure], str]:
-    """``(make, name)`` for a metric name or callable and its options; ``symmetric``: only
-    for a callable (None: from ``options``, as the statistics functions pass it)."""
-    if symmetric is None:
-        symmetric = options.pop("symmetric", None) if callable(metric) else None
+    """``(make, name)`` for a metric: a registered name with its options, a
+    :class:`~jaxsim.Measure`, or a callable pair function (``symmetric``: only for a
+    callable)."""
+    if isinstance(metric, Measure):
+        _no_extra(metric.name, options)
+        if symmetric:
+            raise TypeError(
+                f"symmetric: for a callable metric; the Measure {metric.name!r} says "
+                "whether it is symmetric (Measure.symmetric)"
+            )
+        return (lambda feature_space=False: metric), metric.name
     if callable(metric):
-        symmetric = bool(symmetric)
         _no_extra(getattr(metric, "__name__", "callable"), options)
         m = _callable_measure(metric, symmetric)
         return (lambda feature_space=False: m), getattr(metric, "__name__", "callable")
     if metric not in METRICS:
         raise ValueError(
             f"metric: unknown metric {metric!r}; valid names: "
-            f"{', '.join(sorted(METRICS))}, or a callable pair function"
+            f"{', '.join(sorted(METRICS))}, a jaxsim.Measure, or a callable pair function"
         )
     if symmetric:
         raise TypeError(

@@ -380,7 +380,7 @@ def _checked(
 ) -> tuple[Array, Array, float]:
     x, y = _v.pair(x, y, min_n=2, check_finite=check_finite)
     units = lambda a: a.shape[1] if keep_dims is None else min(keep_dims, a.shape[1])
-    warn_examples(x.shape[0], {"x": units(x), "y": units(y)}, warn)
+    warn_examples(x.shape[0], {"x": units(x), "y": units(y)}, warn, stacklevel=4)
     return x, y, _v.non_negative(epsilon, "epsilon")
 
 
@@ -468,7 +468,8 @@ def svcca(
     reduced layers. ``keep_dims=20`` reproduces the SVCCA tutorial's recipe.
 
     Args:
-      x, y: activations, shapes ``(n, ...)``.
+      x: activations, shape ``(n, ...)``.
+      y: activations of the same n examples, shape ``(n, ...)``.
       keep_dims: number of directions kept on each side; overrides ``keep_variance``.
       keep_variance: fraction of variance to keep, in (0, 1].
       cap_keep_dims: keep ``min(keep_dims, min(n, features))`` directions of a layer that

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 
 from jaxsim import _validation as _v
 
+__all__ = ["average_pool", "flatten_spatial", "reduce_layers", "resize_spatial"]
+
 Array = jax.Array
 
 REDUCTIONS = ("flatten", "average", "resize")

@@ -234,9 +234,8 @@ def capture_linen(
         None for sown values), a module type or tuple of types (e.g. ``nn.Conv``), a glob
         string on the path (``"block*/conv*"``), a compiled regex, or a list of these
         (any matches).
-      apply_kwargs, **more_apply_kwargs: passed to ``module.apply``, e.g. ``train=False``
-        (either way: ``apply_kwargs={"train": False}`` as in :func:`minibatch_grid`, or
-        ``train=False``).
+      apply_kwargs: passed to ``module.apply``, e.g. ``{"train": False}``.
+      **more_apply_kwargs: passed to ``module.apply`` too, e.g. ``train=False``.
     Returns:
       Ordered dict of arrays of shape ``(n, ...)``. A value that two names select (the
       model's ``"output"`` when it is its last layer's output) appears once, under the
@@ -409,15 +408,15 @@ def minibatch_grid(
         typically a loader's short last batch) is skipped with a warning: pass
         ``drop_last=True`` to your loader to avoid both.
       model_b: the column model; ``None`` for a self-grid of ``model_a``.
-      filter, filter_b: layer filters (see :func:`capture_linen`); ``filter_b`` defaults to
-        ``filter``.
+      filter: which layers of the first model (see :func:`capture_linen`).
+      filter_b: which layers of the second; defaults to ``filter``.
       progress: show a progress bar (tqdm if installed).
       total: number of batches, for the progress bar (default ``len(batches)`` if it has one).
       state: a state from :func:`minibatch_state` (possibly saved and restored with
         numpy): the stream resumes where it stopped.
       labels: names of the two models for figures; default ``("model_a", "model_b")``.
-      apply_kwargs, **more_apply_kwargs: keyword arguments for linen's ``apply``, as a
-        dict or directly (``train=False``).
+      apply_kwargs: keyword arguments for linen's ``apply``, as a dict.
+      **more_apply_kwargs: keyword arguments for linen's ``apply`` (``train=False``).
     Returns:
       :class:`jaxsim.Grid` named by layer paths.
 

@@ -41,6 +41,17 @@ from jaxsim._measure import (
     unit_scaled,
 )
 
+__all__ = [
+    "linear_predictivity",
+    "most_similar_neurons",
+    "mutual_knn",
+    "predict_direction",
+    "procrustes_distance",
+    "procrustes_similarity",
+    "rdm",
+    "rsa",
+]
+
 Array = jax.Array
 
 

@@ -51,21 +51,22 @@ def similarity_grid(
         (widths and feature shapes may differ; n must be shared).
       acts_b: the column layers, likewise; ``None`` compares ``acts_a`` with itself (a
         self-grid: symmetric measures compute each pair once; pwcca computes both orders).
-      metric: ``"linear_cka"`` (alias ``"cka"``), ``"rbf_cka"``, ``"mean_cca"``,
-        ``"svcca"``, ``"pwcca"``, ``"procrustes"``, ``"rsa"``, ``"mutual_knn"``,
-        ``"linear_predictivity"`` (rows predict columns), or a callable
-        ``f(x, y) -> scalar`` on two ``(n, d)``
+      metric: ``"linear_cka"`` (``"cka"`` is the same: linear CKA of the activations),
+        ``"rbf_cka"``, ``"mean_cca"``, ``"svcca"``, ``"pwcca"``, ``"procrustes"``,
+        ``"rsa"``, ``"mutual_knn"``, ``"linear_predictivity"`` (rows predict columns); a
+        :class:`~jaxsim.Measure`; or a callable ``f(x, y) -> scalar`` on two ``(n, d)``
         arrays (vmapped over pairs of equal shapes; pass ``symmetric=True`` to compute one
         triangle of a self-grid).
       method: linear CKA's route: ``"auto"`` (the cheaper of the Gram and feature routes
-        for the whole grid, see :func:`jaxsim.kernel.use_feature_space`), ``"gram"`` or
-        ``"features"``.
+        for the whole grid by a cost model of their multiply-adds, see
+        ``docs/design.md``), ``"gram"`` or ``"features"``.
       reduce: for conv layers (see :func:`jaxsim.conv.reduce_layers`): ``None`` (default:
         each example's ``h*w*c`` values are its features), ``"flatten"`` (positions become
         examples; layers must share their spatial size), ``"average"`` (pool over
         positions) or ``"resize"`` (to ``size``, default the smallest, then flatten).
-      size, subsample, key: for ``reduce``: the ``(h, w)`` of "resize"; a fraction of the
-        positions kept by "flatten"/"resize", drawn with ``key``.
+      size: the ``(h, w)`` of ``reduce="resize"``.
+      subsample: a fraction of the positions kept by "flatten"/"resize".
+      key: the ``jax.random`` key that draws them.
       symmetric: a callable ``metric`` is symmetric: compute one triangle of a self-grid.
       batch_size: pairs evaluated together by measures without a single-product grid
         (``jax.lax.map`` chunking); lower it if memory is short.

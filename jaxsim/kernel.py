@@ -35,6 +35,8 @@ from jaxsim._measure import (
     unit_scaled,
 )
 
+__all__ = ["center_gram", "cka", "gram_linear", "gram_rbf", "hsic", "linear_cka", "rbf_cka"]
+
 Array = jax.Array
 
 
@@ -139,7 +141,8 @@ def hsic(gram_x: Any, gram_y: Any, *, debiased: bool = False, check_finite: bool
     (:math:`\bar K` is K with a zero diagonal) without its cancellation in float32.
 
     Args:
-      gram_x, gram_y: ``(n, n)`` Gram matrices of the same n examples.
+      gram_x: ``(n, n)`` Gram matrix.
+      gram_y: ``(n, n)`` Gram matrix of the same n examples.
       debiased: the unbiased estimator (n >= 4).
     Returns:
       Scalar array.
@@ -228,7 +231,8 @@ def cka(gram_x: Any, gram_y: Any, *, debiased: bool = False, check_finite: bool 
        \mathrm{HSIC}(L, L)}}
 
     Args:
-      gram_x, gram_y: ``(n, n)`` Gram matrices of the same n examples.
+      gram_x: ``(n, n)`` Gram matrix.
+      gram_y: ``(n, n)`` Gram matrix of the same n examples.
       debiased: use the unbiased HSIC estimator (n >= 4); the result can then be slightly
         negative for unrelated representations.
     Returns:
@@ -304,7 +308,8 @@ def rbf_cka(
     r"""CKA with RBF kernels: ``cka(gram_rbf(x, threshold=t), gram_rbf(y, threshold=t))``.
 
     Args:
-      x, y: activations, shapes ``(n, ...)``.
+      x: activations, shape ``(n, ...)``.
+      y: activations of the same n examples, shape ``(n, ...)``.
       threshold: bandwidth as a fraction of the median squared distance (see
         :func:`gram_rbf`); > 0.
       debiased: unbiased HSIC estimator (n >= 4).

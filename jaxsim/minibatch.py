@@ -16,6 +16,13 @@ from jaxsim import _validation as _v
 from jaxsim._measure import TRACE_COUNT, center_features, replicated
 from jaxsim._result import Grid
 
+__all__ = [
+    "MinibatchCKAState",
+    "minibatch_cka_init",
+    "minibatch_cka_result",
+    "minibatch_cka_update",
+]
+
 Array = jax.Array
 
 

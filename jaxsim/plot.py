@@ -13,6 +13,8 @@ import numpy as np
 from jaxsim._result import Grid
 
 # how each measure is written in titles and color bars
+__all__ = ["alignment", "heatmap", "heatmap_panel", "line"]
+
 NAMES = {
     "linear_cka": "linear CKA",
     "cka": "linear CKA",
@@ -131,9 +133,11 @@ def heatmap(
       grid: from :func:`jaxsim.similarity_grid` or :func:`jaxsim.minibatch_cka_result`.
       title: default: the measure and what is compared, e.g. "linear CKA: layers of seed 0
         vs seed 1" (from the grid's metric and labels).
-      vmin, vmax: color scale.
+      vmin: the color scale's lower end.
+      vmax: its upper end.
       annotate: write each value in its cell (default: grids of at most 12 x 12).
-      xlabel, ylabel: default "layer of <label>", from the grid's column and row labels.
+      xlabel: default "layer of <label>", from the grid's column label.
+      ylabel: default "layer of <label>", from the grid's row label.
       figsize: inches; the default fits the grid and is at least 5 x 4.2 (750 x 630
         pixels at the figure's 150 dpi), legible in a paper at column width.
     Returns:

@@ -42,6 +42,15 @@ from jaxsim._progress import bar
 from jaxsim._registry import measure_for
 from jaxsim._result import Grid
 
+__all__ = [
+    "BaselineResult",
+    "BootstrapResult",
+    "PermutationResult",
+    "bootstrap",
+    "permutation_test",
+    "random_baseline",
+]
+
 Array = jax.Array
 
 # Memory allowed for one batch of draws: the permuted n x n Grams (Gram route) or the
@@ -49,8 +58,7 @@ Array = jax.Array
 _BATCH_BYTES = 512 * 2**20
 
 # Cost of one gathered entry of a permuted n x n Gram, in multiply-adds of a matrix
-# product: measured on a 2-core CPU (n = 4096, widths 512: 8.0 ms per permutation on the
-# Gram route, 3.1 ms on the feature route; n = 2048, widths 128: 1.95 ms vs 0.28 ms).
+# product (how it was measured: docs/performance.md).
 _GATHER_COST = 160
 
 
@@ -99,10 +107,18 @@ class BaselineResult(NamedTuple):
 # -------------------------------------------------------------------------- resolution
 
 
-def _resolve(metric: Any, options: dict, x: Array, y: Array, permuted: bool = False) -> Measure:
+def _resolve(
+    metric: Any,
+    method: str,
+    symmetric: bool,
+    options: dict,
+    x: Array,
+    y: Array,
+    permuted: bool = False,
+) -> Measure:
     options = dict(options)
-    method = _v.choice(options.pop("method", "auto"), "method", ("auto", "gram", "features"))
-    make, _ = measure_for(metric, options)
+    method = _v.choice(method, "method", ("auto", "gram", "features"))
+    make, _ = measure_for(metric, options, bool(symmetric))
     measure = make()
     if measure.name == "svcca":
         check_keep_dims(options.get("keep_dims"), {"x": x, "y": y})
@@ -373,27 +389,35 @@ def permutation_test(
     key: Array,
     num_permutations: int = 1000,
     batch_size: int = 100,
+    method: str = "auto",
+    symmetric: bool = False,
     check_finite: bool = True,
     progress: bool | None = None,
-    **options: Any,
+    **metric_options: Any,
 ) -> PermutationResult:
     """Permutation test of "no relation between x and y": the measure recomputed with y's
     examples shuffled.
 
     Args:
       metric: a name known to :func:`jaxsim.similarity_grid` or a callable ``f(x, y)``.
-      x, y: activations ``(n, ...)``; or two sequences/mappings of layers (``y=None`` for a
-        self-grid) for a p-value per pair of layers.
+      x: activations ``(n, ...)``; or a sequence/mapping of layers for a p-value per pair
+        of layers.
+      y: activations of the same n examples; or a sequence/mapping of layers (``None``
+        for a self-grid of ``x``).
       key: a ``jax.random`` key.
       num_permutations: number of shuffles.
       batch_size: permutations evaluated together, capped so that a batch's permuted
         Grams (or gathered features) stay under 512 MB.
       progress: a progress bar over the batches (over the layer pairs for grids); None
         shows one only when the work takes more than a few seconds (tqdm installed).
-      **options: the metric's options. For linear CKA, ``method="auto"`` picks the route
-        by a cost model measured on this workload: a permutation costs n^2 gathered Gram
-        entries or one n x d1 x d2 product (the feature route wins unless
+      method: linear CKA's route, ``"auto"``, ``"gram"`` or ``"features"``; ``"auto"``
+        picks it by a cost model measured on this workload: a permutation costs n^2
+        gathered Gram entries or one n x d1 x d2 product (the feature route wins unless
         ``d1 d2 > 160 n``).
+      symmetric: a callable ``metric`` is symmetric (as in :func:`jaxsim.similarity_grid`).
+      check_finite: raise on NaN/inf in the activations.
+      **metric_options: the metric's own options (``debiased``, ``epsilon``, ...); an
+        unknown one is a ``TypeError`` naming it.
     Returns:
       :class:`PermutationResult`. The smallest possible p-value is ``1 / (num + 1)``.
       Draw i permutes y by ``jax.random.permutation(jax.random.split(key, num)[i], n)``.
@@ -403,7 +427,13 @@ def permutation_test(
 
     def single(a, b, show):
         return _permutation_pair(
-            _resolve(metric, options, a, b, permuted=True), a, b, key, num, bs, show
+            _resolve(metric, method, symmetric, metric_options, a, b, permuted=True),
+            a,
+            b,
+            key,
+            num,
+            bs,
+            show,
         )
 
     out, names = _on_pairs(single, x, y, check_finite, progress, "permutation test")
@@ -422,9 +452,11 @@ def bootstrap(
     confidence: float = 0.95,
     resample: str = "half",
     batch_size: int = 50,
+    method: str = "auto",
+    symmetric: bool = False,
     check_finite: bool = True,
     progress: bool | None = None,
-    **options: Any,
+    **metric_options: Any,
 ) -> BootstrapResult:
     r"""Confidence interval for a similarity measure by resampling examples.
 
@@ -455,7 +487,8 @@ def bootstrap(
     are shifted by the duplicates.
 
     Args:
-      metric, x, y, key, check_finite, progress, **options: as in :func:`permutation_test`.
+      metric: as in :func:`permutation_test`, as are ``x``, ``y``, ``key``, ``method``,
+        ``symmetric``, ``check_finite``, ``progress`` and ``**metric_options``.
       num_samples: number of resamples.
       confidence: the interval's nominal coverage, in (0, 1).
       resample: "half" or "replacement".
@@ -476,7 +509,7 @@ def bootstrap(
         raise ValueError(f"confidence: must lie in (0, 1), got {confidence!r}")
 
     def single(a, b, show):
-        measure = _resolve(metric, options, a, b)
+        measure = _resolve(metric, method, symmetric, metric_options, a, b)
         if resample == "half" and a.shape[0] // 2 < measure.min_n:
             raise ValueError(
                 f"x: half-samples of n={a.shape[0]} examples have fewer than the "
@@ -501,9 +534,11 @@ def random_baseline(
     key: Array,
     num_samples: int = 100,
     batch_size: int = 20,
+    method: str = "auto",
+    symmetric: bool = False,
     check_finite: bool = True,
     progress: bool | None = None,
-    **options: Any,
+    **metric_options: Any,
 ) -> BaselineResult:
     """The measure on pairs of i.i.d. standard Gaussian activations with the shapes of x
     and y (the SVCCA tutorial's baseline): what "unrelated" looks like at this n and these
@@ -512,7 +547,9 @@ def random_baseline(
     bs = _count(batch_size, "batch_size")
 
     def single(a, b, show):
-        return _baseline_pair(_resolve(metric, options, a, b), a, b, key, num, bs, show)
+        return _baseline_pair(
+            _resolve(metric, method, symmetric, metric_options, a, b), a, b, key, num, bs, show
+        )
 
     out, names = _on_pairs(single, x, y, check_finite, progress, "Gaussian baseline")
     if names is None:

@@ -175,6 +175,7 @@ def test_underdetermined_cca_warns_once_with_remedies(rng):
         with pytest.warns(jaxsim.UnderdeterminedWarning) as caught:
             fn(x, y)
         assert len(caught) == 1
+        assert caught[0].filename == __file__  # points at the caller's line
         text = str(caught[0].message)
         for part in (
             "n=20 examples for 64 units",
@@ -191,8 +192,9 @@ def test_underdetermined_cca_warns_once_with_remedies(rng):
         jaxsim.mean_cca(x, y, warn=False)
         jaxsim.svcca(rng.normal(size=(200, 64)), rng.normal(size=(200, 64)), keep_dims=10)
         jaxsim.mean_cca(rng.normal(size=(400, 64)), rng.normal(size=(400, 32)))
-    with pytest.warns(jaxsim.UnderdeterminedWarning):
+    with pytest.warns(jaxsim.UnderdeterminedWarning) as caught:
         grid = jaxsim.similarity_grid([x, y], metric="mean_cca")
+    assert caught[0].filename == __file__
     assert grid.notes and "n=20 examples" in repr(grid)
     # every layer below 5 examples per unit is named, with the remedies for grids
     with pytest.warns(jaxsim.UnderdeterminedWarning) as caught:
@@ -300,3 +302,49 @@ def test_bounded_measures_stay_in_range(x64, rng, dtype):
         np.testing.assert_allclose(
             values[0, 1], 1.0, atol=1e-5 if dtype == np.float32 else 1e-9, err_msg=(metric, option)
         )
+
+
+def _r2_cca_measure():
+    """The docs' user-defined measure: Yanai's R^2_CCA, the mean squared canonical
+    correlation, from an orthonormal basis of each centered layer."""
+
+    def prepare(x):
+        q, _ = jnp.linalg.qr(x - x.mean(axis=0))
+        return q
+
+    def pair(qa, qb):
+        return jnp.sum(jnp.matmul(qa.T, qb, precision="highest") ** 2) / min(
+            qa.shape[1], qb.shape[1]
+        )
+
+    return jaxsim.Measure("r2_cca", prepare, pair)
+
+
+def test_a_user_defined_measure_in_grids_statistics_and_jit(x64, rng):
+    """A jaxsim.Measure works wherever a metric name does: self- and cross-grids (against
+    NumPy's squared canonical correlations: cosines of the principal angles, from SVDs of
+    orthonormal bases), under jit, and in the permutation test."""
+    r2cca = _r2_cca_measure()
+    layers = {"a": rng.normal(size=(200, 6)), "b": rng.normal(size=(200, 9))}
+    layers["c"] = np.tanh(layers["a"] @ rng.normal(size=(6, 4))) + 0.1 * rng.normal(size=(200, 4))
+
+    def reference(x, y):
+        qx = np.linalg.qr(x - x.mean(0))[0]
+        qy = np.linalg.qr(y - y.mean(0))[0]
+        rho = np.linalg.svd(qx.T @ qy, compute_uv=False)
+        return np.mean(rho[: min(x.shape[1], y.shape[1])] ** 2)
+
+    grid = jaxsim.similarity_grid(layers, metric=r2cca)
+    assert grid.metric == "r2_cca" and grid.rows == ("a", "b", "c")
+    want = [[reference(x, y) for y in layers.values()] for x in layers.values()]
+    np.testing.assert_allclose(grid.values, want, rtol=1e-10)
+    cross = jaxsim.similarity_grid([layers["c"]], [layers["a"], layers["b"]], metric=r2cca)
+    np.testing.assert_allclose(cross.values, [want[2][:2]], rtol=1e-10)
+    jitted = jax.jit(lambda acts: jaxsim.similarity_grid(acts, metric=r2cca).values)
+    np.testing.assert_allclose(jitted(layers), want, rtol=1e-10)
+    test = jaxsim.stats.permutation_test(
+        r2cca, layers["a"], layers["c"], key=jax.random.key(0), num_permutations=50
+    )
+    assert float(test.p_value) == pytest.approx(1 / 51)
+    with pytest.raises(TypeError, match="r2_cca.*unexpected option.*epsilon"):
+        jaxsim.similarity_grid(layers, metric=r2cca, epsilon=0.1)

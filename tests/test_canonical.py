@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import orthogonal, related
+from references import np_cca, np_inv_sqrt, np_pwcca, np_svcca
 
 import jaxsim
 
@@ -12,52 +13,6 @@ import jaxsim
 # Classic CCA (Hotelling) through covariance whitening, with google/svcca's epsilon
 # convention; SVCCA (Raghu et al. 2017); PWCCA (Morcos et al. 2018) as computed by the
 # code behind the published numbers. Written in the (n, features) convention.
-
-
-def np_inv_sqrt(s):
-    w, v = np.linalg.eigh(np.linalg.pinv(s))
-    return v @ np.diag(np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def np_cca(x, y, epsilon=0.0):
-    """Coefficients, left and right singular vectors, kept-unit masks."""
-    xc, yc = x - x.mean(0), y - y.mean(0)
-    n = x.shape[0]
-    sxx, syy, sxy = xc.T @ xc / (n - 1), yc.T @ yc / (n - 1), xc.T @ yc / (n - 1)
-    xmax, ymax = np.abs(sxx).max(), np.abs(syy).max()
-    sxx, syy, sxy = sxx / xmax, syy / ymax, sxy / np.sqrt(xmax * ymax)
-    kx, ky = np.diag(sxx) >= epsilon, np.diag(syy) >= epsilon
-    sxx, syy, sxy = sxx[kx][:, kx], syy[ky][:, ky], sxy[kx][:, ky]
-    t = (
-        np_inv_sqrt(sxx + epsilon * np.eye(len(sxx)))
-        @ sxy
-        @ np_inv_sqrt(syy + epsilon * np.eye(len(syy)))
-    )
-    u, s, vh = np.linalg.svd(t)
-    return s, u, vh, kx, ky
-
-
-def np_svcca(x, y, k):
-    def reduce(a):
-        ac = a - a.mean(0)
-        u, s, vh = np.linalg.svd(ac, full_matrices=False)
-        return u[:, :k] * s[:k]
-
-    return np_cca(reduce(x), reduce(y))[0].mean()
-
-
-def np_pwcca(x, y, epsilon=0.0):
-    s, u, vh, kx, ky = np_cca(x, y, epsilon)
-    if kx.sum() <= ky.sum():
-        acts, vecs = x[:, kx], u
-    else:
-        acts, vecs = y[:, ky], vh.T
-    mean = acts.mean(0)
-    directions = (acts - mean) @ vecs + mean  # mean of unit i added to direction i
-    q, _ = np.linalg.qr(directions)
-    weights = np.abs(q.T @ acts).sum(axis=1)
-    weights = weights / weights.sum()
-    return np.sum(weights * s)
 
 
 # ------------------------------------------------------------------------- values

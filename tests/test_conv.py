@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import pytest
-from test_kernel import np_linear_cka
+from references import np_linear_cka
 
 import jaxsim
 from jaxsim import conv

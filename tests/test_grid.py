@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import block_grid_memory, orthogonal, subprocess_env
-from test_canonical import np_cca
-from test_kernel import np_hsic_unbiased, np_linear_cka
+from references import np_cca, np_hsic_unbiased, np_linear_cka
 
 import jaxsim
 from jaxsim import _gram_route, _kernel_blocks, _layers, _pairwise, _registry
@@ -225,7 +224,7 @@ def test_grid_errors(rng):
         ValueError,
         match=r"unknown metric 'cca2'; valid names: cka, linear_cka, "
         r"linear_predictivity, mean_cca, mutual_knn, procrustes, "
-        r"pwcca, rbf_cka, rsa, svcca, or a callable",
+        r"pwcca, rbf_cka, rsa, svcca, a jaxsim.Measure, or a callable",
     ):
         jaxsim.similarity_grid(acts, metric="cca2")
     with pytest.raises(TypeError, match=r"metric 'linear_cka': unexpected option\(s\) epsilon"):
@@ -560,8 +559,7 @@ def test_diagonal_halves_in_low_precision(rng, dtype):
     on bfloat16 activations, on power-law and post-ReLU layers with an offset: linear CKA
     (biased and debiased) and RBF CKA (debiased: the padded row masked) against NumPy's
     formulas in float64 on the same (rounded) activations."""
-    from test_kernel import np_cka, np_gram_rbf
-    from test_precision import power_law, relu_layers
+    from references import np_cka, np_gram_rbf, power_law, relu_layers
 
     x, _ = power_law(rng, 601, 24, 16, 1.5)
     _, y = relu_layers(rng, 601, 24, 16)

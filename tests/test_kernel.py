@@ -7,51 +7,20 @@ import pytest
 from conftest import orthogonal, related
 from hypothesis import given
 from hypothesis import strategies as st
+from references import (
+    np_centering,
+    np_cka,
+    np_gram_rbf,
+    np_hsic_biased,
+    np_hsic_unbiased,
+    np_linear_cka,
+)
 
 import jaxsim
 from jaxsim import _distances, _rbf_median
 
 # ---------------------------------------------------------------- NumPy references
 # Kornblith et al. 2019 (Gram, centering, CKA) and Song et al. 2012 (unbiased HSIC).
-
-
-def np_gram_rbf(x, threshold=1.0):
-    sq = np.sum(x * x, axis=1)
-    d = sq[:, None] + sq[None, :] - 2 * x @ x.T
-    return np.exp(-d / (2 * threshold**2 * np.median(d)))
-
-
-def np_centering(n):
-    return np.eye(n) - np.ones((n, n)) / n
-
-
-def np_hsic_biased(k, l):
-    n = k.shape[0]
-    h = np_centering(n)
-    return np.trace(k @ h @ l @ h) / (n - 1) ** 2
-
-
-def np_hsic_unbiased(k, l):
-    # Song et al. 2012, eq. 5: the three-term form with zero diagonals.
-    n = k.shape[0]
-    k = k.copy()
-    l = l.copy()
-    np.fill_diagonal(k, 0)
-    np.fill_diagonal(l, 0)
-    one = np.ones(n)
-    term1 = np.trace(k @ l)
-    term2 = (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
-    term3 = 2 / (n - 2) * (one @ k @ l @ one)
-    return (term1 + term2 - term3) / (n * (n - 3))
-
-
-def np_cka(k, l, debiased=False):
-    h = np_hsic_unbiased if debiased else np_hsic_biased
-    return h(k, l) / np.sqrt(h(k, k) * h(l, l))
-
-
-def np_linear_cka(x, y, debiased=False):
-    return np_cka(x @ x.T, y @ y.T, debiased)
 
 
 # ------------------------------------------------------------------------- values

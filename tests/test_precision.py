@@ -10,27 +10,12 @@ import pytest
 from conftest import related
 from hypothesis import given
 from hypothesis import strategies as st
+from references import power_law, relu_layers
 
 import jaxsim
 from jaxsim import _gram_route
 
 # ------------------------------------------------------------------ realistic layers
-
-
-def power_law(rng, n, d1, d2, alpha, offset=5.0, noise=0.1):
-    """Two layers whose covariance spectra fall like k^-alpha (as real layers' do), in
-    random bases, sharing their leading directions, with a common offset."""
-    lam = np.arange(1, d1 + 1) ** -alpha
-    z = rng.normal(size=(n, d1)) * np.sqrt(lam)
-    q1 = np.linalg.qr(rng.normal(size=(d1, d1)))[0]
-    q2 = np.linalg.qr(rng.normal(size=(d2, d2)))[0]
-    y = z[:, :d2] + noise * rng.normal(size=(n, d2)) * np.sqrt(lam[:d2])
-    return z @ q1 + offset, y @ q2 - offset
-
-
-def relu_layers(rng, n, d1, d2):
-    x, y = power_law(rng, n, d1, d2, 1.0, offset=0.0)
-    return np.maximum(x + 0.05, 0), np.maximum(y @ rng.normal(size=(d2, d2)) / 10 + 0.02, 0)
 
 
 def rank_deficient(rng, n, d1, d2):
