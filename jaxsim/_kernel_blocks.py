@@ -31,7 +31,7 @@ def centering_row(k: Array, unbiased: bool) -> Array:
 
     Both centerings ignore a constant added to every (off-diagonal) entry, so the sums are
     taken after subtracting one off-diagonal entry ``c`` and ``c / 2`` is added back: a
-    constant Gram (a constant layer's RBF kernel) then centres to exactly 0, not to a
+    constant Gram (a constant layer's RBF kernel) then centers to exactly 0, not to a
     rounding residue that a cosine would scale up to 1, and a large common offset costs
     no precision in the sums."""
     c = k[0, 1]

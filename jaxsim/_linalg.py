@@ -1,27 +1,15 @@
 """Matrix decompositions with finite derivatives, that never deadlock XLA's CPU pool.
 
-Two problems of ``jnp.linalg`` are solved here once, for every measure:
-
-* **Deadlock.** jaxlib 0.10 runs a *batched* LAPACK decomposition (``gesdd``, ``geqrf``,
-  ...) by splitting the batch over XLA's intra-op thread pool and blocking a pool thread
-  until the pieces finish (``ParallelBatchMap`` -> ``BlockingCounter::Wait``). When as
-  many such calls run at once as the pool has threads (two on a 2-core machine; a
-  ``vmap``-ed decomposition inside ``lax.map`` is enough), every pool thread waits on work
-  queued behind it and the process hangs forever at 0% CPU. On the CPU backend each
-  decomposition is therefore applied one matrix at a time under ``vmap``
-  (``jax.custom_batching.sequential_vmap``: a loop of unbatched LAPACK calls, which run
-  inline). Newer jaxlibs loop over a batch sequentially anyway, so little speed is lost;
-  on GPU and TPU the vendors' batched solvers are kept.
-* **Derivatives at degenerate points.** JAX's SVD and QR derivatives divide by
-  differences of singular values and by singular values and diagonals of R, so a
-  zero-variance or rank-deficient layer, or two identical layers (repeated canonical
-  correlations), give NaN gradients. The rules below are JAX's, with those divisions made
-  safe: directions with (numerically) zero singular value, and rotations within a
-  subspace of equal singular values, carry no derivative. Every measure here is
-  invariant to such rotations, and the null directions carry no weight, so the
-  derivative is exact wherever the measure is differentiable and finite everywhere.
-  The decompositions' own primal computation is never differentiated, so reverse mode
-  works through the sequential CPU loop.
+* **Deadlock.** A *batched* LAPACK decomposition on the CPU splits the batch over XLA's
+  intra-op pool and blocks a pool thread until the pieces finish; as many such calls at
+  once as the pool has threads hang the process. On the CPU each decomposition is
+  therefore applied one matrix at a time under ``vmap`` (``sequential_vmap``); GPU and
+  TPU keep the vendors' batched solvers.
+* **Derivatives at degenerate points.** JAX's SVD and QR rules divide by differences of
+  singular values and by singular values; here those divisions are made safe: null
+  directions, and rotations within a subspace of equal singular values, carry no
+  derivative. Every measure is invariant to such rotations, so the derivative is exact
+  wherever the measure is differentiable and finite everywhere.
 """
 
 from __future__ import annotations

@@ -1,46 +1,13 @@
 r"""Canonical correlation analysis and its descendants: mean CCA, SVCCA, PWCCA.
 
-Activations are ``(n, features)`` arrays, axis 0 the n examples. google/svcca's code takes
-the transpose, ``(neurons, n)``: ``jaxsim.cca(x, y)`` corresponds to
-``cca_core.get_cca_similarity(x.T, y.T, epsilon)``.
-
-``epsilon`` has google/svcca's meaning: each covariance block is divided by its largest
-absolute entry, units whose scaled variance is below ``epsilon`` are dropped, and
-``epsilon`` is added to the scaled diagonal. With ``epsilon=0`` nothing is dropped or
-added. The addition regularizes: direction i is shrunk by ``sqrt(lam_i / (lam_i + eps))``,
-so a layer with many directions of scaled variance near ``epsilon`` scores below 1 against
-itself.
-
-Numerics. Every measure here is ``pair(prepare(x), prepare(y))``: ``prepare`` centres a
-layer, divides it by its largest absolute value (no overflow, whatever the input's scale)
-and takes the thin SVD of the result, ``X = U S V^T``; ``pair`` takes the singular values
-of ``(U F)_a^T (U F)_b``. This is Bjorck & Golub's orthogonal-factorisation CCA: its
-accuracy is set by the condition number of X, where whitening through an
-eigendecomposition of ``X^T X`` (the textbook route and google/svcca's) squares it and
-loses float32 results on realistic, power-law spectra. google/svcca's epsilon acts on the
-same factorisation (``F = sqrt(S^2 / (S^2 + eps))`` on the scaled covariance's spectrum),
-so float64 results equal the reference's.
-
-Rank. Singular values below numpy's ``matrix_rank`` cut-off (size times the dtype's
-resolution, relative to the largest) are null directions: they get ``F = 0``, means over
-coefficients run over the *effective rank* (the number of canonical directions the data
-have), and PWCCA gives null directions zero weight. On full-rank layers this is exactly
-google/svcca's ``cca_core``; on rank-deficient ones (dead units, fewer distinct directions
-than units) the reference divides by the number of units and weights null directions,
-so a layer compared with itself scores below 1 there; jaxsim gives 1.
-
-Examples per unit. With fewer than ``EXAMPLES_PER_UNIT`` (5) examples per unit CCA
-finds correlations in noise: unrelated layers score near 1 (google/svcca's tutorial,
-"How many datapoints?": "pick the number of datapoints to be at least a few times larger
-than the number of neurons"). Every function here then warns once
-(:class:`UnderdeterminedWarning`, ``warn=False`` silences it) with the numbers and the
-remedies; grids carry the same note.
+Activations are ``(n, features)`` arrays; google/svcca takes the transpose, so
+``jaxsim.cca(x, y)`` corresponds to ``cca_core.get_cca_similarity(x.T, y.T, epsilon)``.
+``epsilon`` has google/svcca's meaning (units below it dropped, it added to the scaled
+diagonal). Every measure works from the thin SVD of each centered layer (Bjorck & Golub),
+never a covariance, so float32 stays accurate; docs/numerics.md has the details (rank,
+epsilon, examples per unit).
 
 References:
-  Bjorck & Golub, Numerical methods for computing angles between linear subspaces,
-  Mathematics of Computation, 1973.
-
-  Hotelling, Relations between two sets of variates, 1936.
   Raghu, Gilmer, Yosinski & Sohl-Dickstein, SVCCA, NeurIPS 2017.
   Morcos, Raghu & Bengio, Insights on representational similarity in neural networks with
   canonical correlation, NeurIPS 2018 (PWCCA).
@@ -103,7 +70,7 @@ class CCASummary(NamedTuple):
     With ``X_s = U S V^T`` the centered activations of the kept units, scaled so that the
     largest unit variance is 1, the canonical correlations of two layers a, b are the
     singular values of ``a.basis.T @ b.basis`` (``basis = U F``): an orthogonal
-    factorisation of the data, whose condition number is that of X, not its square.
+    factorization of the data, whose condition number is that of X, not its square.
     """
 
     basis: Array  # (n, k) U F, k = min(n, d): whitened directions, 0 where F is 0
@@ -405,7 +372,7 @@ def cca(
     Args:
       x: activations, shape ``(n, ...)`` (google/svcca's ``acts1.T``).
       y: activations, shape ``(n, ...)``, the same examples.
-      epsilon: google/svcca's regularizer (see the module docstring); >= 0.
+      epsilon: google/svcca's regularizer (see docs/numerics.md); >= 0.
       check_finite: raise on NaN/inf (skipped automatically for traced values).
     Returns:
       :class:`CCAResult`; ``coefficients`` match

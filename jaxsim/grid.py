@@ -111,30 +111,14 @@ def similarity_grid(
       (3, 3)
     """
     method = _v.choice(method, "method", ("auto", "gram", "features"))
-    reductions = {
-        "reduce": reduce,
-        **{
-            k: v
-            for k, v in (("size", size), ("subsample", subsample), ("key", key))
-            if v is not None
-        },
-    }
+    options = {"size": size, "subsample": subsample, "key": key}
+    reductions = {"reduce": reduce, **{k: v for k, v in options.items() if v is not None}}
     make, name = measure_for(metric, dict(metric_options), bool(symmetric))
     measure = make()
     self_grid = acts_b is None
-    rows, layers_a, cols, layers_b = _layers.reduced_layers(
-        acts_a,
-        acts_b,
-        reductions,
-        check_finite,
-        measure.min_n,
-        " for the unbiased HSIC estimator" if measure.min_n >= 4 else "",
+    rows, cols, layers_a, layers_b, dtype = _read_layers(
+        acts_a, acts_b, reductions, check_finite, measure.min_n
     )
-    if self_grid:
-        cols, layers_b = rows, layers_a
-    dtype = _layers.common_dtype(layers_a + ([] if self_grid else layers_b))
-    layers_a = [a.astype(dtype) for a in layers_a]
-    layers_b = layers_a if self_grid else [b.astype(dtype) for b in layers_b]
     named = {
         **{f"acts_a[{k!r}]": a for k, a in zip(rows, layers_a)},
         **({} if self_grid else {f"acts_b[{k!r}]": b for k, b in zip(cols, layers_b)}),
@@ -145,16 +129,7 @@ def similarity_grid(
     # sharded along examples: the linear-CKA Gram route divides the work as a ring of rows
     ring = ring_axis(union) if measure.name == "linear_cka" else None
     if measure.name == "linear_cka":
-        measure = make(
-            feature_space=_feature_route.feature_route(
-                method,
-                layers_a[0].shape[0],
-                [a.shape[1] for a in layers_a],
-                None if self_grid else [b.shape[1] for b in layers_b],
-                shards=ring[0].shape[ring[1]] if ring else _feature_route.example_shards(union),
-                ring=ring is not None,
-            )
-        )
+        measure = make(feature_space=_feature_space(method, layers_a, layers_b, self_grid, ring))
     # layers on a mesh (not going round the ring): block pairs or pairs of layers are
     # divided among its devices, what they are made from replicated first; not linear
     # CKA's feature route, whose d x d products XLA already divides along the examples
@@ -164,31 +139,58 @@ def similarity_grid(
         layers_a = [replicated(x) for x in layers_a]
         layers_b = layers_a if self_grid else [replicated(x) for x in layers_b]
     if measure.blocks is not None:
+        debiased = bool(metric_options.get("debiased", False))
         values = _gram_grid(
-            measure,
-            layers_a,
-            None if self_grid else layers_b,
-            ring,
-            mesh,
-            bool(metric_options.get("debiased", False)),
-            progress,
-            traced,
-        )
+            measure, layers_a, None if self_grid else layers_b, ring, mesh, debiased,
+            progress, traced,
+        )  # fmt: skip
     else:
+        mesh = None if measure.name == "linear_cka" else mesh
         values = _pairwise_grid(
-            measure,
-            layers_a,
-            layers_b,
-            self_grid,
-            dtype,
-            batch_size,
-            None if measure.name == "linear_cka" else mesh,
-            progress,
-            traced,
+            measure, layers_a, layers_b, self_grid, dtype, batch_size, mesh, progress, traced
         )
     values = _layers.poisoned(values, layers_a, None if self_grid else layers_b)
     row_label, col_label = _layers.side_labels(labels, self_grid, ("acts_a", "acts_b"))
     return Grid(values, tuple(rows), tuple(cols), name, row_label, col_label, notes, short)
+
+
+def _read_layers(
+    acts_a: Any, acts_b: Any, reductions: dict[str, Any], check_finite: bool, min_n: int
+) -> tuple[list[str], list[str], list[Array], list[Array], Any]:
+    """``(rows, cols, layers_a, layers_b, dtype)``: both sides' names and ``(n, features)``
+    layers, validated and cast to their common dtype (a self-grid's columns are its
+    rows)."""
+    why = " for the unbiased HSIC estimator" if min_n >= 4 else ""
+    rows, layers_a, cols, layers_b = _layers.reduced_layers(
+        acts_a, acts_b, reductions, check_finite, min_n, why
+    )
+    self_grid = acts_b is None
+    if self_grid:
+        cols, layers_b = rows, layers_a
+    dtype = _layers.common_dtype(layers_a + ([] if self_grid else layers_b))
+    layers_a = [a.astype(dtype) for a in layers_a]
+    layers_b = layers_a if self_grid else [b.astype(dtype) for b in layers_b]
+    return rows, cols, layers_a, layers_b, dtype
+
+
+def _feature_space(
+    method: str,
+    layers_a: list[Array],
+    layers_b: list[Array],
+    self_grid: bool,
+    ring: tuple[Any, str] | None,
+) -> bool:
+    """Whether a linear-CKA grid takes the feature route (see :mod:`jaxsim._feature_route`),
+    its cost divided among the devices the examples are spread over."""
+    union = layers_a if self_grid else layers_a + layers_b
+    return _feature_route.feature_route(
+        method,
+        layers_a[0].shape[0],
+        [a.shape[1] for a in layers_a],
+        None if self_grid else [b.shape[1] for b in layers_b],
+        shards=ring[0].shape[ring[1]] if ring else _feature_route.example_shards(union),
+        ring=ring is not None,
+    )
 
 
 def _gram_grid(

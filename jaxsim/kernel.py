@@ -43,6 +43,20 @@ Array = jax.Array
 _UNBIASED_WHY = " for the unbiased HSIC estimator (it divides by n(n-3))"
 
 
+def _checked(
+    x: Any, y: Any, debiased: bool, check_finite: bool, grams: bool = False
+) -> tuple[Array, Array]:
+    """Two layers (``grams``: two Gram matrices) validated for the chosen estimator."""
+    check = _v.gram_pair if grams else _v.pair
+    return check(
+        x,
+        y,
+        min_n=4 if debiased else 2,
+        why=_UNBIASED_WHY if debiased else "",
+        check_finite=check_finite,
+    )
+
+
 @jax.jit
 def _gram_linear(x: Array) -> Array:
     return dot(x, x.T)
@@ -148,13 +162,7 @@ def hsic(gram_x: Any, gram_y: Any, *, debiased: bool = False, check_finite: bool
       Scalar array.
     """
     unbiased = bool(debiased)
-    k, l = _v.gram_pair(
-        gram_x,
-        gram_y,
-        min_n=4 if unbiased else 2,
-        why=_UNBIASED_WHY if unbiased else "",
-        check_finite=check_finite,
-    )
+    k, l = _checked(gram_x, gram_y, unbiased, check_finite, grams=True)
     return _hsic(k, l, unbiased)
 
 
@@ -243,17 +251,11 @@ def cka(gram_x: Any, gram_y: Any, *, debiased: bool = False, check_finite: bool 
     entry, and centering it afterwards cancels that offset in the dtype's precision. In
     float32 (8 significant digits) activations with an offset of 1000 times their spread
     lose everything (``cka(gram_linear(x), gram_linear(y))`` is then off by ~0.2; by
-    ~1e-4 at an offset of 100). For linear CKA use :func:`linear_cka`, which centres the
-    features before forming any product; for other kernels, centre (and scale) the
+    ~1e-4 at an offset of 100). For linear CKA use :func:`linear_cka`, which centers the
+    features before forming any product; for other kernels, center (and scale) the
     features before building the Grams, or compute them in float64.
     """
-    k, l = _v.gram_pair(
-        gram_x,
-        gram_y,
-        min_n=4 if debiased else 2,
-        why=_UNBIASED_WHY if debiased else "",
-        check_finite=check_finite,
-    )
+    k, l = _checked(gram_x, gram_y, debiased, check_finite, grams=True)
     return _cka(k, l, debiased)
 
 
@@ -289,13 +291,7 @@ def linear_cka(
       1.0
     """
     _v.choice(method, "method", ("auto", "gram", "features"))
-    x, y = _v.pair(
-        x,
-        y,
-        min_n=4 if debiased else 2,
-        why=_UNBIASED_WHY if debiased else "",
-        check_finite=check_finite,
-    )
+    x, y = _checked(x, y, debiased, check_finite)
     feature_space = _feature_route.feature_route(
         method, x.shape[0], [x.shape[1]], [y.shape[1]], shards=_feature_route.example_shards((x, y))
     )
@@ -316,13 +312,7 @@ def rbf_cka(
     Returns:
       Scalar array.
     """
-    x, y = _v.pair(
-        x,
-        y,
-        min_n=4 if debiased else 2,
-        why=_UNBIASED_WHY if debiased else "",
-        check_finite=check_finite,
-    )
+    x, y = _checked(x, y, debiased, check_finite)
     return evaluate(
         rbf_measure, x, y, threshold=_v.positive(threshold, "threshold"), debiased=debiased
     )

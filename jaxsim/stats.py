@@ -1,25 +1,9 @@
 r"""Baselines and error bars for similarity measures: permutation tests, confidence
 intervals and random-Gaussian baselines, for one pair of layers or a whole grid.
 
-Draws are evaluated ``batch_size`` at a time, each batch one jitted, vmapped call (one
-compile per shape), with a progress bar over the batches when the work takes more than a
-few seconds. The permutation test never re-prepares a layer: permuting the examples of y
-permutes the rows of its prepared summary (its centered Gram ``P K P^T``, its centered
-features, its SVD basis), while covariances, norms and whitening stay as they are.
-
-Intervals. Resampling examples *with* replacement (the classic bootstrap) duplicates
-examples, and a duplicated example is perfectly similar to itself: every Gram- or
-covariance-based measure is inflated on the resample (linear CKA by ~0.02 at n=1024,
-width 64), so percentile intervals sit beside their own estimate. :func:`bootstrap`
-therefore resamples *without* replacement: half-samples (m = n/2 distinct examples,
-Efron 1982; the delete-d jackknife of Shao & Wu 1989 with d = n/2), which cannot
-duplicate. Their variance, scaled by ``m / (n - m)`` (= 1), estimates the estimator's
-sampling variance; the mean values on half- and quarter-samples estimate its
-finite-sample bias, expanded in powers of 1/n (Richardson extrapolation, as the
-jackknife's bias correction does to first order). The interval is the normal-theory
-interval around the bias-corrected estimate, so it targets the population value, not
-the sample's inflated one. (Empirical quantiles of 100-200 half-samples cover 2-4 points
-less than the normal interval in simulation; see the tests.)
+Intervals come from half-samples without replacement with a bias correction, not the
+classic bootstrap, whose duplicated examples inflate every similarity; see
+docs/statistics.md.
 """
 
 from __future__ import annotations
