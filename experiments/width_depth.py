@@ -193,12 +193,13 @@ def _short(name: str) -> str:
     return name.replace("stage", "s").replace("/", ".")
 
 
-def _heatmap(ax, values, names, title, block=None, xticks=True):
-    image = ax.imshow(values, vmin=0, vmax=1, cmap="magma", aspect="auto")
+def _heatmap(ax, values, names, title, block=None):
+    """A CKA grid with layer 0 at the bottom left, as jaxsim.plot.heatmap draws it."""
+    image = ax.imshow(values, vmin=0, vmax=1, cmap="magma", aspect="auto", origin="lower")
     ticks = range(len(names))
     size = 6 if len(names) > 10 else 7
     ax.set_yticks(ticks, [_short(n) for n in names], fontsize=size)
-    ax.set_xticks(ticks, [_short(n) for n in names] if xticks else [], rotation=90, fontsize=size)
+    ax.set_xticks(ticks, [_short(n) for n in names], rotation=90, fontsize=size)
     ax.set_title(title, fontsize=8)
     if block is not None and block["found"]:
         from matplotlib.patches import Rectangle
@@ -222,17 +223,17 @@ def figure_models(results: dict, depths: list[int], widths: list[int], data: str
     from matplotlib.figure import Figure
 
     rows, cols = len(depths), len(widths)
-    fig = Figure(figsize=(3.2 * cols + 0.9, 4.4 * rows + 0.5), dpi=130)
+    fig = Figure(figsize=(3.2 * cols + 0.9, 5.2 * rows + 0.5), dpi=130)
     spec = fig.add_gridspec(
         2 * rows,
         cols + 1,
         height_ratios=[3, 1] * rows,
         width_ratios=[1] * cols + [0.06],
-        left=0.1,
+        left=0.1 + 0.1 / cols,
         right=0.93,
         bottom=0.06,
-        top=1 - 0.75 / (4.4 * rows + 0.5),
-        hspace=0.25 + 0.35 / rows,
+        top=1 - 1.0 / (5.2 * rows + 0.5),
+        hspace=0.45 + 0.35 / rows,
         wspace=0.45,
     )
     image = None
@@ -247,7 +248,6 @@ def figure_models(results: dict, depths: list[int], widths: list[int], data: str
                 r["layers"],
                 f"depth {depth}, width {width}: {status}",
                 r["block"],
-                xticks=False,
             )
             count = len(r["layers"])
             ax_pc.plot(range(count), r["first_pc_share"], "o-", ms=3)
@@ -263,10 +263,12 @@ def figure_models(results: dict, depths: list[int], widths: list[int], data: str
             ax_pc.set_ylabel("1st-PC\nshare", fontsize=7)
             ax_pc.tick_params(axis="y", labelsize=6)
     fig.colorbar(image, cax=fig.add_subplot(spec[:, cols]), label="linear CKA")
+    found = any(results[f"depth {d}, width {w}"]["block"]["found"] for d in depths for w in widths)
     fig.suptitle(
-        f"Linear CKA between layers, {data} (rows: depth, columns: width); "
-        f"block outlined; dashed: {DOMINANCE:.0%} first-PC share",
-        fontsize=9,
+        f"Linear CKA between layers, {data}\n(rows: depth, columns: width; "
+        + ("blocks outlined" if found else "no model has a block")
+        + f";\ndashed: {DOMINANCE:.0%} first-PC share)",
+        fontsize=8,
     )
     return fig
 

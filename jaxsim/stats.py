@@ -8,22 +8,19 @@ docs/statistics.md.
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
+from jaxsim import _draws
 from jaxsim import _validation as _v
-from jaxsim import canonical, geometry, kernel
-from jaxsim._cca_checks import check_keep_dims
-from jaxsim._feature_route import FeatureSummary, debias_inner, norm_product, use_feature_space
+from jaxsim._feature_route import FeatureSummary
 from jaxsim._layers import reduced_layers
-from jaxsim._measure import Measure, bounded_ratio, dot, replicated, safe_sqrt
+from jaxsim._measure import Measure, replicated, safe_sqrt
 from jaxsim._progress import bar
-from jaxsim._registry import measure_for
 from jaxsim._result import Grid
 
 __all__ = [
@@ -35,15 +32,8 @@ __all__ = [
     "random_baseline",
 ]
 
+
 Array = jax.Array
-
-# Memory allowed for one batch of draws: the permuted n x n Grams (Gram route) or the
-# gathered (n, d) features (feature route) of all draws in a batch.
-_BATCH_BYTES = 512 * 2**20
-
-# Cost of one gathered entry of a permuted n x n Gram, in multiply-adds of a matrix
-# product (how it was measured: docs/performance.md).
-_GATHER_COST = 160
 
 
 class PermutationResult(NamedTuple):
@@ -88,135 +78,18 @@ class BaselineResult(NamedTuple):
     samples: Array
 
 
-# -------------------------------------------------------------------------- resolution
-
-
-def _resolve(
-    metric: Any,
-    method: str,
-    symmetric: bool,
-    options: dict,
-    x: Array,
-    y: Array,
-    permuted: bool = False,
-) -> Measure:
-    options = dict(options)
-    method = _v.choice(method, "method", ("auto", "gram", "features"))
-    make, _ = measure_for(metric, options, bool(symmetric))
-    measure = make()
-    if measure.name == "svcca":
-        check_keep_dims(options.get("keep_dims"), {"x": x, "y": y})
-    if measure.name == "linear_cka":
-        n, d1, d2 = x.shape[0], x.shape[1], y.shape[1]
-        if method != "auto":
-            feature_space = method == "features"
-        elif permuted:
-            # per permutation: gather the n x n Gram, or one n x d1 x d2 product
-            feature_space = d1 * d2 < _GATHER_COST * n
-        else:
-            feature_space = use_feature_space(n, [d1], [d2])
-        measure = make(feature_space=feature_space)
-    return measure
-
-
-def _permuted(measure: Measure, summary: Any, y: Array, perm: Array) -> Any:
-    """y's summary for the examples reordered by ``perm``, without re-preparing when the
-    summary's structure allows it."""
-    if isinstance(summary, kernel.GramSummary):
-        return summary._replace(vec=summary.vec[perm][:, perm])
-    if isinstance(summary, FeatureSummary):
-        return summary._replace(features=summary.features[perm], row_sq=summary.row_sq[perm])
-    if isinstance(summary, (canonical.CCASummary, canonical.Subspace, geometry.RidgeSummary)):
-        return summary._replace(basis=summary.basis[perm])
-    if isinstance(summary, geometry.Neighbours):  # example perm[i] is now example i
-        return summary._replace(indices=jnp.argsort(perm)[summary.indices[perm]])
-    return measure.prepare(y[perm])
-
-
-def _feature_null(sx: FeatureSummary, sy: FeatureSummary, perms: Array, debiased: bool) -> Array:
-    """Linear CKA of x with a batch of permutations of y, feature route, as ONE matrix
-    product ``X^T [P_1 Y, ..., P_B Y]`` (a batched matmul is much slower on CPU)."""
-    b, n = perms.shape
-    d2 = sy.features.shape[1]
-    stacked = sy.features[perms.T].reshape(n, b * d2)  # gathered straight into (n, b, d2)
-    cross = dot(sx.features.T, stacked)
-    xty = jnp.sum(cross.reshape(-1, b, d2) ** 2, axis=(0, 2))
-    if debiased:
-        xty = debias_inner(xty, sx.row_sq, sy.row_sq[perms].T, sx.total, sy.total, n)
-    return bounded_ratio(xty, norm_product(sx, sy), -1.0 if debiased else 0.0)
-
-
-# ------------------------------------------------------------------ jitted batches
-
-
-@functools.partial(jax.jit, static_argnames=("measure",))
-def _prepared(measure: Measure, x: Array, y: Array) -> tuple[Any, Any, Array]:
-    sx, sy = measure.prepare(x), measure.prepare(y)
-    return sx, sy, measure.pair(sx, sy)
-
-
-@functools.partial(jax.jit, static_argnames=("measure",))
-def _null_batch(measure: Measure, sx: Any, sy: Any, y: Array, perms: Array) -> Array:
-    if isinstance(sx, FeatureSummary):
-        return _feature_null(sx, sy, perms, measure.min_n == 4)
-    return jax.vmap(lambda p: measure.pair(sx, _permuted(measure, sy, y, p)))(perms)
-
-
-@functools.partial(jax.jit, static_argnames=("measure",))
-def _resample_batch(measure: Measure, x: Array, y: Array, rows: Array) -> Array:
-    return jax.vmap(lambda i: measure.pair(measure.prepare(x[i]), measure.prepare(y[i])))(rows)
-
-
-@functools.partial(jax.jit, static_argnames=("measure", "shapes", "dtype"))
-def _gaussian_batch(measure: Measure, keys: Array, shapes: tuple, dtype: Any) -> Array:
-    def one(k):
-        kx, ky = jax.random.split(k)
-        gx = jax.random.normal(kx, shapes[0], dtype)
-        gy = jax.random.normal(ky, shapes[1], dtype)
-        return measure.pair(measure.prepare(gx), measure.prepare(gy))
-
-    return jax.vmap(one)(keys)
-
-
-def _in_batches(
-    fn: Callable[[Array], Array], draws: Array, size: int, progress: Any, desc: str
-) -> Array:
-    """``fn`` over the leading axis of ``draws`` in batches of ``size`` (the last padded,
-    so one compile serves all), one batch in flight at a time."""
-    num = draws.shape[0]
-    size = max(1, min(size, num))
-    pad = (-num) % size
-    if pad:
-        draws = jnp.concatenate([draws, draws[:pad]])
-    out, previous = [], None
-    starts = range(0, num + pad, size)
-    for start in bar(starts, progress, len(starts), desc):
-        out.append(fn(draws[start : start + size]))
-        if previous is not None:  # keep memory to two batches however fast we dispatch
-            jax.block_until_ready(previous)
-        previous = out[-1]
-    return jnp.concatenate(out)[:num]
-
-
-def _batch_size(requested: int, bytes_per_draw: int) -> int:
-    return max(1, min(requested, _BATCH_BYTES // max(1, bytes_per_draw)))
-
-
-# ------------------------------------------------------------------- one pair of layers
-
-
 def _permutation_pair(
     measure: Measure, x: Array, y: Array, key: Array, num: int, batch_size: int, progress: Any
 ):
     n = x.shape[0]
-    sx, sy, stat = _prepared(measure, x, y)
+    sx, sy, stat = _draws.prepared(measure, x, y)
     perms = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, num))
     item = y.dtype.itemsize
     per_draw = (n * y.shape[1] if isinstance(sy, FeatureSummary) else n * n) * item
-    null = _in_batches(
-        lambda p: _null_batch(measure, sx, sy, y, p),
+    null = _draws.in_batches(
+        lambda p: _draws.null_batch(measure, sx, sy, y, p),
         perms,
-        _batch_size(batch_size, per_draw),
+        _draws.batch_size(batch_size, per_draw),
         progress,
         "permutations",
     )
@@ -268,15 +141,15 @@ def _bootstrap_pair(
     progress: Any,
 ):
     n = x.shape[0]
-    stat = _prepared(measure, x, y)[2]
+    stat = _draws.prepared(measure, x, y)[2]
 
     def evaluate(rows, desc):
         m = rows.shape[1]
         per_draw = m * (x.shape[1] + y.shape[1] + (m if measure.blocks is not None else 0))
-        return _in_batches(
-            lambda r: _resample_batch(measure, x, y, r),
+        return _draws.in_batches(
+            lambda r: _draws.resample_batch(measure, x, y, r),
             rows,
-            _batch_size(batch_size, per_draw * x.dtype.itemsize),
+            _draws.batch_size(batch_size, per_draw * x.dtype.itemsize),
             progress,
             desc,
         )
@@ -309,17 +182,14 @@ def _baseline_pair(
     measure: Measure, x: Array, y: Array, key: Array, num: int, batch_size: int, progress: Any
 ):
     per_draw = x.shape[0] * (x.shape[1] + y.shape[1]) * x.dtype.itemsize
-    samples = _in_batches(
-        lambda k: _gaussian_batch(measure, k, (x.shape, y.shape), np.dtype(x.dtype)),
+    samples = _draws.in_batches(
+        lambda k: _draws.gaussian_batch(measure, k, (x.shape, y.shape), np.dtype(x.dtype)),
         jax.random.split(key, num),
-        _batch_size(batch_size, per_draw),
+        _draws.batch_size(batch_size, per_draw),
         progress,
         "Gaussian baselines",
     )
     return jnp.mean(samples), jnp.std(samples), samples
-
-
-# ------------------------------------------------------------------- pairs and grids
 
 
 def _is_layers(acts: Any) -> bool:
@@ -411,7 +281,7 @@ def permutation_test(
 
     def single(a, b, show):
         return _permutation_pair(
-            _resolve(metric, method, symmetric, metric_options, a, b, permuted=True),
+            _draws.resolve(metric, method, symmetric, metric_options, a, b, permuted=True),
             a,
             b,
             key,
@@ -493,7 +363,7 @@ def bootstrap(
         raise ValueError(f"confidence: must lie in (0, 1), got {confidence!r}")
 
     def single(a, b, show):
-        measure = _resolve(metric, method, symmetric, metric_options, a, b)
+        measure = _draws.resolve(metric, method, symmetric, metric_options, a, b)
         if resample == "half" and a.shape[0] // 2 < measure.min_n:
             raise ValueError(
                 f"x: half-samples of n={a.shape[0]} examples have fewer than the "
@@ -532,7 +402,13 @@ def random_baseline(
 
     def single(a, b, show):
         return _baseline_pair(
-            _resolve(metric, method, symmetric, metric_options, a, b), a, b, key, num, bs, show
+            _draws.resolve(metric, method, symmetric, metric_options, a, b),
+            a,
+            b,
+            key,
+            num,
+            bs,
+            show,
         )
 
     out, names = _on_pairs(single, x, y, check_finite, progress, "Gaussian baseline")

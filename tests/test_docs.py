@@ -47,3 +47,19 @@ def test_docs_site_builds_strictly(tmp_path):
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert (tmp_path / "api" / "grid" / "index.html").exists()
+
+
+def test_sharding_example_runs_on_several_devices(tmp_path):
+    """docs/sharding.md's example on 4 host devices: the layers really are spread."""
+    from conftest import subprocess_env
+
+    blocks = python_blocks((ROOT / "docs" / "sharding.md").read_text())
+    script = (
+        "\n".join(blocks) + "\nassert jax.device_count() == 4 and len(layers[0].devices()) == 4\n"
+    )
+    env = subprocess_env("--xla_force_host_platform_device_count=4")
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Grid(linear_cka, 2 x 2)" in out.stdout

@@ -74,6 +74,38 @@ def test_block_detector_on_planted_and_smooth_grids():
     assert chosen["found"] and (chosen["start"], chosen["stop"]) == (7, 11)
 
 
+def test_main_job_figure_reads_like_the_library_heatmap():
+    """Every grid panel names its layers on both axes, layer 0 at the bottom left as
+    jaxsim.plot.heatmap draws it, and the title promises an outlined block only when a
+    model has one."""
+    wd = load("width_depth")
+    names = [f"layer{i}" for i in range(6)]
+
+    def model(found):
+        block = {"found": True, "start": 1, "size": 3, "stop": 4} if found else {"found": False}
+        share = [0.2] * 6
+        return {"values": smooth_grid(6, 0.8), "layers": names, "block": block,
+                "first_pc_share": share}  # fmt: skip
+
+    for found in (False, True):
+        results = {
+            f"depth {d}, width {w}": model(found and d == 2 and w == 16)
+            for d in (1, 2)
+            for w in (8, 16)
+        }
+        fig = wd.figure_models(results, [1, 2], [8, 16], "digits")
+        grids = [ax for ax in fig.axes if ax.images]
+        assert len(grids) == 4
+        for ax in grids:
+            assert [t.get_text() for t in ax.get_xticklabels()] == names
+            assert [t.get_text() for t in ax.get_yticklabels()] == names
+            bottom, top = ax.get_ylim()
+            assert bottom < top  # row 0 at the bottom
+        title = fig._suptitle.get_text()
+        assert ("outlined" in title) == found, title
+        assert ("no model has a block" in title) == (not found), title
+
+
 def test_block_detector_on_activations_with_a_dominant_component():
     wd = load("width_depth")
     rng = np.random.default_rng(0)
