@@ -9,8 +9,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from jaxsim import _row_blocks, canonical, geometry, kernel
 from jaxsim import _validation as _v
-from jaxsim import canonical, geometry, kernel
 from jaxsim._cca_checks import check_keep_dims
 from jaxsim._feature_route import FeatureSummary, debias_inner, norm_product, use_feature_space
 from jaxsim._measure import Measure, bounded_ratio, dot
@@ -67,7 +67,7 @@ def _permuted(measure: Measure, summary: Any, y: Array, perm: Array) -> Any:
         return summary._replace(features=summary.features[perm], row_sq=summary.row_sq[perm])
     if isinstance(summary, (canonical.CCASummary, canonical.Subspace, geometry.RidgeSummary)):
         return summary._replace(basis=summary.basis[perm])
-    if isinstance(summary, geometry.Neighbours):  # example perm[i] is now example i
+    if isinstance(summary, _row_blocks.Neighbours):  # example perm[i] is now example i
         return summary._replace(indices=jnp.argsort(perm)[summary.indices[perm]])
     return measure.prepare(y[perm])
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.stats import rankdata
 
 from jaxsim import _linalg as _la
+from jaxsim import _row_blocks
 from jaxsim import _validation as _v
 from jaxsim._distances import distance_block, masked_block, pad_rows
 from jaxsim._measure import (
@@ -52,10 +53,8 @@ __all__ = [
     "rsa",
 ]
 
+
 Array = jax.Array
-
-
-# --------------------------------------------------------------------------- Procrustes
 
 
 def _unit(m: Array) -> Array:
@@ -134,25 +133,9 @@ def procrustes_distance(
     return jnp.where(below, jnp.arccos(jnp.where(below, s, 0)), 0)
 
 
-def _row_blocks(
-    fn: Callable[[Array, Any], Any], values: Any, width: int, block_entries: int
-) -> Any:
-    """``fn(rows, block)`` over consecutive blocks of the rows of ``values`` (arrays
-    sharing axis 0, zero-padded past its end), each of at most ``block_entries // width``
-    rows (at least one), stacked along a new first axis (``lax.map``): ``rows`` are the
-    block's row indices, those past the end padding. For row-by-everything computations
-    whose full ``n x width`` result must not exist at once."""
-    n = jax.tree.leaves(values)[0].shape[0]
-    b = max(1, min(n, block_entries // width))
-    count = -(-n // b)
-    blocks = jax.tree.map(lambda v: pad_rows(v, count * b).reshape(count, b, *v.shape[1:]), values)
-    starts = jnp.arange(count, dtype=jnp.int32) * b
-    return jax.lax.map(lambda args: fn(args[0] + jnp.arange(b), args[1]), (starts, blocks))
-
-
-# ---------------------------------------------------------------------------------- RSA
-
 _DISSIMILARITIES = ("correlation", "euclidean")
+
+
 _COMPARISONS = ("spearman", "pearson", "kendall")
 
 
@@ -209,26 +192,6 @@ def _pearson(a: Array, b: Array) -> Array:
     return bounded_ratio(inner(a, b), safe_sqrt(inner(a, a)) * safe_sqrt(inner(b, b)))
 
 
-_KENDALL_ENTRIES = 1 << 18  # sign comparisons per step of Kendall's tau
-
-
-def _kendall_tau_b(a: Array, b: Array, block_entries: int = _KENDALL_ENTRIES) -> Array:
-    """Kendall's tau-b of two vectors of m values: the m x m sign comparisons are made a
-    few rows at a time (``block_entries`` at once), so memory is O(m), not O(m^2); the
-    counts are exact integers per step."""
-    m = a.shape[0]
-
-    def step(rows, block):
-        signs = lambda v, every: jnp.where(
-            (rows < m)[:, None], jnp.sign(v[:, None] - every[None, :]), 0
-        ).astype(jnp.int32)
-        sa, sb = signs(block[0], a), signs(block[1], b)
-        return jnp.stack([jnp.sum(sa * sb), jnp.sum(sa * sa), jnp.sum(sb * sb)])
-
-    counts = jnp.sum(_row_blocks(step, (a, b), m, block_entries).astype(a.dtype), axis=0)
-    return bounded_ratio(counts[0], safe_sqrt(counts[1]) * safe_sqrt(counts[2]))
-
-
 _KEY_ENTRIES = 1 << 22  # differences (or products) formed at once by _rank_keys
 
 
@@ -262,7 +225,7 @@ def _rank_keys(x: Array, dissimilarity: str) -> Array:
         v = block[2][:, None] * spread[None, :]
         return jnp.where(v > 0, -jnp.sign(c) * (c * c) / jnp.where(v > 0, v, 1), 0)
 
-    full = _row_blocks(keys, (xs, sums, spread), n * d, _KEY_ENTRIES).reshape(-1, n)[:n]
+    full = _row_blocks.row_blocks(keys, (xs, sums, spread), n * d, _KEY_ENTRIES).reshape(-1, n)[:n]
     return _upper(full)
 
 
@@ -274,7 +237,7 @@ def _rsa_prepare(x: Array, dissimilarity: str, compare: str) -> Array:
 
 
 def _rsa_pair(a: Array, b: Array, compare: str) -> Array:
-    return _kendall_tau_b(a, b) if compare == "kendall" else _pearson(a, b)
+    return _row_blocks.kendall_tau_b(a, b) if compare == "kendall" else _pearson(a, b)
 
 
 class RDMSource(NamedTuple):
@@ -300,7 +263,7 @@ def _rdm_source(x: Array, n_pad: int, *, dissimilarity: str) -> RDMSource:
         d = _rdm_entries(block[0], z, block[1], sq, rows, cols, dissimilarity)
         return jnp.sum(jnp.where((rows[:, None] < n) & (rows[:, None] != cols[None, :]), d, 0))
 
-    mean = jnp.sum(_row_blocks(row_sum, (z, sq), n, _MEAN_ENTRIES)) / (n * (n - 1))
+    mean = jnp.sum(_row_blocks.row_blocks(row_sum, (z, sq), n, _MEAN_ENTRIES)) / (n * (n - 1))
     return RDMSource(pad_rows(z, n_pad), pad_rows(sq, n_pad), mean, jnp.asarray(n, jnp.int32))
 
 
@@ -365,45 +328,13 @@ def rsa(
     return evaluate(rsa_measure, x, y, dissimilarity=dissimilarity, compare=compare)
 
 
-# ------------------------------------------------------------------ mutual nearest neighbours
-
-
-class Neighbours(NamedTuple):
-    """A layer's k nearest neighbours of every example."""
-
-    indices: Array  # (n, k) int32, in no particular order
-    weight: Array  # () 1 / (n k), in the activations' dtype (the measure's result dtype)
-
-
-def _knn_indices(x: Array, k: int, block_entries: int = 2**22) -> Neighbours:
-    """Each example's k nearest neighbours (cosine similarity of the feature vectors, the
-    example itself excluded). Rows are done in blocks of at most ``block_entries``
-    similarities, so memory is O(n k + b n), never an n x n matrix."""
-    n = x.shape[0]
-    x, _ = max_scaled(x)  # cosines are scale-free: no square may overflow
-    norm = jnp.linalg.norm(x, axis=1, keepdims=True)
-    z = x / jnp.where(norm > 0, norm, 1)
-
-    def nearest(rows, zr):
-        own = rows[:, None] == jnp.arange(n)[None, :]
-        sim = dot(zr, z.T) - 3 * own.astype(z.dtype)  # cosine >= -1 > -2
-        return jax.lax.top_k(sim, k)[1]
-
-    idx = _row_blocks(nearest, z, n, block_entries).reshape(-1, k)[:n]
-    return Neighbours(idx, jnp.asarray(1 / (n * k), x.dtype))
-
-
-def _knn_pair(a: Neighbours, b: Neighbours) -> Array:
-    """Shared neighbours, counted from the two index sets: O(n k^2) comparisons."""
-    shared = jnp.sum(a.indices[:, :, None] == b.indices[:, None, :], dtype=jnp.int32)
-    return shared.astype(a.weight.dtype) * a.weight
-
-
 @functools.lru_cache(maxsize=None)
 def mutual_knn_measure(*, k: int = 10) -> Measure:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k: expected a positive int, got {k!r}")
-    return Measure("mutual_knn", functools.partial(_knn_indices, k=k), _knn_pair)
+    return Measure(
+        "mutual_knn", functools.partial(_row_blocks.knn_indices, k=k), _row_blocks.knn_pair
+    )
 
 
 def _check_k(k: Any, n: int) -> int:
@@ -418,9 +349,6 @@ def mutual_knn(x: Any, y: Any, *, k: int = 10, check_finite: bool = True) -> Arr
     similarity, in [0, 1]."""
     x, y = _v.pair(x, y, check_finite=check_finite)
     return evaluate(mutual_knn_measure, x, y, k=_check_k(k, x.shape[0]))
-
-
-# ---------------------------------------------------------------------- linear predictivity
 
 
 class RidgeSummary(NamedTuple):

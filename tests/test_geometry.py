@@ -10,7 +10,7 @@ from scipy import linalg, stats
 from scipy.spatial.distance import pdist
 
 import jaxsim
-from jaxsim import _pairwise
+from jaxsim import _pairwise, _row_blocks
 
 
 def np_normalize(x):
@@ -97,21 +97,20 @@ def test_rsa_grid_memory_is_not_layers_times_n_squared():
 def test_kendall_in_row_blocks_with_ties(x64, rng):
     """Kendall's tau-b compares the m x m pairs of entries a few rows at a time (here 7
     rows of 150, the last padded), ties included, as SciPy counts them."""
-    from jaxsim import geometry
 
     a = np.round(rng.normal(size=150), 1)
     b = np.round(a + rng.normal(size=150), 1)
     want = stats.kendalltau(a, b)[0]
     for entries in (150 * 7, 150 * 150):
-        np.testing.assert_allclose(geometry._kendall_tau_b(a, b, entries), want, rtol=1e-12)
+        np.testing.assert_allclose(_row_blocks.kendall_tau_b(a, b, entries), want, rtol=1e-12)
         # float32: the same order and ties, the counts exact integers
-        got = geometry._kendall_tau_b(a.astype(np.float32), b.astype(np.float32), entries)
+        got = _row_blocks.kendall_tau_b(a.astype(np.float32), b.astype(np.float32), entries)
         np.testing.assert_allclose(got, want, rtol=1e-6)
     # memory, from the compiled program: O(m), where before the two m x m sign matrices
     # were formed (m = 4000 values: 128 MB in float32)
     m = 4000
     v = jax.ShapeDtypeStruct((m,), np.float32)
-    compiled = jax.jit(lambda p, q: geometry._kendall_tau_b(p, q)).lower(v, v).compile()
+    compiled = jax.jit(lambda p, q: _row_blocks.kendall_tau_b(p, q)).lower(v, v).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < m * m * 4 / 4
 
 
@@ -130,7 +129,7 @@ def test_mutual_knn_against_brute_force(x64, rng):
     np.testing.assert_allclose(jaxsim.mutual_knn(x, y, k=k), ref, rtol=1e-12)
     # neighbours found in row blocks (here 3 rows, 17 blocks, the last padded): the same
     # sets, with O(b n) memory instead of an n x n matrix
-    from jaxsim.geometry import _knn_indices
+    from jaxsim._row_blocks import knn_indices as _knn_indices
 
     blocked = np.asarray(jax.jit(lambda a: _knn_indices(a, k, block_entries=150))(x).indices)
     assert [set(row) for row in blocked] == nx
@@ -143,13 +142,12 @@ def test_mutual_knn_memory_is_not_n_squared():
     """Read from the compiled program: a layer's neighbours take O(n k) to keep and
     O(b n) to find, where before each layer was a dense n x n 0/1 matrix (a grid of 8
     layers at n = 4096 held 2.1 GB more)."""
-    from jaxsim import geometry
 
     k = 10
 
     def memory(n):
         x = jax.ShapeDtypeStruct((n, 8), np.float32)
-        return jax.jit(lambda a: geometry._knn_indices(a, k)).lower(x).compile().memory_analysis()
+        return jax.jit(lambda a: _row_blocks.knn_indices(a, k)).lower(x).compile().memory_analysis()
 
     small, large = memory(6000), memory(12000)
     assert large.output_size_in_bytes < 2 * 12000 * k * 4

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from references import power_law, relu_layers
 
 import jaxsim
-from jaxsim import _gram_route
+from jaxsim import _gram_route, _row_blocks
 
 # ------------------------------------------------------------------ realistic layers
 
@@ -177,15 +177,14 @@ def test_float32_rbf_grid_bandwidth_in_blocks(rng, monkeypatch):
 def test_float32_neighbours_found_in_row_blocks(rng):
     """Mutual kNN's blocked neighbour search in float32 against the float64 value (the
     whole row at once), within the tolerance for nearly tied neighbours."""
-    from jaxsim import geometry
 
     x, y = relu_layers(rng, 600, 64, 32)
     with jax.enable_x64(True):
         ref = float(jaxsim.mutual_knn(x, y))
     blocked = jax.jit(
-        lambda a, b: geometry._knn_pair(
-            geometry._knn_indices(a, 10, block_entries=600 * 64),
-            geometry._knn_indices(b, 10, block_entries=600 * 64),
+        lambda a, b: _row_blocks.knn_pair(
+            _row_blocks.knn_indices(a, 10, block_entries=600 * 64),
+            _row_blocks.knn_indices(b, 10, block_entries=600 * 64),
         )
     )
     got = blocked(x.astype(np.float32), y.astype(np.float32))
