@@ -149,6 +149,22 @@ def minibatch_workload(rng, n, widths, quick):
     batch = [rng.normal(size=(n, d)).astype(np.float32) for d in widths]
     state = jaxsim.minibatch_cka_init(len(widths))
     t = timeit(lambda: jaxsim.minibatch_cka_update(state, batch), repeat=3)
+    # the FLOP limit of one batch: every layer's full Gram and the grid as one product
+    limit = 2 * n * n * (sum(widths) + len(widths) ** 2)
+    k = 4 if quick else 20
+    stacks = [jax.device_put(rng.normal(size=(k, n, d)).astype(np.float32)) for d in widths]
+    device = [s[0] for s in stacks]
+
+    def loop(check_finite=False):
+        s = state
+        for i in range(k):
+            s = jaxsim.minibatch_cka_update(s, [x[i] for x in stacks], check_finite=check_finite)
+        return s
+
+    t_loop, f_loop = paired_fraction(loop, k * limit)
+    t_sync, f_sync = paired_fraction(lambda: loop(True), k * limit)
+    t_scan, f_scan = paired_fraction(lambda: jaxsim.minibatch_cka_scan(state, stacks), k * limit)
+    t_dev = timeit(lambda: jaxsim.minibatch_cka_update(state, device), repeat=3)
 
     def numpy_update():
         grams = []
@@ -166,7 +182,12 @@ def minibatch_workload(rng, n, widths, quick):
     tn = timeit(numpy_update, repeat=1, warmup=0)
     print(
         f"W4: minibatch update ({len(widths)} x {len(widths)} layers, batch {n}): jaxsim "
-        f"{t * 1e3:.0f} ms/batch, NumPy loop {tn * 1e3:.0f} ms/batch ({tn / t:.1f}x)"
+        f"{t * 1e3:.0f} ms/batch from NumPy, {t_dev * 1e3:.0f} ms from the device; NumPy loop "
+        f"{tn * 1e3:.0f} ms/batch ({tn / t:.1f}x)\n"
+        f"    {k} batches: a loop of updates {t_loop * 1e3:.0f} ms ({f_loop:.0%} of the FLOP "
+        f"limit; checking each batch, a sync per batch: {t_sync * 1e3:.0f} ms, {f_sync:.0%}), "
+        f"minibatch_cka_scan {t_scan * 1e3:.0f} ms ({f_scan:.0%}); NumPy loop "
+        f"{k * tn:.1f} s ({k * tn / t_scan:.0f}x the scan)"
     )
     counts = (4, 40) if quick else (20, 200)
     peaks = []
@@ -284,6 +305,7 @@ def main(argv=None):
     parser.add_argument(
         "--large-only", action="store_true", help="with --large: only that workload"
     )
+    parser.add_argument("--minibatch-only", action="store_true", help="only W4")
     parser.add_argument(
         "--block-rows",
         default="",
@@ -307,6 +329,9 @@ def main(argv=None):
         if args.large_only:
             return
     base = [256] * 8 + [512] * 8 + [1024] * 8
+    if args.minibatch_only:
+        minibatch_workload(rng, 256, base, quick=args.quick)
+        return
     if args.quick:
         grid_workload("W1 (quick)", rng, 512, base[::4], None, args.skip_notebook)
         grid_workload("W2 (quick)", rng, 512, base[::4], base[::3], args.skip_notebook)

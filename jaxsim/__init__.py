@@ -40,6 +40,7 @@ from jaxsim.kernel import rbf_cka as rbf_cka
 from jaxsim.minibatch import MinibatchCKAState as MinibatchCKAState
 from jaxsim.minibatch import minibatch_cka_init as minibatch_cka_init
 from jaxsim.minibatch import minibatch_cka_result as minibatch_cka_result
+from jaxsim.minibatch import minibatch_cka_scan as minibatch_cka_scan
 from jaxsim.minibatch import minibatch_cka_update as minibatch_cka_update
 
 __version__ = "0.1.0"
@@ -61,6 +62,7 @@ __all__ = [
     "mean_cca",
     "minibatch_cka_init",
     "minibatch_cka_result",
+    "minibatch_cka_scan",
     "minibatch_cka_update",
     "most_similar_neurons",
     "mutual_knn",

@@ -20,7 +20,7 @@ from jaxsim._measure import poison
 Array = jax.Array
 
 
-def _is_tracer(x: Any) -> bool:
+def is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
@@ -47,7 +47,7 @@ def gathers_host_meshes() -> bool:
 def _off_host_mesh(x: Any) -> Any:
     """``x`` as a NumPy array if it is a concrete jax array on several host devices of this
     process (see :func:`gathers_host_meshes`), else ``x``."""
-    if not isinstance(x, jax.Array) or _is_tracer(x) or not gathers_host_meshes():
+    if not isinstance(x, jax.Array) or is_tracer(x) or not gathers_host_meshes():
         return x
     devices = x.sharding.device_set
     if len(devices) < 2 or not jax.sharding.get_abstract_mesh().empty:
@@ -107,7 +107,7 @@ def finite(named: dict[str, Any], enabled: bool = True) -> None:
         k: _off_host_mesh(a) if hasattr(a, "dtype") else np.asarray(a) for k, a in named.items()
     }
     host = {k: a for k, a in named.items() if isinstance(a, np.ndarray)}
-    device = {k: a for k, a in named.items() if not isinstance(a, np.ndarray) and not _is_tracer(a)}
+    device = {k: a for k, a in named.items() if not isinstance(a, np.ndarray) and not is_tracer(a)}
     counts = {
         k: int(np.sum(~np.isfinite(a))) if a.dtype.kind in "fc" else 0 for k, a in host.items()
     }
@@ -229,7 +229,7 @@ def gram_pair(
 
 
 def positive(value: Any, name: str) -> float:
-    if _is_tracer(value):
+    if is_tracer(value):
         return value
     try:
         v = float(value)

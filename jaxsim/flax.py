@@ -264,6 +264,7 @@ def minibatch_grid(
     total: int | None = None,
     state: _minibatch.MinibatchCKAState | None = None,
     labels: tuple[str, str] | None = None,
+    check_finite: bool = True,
     apply_kwargs: dict | None = None,
     **more_apply_kwargs: Any,
 ) -> Grid:
@@ -288,6 +289,8 @@ def minibatch_grid(
       state: a state from :func:`minibatch_state` (possibly saved and restored with
         numpy): the stream resumes where it stopped.
       labels: names of the two models for figures; default ``("model_a", "model_b")``.
+      check_finite: raise when a layer's activations held NaN or inf in some batch (see
+        :func:`jaxsim.minibatch_cka_result`); ``False`` gives NaN values instead.
       apply_kwargs: keyword arguments for linen's ``apply``, as a dict.
       **more_apply_kwargs: keyword arguments for linen's ``apply`` (``train=False``).
     Returns:
@@ -310,7 +313,11 @@ def minibatch_grid(
     )
     default = ("model_a", "model_a" if model_b is None else "model_b")
     return _minibatch.minibatch_cka_result(
-        state, rows=rows, cols=cols, labels=default if labels is None else labels
+        state,
+        rows=rows,
+        cols=cols,
+        labels=default if labels is None else labels,
+        check_finite=check_finite,
     )
 
 

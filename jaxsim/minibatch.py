@@ -20,6 +20,7 @@ __all__ = [
     "MinibatchCKAState",
     "minibatch_cka_init",
     "minibatch_cka_result",
+    "minibatch_cka_scan",
     "minibatch_cka_update",
 ]
 
@@ -135,7 +136,7 @@ def minibatch_cka_update(
     batch_acts_b: Any = None,
     *,
     axis_name: Any = None,
-    check_finite: bool = True,
+    check_finite: bool = False,
 ) -> MinibatchCKAState:
     r"""Adds one minibatch to a minibatch CKA state (Nguyen et al. 2020, eq. 3).
 
@@ -153,7 +154,10 @@ def minibatch_cka_update(
         sharded along its examples over one mesh axis is one minibatch, its Gram blocks
         divided among the devices (see :func:`similarity_grid`); under ``jit`` XLA
         partitions it itself.
-      check_finite: raise on NaN/inf (skipped automatically when traced).
+      check_finite: raise on NaN/inf in this batch now (one device-to-host sync per
+        batch; skipped when traced). By default nothing waits for the device: a layer
+        with NaN or inf makes its sums NaN, and :func:`minibatch_cka_result` raises,
+        naming the layer.
     Returns:
       The new state.
 
@@ -171,7 +175,7 @@ def minibatch_cka_update(
             f"batch_acts_b: missing, but the state compares {num_a} row layers "
             f"with {num_b} column layers"
         )
-    _v.finite(raw, check_finite)  # every layer of both sides: one sync
+    _v.finite(raw, check_finite)  # every layer of both sides: one sync, when asked
     _v.same_n(
         {**named, **(named_b if batch_acts_b is not None else {})},
         min_n=4,
@@ -207,30 +211,112 @@ def minibatch_cka_update(
     )
 
 
+def _stacks(batches: Any, arg: str, expected: int) -> tuple[list[str], list[Array]]:
+    """The layers' stacks of minibatches, each ``(k, m, features)``, validated: the same k
+    and m (at least 4) across the layers."""
+    names, arrays = _layers.named(batches, arg)
+    if len(arrays) != expected:
+        raise ValueError(
+            f"{arg}: the state has {expected} layer(s) on this side but {len(arrays)} were given"
+        )
+    stacks = []
+    for name, a in zip(names, arrays):
+        a = _v.as_float_array(a, f"{arg}[{name!r}]")
+        if a.ndim < 3:
+            raise ValueError(
+                f"{arg}[{name!r}]: expected a stack of minibatches of shape (k, m, ...), "
+                f"got shape {tuple(a.shape)}"
+            )
+        stacks.append(a.reshape(a.shape[0], a.shape[1], -1))
+    return [f"{arg}[{k!r}]" for k in names], stacks
+
+
+def minibatch_cka_scan(
+    state: MinibatchCKAState, batches_a: Any, batches_b: Any = None
+) -> MinibatchCKAState:
+    """Adds k minibatches at once, in one compiled ``lax.scan``: no Python dispatch and no
+    host round trip between batches.
+
+    Equal to k calls of :func:`minibatch_cka_update`, one per minibatch, for batches that
+    fit in memory together (a data set split into equal batches, or the stack a
+    training loop collects).
+
+    Args:
+      state: from :func:`minibatch_cka_init` or a previous update.
+      batches_a: the row layers, a sequence or mapping of ``(k, m, ...)`` arrays: k
+        minibatches of m >= 4 examples, the same k and m for every layer.
+      batches_b: the column layers' stacks on the same examples; ``None`` for a self-grid.
+    Returns:
+      The new state. NaN or inf in a batch poison its layers' sums, as in
+      :func:`minibatch_cka_update`; :func:`minibatch_cka_result` reports them.
+    """
+    num_a, num_b = state.cross.shape
+    if batches_b is None and num_a != num_b:
+        raise ValueError(
+            f"batches_b: missing, but the state compares {num_a} row layers with {num_b} "
+            "column layers"
+        )
+    names, stacks_a = _stacks(batches_a, "batches_a", num_a)
+    names_b, stacks_b = ([], None) if batches_b is None else _stacks(batches_b, "batches_b", num_b)
+    k, m = stacks_a[0].shape[:2]
+    for name, s in zip(names + names_b, stacks_a + (stacks_b or [])):
+        if s.shape[:2] != (k, m):
+            raise ValueError(
+                f"{name}: {s.shape[0]} minibatches of {s.shape[1]} examples, but "
+                f"{names[0]} has {k} of {m}"
+            )
+    if m < 4:
+        raise ValueError(
+            f"{names[0]}: minibatches of m={m} examples; need at least 4 examples per "
+            "minibatch for the unbiased HSIC estimator"
+        )
+    return _minibatch_scan(state, stacks_a, stacks_b)
+
+
+@jax.jit
+def _minibatch_scan(
+    state: MinibatchCKAState, stacks_a: list[Array], stacks_b: list[Array] | None
+) -> MinibatchCKAState:
+    TRACE_COUNT["minibatch_scan"] += 1
+
+    def step(s, batch):
+        a, b = batch
+        return _minibatch_update(s, list(a), None if b is None else list(b), None), None
+
+    xs = (tuple(stacks_a), None if stacks_b is None else tuple(stacks_b))
+    return jax.lax.scan(step, state, xs)[0]
+
+
 def minibatch_cka_result(
     state: MinibatchCKAState,
     *,
     rows: Sequence[str] | None = None,
     cols: Sequence[str] | None = None,
     labels: tuple[str, str] | None = None,
+    check_finite: bool = True,
 ) -> Grid:
     r"""Minibatch CKA from a state:
 
     .. math:: \mathrm{CKA}_{mb}(a, b) = \frac{\frac1k \sum_i \mathrm{HSIC}_1(K_i, L_i)}
        {\sqrt{\frac1k \sum_i \mathrm{HSIC}_1(K_i, K_i)\,\frac1k \sum_i \mathrm{HSIC}_1(L_i, L_i)}}
 
+    Args:
+      state: the sums of the minibatches seen.
+      rows: names of the row layers (default "0", "1", ...).
+      cols: names of the column layers.
+      labels: names of the two sides, for figures.
+      check_finite: raise when a layer's sums are NaN or inf (a minibatch held NaN or
+        inf, or, in float32, its HSIC overflowed), naming the layer; ``False`` gives NaN
+        in its row or column instead.
     Returns:
-      :class:`Grid` of shape ``(num_a, num_b)`` (names default to "0", "1", ...).
+      :class:`Grid` of shape ``(num_a, num_b)``.
     """
     num_a, num_b = state.cross.shape
-    if not _v._is_tracer(state.count) and float(state.count) == 0:
-        raise ValueError(
-            "state: no minibatch has been added yet (count is 0); call "
-            "minibatch_cka_update(state, batch_acts_a, batch_acts_b) first"
-        )
-    values = _gram_route.normalize(state.cross, state.self_a, state.self_b)
     rows = tuple(rows) if rows is not None else tuple(str(i) for i in range(num_a))
     cols = tuple(cols) if cols is not None else tuple(str(i) for i in range(num_b))
+    if not _v.is_tracer(state.count):
+        _check_state(state, rows, cols, check_finite)
+    values = _gram_route.normalize(state.cross, state.self_a, state.self_b)
     return Grid(
         values,
         rows,
@@ -238,3 +324,28 @@ def minibatch_cka_result(
         "minibatch_cka",
         *_layers.side_labels(labels, False, ("batch_acts_a", "batch_acts_b")),
     )
+
+
+def _check_state(
+    state: MinibatchCKAState, rows: tuple[str, ...], cols: tuple[str, ...], check_finite: bool
+) -> None:
+    """Raises on a state with no minibatch, or (``check_finite``) with non-finite sums,
+    naming the first such layer: one device-to-host copy for the whole stream."""
+    count, self_a, self_b = jax.device_get((state.count, state.self_a, state.self_b))
+    if float(count) == 0:
+        raise ValueError(
+            "state: no minibatch has been added yet (count is 0); call "
+            "minibatch_cka_update(state, batch_acts_a, batch_acts_b) first"
+        )
+    if not check_finite:
+        return
+    for side, names, sums in (("row", rows, self_a), ("column", cols, self_b)):
+        bad = np.flatnonzero(~np.isfinite(sums))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(
+                f"state: the sums of {side} layer {i} ({names[i]!r}) are NaN or inf: a "
+                "minibatch held NaN or inf in that layer (minibatch_cka_update(..., "
+                "check_finite=True) finds which), or in float32 its HSIC overflowed "
+                "(divide the layer by a constant); pass check_finite=False for NaN values"
+            )

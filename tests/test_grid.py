@@ -329,6 +329,56 @@ def test_minibatch_one_trace_per_shape(x64, rng):
     assert TRACE_COUNT["minibatch"] == before
 
 
+def test_minibatch_scan_equals_a_loop_of_updates(x64, rng):
+    """k stacked minibatches through one compiled lax.scan: the state of k updates (cross-
+    and self-grids, mixed widths and a (k, m, h, w) conv layer), one trace per shape."""
+    a = list(model_acts(rng, n=80).values())
+    conv = rng.normal(size=(80, 2, 2, 3))
+    k, m = 4, 20
+    stack = lambda x: np.reshape(x, (k, m, *x.shape[1:]))
+    for rows, cols in ((a, None), (a[:3], [a[3], conv])):
+        state = jaxsim.minibatch_cka_init(len(rows), None if cols is None else len(cols))
+        loop = state
+        for i in range(k):
+            loop = jaxsim.minibatch_cka_update(
+                loop,
+                [x[i * m : (i + 1) * m] for x in rows],
+                None if cols is None else [x[i * m : (i + 1) * m] for x in cols],
+            )
+        scanned = jaxsim.minibatch_cka_scan(
+            state, [stack(x) for x in rows], None if cols is None else [stack(x) for x in cols]
+        )
+        for got, want in zip(scanned, loop):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+    before = TRACE_COUNT["minibatch_scan"]
+    jaxsim.minibatch_cka_scan(scanned, [stack(x) for x in a[:3]], [stack(a[3]), stack(conv)])
+    assert TRACE_COUNT["minibatch_scan"] == before
+    with pytest.raises(ValueError, match=r"batches_a\['1'\]: 5 minibatches of 16 examples, but .* 4 of 20"):
+        jaxsim.minibatch_cka_scan(
+            jaxsim.minibatch_cka_init(2), [stack(a[0]), np.reshape(a[1], (5, 16, -1))]
+        )
+    with pytest.raises(ValueError, match=r"batches_a\['0'\]: expected a stack .*\(k, m, ...\)"):
+        jaxsim.minibatch_cka_scan(jaxsim.minibatch_cka_init(1), [a[0][:, 0]])
+
+
+def test_minibatch_updates_never_wait_for_the_device(rng):
+    """The default update makes no device-to-host transfer (no sync per batch): a NaN
+    poisons the state, and minibatch_cka_result raises, naming the layer; check_finite=True
+    on the update finds the batch at once, and check_finite=False on the result gives NaN."""
+    a = [jnp.asarray(x, jnp.float32) for x in model_acts(rng, n=40).values()]
+    bad = [a[0], a[1].at[3, 2].set(jnp.nan), a[2], a[3]]
+    state = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(4), a)  # compiled
+    with jax.transfer_guard_device_to_host("disallow"):
+        for batch in (a, bad, a):
+            state = jaxsim.minibatch_cka_update(state, batch)
+    with pytest.raises(ValueError, match=r"row layer 1 \('fc'\) are NaN or inf"):
+        jaxsim.minibatch_cka_result(state, rows=["0", "fc", "2", "3"], cols=list("abcd"))
+    values = np.asarray(jaxsim.minibatch_cka_result(state, check_finite=False).values)
+    assert np.isnan(values[1]).all() and np.isfinite(values[0, [0, 2, 3]]).all()
+    with pytest.raises(ValueError, match=r"batch_acts_a\['1'\]: contains 1 non-finite"):
+        jaxsim.minibatch_cka_update(state, bad, check_finite=True)
+
+
 def test_minibatch_errors(rng):
     a = list(model_acts(rng, n=40).values())
     state = jaxsim.minibatch_cka_init(4, 2)
