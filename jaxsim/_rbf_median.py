@@ -8,6 +8,7 @@ formed, or block by block (a radix selection) when it is not.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -32,44 +33,87 @@ def check_countable(n: int) -> None:
         )
 
 
+SAMPLE = 1 << 16  # patterns sorted to bracket the median before the counting passes
+MARGIN = 5.0  # the bracket's half-width, in standard deviations of a sample rank
+
+
+def _sample_stride(m: int, n: int) -> int:
+    """A stride through the n x n entries that takes about SAMPLE of them, coprime with n
+    so that the sample is not the same few columns of every row."""
+    stride = max(1, m // SAMPLE)
+    while math.gcd(stride, n) != 1:
+        stride += 1
+    return stride
+
+
+@jax.custom_jvp
+def _mean_of_patterns(flat: Array, lower: Array, upper: Array) -> Array:
+    """The mean of the two values with these bit patterns; its derivative is the mean of
+    the derivatives of the entries of ``flat`` equal to each (as through a sort)."""
+    value = lambda p: jax.lax.bitcast_convert_type(p, flat.dtype)
+    return (value(lower) + value(upper)) / 2
+
+
+@_mean_of_patterns.defjvp
+def _mean_of_patterns_jvp(primals, tangents):
+    flat, lower, upper = primals
+    bits = bit_patterns(flat)
+
+    def mean_at(p):
+        hit = bits == p
+        count = jnp.maximum(jnp.sum(hit, dtype=jnp.uint32), 1).astype(flat.dtype)
+        return jnp.sum(jnp.where(hit, tangents[0], 0)) / count
+
+    return _mean_of_patterns(flat, lower, upper), (mean_at(lower) + mean_at(upper)) / 2
+
+
 def median_of_non_negative(d: Array) -> Array:
     """``jnp.median(d)`` of an array of non-negative floats, by exact selection instead of a
-    sort: non-negative floats order like their bit patterns read as integers, so the k-th
-    smallest value is found by bisection on the pattern, one counting pass per bit (31 for
-    float32, 63 for float64), each a fused compare-and-sum: far cheaper than the sort
-    behind ``jnp.median``, and bit-for-bit the same value. The derivative flows to the
-    entries equal to the median (as through a sort), and NaN propagates. Counts are uint32:
-    at most 2^32 - 1 entries (an n x n matrix up to n = 65535, 17 GB in float32)."""
+    sort: non-negative floats order like their bit patterns read as integers. A sorted
+    sample of the patterns brackets the median (checked exactly by counting; the whole
+    range when it misses), and bisection on the pattern narrows the bracket, one fused
+    compare-and-count pass per step (about 17 on realistic layers, at most 31 in float32
+    and 63 in float64): far cheaper than the sort behind ``jnp.median``, and bit-for-bit
+    the same value. The derivative flows to the entries equal to the median (as through a
+    sort), and NaN propagates. Counts are uint32: at most 2^32 - 1 entries (an n x n
+    matrix up to n = 65535, 17 GB in float32)."""
     flat = d.ravel()
     m = flat.size
     check_countable(d.shape[0])
     bits = bit_patterns(flat)
     int_type = bits.dtype
+    no_pattern = jnp.iinfo(int_type).max  # above every finite pattern and +inf
     count = lambda mask: jnp.sum(mask, dtype=jnp.uint32)  # exact up to n = 65535
+    top = jnp.max(jnp.where(jnp.isnan(flat), no_pattern, bits))  # one pass: also NaN
+    k = (m - 1) // 2
+    sample = jnp.sort(bits[:: _sample_stride(m, d.shape[0])])
+    s = sample.shape[0]
+    width, rank = MARGIN * math.sqrt(s / 4) + 2, k * s / m
+    lo = sample[max(0, int(rank - width))]
+    hi = sample[min(s - 1, math.ceil(rank + width))]
+    at_hi = count(bits <= hi)
+    held = (count(bits < lo) <= k) & (at_hi >= k + 1)
+    lo = jnp.where(held, lo, jnp.zeros((), int_type))
+    hi, at_hi = jnp.where(held, hi, top), jnp.where(held, at_hi, jnp.uint32(m))
 
-    def kth(k):  # bit pattern of the k-th smallest value (0-based)
-        def halve(_, bounds):
-            lo, hi = bounds
-            mid = lo + (hi - lo) // 2
-            enough = count(bits <= mid) >= k + 1
-            return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+    def halve(state):  # the k-th smallest pattern lies in [lo, hi]; at_hi counts <= hi
+        lo, hi, at_hi = state
+        mid = lo + (hi - lo) // 2
+        at_mid = count(bits <= mid)
+        enough = at_mid >= k + 1
+        return (jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi),
+                jnp.where(enough, at_mid, at_hi))  # fmt: skip
 
-        start = (jnp.zeros((), int_type), jnp.max(bits))
-        return jax.lax.fori_loop(0, jnp.iinfo(int_type).bits - 1, halve, start)[0]
-
-    lower = kth((m - 1) // 2)
+    lower, _, at_lower = jax.lax.while_loop(lambda s: s[0] < s[1], halve, (lo, hi, at_hi))
     if m % 2:
         upper = lower
     else:  # the next value up: itself if it occurs twice, else the smallest one above it
-        bigger = jnp.min(jnp.where(bits > lower, bits, jnp.iinfo(int_type).max))
-        upper = jnp.where(count(bits <= lower) >= m // 2 + 1, lower, bigger)
-
-    def value(pattern):  # differentiable: the mean of the entries equal to it
-        hit = bits == pattern
-        return jnp.sum(jnp.where(hit, flat, 0)) / jnp.maximum(count(hit), 1).astype(flat.dtype)
-
-    median = (value(lower) + value(upper)) / 2
-    return jnp.where(jnp.any(jnp.isnan(flat)), jnp.nan, median)
+        upper = jax.lax.cond(
+            at_lower >= k + 2,
+            lambda: lower,
+            lambda: jnp.min(jnp.where(bits > lower, bits, no_pattern)),
+        )
+    return jnp.where(top == no_pattern, jnp.nan, _mean_of_patterns(flat, lower, upper))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))

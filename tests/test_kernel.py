@@ -350,6 +350,17 @@ def test_blockwise_median_derivative_when_distances_round_differently(rng, monke
             np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-9, err_msg=str(shape))
 
 
+def test_rbf_median_when_the_sample_bracket_misses(rng, monkeypatch):
+    """The sorted sample's bracket is checked by counting: when it does not hold the median
+    (a bracket too narrow to hold it, or an empty one) the bisection runs over the whole
+    range, with the same value."""
+    x = (rng.normal(size=(200, 16)) * np.arange(1, 17) ** -1.0 + 5).astype(np.float32)
+    d = _distances.sq_distances(jnp.asarray(x))
+    for margin in (0.0, -50.0):
+        monkeypatch.setattr(_rbf_median, "MARGIN", margin)
+        assert float(jax.jit(_rbf_median.median_of_non_negative)(d)) == float(jnp.median(d))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_rbf_median_by_selection_equals_the_sorted_median(rng, dtype):
 
