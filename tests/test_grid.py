@@ -557,7 +557,15 @@ SHARDED = os.path.join(os.path.dirname(__file__), "sharded")
 
 
 @pytest.mark.parametrize(
-    "script", ["ring_and_feature_route.py", "float32_and_jit.py", "explicit_axes.py"]
+    "script",
+    # float32 on the mesh and explicit axes: slow (57 s of the suite's compile-bound time
+    # together), run with -m slow; the ring, the feature route and the pairs divided among
+    # the devices run in every test command
+    [
+        "ring_and_feature_route.py",
+        pytest.param("float32_and_jit.py", marks=pytest.mark.slow),
+        pytest.param("explicit_axes.py", marks=pytest.mark.slow),
+    ],
 )
 def test_sharded_equals_single_device(script):
     """The multi-device programs on 8 host devices (tests/sharded/, one child process each:
