@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsim import _distances, _rbf_median
-from jaxsim._measure import GramBlocks, center_features, dot, unit_scaled
+from jaxsim._measure import GramBlocks, center_features, dot, poison, unit_scaled
 
 Array = jax.Array
 
@@ -151,7 +151,7 @@ def dense_source(xc: Array, sq: Array, threshold: Array, debiased: bool) -> tupl
     ``benchmarks/scale.py``)."""
     idx = jnp.arange(xc.shape[0])
     d = _distances.distance_block(xc, xc, sq, sq, idx, idx)
-    median = _rbf_median.median_of_non_negative(d)
+    median = _rbf_median.median_of_non_negative(d, jnp.isnan(poison(xc)))
     return median, centering_row(rbf_of(d, median, threshold), debiased)
 
 

@@ -67,16 +67,21 @@ def _mean_of_patterns_jvp(primals, tangents):
     return _mean_of_patterns(flat, lower, upper), (mean_at(lower) + mean_at(upper)) / 2
 
 
-def median_of_non_negative(d: Array) -> Array:
+def median_of_non_negative(d: Array, nan: Array | None = None) -> Array:
     """``jnp.median(d)`` of an array of non-negative floats, by exact selection instead of a
     sort: non-negative floats order like their bit patterns read as integers. A sorted
-    sample of the patterns brackets the median (checked exactly by counting; the whole
-    range when it misses), and bisection on the pattern narrows the bracket, one fused
-    compare-and-count pass per step (about 17 on realistic layers, at most 31 in float32
-    and 63 in float64): far cheaper than the sort behind ``jnp.median``, and bit-for-bit
-    the same value. The derivative flows to the entries equal to the median (as through a
-    sort), and NaN propagates. Counts are uint32: at most 2^32 - 1 entries (an n x n
-    matrix up to n = 65535, 17 GB in float32)."""
+    sample of the patterns brackets the median, and bisection on the pattern narrows the
+    bracket, one fused compare-and-count pass per step (about 17 on realistic layers):
+    far cheaper than the sort behind ``jnp.median``, and bit-for-bit the same value. The
+    bisection itself proves the bracket held (its bottom was passed over, its top
+    reached); when it did not (the bracket missed, or ties at its ends), the selection
+    runs again over the whole range (at most 32 passes in float32, 64 in float64).
+
+    The derivative flows to the entries equal to the median (as through a sort), and NaN
+    propagates: ``nan`` says whether ``d`` holds one when the caller knows it more cheaply
+    (from the features the distances come from); default, a pass over ``d``. Counts are
+    uint32: at most 2^32 - 1 entries (an n x n matrix up to n = 65535, 17 GB in
+    float32)."""
     flat = d.ravel()
     m = flat.size
     check_countable(d.shape[0])
@@ -84,27 +89,29 @@ def median_of_non_negative(d: Array) -> Array:
     int_type = bits.dtype
     no_pattern = jnp.iinfo(int_type).max  # above every finite pattern and +inf
     count = lambda mask: jnp.sum(mask, dtype=jnp.uint32)  # exact up to n = 65535
-    top = jnp.max(jnp.where(jnp.isnan(flat), no_pattern, bits))  # one pass: also NaN
     k = (m - 1) // 2
-    sample = jnp.sort(bits[:: _sample_stride(m, d.shape[0])])
-    s = sample.shape[0]
-    width, rank = MARGIN * math.sqrt(s / 4) + 2, k * s / m
-    lo = sample[max(0, int(rank - width))]
-    hi = sample[min(s - 1, math.ceil(rank + width))]
-    at_hi = count(bits <= hi)
-    held = (count(bits < lo) <= k) & (at_hi >= k + 1)
-    lo = jnp.where(held, lo, jnp.zeros((), int_type))
-    hi, at_hi = jnp.where(held, hi, top), jnp.where(held, at_hi, jnp.uint32(m))
+    unknown = jnp.uint32(m + 1)  # no count at the top yet
 
-    def halve(state):  # the k-th smallest pattern lies in [lo, hi]; at_hi counts <= hi
-        lo, hi, at_hi = state
+    def halve(state):  # the k-th smallest pattern in [lo, hi]; at_hi counts <= hi
+        lo, hi, at_hi, passed = state
         mid = lo + (hi - lo) // 2
         at_mid = count(bits <= mid)
         enough = at_mid >= k + 1
         return (jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi),
-                jnp.where(enough, at_mid, at_hi))  # fmt: skip
+                jnp.where(enough, at_mid, at_hi), passed | ~enough)  # fmt: skip
 
-    lower, _, at_lower = jax.lax.while_loop(lambda s: s[0] < s[1], halve, (lo, hi, at_hi))
+    def select(lo, hi, at_hi):
+        return jax.lax.while_loop(lambda s: s[0] < s[1], halve, (lo, hi, at_hi, lo == 0))
+
+    sample = jnp.sort(bits[:: _sample_stride(m, d.shape[0])])
+    s = sample.shape[0]
+    width, rank = MARGIN * math.sqrt(s / 4) + 2, k * s / m
+    bracket = (sample[max(0, int(rank - width))], sample[min(s - 1, math.ceil(rank + width))])
+    lower, _, at_lower, passed = select(*bracket, unknown)
+    everything = lambda: select(jnp.zeros((), int_type), no_pattern - 1, jnp.uint32(m))[:3:2]
+    lower, at_lower = jax.lax.cond(
+        passed & (at_lower != unknown), lambda: (lower, at_lower), everything
+    )
     if m % 2:
         upper = lower
     else:  # the next value up: itself if it occurs twice, else the smallest one above it
@@ -113,7 +120,8 @@ def median_of_non_negative(d: Array) -> Array:
             lambda: lower,
             lambda: jnp.min(jnp.where(bits > lower, bits, no_pattern)),
         )
-    return jnp.where(top == no_pattern, jnp.nan, _mean_of_patterns(flat, lower, upper))
+    nan = jnp.any(jnp.isnan(flat)) if nan is None else nan
+    return jnp.where(nan, jnp.nan, _mean_of_patterns(flat, lower, upper))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))

@@ -30,6 +30,7 @@ from jaxsim._measure import (
     dot,
     evaluate,
     inner,
+    poison,
     rounding_zero,
     safe_sqrt,
     unit_scaled,
@@ -65,7 +66,8 @@ def _gram_linear(x: Array) -> Array:
 @jax.jit
 def _gram_rbf(x: Array, threshold: Array) -> Array:
     d = _distances.sq_distances(x)
-    return _kernel_blocks.rbf_of(d, _rbf_median.median_of_non_negative(d), threshold)
+    nan = jnp.isnan(poison(x))  # a distance is NaN only where a feature is NaN or inf
+    return _kernel_blocks.rbf_of(d, _rbf_median.median_of_non_negative(d, nan), threshold)
 
 
 def gram_linear(x: Any, *, check_finite: bool = True) -> Array:
