@@ -5,10 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, Mapping, Sequence
 
-import jax
-
-Array = jax.Array
-
+from jax import Array
 
 # google/svcca's tutorial ("How many datapoints?"): "pick the number of datapoints to be
 # at least a few times larger than the number of neurons", because with few examples per

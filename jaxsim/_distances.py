@@ -7,10 +7,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import Array
 
 from jaxsim._measure import block_offsets, dot, unit_scaled
-
-Array = jax.Array
 
 
 def distance_terms(x: Array) -> tuple[Array, Array]:

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax import Array
 
 from jaxsim import _row_blocks, canonical, geometry, kernel
 from jaxsim import _validation as _v
@@ -16,9 +17,6 @@ from jaxsim._feature_route import FeatureSummary, debias_inner, norm_product, us
 from jaxsim._measure import Measure, bounded_ratio, dot
 from jaxsim._progress import bar
 from jaxsim._registry import measure_for
-
-Array = jax.Array
-
 
 # Memory allowed for one batch of draws: the permuted n x n Grams (Gram route) or the
 # gathered (n, d) features (feature route) of all draws in a batch.

@@ -7,11 +7,10 @@ from typing import Any, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import Array
 
 from jaxsim import _validation as _v
 from jaxsim._measure import bounded_ratio, dot, inner, rounding_zero, safe_sqrt, unit_scaled
-
-Array = jax.Array
 
 
 class FeatureSummary(NamedTuple):

@@ -7,9 +7,9 @@ import re
 from typing import Any, Callable
 
 import jax
+from jax import Array
 from jax.extend.core import Literal
 
-Array = jax.Array
 Filter = Any  # None | callable(path, module) | type | tuple of types | str glob | re.Pattern | list
 
 

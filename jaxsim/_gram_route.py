@@ -12,6 +12,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import Array
 
 from jaxsim import _layers
 from jaxsim._kernel_blocks import LinearSource, linear_cross_block
@@ -28,9 +29,6 @@ from jaxsim._measure import (
     safe_sqrt,
     unit_scaled,
 )
-
-Array = jax.Array
-
 
 _SPLIT_MIN = 256  # diagonal blocks of at least this many rows are formed as halves
 

@@ -8,11 +8,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import Array
 
 from jaxsim import _distances, _rbf_median
 from jaxsim._measure import GramBlocks, center_features, dot, poison, unit_scaled
-
-Array = jax.Array
 
 
 def rbf_of(d: Array, median: Array, threshold: Array) -> Array:

@@ -7,12 +7,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import Array
 
 from jaxsim import _validation as _v
 from jaxsim import conv
 from jaxsim._measure import poison
-
-Array = jax.Array
 
 
 def named(acts: Any, arg: str) -> tuple[list[str], list[Any]]:

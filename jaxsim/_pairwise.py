@@ -8,11 +8,10 @@ from typing import Any, Callable, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import Array
 
 from jaxsim import _layers
 from jaxsim._measure import TRACE_COUNT, Measure, on_mesh, summary_width
-
-Array = jax.Array
 
 
 @functools.lru_cache(maxsize=256)

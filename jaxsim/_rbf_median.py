@@ -12,10 +12,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import Array
 
 from jaxsim import _distances
-
-Array = jax.Array
 
 
 def bit_patterns(d: Array) -> Array:

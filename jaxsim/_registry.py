@@ -6,12 +6,10 @@ import functools
 import inspect
 from typing import Any, Callable, Mapping
 
-import jax
+from jax import Array
 
 from jaxsim import canonical, geometry, kernel
 from jaxsim._measure import Measure
-
-Array = jax.Array
 
 
 def _maker(

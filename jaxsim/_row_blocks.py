@@ -7,11 +7,10 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import Array
 
 from jaxsim._distances import pad_rows
 from jaxsim._measure import bounded_ratio, dot, max_scaled, safe_sqrt
-
-Array = jax.Array
 
 
 def row_blocks(fn: Callable[[Array, Any], Any], values: Any, width: int, block_entries: int) -> Any:

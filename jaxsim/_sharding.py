@@ -7,12 +7,11 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import Array
 
 from jaxsim import _gram_route
 from jaxsim._kernel_blocks import LinearSource
 from jaxsim._measure import center_features, spec_axes, unit_scaled
-
-Array = jax.Array
 
 
 def ring_axis(layers: Sequence[Any]) -> tuple[Any, str] | None:

@@ -14,10 +14,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import Array
 
 from jaxsim._measure import poison
-
-Array = jax.Array
 
 
 def is_tracer(x: Any) -> bool:

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import Array
 
 from jaxsim import _linalg as _la
 from jaxsim import _validation as _v
@@ -37,8 +38,6 @@ from jaxsim._measure import (
 )
 
 __all__ = ["CCAResult", "UnderdeterminedWarning", "cca", "mean_cca", "pwcca", "svcca"]
-
-Array = jax.Array
 
 
 class CCAResult(NamedTuple):

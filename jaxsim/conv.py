@@ -16,12 +16,12 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import Array
 
 from jaxsim import _validation as _v
 
 __all__ = ["average_pool", "flatten_spatial", "reduce_layers", "resize_spatial"]
 
-Array = jax.Array
 
 REDUCTIONS = ("flatten", "average", "resize")
 

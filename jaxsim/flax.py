@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Sized
 
 import jax
 import numpy as np
+from jax import Array
 
 from jaxsim import _flax_paths
 from jaxsim import minibatch as _minibatch
@@ -32,9 +33,6 @@ __all__ = [
     "minibatch_grid",
     "minibatch_state",
 ]
-
-
-Array = jax.Array
 
 
 Filter = Any  # None | callable(path, module) | type | tuple of types | str glob | re.Pattern | list

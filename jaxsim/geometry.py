@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import Array
 from jax.scipy.stats import rankdata
 
 from jaxsim import _linalg as _la
@@ -52,9 +53,6 @@ __all__ = [
     "rdm",
     "rsa",
 ]
-
-
-Array = jax.Array
 
 
 def _unit(m: Array) -> Array:

@@ -13,6 +13,7 @@ import functools
 from typing import Any, Sequence
 
 import jax
+from jax import Array
 
 from jaxsim import _cca_checks, _feature_route, _gram_route, _layers, _pairwise, _progress
 from jaxsim import _validation as _v
@@ -22,8 +23,6 @@ from jaxsim._result import Grid
 from jaxsim._sharding import layer_mesh, ring_axis, ring_program
 
 __all__ = ["METRICS", "Grid", "similarity_grid"]
-
-Array = jax.Array
 
 
 def similarity_grid(

@@ -20,6 +20,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import Array
 
 from jaxsim import _distances, _feature_route, _kernel_blocks, _rbf_median
 from jaxsim import _validation as _v
@@ -37,8 +38,6 @@ from jaxsim._measure import (
 )
 
 __all__ = ["center_gram", "cka", "gram_linear", "gram_rbf", "hsic", "linear_cka", "rbf_cka"]
-
-Array = jax.Array
 
 
 _UNBIASED_WHY = " for the unbiased HSIC estimator (it divides by n(n-3))"

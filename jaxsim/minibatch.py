@@ -10,6 +10,7 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import Array
 
 from jaxsim import _gram_route, _kernel_blocks, _layers, _sharding
 from jaxsim import _validation as _v
@@ -23,8 +24,6 @@ __all__ = [
     "minibatch_cka_scan",
     "minibatch_cka_update",
 ]
-
-Array = jax.Array
 
 
 @jax.jit

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.stats
+from jax import Array
 
 from jaxsim import _draws
 from jaxsim import _validation as _v
@@ -31,9 +32,6 @@ __all__ = [
     "permutation_test",
     "random_baseline",
 ]
-
-
-Array = jax.Array
 
 
 class PermutationResult(NamedTuple):
