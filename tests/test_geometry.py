@@ -225,7 +225,11 @@ def exact_rdm_order(a, dissimilarity):
     return np.array(out)
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize(
+    # ties are exact in both dtypes by the same code; float32 with -m slow (suite time)
+    "dtype",
+    [np.float64, pytest.param(np.float32, marks=pytest.mark.slow)],
+)
 def test_rsa_with_tied_dissimilarities(x64, rng, dtype):
     """Tied RDM entries take average ranks (Spearman) and count as ties (Kendall's tau-b),
     as scipy.stats does, on RDMs whose ties are exact: single pairs, grids (grouped and

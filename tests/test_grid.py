@@ -821,9 +821,12 @@ def test_pairwise_grids_hold_a_bounded_set_of_summaries(rng, monkeypatch):
 
 @pytest.mark.parametrize(
     "load",
-    # the CPU hog takes a core from the other test worker for the whole run: slow, run with
-    # -m slow (the gather that prevents the crash is the same code either way)
-    ["quiet", pytest.param("a CPU hog beside it", marks=pytest.mark.slow)],
+    # slow, run with -m slow (suite time; the CPU hog also takes a core from the other
+    # worker): docs/sharding.md's example runs the same host-device gather by default
+    [
+        pytest.param("quiet", marks=pytest.mark.slow),
+        pytest.param("a CPU hog beside it", marks=pytest.mark.slow),
+    ],
 )
 def test_sharded_pwcca_grid_completes(load):
     """Issue 23's crash: a PWCCA grid of layers sharded over 8 host devices, after linear-CKA
