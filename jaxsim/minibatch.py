@@ -63,15 +63,21 @@ def minibatch_cka_init(
     )
 
 
-def _batch_layers(batch: Any, arg: str, expected: int) -> tuple[dict[str, Any], dict[str, Array]]:
-    """A batch's layers as given and flattened (finiteness is checked by the caller, for
-    both sides in one fused reduction)."""
+def _side(batch: Any, arg: str, expected: int) -> dict[str, Any]:
+    """One side's layers by their argument names (``arg['name']``), as many as the state
+    has on that side."""
     names, arrays = _layers.named(batch, arg)
     if len(arrays) != expected:
         raise ValueError(
             f"{arg}: the state has {expected} layer(s) on this side but the batch has {len(arrays)}"
         )
-    raw = {f"{arg}[{k!r}]": a for k, a in zip(names, arrays)}
+    return {f"{arg}[{k!r}]": a for k, a in zip(names, arrays)}
+
+
+def _batch_layers(batch: Any, arg: str, expected: int) -> tuple[dict[str, Any], dict[str, Array]]:
+    """A batch's layers as given and flattened (finiteness is checked by the caller, for
+    both sides in one fused reduction)."""
+    raw = _side(batch, arg, expected)
     return raw, _v.layers(raw, check_finite_values=False)
 
 
@@ -213,21 +219,17 @@ def minibatch_cka_update(
 def _stacks(batches: Any, arg: str, expected: int) -> tuple[list[str], list[Array]]:
     """The layers' stacks of minibatches, each ``(k, m, features)``, validated: the same k
     and m (at least 4) across the layers."""
-    names, arrays = _layers.named(batches, arg)
-    if len(arrays) != expected:
-        raise ValueError(
-            f"{arg}: the state has {expected} layer(s) on this side but {len(arrays)} were given"
-        )
+    raw = _side(batches, arg, expected)
     stacks = []
-    for name, a in zip(names, arrays):
-        a = _v.as_float_array(a, f"{arg}[{name!r}]")
+    for name, a in raw.items():
+        a = _v.as_float_array(a, name)
         if a.ndim < 3:
             raise ValueError(
-                f"{arg}[{name!r}]: expected a stack of minibatches of shape (k, m, ...), "
+                f"{name}: expected a stack of minibatches of shape (k, m, ...), "
                 f"got shape {tuple(a.shape)}"
             )
         stacks.append(a.reshape(a.shape[0], a.shape[1], -1))
-    return [f"{arg}[{k!r}]" for k in names], stacks
+    return list(raw), stacks
 
 
 def minibatch_cka_scan(

@@ -99,7 +99,7 @@ def test_help_lists_metrics():
 
 def test_failures_are_one_line_and_nothing_is_overwritten(tmp_path, rng, monkeypatch, capsys):
     # in-process (the CLI's main returns the exit status; any traceback would fail the
-    # test): five interpreters would cost ~20 s of imports
+    # test): five interpreters would each import jax again
     monkeypatch.chdir(tmp_path)
 
     def cli(*args):

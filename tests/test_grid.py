@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import block_grid_memory, orthogonal, subprocess_env
-from references import np_cca, np_hsic_unbiased, np_linear_cka
+from references import np_cca, np_hsic_unbiased, np_linear_cka, power_law, relu_layers
 
 import jaxsim
 from jaxsim import _gram_route, _kernel_blocks, _layers, _pairwise, _registry
@@ -113,8 +113,7 @@ def test_no_retracing(x64, rng):
 def test_one_compile_per_pair_of_width_groups(rng):
     """A grid compiles its pair step once per pair of width groups (per unordered pair for
     a symmetric measure on a self-grid: the mirror image is scattered, not recomputed),
-    then assembles the grid in one program. Before, a 50-layer grid over 3 widths made 35
-    compiles, 9 of them pair steps, and took ~60 s to compile on an H200."""
+    then assembles the grid in one program (docs/performance.md has what it cost before)."""
     widths = (2, 3, 4, 2, 3, 4, 2)
     acts = {f"l{i}": rng.normal(size=(10, d)) for i, d in enumerate(widths)}
     cols = {"a": acts["l0"], "b": acts["l1"], "c": acts["l3"]}
@@ -350,6 +349,13 @@ def test_minibatch_scan_equals_a_loop_of_updates(x64, rng):
         )
         for got, want in zip(scanned, loop):
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+        # and the paper's eq. 3, written in NumPy
+        side = lambda layers: [[x[i * m : (i + 1) * m] for x in layers] for i in range(k)]
+        np.testing.assert_allclose(
+            jaxsim.minibatch_cka_result(scanned).values,
+            np_minibatch_cka(side(rows), side(rows if cols is None else cols)),
+            rtol=1e-9,
+        )
     before = TRACE_COUNT["minibatch_scan"]
     jaxsim.minibatch_cka_scan(scanned, [stack(x) for x in a[:3]], [stack(a[3]), stack(conv)])
     assert TRACE_COUNT["minibatch_scan"] == before
@@ -359,6 +365,34 @@ def test_minibatch_scan_equals_a_loop_of_updates(x64, rng):
         )
     with pytest.raises(ValueError, match=r"batches_a\['0'\]: expected a stack .*\(k, m, ...\)"):
         jaxsim.minibatch_cka_scan(jaxsim.minibatch_cka_init(1), [a[0][:, 0]])
+
+
+def test_minibatch_scan_in_float32_and_bfloat16_on_realistic_layers(rng):
+    """The scan of float32 and bfloat16 stacks (computed in float32) agrees with float64
+    to the precision battery's 1e-3 on power-law and post-ReLU layers with an offset."""
+    x, y = power_law(rng, 1024, 64, 32, 1.5)
+    r1, r2 = relu_layers(rng, 1024, 48, 24)
+    layers = [x, y, r1, r2]
+    stacks = lambda dtype: [jnp.asarray(a.reshape(8, 128, -1), dtype) for a in layers]
+    with jax.enable_x64(True):
+        ref = jaxsim.minibatch_cka_result(
+            jaxsim.minibatch_cka_scan(jaxsim.minibatch_cka_init(4), stacks(jnp.float64))
+        ).values
+        ref = np.asarray(ref)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        state = jaxsim.minibatch_cka_init(4, dtype=jnp.float32)
+        got = jaxsim.minibatch_cka_result(jaxsim.minibatch_cka_scan(state, stacks(dtype)))
+        assert got.values.dtype == jnp.float32
+        # bfloat16 inputs are rounded to 8 bits first: compare with float64 of those inputs
+        want = ref
+        if dtype == jnp.bfloat16:
+            with jax.enable_x64(True):
+                rounded = [s.astype(jnp.float64) for s in stacks(dtype)]
+                state64 = jaxsim.minibatch_cka_init(4, dtype=jnp.float64)
+                want = np.asarray(
+                    jaxsim.minibatch_cka_result(jaxsim.minibatch_cka_scan(state64, rounded)).values
+                )
+        np.testing.assert_allclose(got.values, want, atol=1e-3, err_msg=str(dtype))
 
 
 def test_minibatch_updates_never_wait_for_the_device(rng):
@@ -558,9 +592,9 @@ SHARDED = os.path.join(os.path.dirname(__file__), "sharded")
 
 @pytest.mark.parametrize(
     "script",
-    # float32 on the mesh and explicit axes: slow (57 s of the suite's compile-bound time
-    # together), run with -m slow; the ring, the feature route and the pairs divided among
-    # the devices run in every test command
+    # float32 on the mesh and explicit axes: slow (compile-bound), run with -m slow; the
+    # ring, the feature route and the pairs divided among the devices run in every test
+    # command
     [
         "ring_and_feature_route.py",
         pytest.param("float32_and_jit.py", marks=pytest.mark.slow),
