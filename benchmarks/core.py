@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import (  # noqa: E402
+    classic_cca,
     classic_pwcca,
     classic_svcca,
     covariance_mean_cca,
@@ -61,7 +62,7 @@ def main(argv=None):
             lambda: classic_svcca(x, y, 20),
         ),
         ("pwcca", lambda: jaxsim.pwcca(x, y), lambda: classic_pwcca(x, y)),
-        ("mean_cca", lambda: jaxsim.mean_cca(x, y), None),
+        ("mean_cca", lambda: jaxsim.mean_cca(x, y), lambda: classic_cca(x, y)[0].mean()),
     ]:
         t = timeit(ours)
         if base is None:
@@ -74,6 +75,8 @@ def main(argv=None):
             f"  {name:22s} jaxsim {t:7.3f} s   classic NumPy {tb:7.3f} s   "
             f"speed-up {tb / t:6.1f}x   |diff| {diff:.1e}"
         )
+
+    grid_vs_loop(rng, args.quick)
 
     jax.config.update("jax_enable_x64", False)
     x32, y32 = x.astype(np.float32), y.astype(np.float32)
@@ -117,6 +120,33 @@ def main(argv=None):
         f"   values {vg:.6f} / {vf:.6f}"
     )
     return rows
+
+
+def grid_vs_loop(rng, quick):
+    """A self-grid of the CCA family against a loop of the classic recipe over its pairs
+    (float64; PWCCA's grid computes both orders, as the loop does)."""
+    import jaxsim
+
+    n, widths = (1000, (32, 48, 64)) if quick else (5000, (128, 256, 384, 512))
+    layers = [relu_lowrank(rng, n, w) + 0.1 * rng.normal(size=(n, w)) for w in widths]
+    print(f"\nself-grids of {len(layers)} layers (widths {widths}), n={n}, float64")
+    pairs = [(a, b) for i, a in enumerate(layers) for b in layers[i:]]
+    ordered = [(a, b) for a in layers for b in layers]
+    for name, options, loop in [
+        ("mean_cca", {}, lambda: [classic_cca(a, b)[0].mean() for a, b in pairs]),
+        ("svcca", {"keep_dims": 20}, lambda: [classic_svcca(a, b, 20) for a, b in pairs]),
+        ("pwcca", {}, lambda: [classic_pwcca(a, b) for a, b in ordered]),
+    ]:
+        grid = lambda: (
+            jaxsim.similarity_grid(
+                layers, metric=name, progress=False, warn=False, **options
+            ).values
+        )
+        t, tl = timeit(grid), timeit(loop, repeat=1, warmup=0)
+        print(
+            f"  {name:10s} jaxsim grid {t:7.3f} s   loop of the recipe {tl:7.3f} s   "
+            f"speed-up {tl / t:5.1f}x"
+        )
 
 
 def power_law(rng, n, d1, d2, alpha, offset=5.0):

@@ -93,27 +93,34 @@ def _safe_inverse(v: jax.Array, tol: jax.Array | float) -> jax.Array:
     return jnp.where(live, 1 / jnp.where(live, v, 1), 0)
 
 
-def _numpy_left_vectors(x: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
-    """The left singular vectors of NumPy's float64 LAPACK for ``x`` cropped to the
-    ``rows`` and ``cols`` marked True (its full SVD, as google/svcca takes it), computed on
-    the host, put back in place (0 in the cropped rows, and in the columns past the
+def _numpy_left_vectors(
+    left: jax.Array, core: jax.Array, right: jax.Array, rows: jax.Array, cols: jax.Array
+) -> jax.Array:
+    """The left singular vectors that NumPy's float64 LAPACK gives the matrix
+    ``T = left^T core right`` cropped to the ``rows`` and ``cols`` marked True (its full
+    SVD, as google/svcca takes it), with ``T`` formed on the host in float64 from the
+    factors; put back in place (0 in the cropped rows, and in the columns past the
     cropped matrix's own) and returned in float32 (only their orientation is used). Host
     LAPACK calls are made one at a time: several devices calling into a threaded BLAS at
     once starve each other."""
-    shape = jax.ShapeDtypeStruct(x.shape[:-1] + (min(x.shape[-2:]),), np.float32)
+    d_a, d_b = left.shape[1], right.shape[1]
+    shape = jax.ShapeDtypeStruct((d_a, min(d_a, d_b)), np.float32)
 
-    def run(m, keep_rows, keep_cols):
+    def run(lf, c, rt, keep_rows, keep_cols):
         keep_rows, keep_cols = np.asarray(keep_rows), np.asarray(keep_cols)
         u = np.zeros(shape.shape, np.float32)
         if keep_rows.any() and keep_cols.any():
+            f64 = lambda m: np.asarray(m, np.float64)
+            t = f64(lf)[:, keep_rows].T @ f64(c) @ f64(rt)[:, keep_cols]
             with _HOST_LAPACK:
-                cropped = np.linalg.svd(np.asarray(m, np.float64)[np.ix_(keep_rows, keep_cols)])[0]
+                cropped = np.linalg.svd(t)[0]
             r = min(u.shape[1], cropped.shape[1])
             u[keep_rows, :r] = cropped[:, :r]
         return u
 
+    stop = jax.lax.stop_gradient
     return jax.pure_callback(
-        run, shape, jax.lax.stop_gradient(x), rows, cols, vmap_method="sequential"
+        run, shape, stop(left), stop(core), stop(right), rows, cols, vmap_method="sequential"
     )
 
 
@@ -140,21 +147,23 @@ svd = _with_safe_jvp(lambda x: _primal(_svd_thin, x))
 svd.__doc__ = """Thin SVD ``(u, s, vh)`` of a real matrix (see the module docstring)."""
 
 
-def svd_reference_signs(
-    x: jax.Array, rows: jax.Array | None = None, cols: jax.Array | None = None
+def core_svd_reference_signs(
+    left: jax.Array, core: jax.Array, right: jax.Array, rows: jax.Array, cols: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Thin SVD whose singular vectors are oriented as NumPy's float64 LAPACK orients those
-    of ``x`` cropped to the ``rows`` and ``cols`` marked True (default: all; looked up on
-    the host), whatever the dtype and backend: for results that, like google/svcca's
-    PWCCA, depend on those signs. ``x`` must be 0 outside the kept rows and columns. For
-    small matrices."""
-    u, s, vh = svd(x)
-    rows = jnp.ones(x.shape[0], bool) if rows is None else rows
-    cols = jnp.ones(x.shape[1], bool) if cols is None else cols
-    u_ref = _numpy_left_vectors(x, rows, cols)
-    sign = jnp.sign(jnp.sum(u * u_ref.astype(u.dtype), axis=0))
+    """Thin SVD ``(p, s, qh)`` of ``core`` (k_a x k_b), oriented so that ``left^T p`` are
+    the left singular vectors of ``T = left^T core right`` (rows of ``left`` and ``right``
+    orthonormal) as NumPy's float64 LAPACK orients those of ``T`` cropped to the ``rows``
+    and ``cols`` marked True (looked up on the host), whatever the dtype and backend: for
+    results that, like google/svcca's PWCCA, depend on those signs. ``T``'s columns
+    outside the kept ones must be 0. The decomposition and its derivative are the
+    device's, of the small ``core``; only the signs come from the host."""
+    p, s, qh = svd(core)
+    u_ref = _numpy_left_vectors(left, core, right, rows, cols).astype(p.dtype)
+    r = min(p.shape[1], u_ref.shape[1])
+    agree = jnp.sum(p[:, :r] * dot(left, u_ref[:, :r]), axis=0)
+    sign = jnp.sign(jnp.pad(agree, (0, p.shape[1] - r)))
     sign = jax.lax.stop_gradient(jnp.where(sign == 0, 1, sign))
-    return u * sign, s, vh * sign[:, None]
+    return p * sign, s, qh * sign[:, None]
 
 
 def _svd_tangents(a, da, u, s, vh):
@@ -217,15 +226,11 @@ def data_svd(
     """
     n, d = x.shape
     k = min(n, d) if keep is None else keep
-    size = max(n, d) * jnp.finfo(x.dtype).eps
     if x.dtype != jnp.float64:
         u, s, vh = svd(x)
-        return u[:, :k], s, vh[:k], s > s[0] * size
+        return u[:, :k], s, vh[:k], s > s[0] * max(n, d) * jnp.finfo(x.dtype).eps
     tall = n >= d
-    w, vecs = eigh(dot(x.T, x) if tall else dot(x, x.T))
-    w, vecs = w[::-1], vecs[:, ::-1]
-    live = w > w[0] * size
-    s = jnp.where(live, jnp.sqrt(jnp.where(live, w, 1)), 0)
+    s, vecs, live = _gram_eigen(dot(x.T, x) if tall else dot(x, x.T), max(n, d))
     inv = _safe_inverse(s, 0)[:k]
     vecs = vecs[:, :k]
     if tall:  # only the kept columns of u are formed: n d k, not n d^2
@@ -233,9 +238,48 @@ def data_svd(
     return vecs * live[:k], s, (dot(x.T, vecs) * inv).T, live
 
 
+def _gram_eigen(gram: jax.Array, size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Singular values (descending), eigenvectors and live mask of a data matrix from its
+    Gram, with :func:`data_svd`'s float64 cut-off ``size * eps * lambda_max``."""
+    w, vecs = eigh(gram)
+    w, vecs = w[::-1], vecs[:, ::-1]
+    live = w > w[0] * size * jnp.finfo(w.dtype).eps
+    return jnp.where(live, jnp.sqrt(jnp.where(live, w, 1)), 0), vecs, live
+
+
+def uses_gram(x: jax.Array) -> bool:
+    """Whether :func:`gram_svd` serves ``x`` (n, d): float64 with ``n >= d``."""
+    return x.dtype == jnp.float64 and x.shape[0] >= x.shape[1]
+
+
+def gram_svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(s, v, live)`` of :func:`data_svd` without its left vectors, for a float64 ``x``
+    with ``n >= d`` (:func:`uses_gram`): the left vectors are ``x v / s``, which callers
+    that only need their products apply to smaller matrices instead (two d x d products
+    in place of one n x d x d)."""
+    return _gram_eigen(dot(x.T, x), x.shape[0])
+
+
+def _values_only(x: jax.Array) -> jax.Array:
+    s = jax.lax.linalg.svd(x, full_matrices=False, compute_uv=False)
+    if not _on_cpu():
+        return s
+    failed = jnp.any(jnp.isnan(s)) & jnp.all(jnp.isfinite(x))
+    return jax.lax.cond(failed, lambda: _svd_thin(x)[1], lambda: s)
+
+
+@jax.custom_jvp
 def singular_values(x: jax.Array) -> jax.Array:
-    """Singular values, descending (their derivative ``diag(u^T dx v)`` is always finite)."""
-    return svd(x)[1]
+    """Singular values, descending, without forming the vectors (half an SVD's time);
+    their derivative ``diag(u^T dx v)`` is always finite."""
+    return _primal(_values_only, x)
+
+
+@singular_values.defjvp
+def _singular_values_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    u, s, vh = svd(x)
+    return s, jnp.sum(dot(u.T, dx) * vh, axis=1)
 
 
 @jax.custom_jvp

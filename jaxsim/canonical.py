@@ -68,17 +68,20 @@ class CCASummary(NamedTuple):
 
     With ``X_s = U S V^T`` the centered activations of the kept units, scaled so that the
     largest unit variance is 1, the canonical correlations of two layers a, b are the
-    singular values of ``a.basis.T @ b.basis`` (``basis = U F``): an orthogonal
+    singular values of ``(U F)_a^T (U F)_b`` (:func:`_cross`): an orthogonal
     factorization of the data, whose condition number is that of X, not its square.
+    In float64 with ``n >= d`` the whitened directions are kept as the product
+    ``basis @ weights`` (``X_s`` and ``V F / S``), never formed: see :func:`_prepare_cca`.
     """
 
-    basis: Array  # (n, k) U F, k = min(n, d): whitened directions, 0 where F is 0
+    basis: Array  # (n, k) U F, k = min(n, d): whitened directions, 0 where F is 0; or X_s
     values: Array  # (k,) S, descending
     right: Array  # (k, d) V^T, zero columns for dropped units
     factor: Array  # (k,) F = sqrt(lam / (lam + eps)), lam = S^2; 0 past the effective rank
     offset: Array  # (d,) unit means in the units of S (for PWCCA's directions); 0 if dropped
     kept: Array  # (d,) bool, units kept by the epsilon rule
     rank: Array  # () effective rank: number of directions with F > 0
+    weights: Array | None = None  # (d, k) V F / S when basis is X_s (d, k): directions X_s V F / S
 
 
 class Subspace(NamedTuple):
@@ -88,16 +91,19 @@ class Subspace(NamedTuple):
 
     basis: Array  # (n, k) as CCASummary.basis
     rank: Array  # () effective rank
+    weights: Array | None = None  # as CCASummary.weights
 
 
 def _subspace(s: CCASummary) -> Subspace:
-    return Subspace(s.basis, s.rank)
+    return Subspace(s.basis, s.rank, s.weights)
 
 
 def _widen(s: Subspace, k: int) -> Subspace:
     """The same layer with ``k - width`` zero directions appended (grids pad close widths
     to one shape: one compiled pair step for them)."""
-    return s._replace(basis=jnp.pad(s.basis, [(0, 0), (0, k - s.basis.shape[1])]))
+    extra = k - s.basis.shape[1]
+    weights = None if s.weights is None else jnp.pad(s.weights, [(0, extra), (0, extra)])
+    return s._replace(basis=jnp.pad(s.basis, [(0, 0), (0, extra)]), weights=weights)
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -126,14 +132,27 @@ def _summary(
     above the rank cut-off of :func:`jaxsim._linalg.data_svd`); google/svcca's epsilon
     shrinks direction i by ``sqrt(lam_i / (lam_i + eps))``, as ``(Sigma + eps I)^(-1/2)``
     does in the reference."""
-    lam = s * s
-    f = safe_sqrt(safe_ratio(lam, lam + eps)) if eps else jnp.ones_like(s)
-    f = jnp.where(live, f, 0)
+    f = _shrink(s, live, eps)
     return CCASummary(u * f, s, vh, f, offset, kept, jnp.sum(live).astype(jnp.int32))
 
 
+def _shrink(s: Array, live: Array, eps: float) -> Array:
+    lam = s * s
+    f = safe_sqrt(safe_ratio(lam, lam + eps)) if eps else jnp.ones_like(s)
+    return jnp.where(live, f, 0)
+
+
 def _prepare_cca(x: Array, epsilon: float) -> CCASummary:
+    """A layer's :class:`CCASummary`. In float64 with at least as many examples as units
+    (:func:`jaxsim._linalg.uses_gram`) the whitened directions ``U F = X_s V F / S`` are
+    not formed: a pair multiplies ``X_s^T X_s'`` (the n-sized product it needs anyway)
+    by the d x d factors, which saves the n x d x d product per layer."""
     xk, offset, kept, _ = _whitening_input(x, epsilon)
+    if _la.uses_gram(xk):
+        s, v, live = _la.gram_svd(xk)
+        f = _shrink(s, live, epsilon)
+        rank = jnp.sum(live).astype(jnp.int32)
+        return CCASummary(xk, s, v.T, f, offset, kept, rank, v * safe_ratio(f, s))
     u, s, vh, live = _la.data_svd(xk)
     return _summary(u, s, vh, live, offset, kept, epsilon)
 
@@ -172,8 +191,17 @@ def _prepare_svcca(
 # -------------------------------------------------------------------------------- pair
 
 
-def _cross(a: CCASummary, b: CCASummary) -> Array:
-    return dot(a.basis.T, b.basis)
+def _cross(a: CCASummary | Subspace, b: CCASummary | Subspace) -> Array:
+    """``(U F)_a^T (U F)_b``: the whitened cross-covariance in the layers' SVD bases."""
+    c = dot(a.basis.T, b.basis)
+    if a.weights is not None:
+        c = dot(a.weights.T, c)
+    return c if b.weights is None else dot(c, b.weights)
+
+
+def _directions(s: CCASummary) -> Array:
+    """The whitened directions ``U F`` (n, k)."""
+    return s.basis if s.weights is None else dot(s.basis, s.weights)
 
 
 def _rank(a: CCASummary, b: CCASummary) -> Array:
@@ -204,8 +232,8 @@ def _cca_result(a: CCASummary, b: CCASummary, scale_a: Array, scale_b: Array) ->
     p, s, qh = _la.svd(_cross(a, b))
     rank = _rank(a, b)
     root = math.sqrt(n - 1)
-    xv = dot(a.basis, p) * root
-    yv = dot(b.basis, qh.T) * root
+    xv = dot(_directions(a), p) * root
+    yv = dot(_directions(b), qh.T) * root
     # variates = X_c W: W = V (F / S) P / scale, the pseudo-inverse on null directions
     xw = dot(a.right.T * (safe_ratio(a.factor, a.values) * scale_a), p) * root
     yw = dot(b.right.T * (safe_ratio(b.factor, b.values) * scale_b), qh.T) * root
@@ -277,22 +305,22 @@ def _pwcca_pair(
     side = _pw_side if directions == "reference" else _pw_variates
     if epsilon:
         a, b = _kept_first(a), _kept_first(b)
-    # The reference's directions depend on the signs of the singular vectors of the
-    # whitened cross-covariance T = V_a C V_b^T in the units' basis, which LAPACK
-    # implementations choose differently (jax's float32 and float64 SVDs disagree, GPUs
-    # differ again): T (d_a x d_b, formed from the stable factors) is decomposed as the
-    # reference does it, by NumPy's float64 LAPACK, so every dtype and backend gives
-    # the reference's value. The sign-free variates reading needs no such care.
-    t = dot(dot(a.right.T, _cross(a, b)), b.right)
-    if epsilon:  # dropped units' rows and columns exactly 0, as in the cropped reference
-        t = jnp.where(a.kept[:, None] & b.kept[None, :], t, 0)
+    # The singular vectors of the whitened cross-covariance T = V_a C V_b^T (units' basis,
+    # d_a x d_b) are V_a P and V_b Q for the SVD P S Q^T of C (k_a x k_b, k = min(n, d)):
+    # the sides need them in the layers' SVD bases, which is P and Q themselves. The
+    # reference's directions also depend on the signs of T's singular vectors, which
+    # LAPACK implementations choose differently (jax's float32 and float64 SVDs disagree,
+    # GPUs differ again): those signs are NumPy's float64 LAPACK's for T, looked up on the
+    # host, so every dtype and backend gives the reference's value. The sign-free variates
+    # reading needs no such care and runs on the device alone.
+    c = _cross(a, b)
     if directions == "reference":  # the signs of the reference's cropped matrix
-        u, s, vh = _la.svd_reference_signs(t, a.kept, b.kept)
+        p, s, qh = _la.core_svd_reference_signs(a.right, c, b.right, a.kept, b.kept)
     else:
-        u, s, vh = _la.svd(t)
+        p, s, qh = _la.svd(c)
     coefs = _valid(s, _rank(a, b))
-    x_side = lambda: side(a, dot(a.right, u), coefs)
-    y_side = lambda: side(b, dot(b.right, vh.T), coefs)
+    x_side = lambda: side(a, p, coefs)
+    y_side = lambda: side(b, qh.T, coefs)
     if epsilon == 0:  # nothing dropped: the narrower side is known statically
         return x_side() if a.right.shape[1] <= b.right.shape[1] else y_side()
     return jnp.where(jnp.sum(a.kept) <= jnp.sum(b.kept), x_side(), y_side())

@@ -17,6 +17,7 @@ import warnings
 from typing import Any, Callable, Iterable, Sized
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
@@ -367,14 +368,40 @@ def _stream(
         else as_capture(model_b, filter=filter if filter_b is None else filter_b, **apply_kwargs)
     )
 
-    @jax.jit
-    def step(state, x):
+    def update(state, x):
         acts_b = None if cap_b is None else cap_b(x)
         return _minibatch.minibatch_cka_update(state, cap_a(x), acts_b, check_finite=False)
 
+    step = jax.jit(update)
+    scan = jax.jit(lambda state, xs: jax.lax.scan(lambda s, x: (update(s, x), None), state, xs)[0])
     if total is None and isinstance(batches, Sized):
         total = len(batches)
     rows = cols = size = None
+    pending: list[Any] = []  # equal-size batches not yet run, at most SCAN_CHUNK
+    first = 0  # index of pending[0]
+
+    def run(state, previous):
+        """The pending batches, as one scan when there are SCAN_CHUNK of them."""
+        try:
+            if len(pending) == SCAN_CHUNK:
+                new = scan(state, jax.tree.map(lambda *leaves: jnp.stack(leaves), *pending))
+            else:
+                for x in pending:
+                    state = step(state, x)
+                new = state
+        except ValueError as err:
+            where = (
+                f"batches[{first}:{first + len(pending)}]"
+                if len(pending) > 1
+                else (f"batches[{first}]")
+            )
+            raise ValueError(f"{where}: {err}") from None
+        pending.clear()
+        # the next chunk is gathered while this one runs, but no more than that is queued:
+        # memory stays bounded however fast the iterator yields
+        jax.block_until_ready(previous)
+        return new
+
     for index, batch in enumerate(bar(batches, progress, total, "minibatch CKA")):
         x = _inputs(batch)
         m = _examples(x)
@@ -398,16 +425,19 @@ def _stream(
                 stacklevel=3,
             )
             size = None  # warn once
-        try:
-            previous, state = state, step(state, x)
-        except ValueError as err:
-            raise ValueError(f"batches[{index}]: {err}") from None
-        # the next batch is prepared while this one runs, but no more than that is queued:
-        # memory stays bounded however fast the iterator yields
-        jax.block_until_ready(previous)
+        if pending and _examples(pending[0]) != m:  # a scan stacks batches of one size
+            state = run(state, state)
+        if not pending:
+            first = index
+        pending.append(x)
+        if len(pending) == SCAN_CHUNK:
+            state = run(state, state)
     if rows is None or cols is None or state is None:
         raise ValueError("batches: the iterable yielded no batch with at least 4 examples")
-    return state, rows, cols
+    return run(state, state), rows, cols
+
+
+SCAN_CHUNK = 8  # batches per compiled scan in a model's stream
 
 
 def _resumed(state: Any, rows: list[str], cols: list[str]) -> _minibatch.MinibatchCKAState:

@@ -224,6 +224,25 @@ def test_streaming_grid_equals_minibatch_cka_of_captured(x64, rng):
     np.testing.assert_allclose(grid.values, jaxsim.minibatch_cka_result(state).values, rtol=1e-10)
 
 
+def test_long_stream_runs_in_scans_equal_to_a_loop_of_updates(x64, rng):
+    """A model's stream runs SCAN_CHUNK equal batches as one compiled scan, the rest
+    (a size change, the tail) batch by batch: the values are the loop's."""
+    from jaxsim import flax as jflax
+
+    model = NnxMLP(nnx.Rngs(0))
+    sizes = [8] * (jflax.SCAN_CHUNK + 3) + [6, 6] + [8] * (jflax.SCAN_CHUNK + 1)
+    edges = np.cumsum([0] + sizes)
+    data = rng.normal(size=(edges[-1], 4))
+    batches = [data[a:b] for a, b in zip(edges[:-1], edges[1:])]
+    with pytest.warns(UserWarning, match=r"6 examples where the first batch had 8"):
+        grid = minibatch_grid(model, batches, progress=False)
+    full = collect_activations(model, batches, progress=False)
+    state = jaxsim.minibatch_cka_init(4)
+    for a, b in zip(edges[:-1], edges[1:]):
+        state = jaxsim.minibatch_cka_update(state, [v[a:b] for v in full.values()])
+    np.testing.assert_allclose(grid.values, jaxsim.minibatch_cka_result(state).values, rtol=1e-10)
+
+
 def test_streaming_two_linen_models(x64, rng):
     x0 = rng.normal(size=(4, 6, 6, 2))
     m = LinenCNN()
