@@ -10,7 +10,6 @@ a table, saves it as JSON and a figure of one pair's grids under every measure.
 
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 
@@ -22,6 +21,7 @@ import _common as C  # noqa: E402
 import jaxsim  # noqa: E402
 from jaxsim.flax import collect_activations  # noqa: E402
 from jaxsim.plot import heatmap_panel  # noqa: E402
+from jaxsim.sweeps import layer_identification  # noqa: E402
 
 MEASURES = {
     "linear CKA": ("linear_cka", {}),
@@ -111,17 +111,15 @@ def main(argv=None) -> dict:
         )
 
     reduce = None if args.reduce == "none" or args.model == "mlp" else args.reduce
+    # the seeds as one sweep: every layer of every seed prepared once, all pairs at once
+    stacked = {k: np.stack([a[k] for a in acts]) for k in acts[0]}
     accuracy, example = {}, {}
     for label, (metric, opts) in MEASURES.items():
-        hits = total = 0
-        for i, j in itertools.permutations(range(args.seeds), 2):
-            grid = jaxsim.similarity_grid(acts[i], acts[j], metric=metric, reduce=reduce, **opts)
-            best = np.argmax(grid.to_numpy(), axis=1)
-            hits += int(np.sum(best == np.arange(len(best))))
-            total += len(best)
-            if (i, j) == (0, 1):
-                example[label] = grid
-        accuracy[label] = hits / total
+        sweep = jaxsim.similarity_grid(
+            stacked, metric=metric, reduce=reduce, model_axis=0, progress=False, **opts
+        )
+        accuracy[label] = float(layer_identification(sweep).accuracy)
+        example[label] = sweep.pair(0, 1)
 
     heatmap_panel(example, title="seed 0 (rows) vs seed 1 (columns)").savefig(
         os.path.join(out, "grids.png"), dpi=130

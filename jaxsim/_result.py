@@ -123,3 +123,117 @@ def _position(names: tuple[str, ...], name: Any, side: str) -> int:
             f"{name!r} is not a {side} layer of this grid; {side} layers: "
             f"{', '.join(map(repr, names))}"
         ) from None
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["values"],
+    meta_fields=["models_a", "models_b", "rows", "cols", "metric", "row_label", "col_label",
+                 "notes", "self_sweep"],
+)  # fmt: skip
+@dataclasses.dataclass(frozen=True)
+class SweepGrid:
+    """Every layer of every model of one sweep against every layer of every model of
+    another (or the same): ``similarity_grid(..., model_axis=...)`` (a pytree).
+
+    Attributes:
+      values: ``(M_a, M_b, L_a, L_b)`` array; ``values[i, j, k, l]`` compares layer k of
+        model i (first argument) with layer l of model j.
+      models_a, models_b: names of the models along the two model axes ("0", "1", ...
+        unless given).
+      rows, cols: names of the row and column layers.
+      metric, row_label, col_label, notes: as in :class:`Grid`.
+      self_sweep: one sweep against itself (``values[i, j]`` and ``values[j, i]`` are
+        mirror images for a symmetric measure, ``values[i, i]`` is model i's own grid).
+    """
+
+    values: Array
+    models_a: tuple[str, ...]
+    models_b: tuple[str, ...]
+    rows: tuple[str, ...]
+    cols: tuple[str, ...]
+    metric: str = ""
+    row_label: str = ""
+    col_label: str = ""
+    notes: tuple[str, ...] = ()
+    self_sweep: bool = False
+
+    @classmethod
+    def from_grid(
+        cls,
+        grid: Grid,
+        models_a: Any,
+        models_b: Any = None,
+        *,
+        self_sweep: bool | None = None,
+    ) -> "SweepGrid":
+        """The sweep of a :class:`Grid` over all models' layers, ordered model by model
+        (model 0's layers, then model 1's, ...: the order ``similarity_grid`` uses, and the
+        way to stream a sweep through minibatch CKA). ``models_a``: their number or names;
+        ``models_b``: likewise for the columns (default: the rows' models, a self-sweep).
+        Layer names ``"model/layer"`` lose their model prefix."""
+        names = lambda m: tuple(str(i) for i in range(m)) if isinstance(m, int) else tuple(m)
+        models_a = names(models_a)
+        same = models_b is None
+        models_b = models_a if same else names(models_b)
+        rows, cols = len(grid.rows), len(grid.cols)
+        if rows % len(models_a) or cols % len(models_b):
+            raise ValueError(
+                f"grid: {rows} x {cols} layers do not divide into {len(models_a)} x "
+                f"{len(models_b)} models"
+            )
+        l_a, l_b = rows // len(models_a), cols // len(models_b)
+        strip = lambda n, m: n[len(m) + 1 :] if n.startswith(f"{m}/") else n
+        values = grid.values.reshape(len(models_a), l_a, len(models_b), l_b)
+        return cls(
+            values.transpose(0, 2, 1, 3),
+            models_a,
+            models_b,
+            tuple(strip(n, models_a[0]) for n in grid.rows[:l_a]),
+            tuple(strip(n, models_b[0]) for n in grid.cols[:l_b]),
+            grid.metric,
+            grid.row_label,
+            grid.col_label,
+            grid.notes,
+            same if self_sweep is None else self_sweep,
+        )
+
+    def to_numpy(self) -> np.ndarray:
+        return np.asarray(self.values)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.values, dtype=dtype)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.models_a), len(self.models_b), len(self.rows), len(self.cols))
+
+    def pair(self, model_a: int | str, model_b: int | str) -> Grid:
+        """The layer grid of one pair of models (by position or name), as a :class:`Grid`."""
+        i = _model_index(self.models_a, model_a, "models_a")
+        j = _model_index(self.models_b, model_b, "models_b")
+        label = lambda side, names, k: f"{side} {names[k]}" if side else f"model {names[k]}"
+        return Grid(
+            self.values[i, j],
+            self.rows,
+            self.cols,
+            self.metric,
+            label(self.row_label, self.models_a, i),
+            label(self.col_label, self.models_b, j),
+            self.notes,
+        )
+
+    def __repr__(self) -> str:
+        m_a, m_b, l_a, l_b = self.shape
+        head = (
+            f"SweepGrid({self.metric or 'similarity'}, {m_a} x {m_b} models, {l_a} x {l_b} layers)"
+        )
+        return head + "".join(f"\nnote: {n}" for n in self.notes)
+
+
+def _model_index(names: tuple[str, ...], key: Any, side: str) -> int:
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        if -len(names) <= key < len(names):
+            return int(key) % len(names)
+        raise IndexError(f"{side}: model {key} out of range for {len(names)} models")
+    return _position(names, key, side.replace("models_", "model of side "))

@@ -14,7 +14,7 @@ update fused), never holding more than one batch of activations.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Iterable, Sized
+from typing import Any, Callable, Iterable, Sequence, Sized
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +24,10 @@ from jax import Array
 from jaxsim import _flax_paths
 from jaxsim import minibatch as _minibatch
 from jaxsim._progress import bar
-from jaxsim._result import Grid
+from jaxsim._result import Grid, SweepGrid
 
 __all__ = [
+    "stack_models",
     "as_capture",
     "capture_linen",
     "capture_nnx",
@@ -98,6 +99,7 @@ def capture_linen(
     inputs: Any,
     *,
     filter: Filter = None,
+    model_axis: int | None = None,
     apply_kwargs: dict | None = None,
     **more_apply_kwargs: Any,
 ) -> dict[str, Array]:
@@ -112,12 +114,16 @@ def capture_linen(
         None for sown values), a module type or tuple of types (e.g. ``nn.Conv``), a glob
         string on the path (``"block*/conv*"``), a compiled regex, or a list of these
         (any matches).
+      model_axis: the axis along which every leaf of ``variables`` stacks models (an
+        ensemble's seeds, a sweep, a training run's checkpoints: see
+        :func:`stack_models`); each model sees the same inputs.
       apply_kwargs: passed to ``module.apply``, e.g. ``{"train": False}``.
       **more_apply_kwargs: passed to ``module.apply`` too, e.g. ``train=False``.
     Returns:
-      Ordered dict of arrays of shape ``(n, ...)``. A value that two names select (the
-      model's ``"output"`` when it is its last layer's output) appears once, under the
-      layer's name.
+      Ordered dict of arrays of shape ``(n, ...)``, or ``(M, n, ...)`` with ``model_axis``
+      (the models first, ready for ``similarity_grid(acts, model_axis=0)``). A value that
+      two names select (the model's ``"output"`` when it is its last layer's output)
+      appears once, under the layer's name.
     Raises:
       ValueError: if the filter matches nothing (the message lists the available paths), or
         if the model runs in training mode (batch norm updating its statistics, dropout
@@ -125,8 +131,59 @@ def capture_linen(
     """
     _linen_module(module)
     apply_kwargs = _merged(apply_kwargs, more_apply_kwargs)
+    if model_axis is not None:
+        one = lambda v: capture_linen(module, v, inputs, filter=filter, **apply_kwargs)
+        return _over_models(one, variables, model_axis, "variables")
     fn = lambda x: _linen_found(module, variables, x, apply_kwargs)
     return _flax_paths.select(_flax_paths.ordered(fn, inputs), filter)
+
+
+def _over_models(
+    capture: Callable[[Any], dict[str, Array]], stacked: Any, axis: int, arg: str
+) -> dict[str, Array]:
+    """``capture`` vmapped over the models that ``stacked``'s leaves stack along ``axis``,
+    the layers kept in forward order (a vmapped dict would come back sorted)."""
+    sizes = {np.shape(leaf)[axis] for leaf in jax.tree.leaves(stacked) if np.ndim(leaf) > axis}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"{arg}: model_axis={axis} needs every array leaf to stack the same number of "
+            f"models along axis {axis}; found sizes {sorted(sizes) or 'none'}"
+        )
+    names: list[str] = []
+
+    def one(model_state):
+        acts = capture(model_state)
+        if not names:
+            names.extend(acts)
+        return acts
+
+    out = jax.vmap(one, in_axes=(axis,))(stacked)
+    return {k: out[k] for k in names}
+
+
+def stack_models(models: Sequence[Any]) -> Any:
+    """Models of one architecture stacked into one: checkpoints of a training run, or
+    seeds trained one by one, for ``capture_*(..., model_axis=0)`` and
+    ``similarity_grid(..., model_axis=0)``.
+
+    Args:
+      models: nnx modules of one structure, or linen variable pytrees (``{"params":
+        ...}``) of one structure, e.g. restored checkpoints.
+    Returns:
+      One nnx module (or one variables pytree) whose arrays stack the models on axis 0,
+      as ``nnx.vmap`` would have made them.
+    """
+    models = list(models)
+    if not models:
+        raise ValueError("models: nothing to stack (an empty sequence)")
+    stack = lambda *leaves: jnp.stack(leaves)
+    if _is_nnx(models[0]):
+        from flax import nnx
+
+        graphdef, _ = nnx.split(models[0])
+        states = [nnx.split(m)[1] for m in models]
+        return nnx.merge(graphdef, jax.tree.map(stack, *states))
+    return jax.tree.map(stack, *models)
 
 
 def _nnx_found(module: Any, inputs: Any) -> dict[str, tuple[Array, Any]]:
@@ -178,7 +235,9 @@ def _nnx_module(module: Any) -> None:
         )
 
 
-def capture_nnx(module: Any, inputs: Any, *, filter: Filter = None) -> dict[str, Array]:
+def capture_nnx(
+    module: Any, inputs: Any, *, filter: Filter = None, model_axis: int | None = None
+) -> dict[str, Array]:
     """Activations of an nnx model, ``{layer path: array}`` in forward order.
 
     Activations are those of inference mode: the model must be in it (``model.eval()``),
@@ -189,27 +248,57 @@ def capture_nnx(module: Any, inputs: Any, *, filter: Filter = None) -> dict[str,
       module: a ``flax.nnx.Module``.
       inputs: the input batch, passed as ``module(inputs)``.
       filter: as in :func:`capture_linen` (e.g. ``nnx.Conv``, ``"block*"``).
+      model_axis: the axis along which the module's arrays stack models: an ensemble made
+        with ``nnx.vmap`` (``model_axis=0``, its ``in_axes``), or :func:`stack_models`'s
+        result; each model sees the same inputs.
     Returns:
-      Ordered dict of arrays of shape ``(n, ...)`` (a value two names select appears once,
-      as in :func:`capture_linen`).
+      Ordered dict of arrays of shape ``(n, ...)``, or ``(M, n, ...)`` with ``model_axis``
+      (models first). A value two names select appears once, as in
+      :func:`capture_linen`.
+
+    Example (an ensemble of 4 seeds):
+      >>> @nnx.split_rngs(splits=4)  # doctest: +SKIP
+      ... @nnx.vmap(in_axes=(0,), out_axes=0)
+      ... def ensemble(rngs):
+      ...     return MLP(rngs)
+      >>> acts = capture_nnx(ensemble(nnx.Rngs(0)), x, model_axis=0)  # doctest: +SKIP
+      >>> sweep = jaxsim.similarity_grid(acts, model_axis=0)  # (4, 4, L, L)  # doctest: +SKIP
     """
     _nnx_module(module)
+    if model_axis is not None:
+        from flax import nnx
+
+        graphdef, state = nnx.split(module)
+        one = lambda st: capture_nnx(nnx.merge(graphdef, st), inputs, filter=filter)
+        return _over_models(one, state, model_axis, "module")
     return _flax_paths.select(_flax_paths.ordered(lambda x: _nnx_found(module, x), inputs), filter)
 
 
 def as_capture(
-    model: Any, *, filter: Filter = None, **apply_kwargs: Any
+    model: Any, *, filter: Filter = None, model_axis: int | None = None, **apply_kwargs: Any
 ) -> Callable[[Any], dict[str, Array]]:
     """``inputs -> {path: activation}`` for an nnx module, a linen ``(module, variables)``
-    pair, or a callable that already returns activations (a dict or a sequence)."""
+    pair, or a callable that already returns activations (a dict or a sequence). With
+    ``model_axis`` (nnx and linen models), the models' layers one after another,
+    ``{"0/path": ..., "1/path": ...}``."""
     from flax import linen as nn
 
+    flat = (lambda c: c) if model_axis is None else _models_flat
     if _is_nnx(model):
         _nnx_module(model)
-        return lambda x: capture_nnx(model, x, filter=filter)
+        return flat(lambda x: capture_nnx(model, x, filter=filter, model_axis=model_axis))
     if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], nn.Module):
         module, variables = model
-        return lambda x: capture_linen(module, variables, x, filter=filter, **apply_kwargs)
+        return flat(
+            lambda x: capture_linen(
+                module, variables, x, filter=filter, model_axis=model_axis, **apply_kwargs
+            )
+        )
+    if model_axis is not None:
+        raise TypeError(
+            f"model_axis: needs an nnx module or a linen (module, variables) pair whose "
+            f"arrays stack models; got {type(model).__name__}"
+        )
     if callable(model) and not isinstance(model, nn.Module):
 
         def run(x):
@@ -252,6 +341,17 @@ def _record(acts: dict[str, Array], names: list[str]) -> dict[str, Array]:
     return acts
 
 
+def _models_flat(capture: Callable[[Any], dict[str, Array]]) -> Callable[[Any], dict[str, Array]]:
+    """A capture of stacked models as one model's layers: model 0's, then model 1's, ..."""
+
+    def run(x):
+        acts = capture(x)
+        count = next(iter(acts.values())).shape[0]
+        return {f"{m}/{k}": v[m] for m in range(count) for k, v in acts.items()}
+
+    return run
+
+
 def minibatch_grid(
     model_a: Any,
     batches: Iterable[Any],
@@ -259,6 +359,7 @@ def minibatch_grid(
     *,
     filter: Filter = None,
     filter_b: Filter = None,
+    model_axis: int | None = None,
     progress: bool = True,
     total: int | None = None,
     state: _minibatch.MinibatchCKAState | None = None,
@@ -283,6 +384,10 @@ def minibatch_grid(
       model_b: the column model; ``None`` for a self-grid of ``model_a``.
       filter: which layers of the first model (see :func:`capture_linen`).
       filter_b: which layers of the second; defaults to ``filter``.
+      model_axis: the models are ensembles (or :func:`stack_models` of checkpoints)
+        stacked along this axis of their arrays: the result is a
+        :class:`jaxsim.SweepGrid` of every model pair, from one stream whose state sums
+        ``(M L)^2`` HSIC terms.
       progress: show a progress bar (tqdm if installed).
       total: number of batches, for the progress bar (default ``len(batches)`` if it has one).
       state: a state from :func:`minibatch_state` (possibly saved and restored with
@@ -293,7 +398,8 @@ def minibatch_grid(
       apply_kwargs: keyword arguments for linen's ``apply``, as a dict.
       **more_apply_kwargs: keyword arguments for linen's ``apply`` (``train=False``).
     Returns:
-      :class:`jaxsim.Grid` named by layer paths.
+      :class:`jaxsim.Grid` named by layer paths (a :class:`jaxsim.SweepGrid` with
+      ``model_axis``).
 
     Example:
       >>> state = minibatch_state(model, first_half)  # doctest: +SKIP
@@ -309,14 +415,21 @@ def minibatch_grid(
         total,
         state,
         _merged(apply_kwargs, more_apply_kwargs),
+        model_axis,
     )
     default = ("model_a", "model_a" if model_b is None else "model_b")
-    return _minibatch.minibatch_cka_result(
+    grid = _minibatch.minibatch_cka_result(
         state,
         rows=rows,
         cols=cols,
         labels=default if labels is None else labels,
         check_finite=check_finite,
+    )
+    if model_axis is None:
+        return grid
+    count = lambda names: len({n.split("/", 1)[0] for n in names})
+    return SweepGrid.from_grid(
+        grid, count(rows), None if model_b is None else count(cols), self_sweep=model_b is None
     )
 
 
@@ -327,6 +440,7 @@ def minibatch_state(
     *,
     filter: Filter = None,
     filter_b: Filter = None,
+    model_axis: int | None = None,
     progress: bool = True,
     total: int | None = None,
     state: _minibatch.MinibatchCKAState | None = None,
@@ -346,6 +460,7 @@ def minibatch_state(
         total,
         state,
         _merged(apply_kwargs, more_apply_kwargs),
+        model_axis,
     )[0]
 
 
@@ -359,13 +474,19 @@ def _stream(
     total: int | None,
     state: _minibatch.MinibatchCKAState | None,
     apply_kwargs: dict,
+    model_axis: int | None = None,
 ) -> tuple[_minibatch.MinibatchCKAState, list[str], list[str]]:
     """The stream's state and its row and column layer names."""
-    cap_a = as_capture(model_a, filter=filter, **apply_kwargs)
+    cap_a = as_capture(model_a, filter=filter, model_axis=model_axis, **apply_kwargs)
     cap_b = (
         None
         if model_b is None
-        else as_capture(model_b, filter=filter if filter_b is None else filter_b, **apply_kwargs)
+        else as_capture(
+            model_b,
+            filter=filter if filter_b is None else filter_b,
+            model_axis=model_axis,
+            **apply_kwargs,
+        )
     )
 
     def update(state, x):

@@ -10,6 +10,7 @@ else as a ``vmap`` of the measure's pair step over pairs of equal shapes
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -19,10 +20,10 @@ from jaxsim import _cca_checks, _feature_route, _gram_route, _layers, _pairwise,
 from jaxsim import _validation as _v
 from jaxsim._measure import Measure, replicated
 from jaxsim._registry import METRICS, measure_for
-from jaxsim._result import Grid
+from jaxsim._result import Grid, SweepGrid
 from jaxsim._sharding import layer_mesh, ring_axis, ring_program
 
-__all__ = ["METRICS", "Grid", "similarity_grid"]
+__all__ = ["METRICS", "Grid", "SweepGrid", "similarity_grid"]
 
 
 def similarity_grid(
@@ -41,8 +42,10 @@ def similarity_grid(
     warn: bool = True,
     check_finite: bool = True,
     labels: tuple[str, str] | None = None,
+    model_axis: int | None = None,
+    models: Sequence[Any] | None = None,
     **metric_options: Any,
-) -> Grid:
+) -> Any:
     r"""Similarity of every layer of ``acts_a`` with every layer of ``acts_b``.
 
     Args:
@@ -77,11 +80,21 @@ def similarity_grid(
       check_finite: raise on NaN/inf in any layer.
       labels: names of the two sides (e.g. ``("seed 0", "seed 1")``) for figures; default
         ``("acts_a", "acts_b")``.
+      model_axis: the axis of every layer's array that stacks models (an ensemble's, a
+        sweep's or a training run's checkpoints, e.g. ``(M, n, ...)`` with
+        ``model_axis=0``): every layer of every model is compared with every layer of
+        every model (of ``acts_b``'s sweep, or of the same sweep), each prepared once, and
+        the result is a :class:`SweepGrid` of values ``(M_a, M_b, L_a, L_b)``. Without it,
+        layers whose first axis is small and shared, as a stacked model axis would be,
+        draw a warning (pass ``warn=False`` once you mean examples).
+      models: names of the models along ``model_axis`` (default ``"0"``, ``"1"``, ...):
+        one sequence, or a pair of them for two sweeps.
       **metric_options: the metric's own keyword options (``debiased``, ``threshold``,
         ``epsilon``, ``keep_dims``, ``keep_variance``, ``cap_keep_dims``, ...); an unknown
         one is a ``TypeError`` naming it.
     Returns:
-      :class:`Grid` with ``values`` of shape ``(len(acts_a), len(acts_b))``.
+      :class:`Grid` with ``values`` of shape ``(len(acts_a), len(acts_b))``; with
+      ``model_axis``, a :class:`SweepGrid`.
 
     Layers sharded along their examples over one axis of a device mesh: linear CKA divides
     the work among the devices without gathering the activations (the Gram route as a ring
@@ -109,6 +122,16 @@ def similarity_grid(
       >>> jaxsim.similarity_grid(acts).values.shape
       (3, 3)
     """
+    if model_axis is not None:
+        run = functools.partial(
+            similarity_grid,
+            metric=metric, method=method, reduce=reduce, size=size, subsample=subsample,
+            key=key, symmetric=symmetric, batch_size=batch_size, progress=progress, warn=warn,
+            check_finite=check_finite, labels=labels, **metric_options,
+        )  # fmt: skip
+        return _sweep(run, acts_a, acts_b, model_axis, models)
+    if warn:
+        _warn_stacked(acts_a, acts_b)
     method = _v.choice(method, "method", ("auto", "gram", "features"))
     options = {"size": size, "subsample": subsample, "key": key}
     reductions = {"reduce": reduce, **{k: v for k, v in options.items() if v is not None}}
@@ -151,6 +174,89 @@ def similarity_grid(
     values = _layers.poisoned(values, layers_a, None if self_grid else layers_b)
     row_label, col_label = _layers.side_labels(labels, self_grid, ("acts_a", "acts_b"))
     return Grid(values, tuple(rows), tuple(cols), name, row_label, col_label, notes, short)
+
+
+def _split_models(acts: Any, axis: Any, arg: str) -> tuple[int, list[str], list[Array]]:
+    """``(M, layer names, per-model layers)`` of one sweep: the layers of model 0, then
+    those of model 1, ..., each with the model axis taken out."""
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"model_axis: expected an int, got {axis!r}")
+    names, arrays = _layers.named(acts, arg)
+    arrays = [_v.as_float_array(a, f"{arg}[{k!r}]") for k, a in zip(names, arrays)]
+    counts = {}
+    for k, a in zip(names, arrays):
+        if a.ndim < 3 or not -a.ndim <= axis < a.ndim:
+            raise ValueError(
+                f"{arg}[{k!r}]: model_axis={axis} needs a layer of shape (models, n, "
+                f"features...) (model axis first) or with the model axis at {axis}; got "
+                f"shape {tuple(a.shape)}"
+            )
+        counts[k] = a.shape[axis]
+    if len(set(counts.values())) > 1:
+        seen = ", ".join(f"{k!r}: {m}" for k, m in counts.items())
+        raise ValueError(
+            f"{arg}: every layer needs the same number of models along model_axis={axis}; "
+            f"got {seen}"
+        )
+    m = next(iter(counts.values()))
+    moved = [jax.numpy.moveaxis(a, axis, 0) for a in arrays]
+    return m, names, [a[i] for i in range(m) for a in moved]
+
+
+def _model_names(models: Any, counts: tuple[int, int], self_grid: bool) -> tuple[tuple, tuple]:
+    if models is None:
+        return tuple(str(i) for i in range(counts[0])), tuple(str(i) for i in range(counts[1]))
+    two = not self_grid and len(models) == 2 and all(isinstance(m, (list, tuple)) for m in models)
+    pairs = [tuple(str(v) for v in m) for m in models] if two else [tuple(map(str, models))] * 2
+    for side, names, m in zip(("acts_a", "acts_b"), pairs, counts):
+        if len(names) != m or len(set(names)) != m:
+            raise ValueError(
+                f"models: {m} distinct names needed for {side}'s {m} models, got {list(names)}"
+            )
+    return pairs[0], pairs[1]
+
+
+def _sweep(run: Any, acts_a: Any, acts_b: Any, axis: Any, models: Any) -> SweepGrid:
+    """Every model's layers of one sweep against every model's of the other: one grid of
+    all ``M L`` layers (each prepared once; on the Gram route, one block loop), its
+    values regrouped model by model."""
+    m_a, rows, flat_a = _split_models(acts_a, axis, "acts_a")
+    self_grid = acts_b is None
+    m_b, cols, flat_b = (m_a, rows, flat_a) if self_grid else _split_models(acts_b, axis, "acts_b")
+    names_a, names_b = _model_names(models, (m_a, m_b), self_grid)
+    key = lambda names, layers: [f"{m}/{k}" for m in names for k in layers]
+    grid = run(
+        dict(zip(key(names_a, rows), flat_a)),
+        None if self_grid else dict(zip(key(names_b, cols), flat_b)),
+    )
+    return SweepGrid.from_grid(grid, names_a, None if self_grid else names_b)
+
+
+STACKED_MODELS = 16  # a shared first axis this small reads as stacked models, not examples
+
+
+def _warn_stacked(acts_a: Any, acts_b: Any) -> None:
+    """The pitfall of stacked ``(M, n, d)`` activations passed without ``model_axis``: M
+    read as the number of examples (values near 1 that mean nothing)."""
+    try:
+        arrays = _layers.named(acts_a, "acts_a")[1]
+        arrays += [] if acts_b is None else _layers.named(acts_b, "acts_b")[1]
+    except (TypeError, ValueError):
+        return  # reported by the validation that follows
+    shapes = [getattr(a, "shape", None) for a in arrays]
+    if not all(s is not None and len(s) >= 3 for s in shapes):
+        return
+    first = {s[0] for s in shapes}
+    m = first.pop() if len(first) == 1 else None
+    if m is not None and m <= STACKED_MODELS and all(m < s[1] for s in shapes):
+        warnings.warn(
+            f"acts_a: every layer's first axis has {m} entries (shapes like "
+            f"{tuple(shapes[0])}), read as {m} examples. If that axis stacks models (an "
+            "ensemble's or a sweep's activations, (models, n, ...)), pass model_axis=0 "
+            "for a SweepGrid of every model pair; pass warn=False if these are examples.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _read_layers(
