@@ -4,7 +4,8 @@ Activations are ``(n, ...)`` arrays, axis 0 indexing the n examples (google/svcc
 transpose). Every measure is a pure, jit-able and vmap-able function returning a 0-d array;
 ``similarity_grid`` compares every layer of one network with every layer of another.
 
-Submodules: ``jaxsim.stats`` (permutation tests, bootstrap, baselines), ``jaxsim.conv``
+Submodules: ``jaxsim.stats`` (permutation tests, bootstrap, baselines), ``jaxsim.sweeps``
+(summaries of ensembles and training runs), ``jaxsim.conv``
 (conv-layer reductions), ``jaxsim.flax`` (activations from Flax models) and
 ``jaxsim.plot`` (figures; needs matplotlib), all reachable as attributes.
 """
@@ -13,8 +14,10 @@ import importlib as _importlib
 
 from jaxsim import conv as conv
 from jaxsim import stats as stats
+from jaxsim import sweeps as sweeps
 from jaxsim._measure import Measure as Measure
 from jaxsim._result import Grid as Grid
+from jaxsim._result import SweepGrid as SweepGrid
 from jaxsim.canonical import CCAResult as CCAResult
 from jaxsim.canonical import UnderdeterminedWarning as UnderdeterminedWarning
 from jaxsim.canonical import cca as cca
@@ -51,6 +54,7 @@ __all__ = [
     "Measure",
     "UnderdeterminedWarning",
     "MinibatchCKAState",
+    "SweepGrid",
     "cca",
     "center_gram",
     "cka",

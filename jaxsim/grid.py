@@ -127,7 +127,8 @@ def similarity_grid(
             similarity_grid,
             metric=metric, method=method, reduce=reduce, size=size, subsample=subsample,
             key=key, symmetric=symmetric, batch_size=batch_size, progress=progress, warn=warn,
-            check_finite=check_finite, labels=labels, **metric_options,
+            check_finite=check_finite, labels=("", "") if labels is None else labels,
+            **metric_options,
         )  # fmt: skip
         return _sweep(run, acts_a, acts_b, model_axis, models)
     if warn:

@@ -10,10 +10,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from jaxsim._result import Grid
+from jaxsim._result import Grid, SweepGrid
 
 # how each measure is written in titles and color bars
-__all__ = ["alignment", "heatmap", "heatmap_panel", "line"]
+__all__ = ["alignment", "heatmap", "heatmap_panel", "line", "sweep_heatmap"]
 
 NAMES = {
     "linear_cka": "linear CKA",
@@ -114,7 +114,7 @@ def _mark_underdetermined(ax: Any, grid: Grid) -> None:
 
 
 def heatmap(
-    grid: Grid,
+    grid: Grid | SweepGrid,
     *,
     title: str | None = None,
     vmin: float = 0.0,
@@ -130,7 +130,8 @@ def heatmap(
     at the bottom-left as in Kornblith et al. and Nguyen et al.
 
     Args:
-      grid: from :func:`jaxsim.similarity_grid` or :func:`jaxsim.minibatch_cka_result`.
+      grid: from :func:`jaxsim.similarity_grid` or :func:`jaxsim.minibatch_cka_result`;
+        a :class:`jaxsim.SweepGrid` is drawn by :func:`sweep_heatmap`.
       title: default: the measure and what is compared, e.g. "linear CKA: layers of seed 0
         vs seed 1" (from the grid's metric and labels).
       vmin: the color scale's lower end.
@@ -143,6 +144,8 @@ def heatmap(
     Returns:
       A matplotlib Figure.
     """
+    if isinstance(grid, SweepGrid):
+        return sweep_heatmap(grid, title=title, vmin=vmin, vmax=vmax, cmap=cmap)
     rows, cols = grid.shape
     fig = _figure(figsize or (max(5.0, 0.32 * cols + 2.6), max(4.2, 0.32 * rows + 2.0)))
     ax = fig.add_subplot()
@@ -159,6 +162,57 @@ def heatmap(
     ax.set_ylabel(ylabel or _side(grid.row_label))
     if colorbar:
         fig.colorbar(image, ax=ax, shrink=0.85, label=measure_name(grid))
+    return fig
+
+
+def sweep_heatmap(
+    sweep: SweepGrid,
+    *,
+    models: int = 6,
+    title: str | None = None,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    cmap: str = "magma",
+    panel_size: float = 1.7,
+) -> Any:
+    """A sweep as a grid of grids: panel (i, j) is model i's layers (rows, layer 0 at the
+    bottom) against model j's (columns), on one color scale; the diagonal of a self-sweep
+    holds each model's own grid.
+
+    Args:
+      sweep: from ``similarity_grid(..., model_axis=0)``.
+      models: draw at most this many models of each side (the first ones).
+      title: default: the measure and the sweep's size.
+      panel_size: inches per panel.
+    Returns:
+      A matplotlib Figure.
+    """
+    m_a, m_b = min(models, len(sweep.models_a)), min(models, len(sweep.models_b))
+    fig = _figure((panel_size * m_b + 1.2, panel_size * m_a + 0.8))
+    axes = fig.subplots(m_a, m_b, squeeze=False)
+    image = None
+    for i in range(m_a):
+        for j in range(m_b):
+            ax = axes[m_a - 1 - i, j]  # model 0 at the bottom left, as layer 0 in a panel
+            image = _draw(ax, sweep.pair(i, j), vmin, vmax, cmap, annotate=False, labels=False)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(f"model {sweep.models_a[i]}", fontsize=8)
+            if i == 0:
+                ax.set_xlabel(f"model {sweep.models_b[j]}", fontsize=8)
+    name = NAMES.get(sweep.metric, sweep.metric or "similarity")
+    shown = "" if (m_a, m_b) == (len(sweep.models_a), len(sweep.models_b)) else (
+        f", first {m_a} x {m_b} shown"
+    )  # fmt: skip
+    fig.suptitle(
+        title
+        or f"{name}: {len(sweep.models_a)} x {len(sweep.models_b)} models, "
+        f"{len(sweep.rows)} x {len(sweep.cols)} layers each{shown}",
+        fontsize=10,
+    )
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8, label=name)
     return fig
 
 
