@@ -367,7 +367,7 @@ def minibatch_grid(
     check_finite: bool = True,
     apply_kwargs: dict | None = None,
     **more_apply_kwargs: Any,
-) -> Grid:
+) -> Grid | SweepGrid:
     """Minibatch CKA grid of one model's layers (or two models') over a stream of batches.
 
     Each batch is one jitted step: forward pass(es), capture and

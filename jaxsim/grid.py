@@ -244,15 +244,15 @@ def _warn_stacked(acts_a: Any, acts_b: Any) -> None:
         arrays += [] if acts_b is None else _layers.named(acts_b, "acts_b")[1]
     except (TypeError, ValueError):
         return  # reported by the validation that follows
-    shapes = [getattr(a, "shape", None) for a in arrays]
-    if not all(s is not None and len(s) >= 3 for s in shapes):
+    shapes = [tuple(getattr(a, "shape", ())) for a in arrays]
+    if not all(len(s) >= 3 for s in shapes):
         return
     first = {s[0] for s in shapes}
     m = first.pop() if len(first) == 1 else None
     if m is not None and m <= STACKED_MODELS and all(m < s[1] for s in shapes):
         warnings.warn(
             f"acts_a: every layer's first axis has {m} entries (shapes like "
-            f"{tuple(shapes[0])}), read as {m} examples. If that axis stacks models (an "
+            f"{shapes[0]}), read as {m} examples. If that axis stacks models (an "
             "ensemble's or a sweep's activations, (models, n, ...)), pass model_axis=0 "
             "for a SweepGrid of every model pair; pass warn=False if these are examples.",
             UserWarning,
