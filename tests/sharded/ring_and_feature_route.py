@@ -159,4 +159,13 @@ spread_pairs = _pairwise.spread_pairs(m.pair, 5, mesh)
 ii, jj = np.resize(ii, 40), np.resize(jj, 40)
 per_device = flops(spread_pairs.lower(eight, None, ii, jj).compile()) / flops(one)
 assert per_device <= 0.25, per_device
+# a sweep of 3 models whose examples are divided among the devices: the same values as on
+# one device (one grid of the models' layers, round the ring for linear CKA)
+stack = {f"l{k}": np.stack([x + 0.1 * m for m in range(3)]) for k, x in enumerate(layers)}
+spread = {k: jax.device_put(v, NamedSharding(mesh, P(None, "batch"))) for k, v in stack.items()}
+np.testing.assert_allclose(
+    jaxsim.similarity_grid(spread, model_axis=0).values,
+    jaxsim.similarity_grid(stack, model_axis=0).values,
+    rtol=1e-12,
+)
 print("sharded ok")
