@@ -41,6 +41,7 @@ import _common as C  # noqa: E402
 
 import jaxsim  # noqa: E402
 from jaxsim.flax import collect_activations  # noqa: E402
+from jaxsim.sweeps import corresponding_layers  # noqa: E402
 
 THRESHOLD = 0.9  # pairwise CKA inside a block
 DOMINANCE = 0.5  # first-PC share of the block layers' variance
@@ -153,8 +154,16 @@ def mean_offdiag(values: np.ndarray) -> float | None:
 
 
 def analyse(acts: dict, twin_acts: dict | None) -> dict:
-    """CKA self-grid, first-PC shares, the block and its evidence for one model."""
-    grid = jaxsim.similarity_grid(acts, metric="linear_cka", labels=("seed 0", "seed 0"))
+    """CKA self-grid, first-PC shares, the block and its evidence for one model; with a
+    second seed, both seeds as one sweep (each layer prepared once) for cross-seed CKA."""
+    if twin_acts is None:
+        grid = jaxsim.similarity_grid(acts, metric="linear_cka", labels=("seed 0", "seed 0"))
+    else:
+        stacked = {k: np.stack([acts[k], twin_acts[k]]) for k in acts}
+        sweep = jaxsim.similarity_grid(
+            stacked, metric="linear_cka", model_axis=0, labels=("seed", "seed")
+        )  # pair(i, j) is labelled "seed i" and "seed j"
+        grid, cross = sweep.pair(0, 0), sweep.pair(0, 1)
     values = grid.to_numpy()
     names = list(grid.rows)
     share = [first_pc_share(acts[k]) for k in names]
@@ -172,10 +181,7 @@ def analyse(acts: dict, twin_acts: dict | None) -> dict:
         "block_cka_without_first_pc": mean_offdiag(removed),
     }
     if twin_acts is not None:
-        cross = jaxsim.similarity_grid(
-            acts, twin_acts, metric="linear_cka", labels=("seed 0", "seed 1")
-        )
-        diag = np.diag(cross.to_numpy())
+        diag = np.asarray(corresponding_layers(sweep).mean)  # seed 0 layer l vs seed 1 layer l
         mask = np.zeros(len(diag), bool)
         mask[block["start"] : block["stop"]] = True
         out.update(

@@ -13,8 +13,9 @@ update fused), never holding more than one batch of activations.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Callable, Iterable, Sequence, Sized
+from typing import Any, Callable, Iterable, Iterator, Sequence, Sized
 
 import jax
 import jax.numpy as jnp
@@ -135,7 +136,9 @@ def capture_linen(
         one = lambda v: capture_linen(module, v, inputs, filter=filter, **apply_kwargs)
         return _over_models(one, variables, model_axis, "variables")
     fn = lambda x: _linen_found(module, variables, x, apply_kwargs)
-    return _flax_paths.select(_flax_paths.ordered(fn, inputs), filter)
+    with _stacked_hint(dict(variables).get("params", {}), "variables"):
+        found = _flax_paths.ordered(fn, inputs)
+    return _flax_paths.select(found, filter)
 
 
 def _over_models(
@@ -265,13 +268,34 @@ def capture_nnx(
       >>> sweep = jaxsim.similarity_grid(acts, model_axis=0)  # (4, 4, L, L)  # doctest: +SKIP
     """
     _nnx_module(module)
-    if model_axis is not None:
-        from flax import nnx
+    from flax import nnx
 
+    if model_axis is not None:
         graphdef, state = nnx.split(module)
         one = lambda st: capture_nnx(nnx.merge(graphdef, st), inputs, filter=filter)
         return _over_models(one, state, model_axis, "module")
-    return _flax_paths.select(_flax_paths.ordered(lambda x: _nnx_found(module, x), inputs), filter)
+    with _stacked_hint(nnx.state(module, nnx.Param), "module"):
+        found = _flax_paths.ordered(lambda x: _nnx_found(module, x), inputs)
+    return _flax_paths.select(found, filter)
+
+
+@contextlib.contextmanager
+def _stacked_hint(params: Any, arg: str) -> Iterator[None]:
+    """A model that fails on its inputs while every parameter array shares a leading axis
+    is most likely an ensemble (``nnx.vmap``, stacked variables): say so."""
+    try:
+        yield
+    except Exception as err:  # a shape error from jax or flax, re-raised unless stacked
+        leaves = [np.shape(leaf) for leaf in jax.tree.leaves(params)]
+        first = {shape[0] for shape in leaves if len(shape) >= 2}
+        if len(leaves) >= 2 and len(first) == 1 and all(len(shape) >= 2 for shape in leaves):
+            raise ValueError(
+                f"{arg}: the model failed on the inputs ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:200]}), and every parameter array has a leading "
+                f"axis of {first.pop()}: if it stacks models (an ensemble made with nnx.vmap, "
+                "stacked checkpoints), pass model_axis=0"
+            ) from err
+        raise
 
 
 def as_capture(

@@ -137,6 +137,7 @@ def test_float32_grids_agree_with_float64(rng):
         np.testing.assert_allclose(got.values, ref, atol=1e-3, err_msg=metric)
 
 
+@pytest.mark.slow  # suite time; the blockwise median in float32: test_kernel.py
 def test_float32_rbf_grid_bandwidth_in_blocks(rng, monkeypatch):
     """n = 1100 (3 blocks): each layer's RBF bandwidth (radix selection) and centering row
     are found over distance blocks; in float32 on a power-law spectrum with an offset, a

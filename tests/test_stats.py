@@ -166,13 +166,28 @@ def svcca_population(rng, n=512):
 
 CKA_TRUTH = 16 / (np.sqrt(32) * 8)
 COVERAGE = [
-    ("linear_cka", {}, cka_population, CKA_TRUTH),
-    ("linear_cka", {"debiased": True}, cka_population, CKA_TRUTH),
-    ("svcca", {"keep_dims": 4}, svcca_population, 1 / np.sqrt(2)),
+    pytest.param("linear_cka", {}, cka_population, CKA_TRUTH, id="cka"),
+    # the same bootstrap on other estimators: with -m slow (suite time)
+    pytest.param(
+        "linear_cka",
+        {"debiased": True},
+        cka_population,
+        CKA_TRUTH,
+        id="debiased",
+        marks=pytest.mark.slow,
+    ),
+    pytest.param(
+        "svcca",
+        {"keep_dims": 4},
+        svcca_population,
+        1 / np.sqrt(2),
+        id="svcca",
+        marks=pytest.mark.slow,
+    ),
 ]
 
 
-@pytest.mark.parametrize("metric,opts,make,truth", COVERAGE, ids=["cka", "debiased", "svcca"])
+@pytest.mark.parametrize("metric,opts,make,truth", COVERAGE)
 def test_nominal_95_percent_intervals_cover_the_population_value(metric, opts, make, truth):
     # at n=512, biased CKA overestimates this population value by ~0.05, about 5 of its
     # standard errors: no interval around the raw statistic could cover it

@@ -172,6 +172,9 @@ def test_nnx_ensemble_to_sweep_grid_stream_and_figure(x64, rng):
     x = rng.normal(size=(64, 6))
     acts = capture_nnx(models, x, model_axis=0)
     assert list(acts) == ["fc1", "fc2", "head"] and acts["fc2"].shape == (3, 64, 12)
+    # without model_axis the ensemble fails inside the model: the error says why
+    with pytest.raises(ValueError, match=r"leading axis of 3.*pass model_axis=0"):
+        capture_nnx(models, x)
     graphdef, state = nnx.split(models)
     for i in range(3):  # each member's own activations
         member = nnx.merge(graphdef, jax.tree.map(lambda leaf: leaf[i], state))
@@ -219,6 +222,8 @@ def test_training_run_checkpoints_as_a_sweep(x64, rng, tmp_path):
     run = stack_models(restored)
     acts = capture_linen(module, run, x, model_axis=0)
     assert acts["fc1"].shape == (4, 40, 16)
+    with pytest.raises(ValueError, match=r"variables: .*leading axis of 4.*pass model_axis=0"):
+        capture_linen(module, run, x)
     sweep = jaxsim.similarity_grid(acts, model_axis=0, models=[f"step{i}" for i in range(4)])
     for i, ckpt in enumerate(restored):
         own = capture_linen(module, ckpt, x)
