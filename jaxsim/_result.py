@@ -208,6 +208,43 @@ class SweepGrid:
     def shape(self) -> tuple[int, int, int, int]:
         return (len(self.models_a), len(self.models_b), len(self.rows), len(self.cols))
 
+    def save(self, path: str) -> str:
+        """Writes the sweep (values, model and layer names, metric, labels) to an ``.npz``
+        file; returns the path written."""
+        path = str(path)
+        path = path if path.endswith(".npz") else path + ".npz"
+        np.savez(
+            path,
+            values=self.to_numpy(),
+            models_a=np.array(self.models_a, dtype=str),
+            models_b=np.array(self.models_b, dtype=str),
+            rows=np.array(self.rows, dtype=str),
+            cols=np.array(self.cols, dtype=str),
+            metric=np.array(self.metric),
+            labels=np.array([self.row_label, self.col_label], dtype=str),
+            notes=np.array(self.notes, dtype=str),
+            self_sweep=np.array(self.self_sweep),
+        )
+        return path
+
+    @classmethod
+    def load(cls, path: str) -> "SweepGrid":
+        with np.load(path) as f:
+            names = lambda k: tuple(str(v) for v in f[k])
+            labels = names("labels")
+            return cls(
+                jnp.asarray(f["values"]),
+                names("models_a"),
+                names("models_b"),
+                names("rows"),
+                names("cols"),
+                str(f["metric"]),
+                labels[0],
+                labels[1],
+                names("notes"),
+                bool(f["self_sweep"]),
+            )
+
     def pair(self, model_a: int | str, model_b: int | str) -> Grid:
         """The layer grid of one pair of models (by position or name), as a :class:`Grid`."""
         i = _model_index(self.models_a, model_a, "models_a")

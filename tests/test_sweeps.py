@@ -57,6 +57,15 @@ def test_self_sweep_equals_numpy_per_pair(x64, rng):
     assert pair.rows == ref.rows and pair.row_label == "model 0" and pair.col_label == "model 2"
 
 
+def test_sweep_saves_and_loads(tmp_path, rng):
+    sweep = jaxsim.similarity_grid(sweep_layers(rng, models=2), model_axis=0, models=["a", "b"])
+    back = jaxsim.SweepGrid.load(sweep.save(tmp_path / "sweep"))
+    np.testing.assert_array_equal(back.values, sweep.values)
+    assert (back.models_a, back.rows, back.metric, back.self_sweep) == (
+        ("a", "b"), sweep.rows, "linear_cka", True,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("metric", ["mean_cca", "pwcca"])
 def test_cross_sweep_of_pairwise_measures(x64, rng, metric):
     """A pairwise measure over two sweeps (2 x 3 models): each cell is the reference on that
