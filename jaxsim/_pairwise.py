@@ -83,12 +83,15 @@ def _assemble(
 
 
 WIDEN_SLACK = 1 / 8  # a widened summary costs at most this much more per dimension
+NARROW = 64  # widths up to this share one bucket: their pair steps cost less than a compile
 
 
 def buckets(widths: Iterable[int], slack: float | None = None) -> dict[int, int]:
     """Each width's bucket: going down from the widest, a width joins the current bucket
     when that is at most ``slack`` (default ``WIDEN_SLACK``) above it (58, 60, 64 -> 64;
-    40 -> 40)."""
+    40 -> 40 when wider layers are there); widths up to ``NARROW`` all join the bucket of
+    the widest of them (10, 40, 64 -> 64): a pair step on 64 directions takes
+    microseconds, compiling another takes about a second."""
     slack = WIDEN_SLACK if slack is None else slack
     out: dict[int, int] = {}
     top = None
@@ -96,6 +99,9 @@ def buckets(widths: Iterable[int], slack: float | None = None) -> dict[int, int]
         if top is None or top > w * (1 + slack):
             top = w
         out[w] = top
+    narrow = [w for w in out if w <= NARROW]
+    for w in narrow:
+        out[w] = out[max(narrow)]
     return out
 
 

@@ -150,10 +150,15 @@ def np_svcca_variance(x, y, frac):
 def test_close_widths_share_a_compiled_pair_step(x64, rng):
     """Mean CCA and SVCCA pad each layer's basis with zero columns to the widest width
     within 1/8 above it (zero columns add only canonical correlations past the rank):
-    widths 58, 60, 64 and 40 compile 3 pair steps (one bucket of 64 and one of 40), not
-    6, and the values (padded with each other, with an unpadded layer, with themselves)
-    equal the NumPy formulas."""
-    widths = (58, 60, 64, 40)
+    widths 116, 120, 128 and 80 compile 3 pair steps (one bucket of 128 and one of 80),
+    not 6, and the values (padded with each other, with an unpadded layer, with
+    themselves) equal the NumPy formulas. Widths up to 64 share one bucket whatever
+    their spread."""
+    from jaxsim._pairwise import buckets
+
+    assert buckets([10, 40, 64, 200]) == {10: 64, 40: 64, 64: 64, 200: 200}
+    assert buckets([30, 50, 70, 72]) == {72: 72, 70: 72, 50: 50, 30: 50}
+    widths = (116, 120, 128, 80)
     acts = [
         rng.normal(size=(300, 8)) @ rng.normal(size=(8, d)) + rng.normal(size=(300, d))
         for d in widths
