@@ -86,7 +86,13 @@ def _procrustes_pair(a: Array, b: Array) -> Array:
 def procrustes_measure(*, alpha: float = 1.0) -> Measure:
     """Procrustes similarity (the cosine of the angular shape distance) as a Measure."""
     alpha = _check_alpha(alpha)
-    return Measure("procrustes", functools.partial(_shape_normalize, alpha=alpha), _procrustes_pair)
+    prepare = functools.partial(_shape_normalize, alpha=alpha)
+    return Measure("procrustes", prepare, _procrustes_pair, widen=_zero_columns)
+
+
+def _zero_columns(s: Array, k: int) -> Array:
+    """A normalized layer padded to width k (zero columns leave every nuclear norm)."""
+    return jnp.pad(s, [(0, 0), (0, k - s.shape[1])])
 
 
 def _check_alpha(alpha: Any) -> float:

@@ -279,3 +279,19 @@ def test_rsa_with_tied_dissimilarities(x64, rng, dtype):
     np.testing.assert_allclose(
         grouped, [[stats.spearmanr(a, b)[0] for b in rdms] for a in rdms], **tol
     )
+
+
+def test_procrustes_grid_pads_close_widths(x64, rng):
+    """Zero columns leave a nuclear norm as it is: Procrustes grids pad layers to their
+    width bucket (widths up to 64 together, 120 with 128), 3 compiled pair steps for 5
+    widths, values equal to per-pair calls."""
+    from jaxsim._measure import TRACE_COUNT
+
+    acts = [rng.normal(size=(200, d)) @ rng.normal(size=(d, d)) for d in (10, 40, 64, 128, 120)]
+    for alpha in (1.0, 0.0):
+        before = TRACE_COUNT["pairs"]
+        grid = jaxsim.similarity_grid(acts, metric="procrustes", alpha=alpha, progress=False)
+        # (the same pair step serves both alphas: compiled for the first only)
+        assert TRACE_COUNT["pairs"] - before == (3 if alpha == 1 else 0)
+        ref = [[float(jaxsim.procrustes_similarity(a, b, alpha=alpha)) for b in acts] for a in acts]
+        np.testing.assert_allclose(grid.values, ref, rtol=1e-10, atol=1e-12)
