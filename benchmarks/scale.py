@@ -158,7 +158,7 @@ SHARDED = textwrap.dedent("""
     rng = np.random.default_rng(0)
     print(f"{'route':>9} {'n':>5} {'widths':>10} {'FLOPs/device 8 vs 1':>20} "
           f"{'s 1 device':>11} {'s 8 devices':>12}")
-    from jaxsim import grid
+    from jaxsim import _pairwise, _sharding
     # (n = 512: one Gram block on one device, so that XLA, which counts a loop body once,
     # counts every product)
     for method, n, d in (("features", 4096, 64), ("gram", 512, 512)):
@@ -167,7 +167,7 @@ SHARDED = textwrap.dedent("""
         one = [jax.device_put(x, jax.devices()[0]) for x in layers]
         fn = lambda l: jaxsim.similarity_grid(l, method=method, progress=False).values
         if method == "gram":  # the ring over the mesh (eager: the sharding is visible)
-            ring = grid._ring_program(mesh, "batch")
+            ring = _sharding.ring_program(mesh, "batch")
             ratio = flops(ring, spread) / flops(fn, one)
             print(f"{'gram ring':>9} {n:5d} {str((d,) * 6)[:10]:>10} {ratio:19.3f}x "
                   f"{best(fn, one):11.3f} {best(fn, spread):12.3f}")
@@ -184,7 +184,7 @@ SHARDED = textwrap.dedent("""
     one = [jax.device_put(x, jax.devices()[0]) for x in batch]
     init = jaxsim.minibatch_cka_init(6, dtype=np.float32)
     update = lambda l: jaxsim.minibatch_cka_update(init, l).cross
-    ring = grid._ring_program(mesh, "batch", True, False, np.dtype("float32"))
+    ring = _sharding.ring_program(mesh, "batch", True, False, np.dtype("float32"))
     ratio = flops(ring, spread) / flops(update, one)
     print(f"{'minibatch':>9} {512:5d} {str((512,) * 6)[:10]:>10} {ratio:19.3f}x "
           f"{best(update, one):11.3f} {best(update, spread):12.3f}")
@@ -199,9 +199,9 @@ SHARDED = textwrap.dedent("""
     m = canonical.pwcca_measure()
     summaries = tuple(m.prepare(x) for x in layers)
     ii, jj = (np.asarray(v, np.int32) for v in np.triu_indices(48))
-    one = grid._pairs.lower(m.pair, summaries, None, ii, jj, len(ii)).compile()
+    one = _pairwise.pair_batches.lower(m.pair, summaries, None, ii, jj, len(ii)).compile()
     k = -(-len(ii) // 8) * 8
-    spread = grid._spread_pairs(m.pair, k // 8, mesh).lower(
+    spread = _pairwise.spread_pairs(m.pair, k // 8, mesh).lower(
         summaries, None, np.resize(ii, k), np.resize(jj, k)).compile()
     ratio = flops_of(spread) / flops_of(one)
     fn = lambda l: jaxsim.similarity_grid(l, metric="pwcca", progress=False, warn=False).values

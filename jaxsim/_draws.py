@@ -65,6 +65,8 @@ def _permuted(measure: Measure, summary: Any, y: Array, perm: Array) -> Any:
         return summary._replace(features=summary.features[perm], row_sq=summary.row_sq[perm])
     if isinstance(summary, (canonical.CCASummary, canonical.Subspace, geometry.RidgeSummary)):
         return summary._replace(basis=summary.basis[perm])
+    if isinstance(summary, canonical.Units):
+        return summary._replace(layer=summary.layer._replace(basis=summary.layer.basis[perm]))
     if isinstance(summary, _row_blocks.Neighbours):  # example perm[i] is now example i
         return summary._replace(indices=jnp.argsort(perm)[summary.indices[perm]])
     return measure.prepare(y[perm])

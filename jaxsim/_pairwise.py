@@ -105,18 +105,24 @@ def buckets(widths: Iterable[int], slack: float | None = None) -> dict[int, int]
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _jit_widen(widen: Callable[[Any, int], Any]) -> Callable[[Any, int], Any]:
+    """``widen`` as one compiled program per summary shape and width (eagerly, each of its
+    pads would be a program of its own)."""
+    return jax.jit(widen, static_argnums=1)
+
+
 def _widened(
     measure: Measure, sa: Sequence[Any], sb: Sequence[Any], self_grid: bool
 ) -> tuple[list[Any], list[Any]]:
     """Summaries padded to their width's bucket (both sides together), for measures that
     allow it: fewer shape groups, hence fewer compiled pair steps, the same values."""
     bucket = buckets(summary_width(s) for s in [*sa, *([] if self_grid else sb)])
+    pad = _jit_widen(measure.widen)
 
     def widen(ss):
         return [
-            s
-            if bucket[summary_width(s)] == summary_width(s)
-            else measure.widen(s, bucket[summary_width(s)])
+            s if bucket[summary_width(s)] == summary_width(s) else pad(s, bucket[summary_width(s)])
             for s in ss
         ]
 

@@ -94,6 +94,38 @@ class Subspace(NamedTuple):
     weights: Array | None = None  # as CCASummary.weights
 
 
+class Units(NamedTuple):
+    """PWCCA's prepared layer: the mask of its units first (a grid reads a summary's width,
+    here the number of units, from its first leaf), then its :class:`CCASummary`.
+    :func:`_widen_units` pads it with units that no PWCCA value sees."""
+
+    kept: Array  # (d,) as CCASummary.kept
+    layer: CCASummary
+
+
+def _widen_units(s: Units, d: int) -> Units:
+    """The same layer with ``d - width`` absent units and as many null directions (up to
+    ``min(n, d)``): zero columns of the data and of ``V^T``, zero means, not kept (so
+    cropped from the reference's matrix and never a side's unit), zero directions (zero
+    canonical correlations past the rank, which weigh nothing; QR and the SVD treat
+    zero rows and columns exactly)."""
+    layer = s.layer
+    n, k = layer.basis.shape[0], layer.values.shape[0]
+    extra_d, extra_k = d - layer.kept.shape[0], min(n, d) - k
+    pad = lambda a, widths: jnp.pad(a, widths)
+    basis_extra = extra_d if layer.weights is not None else extra_k  # X_s (n, d) or U F (n, k)
+    widened = layer._replace(
+        basis=pad(layer.basis, [(0, 0), (0, basis_extra)]),
+        values=pad(layer.values, [(0, extra_k)]),
+        right=pad(layer.right, [(0, extra_k), (0, extra_d)]),
+        factor=pad(layer.factor, [(0, extra_k)]),
+        offset=pad(layer.offset, [(0, extra_d)]),
+        kept=pad(layer.kept, [(0, extra_d)]),
+        weights=None if layer.weights is None else pad(layer.weights, [(0, extra_d), (0, extra_k)]),
+    )
+    return Units(widened.kept, widened)
+
+
 def _subspace(s: CCASummary) -> Subspace:
     return Subspace(s.basis, s.rank, s.weights)
 
@@ -321,9 +353,17 @@ def _pwcca_pair(
     coefs = _valid(s, _rank(a, b))
     x_side = lambda: side(a, p, coefs)
     y_side = lambda: side(b, qh.T, coefs)
-    if epsilon == 0:  # nothing dropped: the narrower side is known statically
-        return x_side() if a.right.shape[1] <= b.right.shape[1] else y_side()
-    return jnp.where(jnp.sum(a.kept) <= jnp.sum(b.kept), x_side(), y_side())
+    # the side with fewer kept units (every unit at epsilon = 0; padded units are never
+    # kept), the first on a tie
+    first = jnp.sum(a.kept) <= jnp.sum(b.kept)
+    if a.right.shape == b.right.shape:  # one shape: pick the side's arrays, compute once
+        pick = lambda u, v: jnp.where(first, u, v)
+        fields = ("values", "right", "factor", "offset", "rank")
+        chosen = a._replace(**{f: pick(getattr(a, f), getattr(b, f)) for f in fields})
+        return side(chosen, pick(p, qh.T), coefs)
+    if epsilon == 0:  # nothing dropped, widths differ: the narrower side is known statically
+        return x_side() if a.right.shape[1] < b.right.shape[1] else y_side()
+    return jnp.where(first, x_side(), y_side())
 
 
 # ---------------------------------------------------------------------------- measures
@@ -363,7 +403,18 @@ def pwcca_measure(*, epsilon: float = 0.0, directions: str = "reference") -> Mea
     _v.choice(directions, "directions", ("reference", "variates"))
     epsilon = _v.non_negative(epsilon, "epsilon")
     pair = functools.partial(_pwcca_pair, epsilon=epsilon, directions=directions)
-    return Measure("pwcca", functools.partial(_prepare_cca, epsilon=epsilon), pair, symmetric=False)
+    return Measure(
+        "pwcca",
+        functools.partial(_prepare_units, epsilon=epsilon),
+        lambda a, b: pair(a.layer, b.layer),
+        symmetric=False,
+        widen=_widen_units,
+    )
+
+
+def _prepare_units(x: Array, epsilon: float) -> Units:
+    s = _prepare_cca(x, epsilon)
+    return Units(s.kept, s)
 
 
 # ---------------------------------------------------------------------- public functions
