@@ -83,15 +83,15 @@ def _assemble(
 
 
 WIDEN_SLACK = 1 / 8  # a widened summary costs at most this much more per dimension
-NARROW = 64  # widths up to this share one bucket: their pair steps cost less than a compile
+NARROW = 64  # widths up to this share one bucket (docs/performance.md: first calls)
 
 
 def buckets(widths: Iterable[int], slack: float | None = None) -> dict[int, int]:
     """Each width's bucket: going down from the widest, a width joins the current bucket
     when that is at most ``slack`` (default ``WIDEN_SLACK``) above it (58, 60, 64 -> 64;
     40 -> 40 when wider layers are there); widths up to ``NARROW`` all join the bucket of
-    the widest of them (10, 40, 64 -> 64): a pair step on 64 directions takes
-    microseconds, compiling another takes about a second."""
+    the widest of them (10, 40, 64 -> 64): so narrow a pair step costs far less than
+    compiling another."""
     slack = WIDEN_SLACK if slack is None else slack
     out: dict[int, int] = {}
     top = None

@@ -12,13 +12,37 @@ import numpy as np
 from jax import Array
 
 
+class _Values:
+    """What both results share: their ``values`` as NumPy, and saving to ``.npz``."""
+
+    values: Array
+
+    def to_numpy(self) -> np.ndarray:
+        return np.asarray(self.values)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.values, dtype=dtype)
+
+    def _write(self, path: str, **fields: Any) -> str:
+        """``values`` and ``fields`` to ``path`` (``.npz`` added when missing); returns
+        the path written."""
+        path = str(path)
+        path = path if path.endswith(".npz") else path + ".npz"
+        np.savez(path, values=self.to_numpy(), **fields)
+        return path
+
+
+def _strings(names: Any) -> np.ndarray:
+    return np.array(names, dtype=str)
+
+
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["values"],
     meta_fields=["rows", "cols", "metric", "row_label", "col_label", "notes", "underdetermined"],
 )
 @dataclasses.dataclass(frozen=True)
-class Grid:
+class Grid(_Values):
     """Similarity of every row layer with every column layer (a pytree).
 
     Attributes:
@@ -45,12 +69,6 @@ class Grid:
     notes: tuple[str, ...] = ()
     underdetermined: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
 
-    def to_numpy(self) -> np.ndarray:
-        return np.asarray(self.values)
-
-    def __array__(self, dtype=None, copy=None):
-        return np.asarray(self.values, dtype=dtype)
-
     @property
     def shape(self) -> tuple[int, int]:
         return (len(self.rows), len(self.cols))
@@ -66,20 +84,16 @@ class Grid:
     def save(self, path: str) -> str:
         """Writes the grid (values, names, metric, labels) to an ``.npz`` file; returns the
         path written (numpy adds ``.npz`` when it is missing)."""
-        path = str(path)
-        path = path if path.endswith(".npz") else path + ".npz"
-        np.savez(
+        return self._write(
             path,
-            values=self.to_numpy(),
-            rows=np.array(self.rows, dtype=str),
-            cols=np.array(self.cols, dtype=str),
+            rows=_strings(self.rows),
+            cols=_strings(self.cols),
             metric=np.array(self.metric),
-            labels=np.array([self.row_label, self.col_label], dtype=str),
-            notes=np.array(self.notes, dtype=str),
+            labels=_strings([self.row_label, self.col_label]),
+            notes=_strings(self.notes),
             underdetermined_rows=np.array(self.underdetermined[0], dtype=np.int64),
             underdetermined_cols=np.array(self.underdetermined[1], dtype=np.int64),
         )
-        return path
 
     @classmethod
     def load(cls, path: str) -> "Grid":
@@ -132,7 +146,7 @@ def _position(names: tuple[str, ...], name: Any, side: str) -> int:
                  "notes", "self_sweep"],
 )  # fmt: skip
 @dataclasses.dataclass(frozen=True)
-class SweepGrid:
+class SweepGrid(_Values):
     """Every layer of every model of one sweep against every layer of every model of
     another (or the same): ``similarity_grid(..., model_axis=...)`` (a pytree).
 
@@ -198,12 +212,6 @@ class SweepGrid:
             same if self_sweep is None else self_sweep,
         )
 
-    def to_numpy(self) -> np.ndarray:
-        return np.asarray(self.values)
-
-    def __array__(self, dtype=None, copy=None):
-        return np.asarray(self.values, dtype=dtype)
-
     @property
     def shape(self) -> tuple[int, int, int, int]:
         return (len(self.models_a), len(self.models_b), len(self.rows), len(self.cols))
@@ -211,21 +219,17 @@ class SweepGrid:
     def save(self, path: str) -> str:
         """Writes the sweep (values, model and layer names, metric, labels) to an ``.npz``
         file; returns the path written."""
-        path = str(path)
-        path = path if path.endswith(".npz") else path + ".npz"
-        np.savez(
+        return self._write(
             path,
-            values=self.to_numpy(),
-            models_a=np.array(self.models_a, dtype=str),
-            models_b=np.array(self.models_b, dtype=str),
-            rows=np.array(self.rows, dtype=str),
-            cols=np.array(self.cols, dtype=str),
+            models_a=_strings(self.models_a),
+            models_b=_strings(self.models_b),
+            rows=_strings(self.rows),
+            cols=_strings(self.cols),
             metric=np.array(self.metric),
-            labels=np.array([self.row_label, self.col_label], dtype=str),
-            notes=np.array(self.notes, dtype=str),
+            labels=_strings([self.row_label, self.col_label]),
+            notes=_strings(self.notes),
             self_sweep=np.array(self.self_sweep),
         )
-        return path
 
     @classmethod
     def load(cls, path: str) -> "SweepGrid":
