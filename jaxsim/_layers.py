@@ -33,6 +33,13 @@ def named(acts: Any, arg: str) -> tuple[list[str], list[Any]]:
     return names, arrays
 
 
+def by_model(layers: Mapping[str, Any], models: Sequence[str]) -> dict[str, Any]:
+    """Layers that stack models on their first axis as one model's layers, model by model:
+    ``{"m/layer": layers[layer][i]}`` for the i-th name m of ``models`` (the order of a
+    sweep's grid, see :meth:`jaxsim.SweepGrid.from_grid`)."""
+    return {f"{m}/{k}": a[i] for i, m in enumerate(models) for k, a in layers.items()}
+
+
 def reduced_layers(
     acts_a: Any,
     acts_b: Any,

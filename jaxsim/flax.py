@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from jaxsim import _flax_paths
+from jaxsim import _flax_paths, _layers
 from jaxsim import minibatch as _minibatch
 from jaxsim._progress import bar
 from jaxsim._result import Grid, SweepGrid
@@ -371,7 +371,7 @@ def _models_flat(capture: Callable[[Any], dict[str, Array]]) -> Callable[[Any], 
     def run(x):
         acts = capture(x)
         count = next(iter(acts.values())).shape[0]
-        return {f"{m}/{k}": v[m] for m in range(count) for k, v in acts.items()}
+        return _layers.by_model(acts, [str(m) for m in range(count)])
 
     return run
 

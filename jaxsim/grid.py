@@ -177,9 +177,8 @@ def similarity_grid(
     return Grid(values, tuple(rows), tuple(cols), name, row_label, col_label, notes, short)
 
 
-def _split_models(acts: Any, axis: Any, arg: str) -> tuple[int, list[str], list[Array]]:
-    """``(M, layer names, per-model layers)`` of one sweep: the layers of model 0, then
-    those of model 1, ..., each with the model axis taken out."""
+def _split_models(acts: Any, axis: Any, arg: str) -> tuple[int, dict[str, Array]]:
+    """``(M, {layer: array with the model axis first})`` of one sweep, validated."""
     if isinstance(axis, bool) or not isinstance(axis, int):
         raise TypeError(f"model_axis: expected an int, got {axis!r}")
     names, arrays = _layers.named(acts, arg)
@@ -199,9 +198,8 @@ def _split_models(acts: Any, axis: Any, arg: str) -> tuple[int, list[str], list[
             f"{arg}: every layer needs the same number of models along model_axis={axis}; "
             f"got {seen}"
         )
-    m = next(iter(counts.values()))
-    moved = [jax.numpy.moveaxis(a, axis, 0) for a in arrays]
-    return m, names, [a[i] for i in range(m) for a in moved]
+    moved = {k: jax.numpy.moveaxis(a, axis, 0) for k, a in zip(names, arrays)}
+    return next(iter(counts.values())), moved
 
 
 def _model_names(models: Any, counts: tuple[int, int], self_grid: bool) -> tuple[tuple, tuple]:
@@ -221,14 +219,13 @@ def _sweep(run: Any, acts_a: Any, acts_b: Any, axis: Any, models: Any) -> SweepG
     """Every model's layers of one sweep against every model's of the other: one grid of
     all ``M L`` layers (each prepared once; on the Gram route, one block loop), its
     values regrouped model by model."""
-    m_a, rows, flat_a = _split_models(acts_a, axis, "acts_a")
+    m_a, stack_a = _split_models(acts_a, axis, "acts_a")
     self_grid = acts_b is None
-    m_b, cols, flat_b = (m_a, rows, flat_a) if self_grid else _split_models(acts_b, axis, "acts_b")
+    m_b, stack_b = (m_a, stack_a) if self_grid else _split_models(acts_b, axis, "acts_b")
     names_a, names_b = _model_names(models, (m_a, m_b), self_grid)
-    key = lambda names, layers: [f"{m}/{k}" for m in names for k in layers]
     grid = run(
-        dict(zip(key(names_a, rows), flat_a)),
-        None if self_grid else dict(zip(key(names_b, cols), flat_b)),
+        _layers.by_model(stack_a, names_a),
+        None if self_grid else _layers.by_model(stack_b, names_b),
     )
     return SweepGrid.from_grid(grid, names_a, None if self_grid else names_b)
 
