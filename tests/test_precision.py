@@ -556,11 +556,12 @@ def test_svds_never_use_the_polar_solver():
     np.testing.assert_allclose(_linalg.svd(x)[1], np.linalg.svd(x, compute_uv=False), rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
+@pytest.mark.slow  # suite time (20 s of compiles); the padding itself: test_grid, test_geometry
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
 def test_padded_grids_in_low_precision_on_realistic_layers(rng, dtype):
     """Grids pad layers to their width bucket (narrow widths together, close wide ones
     together): on power-law and post-ReLU layers with a dead unit, in float32 (and from
-    bfloat16 inputs, computed in float32), every padded cell of mean CCA, SVCCA, PWCCA
+    bfloat16 inputs, computed in float32), every padded cell of mean CCA, PWCCA
     (epsilon 0 and 1e-6, both orders) and Procrustes agrees with the float64 single call,
     whose PWCCA is the NumPy reference's (1e-9) where no unit is dead; and every padded
     cell equals the same dtype's single call. (A PWCCA side with a dead unit at epsilon
