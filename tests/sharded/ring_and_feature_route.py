@@ -168,4 +168,14 @@ np.testing.assert_allclose(
     jaxsim.similarity_grid(stack, model_axis=0).values,
     rtol=1e-12,
 )
+# padded pair grids (PWCCA, Procrustes: widths 10, 40 and 64 share one bucket) with
+# their pairs divided among the devices, under jit: the single-device values
+narrow = [rng.normal(size=(256, 8)) @ rng.normal(size=(8, d)) + rng.normal(size=(256, d))
+          for d in (10, 40, 64)]  # fmt: skip
+replicated = [jax.device_put(x, NamedSharding(mesh, P())) for x in narrow]
+for metric in ("pwcca", "procrustes"):
+    grid = jax.jit(lambda a, metric=metric: jaxsim.similarity_grid(a, metric=metric).values)
+    np.testing.assert_allclose(
+        grid(replicated), jaxsim.similarity_grid(narrow, metric=metric).values, rtol=1e-10
+    )
 print("sharded ok")
