@@ -603,10 +603,10 @@ def test_padded_grids_in_low_precision_on_realistic_layers(rng, dtype):
         # padding adds nothing to the dtype's own error: the cells equal single calls
         for i, j in pairs:
             if metric == "pwcca" and 3 in (i, j):
-                # the dead-unit side: the float32 single call and the grid pick different
-                # vectors of its near-null space (2.4e-3; at epsilon 1e-6 the float64 call
-                # is 2.4e-3 off the NumPy reference too, before this change as well: an
-                # open defect, see the closing note of issue 25)
+                # the dead-unit side: at epsilon 1e-6 the reference's own value moves by
+                # 5e-3 under a 1e-14 change of the inputs (LAPACK's signs; see
+                # test_pwcca_where_the_reference_itself_is_unstable), at 0 the float32
+                # call and the grid pick different vectors of its near-null space
                 continue
             kw = {} if metric == "procrustes" else {"warn": False}
             one = float(single(low[i], low[j], **kw))
