@@ -333,7 +333,9 @@ def test_pwcca_where_the_reference_itself_is_unstable(x64):
     for a, b in ((x, narrow), (x.astype(np.float32), narrow.astype(np.float32))):
         got = float(jaxsim.pwcca(a, b, epsilon=1e-6))
         assert min(spread) - 2e-5 <= got <= max(spread) + 2e-5, (got, min(spread), max(spread))
-    stable = [np_pwcca(narrow, x * (1 + 1e-14 * noise.normal(size=x.shape)), 1e-6) for _ in range(4)]
+    stable = [
+        np_pwcca(narrow, x * (1 + 1e-14 * noise.normal(size=x.shape)), 1e-6) for _ in range(4)
+    ]
     assert max(stable) - min(stable) < 1e-12
     np.testing.assert_allclose(jaxsim.pwcca(narrow, x, epsilon=1e-6), stable[0], rtol=1e-9)
 

@@ -597,11 +597,12 @@ SHARDED = os.path.join(os.path.dirname(__file__), "sharded")
 
 @pytest.mark.parametrize(
     "script",
-    # float32 on the mesh and explicit axes: slow (compile-bound), run with -m slow; the
-    # ring, the feature route and the pairs divided among the devices run in every test
-    # command
+    # every script is compile-bound (the ring and feature routes: 26 s of the test
+    # command's 5 minutes): -m slow. The test command keeps the sharded paths through
+    # the two-process test (ring grid, stream, PWCCA), pwcca_after_cka.py and the
+    # README's sharding example
     [
-        "ring_and_feature_route.py",
+        pytest.param("ring_and_feature_route.py", marks=pytest.mark.slow),
         pytest.param("float32_and_jit.py", marks=pytest.mark.slow),
         pytest.param("explicit_axes.py", marks=pytest.mark.slow),
     ],

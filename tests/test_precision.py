@@ -115,6 +115,7 @@ def test_float32_agrees_with_float64_on_realistic_layers(case):
     assert not bad, f"float64 vs float32 off by more than 1e-3: {bad}"
 
 
+@pytest.mark.slow  # suite time (16 s); float32 grids: the narrow-side and small-grid tests
 def test_float32_grids_agree_with_float64(rng):
     x, y = power_law(rng, 800, 128, 64, 2.0)
     layers = [x, y, np.maximum(y, 0)]
