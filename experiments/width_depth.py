@@ -265,6 +265,60 @@ def analyse(
     return out
 
 
+def mark_background(
+    x: np.ndarray, fraction: float, shift: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A copy of the images in which a random ``fraction`` carry a distinct background
+    statistic (every pixel raised by ``shift``: a bright background, the digit on top),
+    and the mask of those images."""
+    marked = np.random.default_rng(seed).random(len(x)) < fraction
+    out = x.copy()
+    out[marked] += shift
+    return out, marked
+
+
+def positive_control(
+    data: C.Data,
+    *,
+    fraction: float = 0.05,
+    shift: float = 8.0,
+    depth: int = 2,
+    width: int = 8,
+    epochs: int = 5,
+    train_size: int = 1000,
+    lr: float = 0.05,
+    seed: int = 0,
+) -> dict:
+    """The pipeline must see a block where one is planted: a batch-norm ResNet trained on
+    images of which a few percent carry a distinct background (:func:`mark_background`,
+    in the training set and among the held-out images alike) grows a run of early layers
+    in which those images have far larger activation norms (the origins paper's
+    dominant datapoints); the detector must find that run as a block, its dominant
+    images must be the marked ones, and with each layer's first PC removed the run must
+    no longer be one (some pair's CKA at or below the block threshold)."""
+    (xtr, ytr), (xte, _) = data["train"], data["test"]
+    xtr, _ = mark_background(xtr[:train_size], fraction, shift, seed)
+    probe, marked = mark_background(xte, fraction, shift, seed + 1)
+    model = C.create(C.NormResNet, xtr.shape[-1], width, depth, data.num_classes, seed=seed)
+    C.train(
+        model, data, epochs=epochs, batch_size=64, lr=lr, seed=seed, progress=False,
+        train_subset=(xtr, ytr[:train_size]), optimizer="sgd",
+    )  # fmt: skip
+    acts = collect_activations(
+        model, C.batches(probe, None, 256), filter=block_layers, progress=False
+    )
+    r = analyse(acts, None, examples=len(probe))
+    b = r["block"]
+    r["marked_share_of_top"] = float(np.mean(marked[r["top_examples"]]))
+    inside = r["values_without_first_pc"][b["start"] : b["stop"], b["start"] : b["stop"]]
+    r["block_min_cka_without_first_pc"] = float(inside.min())
+    # the detector's first condition no longer holds: some pair drops below the threshold
+    r["vanishes"] = bool(b["found"] and inside.min() <= THRESHOLD)
+    r["passed"] = bool(b["found"] and r["vanishes"] and r["marked_share_of_top"] == 1.0)
+    r["marked"] = int(marked.sum())
+    return r
+
+
 # ---------------------------------------------------------------------------- figures
 
 
@@ -557,6 +611,12 @@ def main(argv=None) -> dict:
         ),
     )  # fmt: skip
     p.add_argument(
+        "--no-control",
+        action="store_true",
+        help="skip the positive control (a small model trained with 5%% of its images on "
+        "a bright background must show a block)",
+    )
+    p.add_argument(
         "--seeds",
         type=int,
         default=2,
@@ -564,7 +624,14 @@ def main(argv=None) -> dict:
         help="2: also train a second seed of every model, for cross-seed CKA",
     )
     t0 = time.time()
-    quick = {"depths": [1, 2], "widths": [4], "epochs": 1, "train_size": 200, "seeds": 1}
+    quick = {
+        "depths": [1, 2],
+        "widths": [4],
+        "epochs": 1,
+        "train_size": 200,
+        "seeds": 1,
+        "no_control": True,
+    }
     args, data, out = C.setup(p, argv, quick, {"paper": PAPER})
     if args.quick and args.arch == "v1":
         args.depths = [8, 14]
@@ -577,8 +644,9 @@ def main(argv=None) -> dict:
     channels = probe.shape[-1]
     capture_filter = every_layer if args.layers == "all" else block_layers
     exact_cka = args.cka in ("exact", "both")
-    # exact CKA needs every held-out image's activations; the mechanism, the first ones
-    kept = probe if exact_cka else probe[: args.examples]
+    # exact CKA on every held-out image (with --cka both, on the mechanism's first
+    # --examples images: every layer of all of them would not fit in memory)
+    kept = probe if args.cka == "exact" else probe[: args.examples]
 
     def trained(depth, width, seed):
         model = _model(args, channels, depth, width, data.num_classes, seed)
@@ -601,6 +669,21 @@ def main(argv=None) -> dict:
         )
         return model, acc, train_acc, acts
 
+    control = None
+    if not args.no_control:
+        control = positive_control(data)
+        b = control["block"]
+        names = control["layers"]
+        print(
+            f"positive control ({control['marked']} of {len(data['test'][0])} held-out "
+            f"images on a bright background, the same share in training): "
+            + (f"block {_short(names[b['start']])}..{_short(names[b['stop'] - 1])}, first-PC "
+               f"share {b['share_in']:.2f} inside" if b["found"] else f"no block ({b['reason']})")
+            + f"; its top images marked: {control['marked_share_of_top']:.0%}; its lowest CKA "
+            f"without PC1 {control['block_min_cka_without_first_pc']:.2f} -> "
+            + ("PASSED" if control["passed"] else "FAILED")
+        )  # fmt: skip
+
     results = {}
     for depth in args.depths:
         for width in args.widths:
@@ -621,6 +704,8 @@ def main(argv=None) -> dict:
             r.update(depth=depth, width=width, test_accuracy=acc, train_accuracy=train_acc)
             results[name] = r
     ok, line = verdict(results)
+    if control is not None and not control["passed"]:
+        line += " (and the positive control FAILED: the pipeline did not see a planted block)"
 
     figure_models(results, args.depths, args.widths, args.data).savefig(
         os.path.join(out, "cka_grids.png")
@@ -666,6 +751,21 @@ def main(argv=None) -> dict:
         "layers": args.layers,
         "reproduced": ok,
         "verdict": line,
+        "positive_control": None
+        if control is None
+        else {
+            k: control.get(k)
+            for k in (
+                "passed",
+                "block",
+                "first_pc_share",
+                "norm_dominance",
+                "marked",
+                "marked_share_of_top",
+                "block_cka",
+                "block_min_cka_without_first_pc",
+            )
+        },  # fmt: skip
         "models": {
             k: {
                 **{f: r.get(f) for f in keep},

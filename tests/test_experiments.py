@@ -48,6 +48,24 @@ def test_width_depth_quick(tmp_path):
     assert summary["reproduced"] == saved["verdict"].startswith("REPRODUCED")
 
 
+def test_positive_control_sees_a_planted_block():
+    """The pipeline (training, capture, CKA grid, first-PC shares, the detector, the
+    grid without each layer's first PC) sees a block where one is planted: 5% of the
+    images on a bright background, in training and held out, give a run of layers
+    dominated by those images (they are the top scorers on its first PC), which stops
+    being a block once each layer's first PC is removed. Without marked images the same
+    model and training show none."""
+    common, wd = load("_common"), load("width_depth")
+    data = common.load_data("digits", unit=True)
+    small = dict(depth=1, width=8, train_size=400, epochs=5)
+    planted = wd.positive_control(data, **small)
+    assert planted["passed"], planted["block"]
+    assert planted["block"]["size"] >= 3 and planted["marked_share_of_top"] == 1.0
+    assert planted["block_min_cka_without_first_pc"] <= wd.THRESHOLD
+    clean = wd.positive_control(data, fraction=0.0, **small)
+    assert not clean["block"]["found"] and not clean["passed"]
+
+
 def smooth_grid(count, decay):
     i = np.arange(count)
     return decay ** np.abs(i[:, None] - i[None, :])
