@@ -439,17 +439,19 @@ def parser(doc: str, out: str):
 
 def setup(p, argv, quick: dict, presets: dict | None = None) -> tuple[Any, Data, str]:
     """Parses the options (``quick`` overrides them under --quick; ``presets`` maps other
-    flags to their overrides, applied where the option was left at its default), loads
+    flags to the values they set for every option not given on the command line), loads
     the data (in [0, 1] when ``args.unit``) and makes the output folder."""
     args = p.parse_args(argv)
-    for flag, values in {**(presets or {}), "quick": quick}.items():
-        if getattr(args, flag, False):
-            defaults = {k: p.get_default(k) for k in values}
-            vars(args).update(
-                {k: v for k, v in values.items() if getattr(args, k) == defaults[k]}
-                if flag != "quick"
-                else values
-            )
+    defaults = {k: p.get_default(k) for k in vars(args)}
+    unset = object()
+    p.set_defaults(**{k: unset for k in defaults})
+    given = {k for k, v in vars(p.parse_args(argv)).items() if v is not unset}
+    p.set_defaults(**defaults)
+    for flag, values in (presets or {}).items():
+        if getattr(args, flag):
+            vars(args).update({k: v for k, v in values.items() if k not in given})
+    if args.quick:
+        vars(args).update(quick)
     data = load_data(args.data, args.data_dir, unit=getattr(args, "unit", False))
     return args, data, out_dir(args.out)
 

@@ -1,30 +1,40 @@
-"""Block structure in wide and deep networks (Nguyen, Raghu & Kornblith 2020), with a verdict.
+r"""Block structure in wide and deep networks (Nguyen, Raghu & Kornblith 2021), with a verdict.
 
 The paper: as a ResNet grows wider or deeper relative to its training set, a large
 contiguous set of its layers becomes nearly identical under linear CKA (the "block
 structure"), those layers' representations are dominated by their first principal
 component (removing it removes the block), and the block is not where it is in a network
-trained from another seed. Narrow, shallow networks show no block.
+trained from another seed. Narrow, shallow networks show no block. The follow-up
+(Nguyen, Raghu & Kornblith 2022, "On the origins of the block structure phenomenon")
+traces the first PC to a few "dominant datapoints" with very large activation norms.
 
-This script trains ResNets (batch norm, SGD with momentum, as in the paper) over a grid
-of depths and widths on a subset of the training images, computes each model's exact CKA
-self-grid on every held-out image, and looks for the paper's block in each model:
+This script trains ResNets over a grid of depths and widths on a subset of the training
+images, computes each model's CKA self-grid on the held-out images and looks for the
+paper's block in each model:
 
   block   the longest run of >= max(3, L/4) consecutive layers whose pairwise CKA all
           exceed 0.9, whose layers put >= 50% of their variance on the first principal
           component, at least 1.5x the share of the layers outside it.
 
 For every model it prints whether a block was found, its extent, the first-PC share
-inside vs outside, the block's mean CKA after the first PC is removed from each layer,
-and the CKA between corresponding block layers of two seeds; then one line saying
-whether the run reproduces the finding (a block in the largest model, none in the
-smallest). It exits normally either way. What the default data (scikit-learn's 8x8
-digits) shows is recorded in experiments/README.md.
+inside vs outside, the share of variance held by the top 1% of images (dominant
+datapoints) inside vs outside, the block's CKA after the first PC is removed, and the
+CKA between corresponding layers of two seeds; then one line saying whether the run
+reproduces the finding (a block in the largest model, none in the smallest). First, a
+positive control: a small model trained with 5% of its images on a bright background
+must show a block made by those images, which removing the first PC undoes. Figures:
+cka_grids.png, cross_seed.png, mechanism.png (grids with and without the first PC, the
+per-layer shares, the held-out images that dominate), control.png, block_size.png.
+What each configuration shows is recorded in experiments/README.md.
 
     python experiments/width_depth.py            # digits, under 10 minutes on 2 CPU cores
     python experiments/width_depth.py --quick    # seconds, for CI
+    python experiments/width_depth.py --paper    # the paper's protocol on MNIST (a GPU)
+    python experiments/width_depth.py --data mnist --arch v1 --unit --weight-decay 1e-4 \
+        --batch-size 128 --depths 8 20 --widths 1 2 --train-size 500 --epochs 60 --cka both
     python experiments/width_depth.py --data cifar10 --data-dir ~/cifar-10-batches-py \
-        --depths 2 8 --widths 16 128 --train-size 10000 --epochs 30
+        --arch v1 --unit --weight-decay 1e-4 --batch-size 128 --depths 20 56 --widths 1 4 \
+        --train-size 3000 --epochs 60 --layers all --cka minibatch
 """
 
 from __future__ import annotations
@@ -316,6 +326,7 @@ def positive_control(
     r["vanishes"] = bool(b["found"] and inside.min() <= THRESHOLD)
     r["passed"] = bool(b["found"] and r["vanishes"] and r["marked_share_of_top"] == 1.0)
     r["marked"] = int(marked.sum())
+    r["images"] = probe
     return r
 
 
@@ -323,7 +334,8 @@ def positive_control(
 
 
 def _short(name: str) -> str:
-    return name.replace("stage", "s").replace("/", ".")
+    name = name.replace("stage", "s").replace("/", ".").replace("blocks.", "b")
+    return name.replace("shortcut", "sc")
 
 
 def _heatmap(ax, values, names, title, block=None):
@@ -710,6 +722,10 @@ def main(argv=None) -> dict:
     figure_models(results, args.depths, args.widths, args.data).savefig(
         os.path.join(out, "cka_grids.png")
     )
+    if control is not None:
+        figure_mechanism(control, "positive control", control["images"]).savefig(
+            os.path.join(out, "control.png")
+        )
     largest = max(results, key=lambda k: (results[k]["depth"], results[k]["width"]))
     if "cross" in results[largest]:
         figure_cross_seed(results[largest], largest).savefig(os.path.join(out, "cross_seed.png"))

@@ -36,7 +36,8 @@ def check_png(path):
 
 def test_width_depth_quick(tmp_path):
     summary = load("width_depth").main(["--quick", "--no-progress", "--out", str(tmp_path)])
-    check_png(tmp_path / "cka_grids.png")
+    for figure in ("cka_grids", "mechanism", "block_size"):
+        check_png(tmp_path / f"{figure}.png")
     saved = json.loads((tmp_path / "grids.json").read_text())
     assert set(saved["models"]) == {"depth 1, width 4", "depth 2, width 4"}
     for model in saved["models"].values():
@@ -44,6 +45,8 @@ def test_width_depth_quick(tmp_path):
         assert all(math.isfinite(v) and -0.2 <= v <= 1 + 1e-5 for v in values)
         assert 1 <= model["block"]["size"] <= len(model["layers"])
         assert all(0 < s <= 1 for s in model["first_pc_share"])
+        assert all(0.01 <= s <= 1 for s in model["norm_dominance"])  # top 1% of images
+        assert len(set(model["top_examples"])) == 8
     assert saved["verdict"].startswith(("REPRODUCED", "NOT REPRODUCED"))
     assert summary["reproduced"] == saved["verdict"].startswith("REPRODUCED")
 
@@ -64,6 +67,22 @@ def test_positive_control_sees_a_planted_block():
     assert planted["block_min_cka_without_first_pc"] <= wd.THRESHOLD
     clean = wd.positive_control(data, fraction=0.0, **small)
     assert not clean["block"]["found"] and not clean["passed"]
+
+
+def test_paper_preset_sets_what_the_command_line_leaves(tmp_path):
+    """--paper sets the paper's protocol for every option not given explicitly."""
+    common, wd = load("_common"), load("width_depth")
+    parser = common.parser(wd.__doc__, str(tmp_path))
+    parser.add_argument("--paper", action="store_true")
+    for k, v in wd.PAPER.items():
+        if k != "data":
+            kind = {"action": "store_true"} if isinstance(v, bool) else {"default": None}
+            parser.add_argument("--" + k.replace("_", "-"), **kind)
+    argv = ["--paper", "--data", "digits", "--epochs", "3", "--out", str(tmp_path)]
+    args, data, _ = common.setup(parser, argv, {}, {"paper": wd.PAPER})
+    assert args.data == "digits" and args.epochs == "3"  # given: kept
+    assert args.arch == "v1" and args.layers == "all" and args.weight_decay == 1e-4
+    assert args.unit and data["train"][0].min() >= 0 and data["train"][0].max() <= 1
 
 
 def smooth_grid(count, decay):
