@@ -700,6 +700,7 @@ def main(argv=None) -> dict:
     for depth in args.depths:
         for width in args.widths:
             name = f"depth {depth}, width {width}"
+            started = time.time()
             model, acc, train_acc, acts = trained(depth, width, 0)
             twin = trained(depth, width, 1) if args.seeds == 2 else None
             mb = None
@@ -713,7 +714,13 @@ def main(argv=None) -> dict:
                 exact_cka=exact_cka,
                 examples=args.examples,
             )
-            r.update(depth=depth, width=width, test_accuracy=acc, train_accuracy=train_acc)
+            r.update(
+                depth=depth,
+                width=width,
+                test_accuracy=acc,
+                train_accuracy=train_acc,
+                seconds=time.time() - started,
+            )
             results[name] = r
     ok, line = verdict(results)
     if control is not None and not control["passed"]:
@@ -756,6 +763,7 @@ def main(argv=None) -> dict:
         "top_examples_twin",
         "top_layer",
         "minibatch_vs_exact",
+        "seconds",
     )
     summary = {
         "data": args.data,
@@ -804,7 +812,7 @@ def main(argv=None) -> dict:
     print(
         f"{'model':>20} {'train/test':>10} {'L':>3}  {'block':>5} {'extent':>16}  "
         f"{'1st-PC in/out':>13}  {'top-1% in/out':>13}  {'CKA in / -PC1':>13}  "
-        f"{'cross-seed in/out':>17}"
+        f"{'cross-seed in/out':>17} {'s':>5}"
     )
     for name, r in results.items():
         b = r["block"]
@@ -815,7 +823,8 @@ def main(argv=None) -> dict:
             f"{_fmt(b['share_in'])} / {_fmt(b['share_out'])}  "
             f"{_fmt(r['dominance_in'])} / {_fmt(r['dominance_out'])}  "
             f"{_fmt(r['block_cka'])} / {_fmt(r['block_cka_without_first_pc'])}  "
-            f"{_fmt(r.get('cross_seed_block')):>8} / {_fmt(r.get('cross_seed_outside'))}"
+            f"{_fmt(r.get('cross_seed_block')):>8} / {_fmt(r.get('cross_seed_outside'))} "
+            f"{r['seconds']:5.0f}"
         )
         if not b["found"]:
             print(f"{'':>22}(no block: {b['reason']})")

@@ -144,8 +144,11 @@ def capture_linen(
 def _over_models(
     capture: Callable[[Any], dict[str, Array]], stacked: Any, axis: int, arg: str
 ) -> dict[str, Array]:
-    """``capture`` vmapped over the models that ``stacked``'s leaves stack along ``axis``,
-    the layers kept in forward order (a vmapped dict would come back sorted)."""
+    """``capture`` mapped over the models that ``stacked``'s leaves stack along ``axis``,
+    the layers kept in forward order (a vmapped dict would come back sorted). On
+    accelerators the models are vmapped; on a CPU they run one after the other
+    (``lax.map``): vmapped convolution kernels become one grouped convolution there,
+    several times slower than the models' own convolutions in turn."""
     sizes = {np.shape(leaf)[axis] for leaf in jax.tree.leaves(stacked) if np.ndim(leaf) > axis}
     if len(sizes) != 1:
         raise ValueError(
@@ -160,8 +163,21 @@ def _over_models(
             names.extend(acts)
         return acts
 
-    out = jax.vmap(one, in_axes=(axis,))(stacked)
+    if SEQUENTIAL_MODELS():
+        moved = jax.tree.map(lambda a: jnp.moveaxis(a, axis, 0), stacked)
+        out = jax.lax.map(one, moved)
+    else:
+        out = jax.vmap(one, in_axes=(axis,))(stacked)
     return {k: out[k] for k in names}
+
+
+def _cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+# Whether a stack of models is captured one model at a time (a function, so tests can
+# take either path on any backend).
+SEQUENTIAL_MODELS: Callable[[], bool] = _cpu
 
 
 def stack_models(models: Sequence[Any]) -> Any:

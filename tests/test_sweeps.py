@@ -171,7 +171,7 @@ class MLP(nnx.Module):
         return self.head(nnx.relu(self.fc2(nnx.relu(self.fc1(x)))))
 
 
-def test_nnx_ensemble_to_sweep_grid_stream_and_figure(x64, rng):
+def test_nnx_ensemble_to_sweep_grid_stream_and_figure(x64, rng, monkeypatch):
     @nnx.split_rngs(splits=3)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def ensemble(rngs):
@@ -189,6 +189,13 @@ def test_nnx_ensemble_to_sweep_grid_stream_and_figure(x64, rng):
         member = nnx.merge(graphdef, jax.tree.map(lambda leaf: leaf[i], state))
         for k, v in capture_nnx(member, x).items():
             np.testing.assert_allclose(acts[k][i], v, rtol=1e-12)
+    # the members in turn (a CPU's path) and vmapped (an accelerator's): the same arrays
+    for sequential in (True, False):
+        monkeypatch.setattr(jaxsim.flax, "SEQUENTIAL_MODELS", lambda s=sequential: s)
+        again = capture_nnx(models, x, model_axis=0)
+        assert list(again) == list(acts)
+        for k in acts:
+            np.testing.assert_allclose(again[k], acts[k], rtol=1e-12)
     sweep = jaxsim.similarity_grid(acts, model_axis=0)
     assert sweep.shape == (3, 3, 3, 3)
     np.testing.assert_allclose(jnp.diagonal(sweep.values[0, 0]), 1.0, rtol=1e-10)
