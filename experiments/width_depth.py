@@ -26,8 +26,8 @@ inside vs outside, the share of variance held by the top 1% of images (dominant
 datapoints) inside vs outside, the block's CKA after the first PC is removed, and the
 CKA between corresponding layers of two seeds; then one line saying whether the run
 reproduces the finding (a block in the largest model, none in the smallest). First, a
-positive control: a small model trained with 5% of its images on a bright background
-must show a block made by those images, which removing the first PC undoes. Figures:
+positive control: a small ResNet trained on 8x8 digits, 5% of them on a bright
+background, must show a block made by those images, which removing the first PC undoes. Figures:
 cka_grids.png, cross_seed.png, mechanism.png (grids with and without the first PC, the
 per-layer shares, the held-out images that dominate), control.png, block_size.png.
 What each configuration shows is recorded in experiments/README.md.
@@ -450,11 +450,11 @@ def figure_mechanism(r: dict, name: str, images: np.ndarray):
     strips = [("seed 0", r["top_examples"])]
     if "top_examples_twin" in r:
         strips.append(("seed 1", r["top_examples_twin"]))
-    fig = Figure(figsize=(10, 8.2), dpi=130)
+    fig = Figure(figsize=(10, 6.2 + 1.1 * len(strips)), dpi=130)
     spec = fig.add_gridspec(
-        3 + len(strips), 3, height_ratios=[3, 1.3] + [0.12] + [0.9] * len(strips),
-        width_ratios=[1, 1, 0.05], hspace=0.6, wspace=0.35, left=0.09, right=0.93,
-        top=0.93, bottom=0.03,
+        2 + len(strips), 3, height_ratios=[3, 1.3] + [0.8] * len(strips),
+        width_ratios=[1, 1, 0.05], hspace=0.55, wspace=0.35, left=0.09, right=0.93,
+        top=0.95, bottom=0.02,
     )  # fmt: skip
     left, right = fig.add_subplot(spec[0, 0]), fig.add_subplot(spec[0, 1])
     _heatmap(left, r["values"], r["layers"], f"{name}: linear CKA", r["block"])
@@ -470,22 +470,27 @@ def figure_mechanism(r: dict, name: str, images: np.ndarray):
     ax.axvspan(b["start"] - 0.5, b["stop"] - 0.5, color="cyan" if b["found"] else "0.85",
                alpha=0.3, label="block" if b["found"] else "longest run (no block)")  # fmt: skip
     ax.set_xlim(-0.5, count - 0.5)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.05)
     ax.set_xticks(range(count), [_short(n) for n in r["layers"]], rotation=90, fontsize=5)
     ax.legend(fontsize=6, loc="upper left", ncol=3)
+    # one grey scale for every image shown (a bright background stays bright)
+    shown = images[[i for _, idx in strips for i in idx]]
+    lo, hi = min(0.0, float(shown.min())), max(1.0, float(shown.max()))
     for row, (seed, idx) in enumerate(strips):
-        sub = spec[3 + row, :2].subgridspec(1, len(idx), wspace=0.05)
+        sub = spec[2 + row, :2].subgridspec(1, len(idx), wspace=0.05)
         for k, i in enumerate(idx):
             a = fig.add_subplot(sub[0, k])
-            a.imshow(np.squeeze(images[i]), cmap="gray")
+            a.imshow(np.squeeze(images[i]), cmap="gray", vmin=lo, vmax=hi)
             a.set_xticks([])
             a.set_yticks([])
             if k == 0:
                 a.set_ylabel(seed, fontsize=7)
-        if row == 0:
-            fig.text(0.09, sub.get_grid_positions(fig)[1][0] + 0.01,
-                     f"held-out images scoring highest on the first PC of {_short(r['top_layer'])}",
-                     fontsize=7)  # fmt: skip
+            if row == 0 and k == 0:
+                a.set_title(
+                    "held-out images scoring highest on the first PC of "
+                    + _short(r["top_layer"]),
+                    fontsize=7, loc="left",
+                )  # fmt: skip
     return fig
 
 
@@ -653,8 +658,8 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--no-control",
         action="store_true",
-        help="skip the positive control (a small model trained with 5%% of its images on "
-        "a bright background must show a block)",
+        help="skip the positive control (a small ResNet trained on 8x8 digits, 5%% of them "
+        "on a bright background, must show a block)",
     )
     p.add_argument(
         "--seeds",
@@ -707,12 +712,12 @@ def main(argv=None) -> dict:
 
     control = None
     if not args.no_control:
-        control = positive_control(data)
+        control = positive_control(C.load_data("digits", unit=True))
         b = control["block"]
         names = control["layers"]
         print(
-            f"positive control ({control['marked']} of {len(data['test'][0])} held-out "
-            f"images on a bright background, the same share in training): "
+            f"positive control (8x8 digits, {control['marked']} of {len(control['images'])} "
+            f"held-out images on a bright background, the same share in training): "
             + (f"block {_short(names[b['start']])}..{_short(names[b['stop'] - 1])}, first-PC "
                f"share {b['share_in']:.2f} inside" if b["found"] else f"no block ({b['reason']})")
             + f"; its top images marked: {control['marked_share_of_top']:.0%}; its lowest CKA "
