@@ -251,6 +251,14 @@ def analyse(
     scores = pcs[middle][1]
     inside = np.zeros(len(names), bool)
     inside[start:stop] = True
+    # per-example norms (over their layer's median) in the block's middle layer and in the
+    # layer outside it farthest from the block
+    relative = lambda k: (lambda v: v / np.median(v))(np.linalg.norm(_centered(sub[k]), axis=1))
+    outside_layer = max(
+        (i for i in range(len(names)) if not inside[i]),
+        key=lambda i: min(abs(i - start), abs(i - stop + 1)),
+        default=None,
+    )
     mean = lambda v, m: float(np.mean(np.asarray(v)[m])) if m.any() else None
     out = {
         "layers": names,
@@ -266,6 +274,9 @@ def analyse(
         "values_without_first_pc": removed,
         "top_examples": [int(i) for i in np.argsort(-np.abs(scores))[:8]],
         "top_layer": names[middle],
+        "norms_in": relative(names[middle]),
+        "norms_out": None if outside_layer is None else relative(names[outside_layer]),
+        "norms_out_layer": None if outside_layer is None else names[outside_layer],
     }
     if twin_acts is not None:  # the same layer of the second seed: its own dominant images
         twin_scores = first_pc(np.asarray(twin_acts[names[middle]])[:examples])[1]
@@ -462,7 +473,18 @@ def figure_mechanism(r: dict, name: str, images: np.ndarray):
         right, r["values_without_first_pc"], r["layers"], "each layer without its first PC"
     )
     fig.colorbar(image, cax=fig.add_subplot(spec[0, 2]), label="linear CKA")
-    ax = fig.add_subplot(spec[1, :2])
+    ax = fig.add_subplot(spec[1, 0])
+    hist = fig.add_subplot(spec[1, 1])
+    bins = np.geomspace(0.1, max(10.0, float(np.max(r["norms_in"]))), 40)
+    hist.hist(r["norms_in"], bins=bins, alpha=0.6, label=_short(r["top_layer"]) + " (in)")
+    if r.get("norms_out") is not None:
+        hist.hist(r["norms_out"], bins=bins, alpha=0.6,
+                  label=_short(r["norms_out_layer"]) + " (out)")  # fmt: skip
+    hist.set_xscale("log")
+    hist.set_yscale("log")
+    hist.set_xlabel("example's activation norm / the layer's median", fontsize=7)
+    hist.tick_params(labelsize=6)
+    hist.legend(fontsize=6)
     count = len(r["layers"])
     ax.plot(range(count), r["first_pc_share"], "o-", ms=3, label="first-PC share")
     ax.plot(range(count), r["norm_dominance"], "s-", ms=3, label="variance on top 1% of images")
