@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
         help="numbers of datapoints on the mean-CCA-vs-datapoints curve",
     )
     args, data, out = C.setup(
-        p, argv, {"width": 24, "epochs": 1, "keep_dims": 10, "curve_points": 4}
+        p, argv, {"width": 24, "epochs": 1, "keep_dims": 10, "curve_points": 2}
     )
     progress = not args.no_progress
     x_all = np.concatenate([data["train"][0], data["test"][0]])

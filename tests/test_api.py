@@ -226,8 +226,8 @@ GRID_ROUTES = {
 @pytest.mark.parametrize("bad", [np.nan, pytest.param(np.inf, marks=pytest.mark.slow)])
 def test_non_finite_in_gives_nan_out(rng, bad):
     """check_finite=False skips the check; it must never turn a NaN or inf into a plausible
-    number: every measure, grid route (n = 1100 takes the blocked Gram routes), minibatch
-    state and CCA result gives NaN where a layer holds one, eagerly and under jit. The
+    number: every measure, grid route (the blocked Gram routes at n = 1100: -m slow),
+    minibatch state and CCA result gives NaN where a layer holds one, eagerly and under jit. The
     per-layer rescaling hid it (linear CKA of a layer with one NaN: 0.976)."""
     x, y = (a.astype(np.float32) for a in related(rng, 48, 6, 5))
     x[3, 2] = bad
@@ -237,24 +237,35 @@ def test_non_finite_in_gives_nan_out(rng, bad):
         assert np.isnan(float(jax.jit(lambda a, b: fn(a, b, **opts))(x, y))), name
     res = jaxsim.cca(x, y, check_finite=False)
     assert all(np.isnan(np.asarray(v)).all() for k, v in res._asdict().items() if k != "rank")
-    for n in (48, 1100):
-        layers = [a.astype(np.float32) for a in related(rng, n, 6, 5)] + [
-            rng.normal(size=(n, 4)).astype(np.float32)
-        ]
-        layers[0][min(n - 1, 700), 1] = bad
-        for route, (metric, opts) in GRID_ROUTES.items():
-            if n > 48 and metric not in ("linear_cka", "rbf_cka"):
-                continue
-            values = np.asarray(
-                jaxsim.similarity_grid(
-                    layers, metric=metric, check_finite=False, progress=False, **opts
-                ).values
-            )
-            assert np.isnan(values[0]).all() and np.isnan(values[:, 0]).all(), route
-            assert np.isfinite(values[1:, 1:]).all(), route
+    layers = _nan_in_grids(rng, bad, 48)
     state = jaxsim.minibatch_cka_update(jaxsim.minibatch_cka_init(3), layers, check_finite=False)
     values = np.asarray(jaxsim.minibatch_cka_result(state, check_finite=False).values)
     assert np.isnan(values[0]).all() and np.isfinite(values[1:, 1:]).all(), "minibatch"
+
+
+@pytest.mark.slow  # suite time; the blocked Gram routes (n = 1100) of the kernel grids
+def test_non_finite_in_blocked_grids_gives_nan_out(rng):
+    _nan_in_grids(rng, np.nan, 1100)
+
+
+def _nan_in_grids(rng, bad, n):
+    """Every grid route (n = 1100: only the kernel grids, in blocks) gives NaN in the row
+    and column of the layer holding ``bad``, finite values elsewhere; returns the layers."""
+    layers = [a.astype(np.float32) for a in related(rng, n, 6, 5)] + [
+        rng.normal(size=(n, 4)).astype(np.float32)
+    ]
+    layers[0][min(n - 1, 700), 1] = bad
+    for route, (metric, opts) in GRID_ROUTES.items():
+        if n > 48 and metric not in ("linear_cka", "rbf_cka"):
+            continue
+        values = np.asarray(
+            jaxsim.similarity_grid(
+                layers, metric=metric, check_finite=False, progress=False, **opts
+            ).values
+        )
+        assert np.isnan(values[0]).all() and np.isnan(values[:, 0]).all(), route
+        assert np.isfinite(values[1:, 1:]).all(), route
+    return layers
 
 
 BOUNDS = {  # (metric, options) -> documented range

@@ -675,7 +675,13 @@ def test_diagonal_halves_in_low_precision(rng, dtype):
 
 @pytest.mark.parametrize(
     "metric,debiased",
-    [("linear_cka", False), ("linear_cka", True), ("rbf_cka", False), ("rbf_cka", True)],
+    # debiased RBF takes the same blocks as the other three (-m slow: suite time)
+    [
+        ("linear_cka", False),
+        ("linear_cka", True),
+        ("rbf_cka", False),
+        pytest.param("rbf_cka", True, marks=pytest.mark.slow),
+    ],
 )
 def test_blocked_grams_with_padding(x64, rng, metric, debiased):
     # n > 1024: Grams are accumulated in blocks (here 3 of 368 rows), the last one padded
@@ -718,6 +724,7 @@ def test_rbf_grid_memory_does_not_grow_with_layers_times_n_squared(debiased):
     assert total.temp_size_in_bytes < kernel_bytes  # not num_layers x
 
 
+@pytest.mark.slow  # suite time (12 s); grids under jit: the sweep, padded and sharded tests
 def test_grids_under_jit(rng):
     # every route, the layers (two widths) the traced argument, names and options
     # static: no host round trip may happen inside
