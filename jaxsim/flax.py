@@ -163,7 +163,7 @@ def _over_models(
             names.extend(acts)
         return acts
 
-    if SEQUENTIAL_MODELS():
+    if _SEQUENTIAL_MODELS():
         moved = jax.tree.map(lambda a: jnp.moveaxis(a, axis, 0), stacked)
         out = jax.lax.map(one, moved)
     else:
@@ -177,7 +177,7 @@ def _cpu() -> bool:
 
 # Whether a stack of models is captured one model at a time (a function, so tests can
 # take either path on any backend).
-SEQUENTIAL_MODELS: Callable[[], bool] = _cpu
+_SEQUENTIAL_MODELS: Callable[[], bool] = _cpu
 
 
 def stack_models(models: Sequence[Any]) -> Any:

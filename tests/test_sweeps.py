@@ -191,7 +191,7 @@ def test_nnx_ensemble_to_sweep_grid_stream_and_figure(x64, rng, monkeypatch):
             np.testing.assert_allclose(acts[k][i], v, rtol=1e-12)
     # the members in turn (a CPU's path) and vmapped (an accelerator's): the same arrays
     for sequential in (True, False):
-        monkeypatch.setattr(jaxsim.flax, "SEQUENTIAL_MODELS", lambda s=sequential: s)
+        monkeypatch.setattr(jaxsim.flax, "_SEQUENTIAL_MODELS", lambda s=sequential: s)
         again = capture_nnx(models, x, model_axis=0)
         assert list(again) == list(acts)
         for k in acts:
