@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
         help="examples the layers are compared on (default: all images)",
     )
     args, data, out = C.setup(
-        p, argv, {"seeds": 2, "depth": 3, "width": 16, "epochs": 1, "probe": 600}
+        p, argv, {"seeds": 2, "depth": 3, "width": 16, "epochs": 1, "probe": 300}
     )
     x = np.concatenate([data["train"][0], data["test"][0]])  # a probe set, labels unused
     x = x[: args.probe]

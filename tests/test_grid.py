@@ -508,6 +508,7 @@ def test_cross_grids_form_only_the_cross_pairs(x64, rng):
     )
 
 
+@pytest.mark.slow  # suite time (8 s); the accelerator form: test_float32_cross_grids_*
 def test_accelerator_form_batches_equal_shaped_layers(x64, rng, monkeypatch):
     """On an accelerator the Gram route forms each block of equal-width layers as one
     batched product (the compiled block sum has a dot_general with a batch dimension),
