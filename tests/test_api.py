@@ -227,13 +227,17 @@ GRID_ROUTES = {
 def test_non_finite_in_gives_nan_out(rng, bad):
     """check_finite=False skips the check; it must never turn a NaN or inf into a plausible
     number: every measure, grid route (the blocked Gram routes at n = 1100: -m slow),
-    minibatch state and CCA result gives NaN where a layer holds one, eagerly and under jit. The
+    minibatch state and CCA result gives NaN where a layer holds one, eagerly and under jit
+    (one measure of each family: a public call runs the same compiled program). The
     per-layer rescaling hid it (linear CKA of a layer with one NaN: 0.976)."""
     x, y = (a.astype(np.float32) for a in related(rng, 48, 6, 5))
     x[3, 2] = bad
     for name, (fn, opts) in MEASURES.items():
         assert np.isnan(float(fn(x, y, check_finite=False, **opts))), name
         assert np.isnan(float(fn(y, x, check_finite=False, **opts))), name
+    # under jit (no check is possible there): one measure of each family
+    for name in ("linear_cka", "pwcca", "procrustes", "rsa"):
+        fn, opts = MEASURES[name]
         assert np.isnan(float(jax.jit(lambda a, b: fn(a, b, **opts))(x, y))), name
     res = jaxsim.cca(x, y, check_finite=False)
     assert all(np.isnan(np.asarray(v)).all() for k, v in res._asdict().items() if k != "rank")

@@ -226,6 +226,7 @@ def test_layer_identification_quick(tmp_path):
     assert saved["seeds"] == 2 and saved["verdict"] == r["verdict"]
 
 
+@pytest.mark.slow  # suite time; the scripts' shared pieces run in the other quick tests
 def test_transferability_quick(tmp_path):
     r = load("transferability").main(["--quick", "--no-progress", "--out", str(tmp_path)])
     check_png(tmp_path / "similarity.png")

@@ -676,11 +676,11 @@ def test_diagonal_halves_in_low_precision(rng, dtype):
 
 @pytest.mark.parametrize(
     "metric,debiased",
-    # debiased RBF takes the same blocks as the other three (-m slow: suite time)
+    # RBF takes the same blocks as linear CKA (-m slow: suite time)
     [
         ("linear_cka", False),
         ("linear_cka", True),
-        ("rbf_cka", False),
+        pytest.param("rbf_cka", False, marks=pytest.mark.slow),
         pytest.param("rbf_cka", True, marks=pytest.mark.slow),
     ],
 )
