@@ -494,7 +494,7 @@ def figure_mechanism(r: dict, name: str, images: np.ndarray):
     ax.set_xlim(-0.5, count - 0.5)
     ax.set_ylim(0, 1.05)
     ax.set_xticks(range(count), [_short(n) for n in r["layers"]], rotation=90, fontsize=5)
-    ax.legend(fontsize=6, loc="upper left", ncol=3)
+    ax.legend(fontsize=5, loc="lower left", ncol=3, bbox_to_anchor=(0, 1), frameon=False)
     # one grey scale for every image shown (a bright background stays bright)
     shown = images[[i for _, idx in strips for i in idx]]
     lo, hi = min(0.0, float(shown.min())), max(1.0, float(shown.max()))
