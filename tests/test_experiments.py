@@ -60,7 +60,7 @@ def test_positive_control_sees_a_planted_block():
     model and training show none."""
     common, wd = load("_common"), load("width_depth")
     data = common.load_data("digits", unit=True)
-    small = dict(depth=1, width=8, train_size=400, epochs=5)
+    small = dict(depth=1, width=4, train_size=400, epochs=5)  # the quick run's first model
     planted = wd.positive_control(data, **small)
     assert planted["passed"], planted["block"]
     assert planted["block"]["size"] >= 3 and planted["marked_share_of_top"] == 1.0
