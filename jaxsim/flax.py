@@ -23,6 +23,7 @@ import numpy as np
 from jax import Array
 
 from jaxsim import _flax_paths, _layers
+from jaxsim import _linalg as _la
 from jaxsim import minibatch as _minibatch
 from jaxsim._progress import bar
 from jaxsim._result import Grid, SweepGrid
@@ -171,13 +172,9 @@ def _over_models(
     return {k: out[k] for k in names}
 
 
-def _cpu() -> bool:
-    return jax.default_backend() == "cpu"
-
-
 # Whether a stack of models is captured one model at a time (a function, so tests can
 # take either path on any backend).
-_SEQUENTIAL_MODELS: Callable[[], bool] = _cpu
+_SEQUENTIAL_MODELS: Callable[[], bool] = _la._on_cpu
 
 
 def stack_models(models: Sequence[Any]) -> Any:

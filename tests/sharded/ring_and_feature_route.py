@@ -168,6 +168,42 @@ np.testing.assert_allclose(
     jaxsim.similarity_grid(stack, model_axis=0).values,
     rtol=1e-12,
 )
+# a stacked ensemble captured with its inputs divided among the devices, under jit, the
+# models in turn (a CPU's path) and vmapped (an accelerator's): the single-device arrays,
+# and its minibatch sweep the same
+from flax import nnx  # noqa: E402
+
+from jaxsim import flax as jflax  # noqa: E402
+
+
+class Conv(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 6, (3, 3), rngs=rngs)
+        self.head = nnx.Linear(6, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.conv(x)).mean(axis=(1, 2)))
+
+
+ensemble = nnx.split_rngs(splits=3)(nnx.vmap(Conv, in_axes=0, out_axes=0))(nnx.Rngs(0))
+images = rng.normal(size=(64, 6, 6, 3))
+spread_images = jax.device_put(images, NamedSharding(mesh, P("batch")))
+want = jflax.capture_nnx(ensemble, images, model_axis=0)
+original = jflax._SEQUENTIAL_MODELS
+for sequential in (True, False):
+    jflax._SEQUENTIAL_MODELS = lambda s=sequential: s
+    got = jax.jit(lambda m, x: jflax.capture_nnx(m, x, model_axis=0))(ensemble, spread_images)
+    assert list(got) == list(want)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-14, err_msg=k)
+    batches = [spread_images[i : i + 16] for i in range(0, 64, 16)]
+    np.testing.assert_allclose(
+        jflax.minibatch_grid(ensemble, batches, model_axis=0, progress=False).values,
+        jflax.minibatch_grid(ensemble, [images[i : i + 16] for i in range(0, 64, 16)],
+                             model_axis=0, progress=False).values,
+        rtol=1e-10,
+    )  # fmt: skip
+jflax._SEQUENTIAL_MODELS = original
 # padded pair grids (PWCCA, Procrustes: widths 10, 40 and 64 share one bucket) with
 # their pairs divided among the devices, under jit: the single-device values
 narrow = [rng.normal(size=(256, 8)) @ rng.normal(size=(8, d)) + rng.normal(size=(256, d))
