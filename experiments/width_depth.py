@@ -32,9 +32,9 @@ cka_grids.png, cross_seed.png, mechanism.png (grids with and without the first P
 per-layer shares, the held-out images that dominate), control.png, block_size.png.
 What each configuration shows is recorded in experiments/README.md.
 
-    python experiments/width_depth.py          # MNIST, the paper's protocol, ~10 min, 2 cores
-    python experiments/width_depth.py --quick  # 8x8 digits, seconds, for CI
-    python experiments/width_depth.py --paper  # deeper and wider, every layer (a GPU)
+    python experiments/width_depth.py          # MNIST, the paper's protocol (README: run time)
+    python experiments/width_depth.py --quick  # 8x8 digits, one epoch, for CI
+    python experiments/width_depth.py --paper  # deeper and wider, every layer (accelerator)
     python experiments/width_depth.py --data digits --arch resnet --no-unit --depths 1 6 \
         --widths 8 32 --train-size 200 --epochs 40 --batch-size 64 --weight-decay 0 \
         --cka exact                            # the earlier default, on 8x8 digits
@@ -58,6 +58,7 @@ import _common as C  # noqa: E402
 
 import jaxsim  # noqa: E402
 from jaxsim.flax import collect_activations  # noqa: E402
+from jaxsim.sweeps import corresponding_layers  # noqa: E402
 
 THRESHOLD = 0.9  # pairwise CKA inside a block
 DOMINANCE = 0.5  # first-PC share of the block layers' variance
@@ -100,37 +101,50 @@ def _centered(x: np.ndarray) -> np.ndarray:
     return x - x.mean(0)
 
 
-def first_pc(x: np.ndarray) -> tuple[float, np.ndarray]:
-    """A layer's first principal component: the fraction of its variance along it and
-    the examples' unit-norm scores on it (the top eigenvector of the centered Gram,
-    n x n: layers are far wider than the examples analysed)."""
-    xc = _centered(x)
-    gram = xc @ xc.T if xc.shape[1] > len(xc) else None
-    if gram is None:
-        u, s, _ = np.linalg.svd(xc, full_matrices=False)
-        return float(s[0] ** 2 / np.sum(s * s)), u[:, 0]
-    w, v = np.linalg.eigh(gram)
-    return float(w[-1] / np.sum(w)), v[:, -1]
+def _pc1(xc: np.ndarray) -> tuple[float, np.ndarray]:
+    """Share of variance and unit-norm example scores of a centered layer's first PC:
+    from the n x n Gram's top eigenvector when the layer is wider than the examples
+    analysed, else from the SVD."""
+    if xc.shape[1] > len(xc):
+        w, v = np.linalg.eigh(xc @ xc.T)
+        return float(w[-1] / np.sum(w)), v[:, -1]
+    u, s, _ = np.linalg.svd(xc, full_matrices=False)
+    return float(s[0] ** 2 / np.sum(s * s)), u[:, 0]
 
 
 def first_pc_share(x: np.ndarray) -> float:
     """Fraction of a layer's variance along its first principal component."""
-    return first_pc(x)[0]
+    return _pc1(_centered(x))[0]
 
 
 def without_first_pc(x: np.ndarray) -> np.ndarray:
     """The centered layer with its first principal component projected out."""
+    return mechanism(x)["removed"]
+
+
+def mechanism(x: np.ndarray, top: float = 0.01) -> dict:
+    """The origins paper's evidence in one layer (``(n, ...)``, centered once):
+
+    - ``share``: fraction of its variance along its first principal component;
+    - ``scores``: the examples' unit-norm scores on that component;
+    - ``dominance``: share of its variance carried by its ``top`` fraction of examples
+      (largest centered norms): ``top`` when all norms are alike, near 1 when a few
+      dominant datapoints hold it (Nguyen, Raghu & Kornblith 2022);
+    - ``norms``: each example's centered norm over the layer's median;
+    - ``removed``: the centered layer without its first component (float32).
+    """
     xc = _centered(x)
-    u = first_pc(x)[1]
-    return xc - np.outer(u, u @ xc)
-
-
-def norm_dominance(x: np.ndarray, top: float = 0.01) -> float:
-    """Share of a layer's variance carried by its ``top`` fraction of examples (those
-    of largest centered activation norm): ``top`` when all norms are alike, near 1 when a
-    few dominant datapoints hold it (Nguyen, Raghu & Kornblith 2022)."""
-    sq = np.sort(np.sum(_centered(x) ** 2, axis=1))[::-1]
-    return float(sq[: max(1, round(top * len(sq)))].sum() / sq.sum())
+    share, u = _pc1(xc)
+    sq = np.sum(xc * xc, axis=1)
+    biggest = np.sort(sq)[::-1][: max(1, round(top * len(sq)))]
+    norms = np.sqrt(sq)
+    return {
+        "share": share,
+        "scores": u,
+        "dominance": float(biggest.sum() / sq.sum()),
+        "norms": norms / np.median(norms),
+        "removed": (xc - np.outer(u, u @ xc)).astype(np.float32),
+    }
 
 
 def find_block(
@@ -204,61 +218,61 @@ def mean_offdiag(values: np.ndarray) -> float | None:
     return float((values.sum() - np.trace(values)) / (k * (k - 1))) if k > 1 else None
 
 
+def exact_cka(acts: dict, twin_acts: dict | None) -> jaxsim.Grid | jaxsim.SweepGrid:
+    """Exact linear CKA of one model's layers, or with a second seed both seeds as one
+    sweep (each layer prepared once)."""
+    if twin_acts is None:
+        return jaxsim.similarity_grid(acts, metric="linear_cka", labels=("seed 0", "seed 0"))
+    stacked = {k: np.stack([acts[k], twin_acts[k]]) for k in acts}
+    # pair(i, j) is labelled "seed i" and "seed j"
+    return jaxsim.similarity_grid(
+        stacked, metric="linear_cka", model_axis=0, labels=("seed", "seed")
+    )
+
+
+def _own(result: jaxsim.Grid | jaxsim.SweepGrid) -> jaxsim.Grid:
+    return result.pair(0, 0) if isinstance(result, jaxsim.SweepGrid) else result
+
+
 def analyse(
     acts: dict,
     twin_acts: dict | None,
     *,
-    minibatch: tuple | None = None,
-    exact_cka: bool = True,
+    minibatch: jaxsim.Grid | jaxsim.SweepGrid | None = None,
+    exact: bool = True,
     examples: int = 1000,
 ) -> dict:
     """CKA self-grid, the block and its evidence for one model.
 
-    ``acts``: the layers on the held-out images (exact CKA on all of them unless
-    ``minibatch`` gives the grids instead: ``(grid, cross or None)`` from minibatch CKA
-    streams; with ``exact_cka`` too, their largest difference is reported). With a
-    second seed's ``twin_acts``, both seeds as one sweep (each layer prepared once) for
-    cross-seed CKA. The mechanism (first-PC share, norm dominance,
-    the grid without each layer's first PC, the images that score highest on the
-    block's first PC) is measured on the first ``examples`` images."""
-    exact = cross = None
-    if minibatch is None or exact_cka:
-        if twin_acts is None:
-            exact = jaxsim.similarity_grid(acts, metric="linear_cka", labels=("seed 0", "seed 0"))
-        else:
-            stacked = {k: np.stack([acts[k], twin_acts[k]]) for k in acts}
-            sweep = jaxsim.similarity_grid(
-                stacked, metric="linear_cka", model_axis=0, labels=("seed", "seed")
-            )  # pair(i, j) is labelled "seed i" and "seed j"
-            exact, cross = sweep.pair(0, 0), sweep.pair(0, 1)
-    grid = exact if minibatch is None else minibatch[0]
-    if minibatch is not None and minibatch[1] is not None:
-        cross = minibatch[1]
+    ``acts``: the layers on the held-out images; exact CKA on all of them
+    (:func:`exact_cka`, with the second seed's ``twin_acts`` for cross-seed CKA), unless
+    ``minibatch`` gives the result of a minibatch CKA stream instead (a sweep of both
+    seeds, or one model's grid); with ``exact`` too, their largest difference is
+    reported. The :func:`mechanism` of each layer is measured on the first ``examples``
+    images."""
+    exact_result = exact_cka(acts, twin_acts) if minibatch is None or exact else None
+    result = exact_result if minibatch is None else minibatch
+    grid = _own(result)
     values = grid.to_numpy()
     names = list(grid.rows)
-    sub = {k: np.asarray(acts[k])[:examples] for k in names}
-    pcs = [first_pc(sub[k]) for k in names]
-    share = [p[0] for p in pcs]
-    dominance = [norm_dominance(sub[k]) for k in names]
+    layers = [mechanism(np.asarray(acts[k])[:examples]) for k in names]
+    share = [m["share"] for m in layers]
+    dominance = [m["dominance"] for m in layers]
     block = find_block(values, share)
     start, stop = block["start"], block["stop"]
     removed = jaxsim.similarity_grid(
-        [(_centered(sub[k]) - np.outer(u, u @ _centered(sub[k]))).astype(np.float32)
-         for k, (_, u) in zip(names, pcs)],
-        warn=False, progress=False,
-    ).to_numpy()  # fmt: skip
+        [m.pop("removed") for m in layers], warn=False, progress=False
+    ).to_numpy()
     middle = (start + stop - 1) // 2
-    scores = pcs[middle][1]
     inside = np.zeros(len(names), bool)
     inside[start:stop] = True
-    # per-example norms (over their layer's median) in the block's middle layer and in the
-    # layer outside it farthest from the block
-    relative = lambda k: (lambda v: v / np.median(v))(np.linalg.norm(_centered(sub[k]), axis=1))
+    # the layer outside the block farthest from it, for the norms' distribution
     outside_layer = max(
         (i for i in range(len(names)) if not inside[i]),
         key=lambda i: min(abs(i - start), abs(i - stop + 1)),
         default=None,
     )
+    top = lambda scores: [int(i) for i in np.argsort(-np.abs(scores))[:8]]
     mean = lambda v, m: float(np.mean(np.asarray(v)[m])) if m.any() else None
     out = {
         "layers": names,
@@ -272,21 +286,20 @@ def analyse(
         "block_cka": mean_offdiag(values[start:stop, start:stop]),
         "block_cka_without_first_pc": mean_offdiag(removed[start:stop, start:stop]),
         "values_without_first_pc": removed,
-        "top_examples": [int(i) for i in np.argsort(-np.abs(scores))[:8]],
+        "top_examples": top(layers[middle]["scores"]),
         "top_layer": names[middle],
-        "norms_in": relative(names[middle]),
-        "norms_out": None if outside_layer is None else relative(names[outside_layer]),
+        "norms_in": layers[middle]["norms"],
+        "norms_out": None if outside_layer is None else layers[outside_layer]["norms"],
         "norms_out_layer": None if outside_layer is None else names[outside_layer],
     }
     if twin_acts is not None:  # the same layer of the second seed: its own dominant images
-        twin_scores = first_pc(np.asarray(twin_acts[names[middle]])[:examples])[1]
-        out["top_examples_twin"] = [int(i) for i in np.argsort(-np.abs(twin_scores))[:8]]
-    if exact is not None and minibatch is not None:
-        out["minibatch_vs_exact"] = float(np.abs(exact.to_numpy() - values).max())
-    if cross is not None:
-        diag = np.diagonal(cross.to_numpy())  # seed 0 layer l vs seed 1 layer l
+        out["top_examples_twin"] = top(_pc1(_centered(twin_acts[names[middle]][:examples]))[1])
+    if exact_result is not None and minibatch is not None:
+        out["minibatch_vs_exact"] = float(np.abs(_own(exact_result).to_numpy() - values).max())
+    if isinstance(result, jaxsim.SweepGrid):  # layer l of seed 0 vs layer l of seed 1
+        diag = np.asarray(corresponding_layers(result).mean)
         out.update(
-            cross=cross,
+            cross=result.pair(0, 1),
             cross_seed_block=mean(diag, inside),
             cross_seed_outside=mean(diag, ~inside),
         )
@@ -565,12 +578,12 @@ PAPER = {
     "examples": 500,
 }
 
-# the default run: that protocol at a 2-core CPU's scale (about 10 minutes), on block
-# outputs
+# the default run: that protocol at the scale a small CPU trains, on block outputs
+# (experiments/README.md: its run time)
 DEFAULTS = {**PAPER, "depths": [8, 20], "widths": [1], "train_size": 500, "layers": "blocks",
             "examples": 1000}  # fmt: skip
 
-# --quick: the small ResNet on scikit-learn's 8x8 digits, one epoch (seconds, for CI)
+# --quick: the small ResNet on scikit-learn's 8x8 digits, one epoch (for CI)
 QUICK = {
     "data": "digits",
     "arch": "resnet",
@@ -594,10 +607,12 @@ def _model(args, channels: int, depth: int, width: int, classes: int, seed: int)
     return C.create(cls, channels, width, depth, classes, seed=seed)
 
 
-def minibatch_grids(models: list, probe: np.ndarray, passes: int, capture, batch: int = 256):
-    """Minibatch CKA (unbiased HSIC) of every layer of one model, and with a second seed
-    the cross-seed grid too, over ``passes`` shuffled passes of the probe images: the
-    seeds stacked into one model (jaxsim.flax.stack_models), one stream for both."""
+def minibatch_cka(
+    models: list, probe: np.ndarray, passes: int, capture, batch: int = 256
+) -> jaxsim.Grid | jaxsim.SweepGrid:
+    """Minibatch CKA (unbiased HSIC) of every layer of one model, or with a second seed a
+    sweep of both (stacked into one model by jaxsim.flax.stack_models: one stream), over
+    ``passes`` shuffled passes of the probe images."""
     from jaxsim.flax import minibatch_grid, stack_models
 
     size = min(batch, len(probe))
@@ -607,16 +622,17 @@ def minibatch_grids(models: list, probe: np.ndarray, passes: int, capture, batch
         for xb in C.batches(probe, None, size, seed=10_000 + p, drop_last=True)
     ]
     if len(models) == 1:
-        return minibatch_grid(models[0], stream, filter=capture, progress=False), None
-    stacked = stack_models(models)
-    sweep = minibatch_grid(
-        stacked, stream, filter=capture, model_axis=0, progress=False,
+        return minibatch_grid(
+            models[0], stream, filter=capture, progress=False, labels=("seed 0", "seed 0")
+        )
+    return minibatch_grid(
+        stack_models(models), stream, filter=capture, model_axis=0, progress=False,
         labels=("seed", "seed"),
     )  # fmt: skip
-    return sweep.pair(0, 0), sweep.pair(0, 1)
 
 
-def main(argv=None) -> dict:
+def parser():
+    """The script's options; their defaults are :data:`DEFAULTS`."""
     p = C.parser(__doc__, "out/width_depth")
     p.add_argument(
         "--arch",
@@ -690,14 +706,18 @@ def main(argv=None) -> dict:
         choices=[1, 2],
         help="2: also train a second seed of every model, for cross-seed CKA",
     )
-    t0 = time.time()
-    p.set_defaults(**DEFAULTS)  # the defaults of every option above
+    p.set_defaults(**DEFAULTS)
     p.epilog = (
         (p.epilog or "")
         + "\ndefaults: "
         + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEFAULTS.items())
     )
-    args, data, out = C.setup(p, argv, QUICK, {"paper": PAPER})
+    return p
+
+
+def main(argv=None) -> dict:
+    t0 = time.time()
+    args, data, out = C.setup(parser(), argv, QUICK, {"paper": PAPER})
     progress = not args.no_progress
     x_train, y_train = data["train"]
     size = min(args.train_size, len(x_train))
@@ -706,7 +726,6 @@ def main(argv=None) -> dict:
     probe = np.concatenate([x_train[size:], data["test"][0]])
     channels = probe.shape[-1]
     capture_filter = every_layer if args.layers == "all" else block_layers
-    exact_cka = args.cka in ("exact", "both")
     # exact CKA on every held-out image (with --cka both, on the mechanism's first
     # --examples images: every layer of all of them would not fit in memory)
     kept = probe if args.cka == "exact" else probe[: args.examples]
@@ -757,12 +776,12 @@ def main(argv=None) -> dict:
             mb = None
             if args.cka != "exact":
                 models = [model] + ([twin[0]] if twin else [])
-                mb = minibatch_grids(models, probe, args.passes, capture_filter)
+                mb = minibatch_cka(models, probe, args.passes, capture_filter)
             r = analyse(
                 acts,
                 twin[3] if twin else None,
                 minibatch=mb,
-                exact_cka=exact_cka,
+                exact=args.cka in ("exact", "both"),
                 examples=args.examples,
             )
             r.update(

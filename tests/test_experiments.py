@@ -70,19 +70,43 @@ def test_positive_control_sees_a_planted_block():
 
 
 def test_paper_preset_sets_what_the_command_line_leaves(tmp_path):
-    """--paper sets the paper's protocol for every option not given explicitly."""
+    """--paper sets the paper's protocol for every option not given explicitly, over the
+    script's defaults; without it the defaults hold, and --quick overrides both."""
     common, wd = load("_common"), load("width_depth")
-    parser = common.parser(wd.__doc__, str(tmp_path))
-    parser.add_argument("--paper", action="store_true")
-    for k, v in wd.PAPER.items():
-        if k != "data":
-            kind = {"action": "store_true"} if isinstance(v, bool) else {"default": None}
-            parser.add_argument("--" + k.replace("_", "-"), **kind)
     argv = ["--paper", "--data", "digits", "--epochs", "3", "--out", str(tmp_path)]
-    args, data, _ = common.setup(parser, argv, {}, {"paper": wd.PAPER})
-    assert args.data == "digits" and args.epochs == "3"  # given: kept
+    args, data, _ = common.setup(wd.parser(), argv, wd.QUICK, {"paper": wd.PAPER})
+    assert args.data == "digits" and args.epochs == 3  # given: kept
     assert args.arch == "v1" and args.layers == "all" and args.weight_decay == 1e-4
+    assert args.depths == [20, 56] and args.examples == 500  # the preset, not DEFAULTS
     assert args.unit and data["train"][0].min() >= 0 and data["train"][0].max() <= 1
+    plain = ["--data", "digits", "--out", str(tmp_path)]
+    args, _, _ = common.setup(wd.parser(), plain, wd.QUICK, {"paper": wd.PAPER})
+    assert args.depths == [8, 20] and args.layers == "blocks" and args.epochs == 60
+    args, _, _ = common.setup(wd.parser(), plain + ["--quick"], wd.QUICK, {"paper": wd.PAPER})
+    assert args.data == "digits" and args.arch == "resnet" and args.epochs == 1
+
+
+def test_mechanism_against_numpy(rng):
+    """Each layer's evidence against the definitions, computed with NumPy's SVD: the
+    first PC's share and scores (a wide layer takes the Gram's eigenvector instead), the
+    layer without it, the variance share of the top 1% of examples (one planted dominant
+    example of 100) and the norms over their median."""
+    wd = load("width_depth")
+    for n, d in ((60, 200), (200, 30)):
+        x = rng.normal(size=(n, d)) * np.linspace(3, 0.1, d) + 2.0
+        x[0] *= 10  # a dominant example
+        m = wd.mechanism(x.reshape(n, d // 2, 2))  # flattened like a conv layer
+        xc = x - x.mean(0)
+        u, s, vt = np.linalg.svd(xc, full_matrices=False)
+        np.testing.assert_allclose(m["share"], s[0] ** 2 / np.sum(s**2), rtol=1e-10)
+        np.testing.assert_allclose(np.abs(m["scores"] @ u[:, 0]), 1.0, rtol=1e-10)
+        want = xc - s[0] * np.outer(u[:, 0], vt[0])
+        np.testing.assert_allclose(m["removed"], want, atol=1e-5 * np.abs(want).max())
+        sq = np.sum(xc**2, axis=1)
+        top = np.sort(sq)[::-1][: max(1, round(0.01 * n))]
+        np.testing.assert_allclose(m["dominance"], top.sum() / sq.sum(), rtol=1e-12)
+        assert m["dominance"] > 0.3  # the planted example holds a good part of it
+        np.testing.assert_allclose(m["norms"], np.sqrt(sq) / np.median(np.sqrt(sq)), rtol=1e-12)
 
 
 def smooth_grid(count, decay):
