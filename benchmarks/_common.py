@@ -20,6 +20,17 @@ def timeit(fn, *args, repeat: int = 3, warmup: int = 1) -> float:
     return best
 
 
+def one_blas_thread():
+    """A context in which the BLAS libraries loaded in this process (NumPy's and SciPy's
+    OpenBLAS; the latter serves jaxlib's LAPACK kernels on the CPU) run on one thread: the
+    setting docs/performance.md recommends for the CCA family on a CPU, where XLA's own
+    threads do the parallel work. Needs threadpoolctl (installed with scikit-learn, in the
+    [test] and [experiments] extras)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1, user_api="blas")
+
+
 def matmul_rate(
     dtype, size: int | None = None, precision: str = "highest", repeat: int = 5
 ) -> float:

@@ -187,7 +187,7 @@ def minibatch_workload(rng, n, widths, quick):
         f"    {k} batches: a loop of updates {t_loop * 1e3:.0f} ms ({f_loop:.0%} of the FLOP "
         f"limit; checking each batch, a sync per batch: {t_sync * 1e3:.0f} ms, {f_sync:.0%}), "
         f"minibatch_cka_scan {t_scan * 1e3:.0f} ms ({f_scan:.0%}); NumPy loop "
-        f"{k * tn:.1f} s ({k * tn / t_scan:.0f}x the scan)"
+        f"{k * tn:.1f} s ({k * tn / t_scan:.1f}x the scan)"
     )
     counts = (4, 40) if quick else (20, 200)
     peaks = []
