@@ -115,9 +115,18 @@ def _evaluate(
 def evaluate(
     factory: Callable[..., Measure], x: jax.Array, y: jax.Array, **options: Any
 ) -> jax.Array:
-    """``pair(prepare(x), prepare(y))`` of the measure ``factory(**options)``, jitted once
-    per measure, options and shapes: every public single-pair function is this."""
-    return _evaluate(factory, tuple(sorted(options.items())), replicated(x), replicated(y))
+    """``pair(prepare(x), prepare(y))`` of the measure ``factory(**options)``: every public
+    single-pair function is this. Called with arrays, each layer is prepared by a program
+    compiled per its shape and the pair step by one per pair of (padded) summary shapes
+    (:func:`jaxsim._pairwise.single_pair`): a loop over many layers' pairs compiles about
+    as many programs as their grid does. Under a transformation (jit, vmap, grad) it is
+    one traced program."""
+    x, y = replicated(x), replicated(y)
+    if isinstance(x, jax.core.Tracer) or isinstance(y, jax.core.Tracer):
+        return _evaluate(factory, tuple(sorted(options.items())), x, y)
+    from jaxsim._pairwise import single_pair
+
+    return single_pair(factory(**options), x, y)
 
 
 def spec_axes(spec: Any) -> list[str]:

@@ -11,7 +11,7 @@ import numpy as np
 from jax import Array
 
 from jaxsim import _layers
-from jaxsim._measure import TRACE_COUNT, Measure, on_mesh, summary_width
+from jaxsim._measure import TRACE_COUNT, Measure, on_mesh, poison, summary_width
 
 
 @functools.lru_cache(maxsize=256)
@@ -103,6 +103,51 @@ def buckets(widths: Iterable[int], slack: float | None = None) -> dict[int, int]
     for w in narrow:
         out[w] = out[max(narrow)]
     return out
+
+
+def ladder_width(width: int) -> int:
+    """The width a single pair's summary is padded to, the same for every call: up to
+    ``NARROW`` all widths share ``NARROW``; above, the next of the eighths between powers
+    of two (``NARROW``, 72, 80, ..., 128, 144, ..., 512, 576, ...), at most ``WIDEN_SLACK``
+    above the width. A loop of single-pair calls over layers of many widths then compiles
+    a pair step per pair of rungs, not per pair of widths."""
+    if width <= NARROW:
+        return NARROW
+    step = 2 ** ((width - 1).bit_length() - 1) // 8  # an eighth of the power of two below
+    return -(-width // step) * step
+
+
+@functools.lru_cache(maxsize=64)
+def _jit_pair(pair: Callable[[Any, Any], Array]) -> Callable[..., Array]:
+    def run(a, b, bad):
+        TRACE_COUNT["single_pairs"] += 1
+        value = pair(a, b)
+        return value + bad.astype(value.dtype)
+
+    return jax.jit(run)
+
+
+@functools.lru_cache(maxsize=64)
+def _jit_prepare_checked(prepare: Callable[[Array], Any]) -> Callable[[Array], Any]:
+    return jax.jit(lambda x: (prepare(x), poison(x)))
+
+
+def single_pair(measure: Measure, x: Array, y: Array) -> Array:
+    """``pair(prepare(x), prepare(y))`` as the grids compute it, for concrete arrays: each
+    layer prepared by one program per shape, the summaries padded to :func:`ladder_width`
+    where the measure can pad (:attr:`Measure.widen`), then one pair step per pair of
+    summary shapes; a NaN or inf in either layer makes the value NaN (:func:`poison`)."""
+    prepare = _jit_prepare_checked(measure.prepare)
+    (sa, bad_a), (sb, bad_b) = prepare(x), prepare(y)
+    if measure.widen is not None:
+        pad = _jit_widen(measure.widen)
+        sa, sb = (
+            s
+            if ladder_width(summary_width(s)) == summary_width(s)
+            else pad(s, ladder_width(summary_width(s)))
+            for s in (sa, sb)
+        )
+    return _jit_pair(measure.pair)(sa, sb, bad_a + bad_b)
 
 
 @functools.lru_cache(maxsize=64)

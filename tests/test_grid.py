@@ -10,7 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import block_grid_memory, orthogonal, subprocess_env
-from references import np_cca, np_hsic_unbiased, np_linear_cka, power_law, relu_layers
+from references import (
+    np_cca,
+    np_hsic_unbiased,
+    np_linear_cka,
+    np_pwcca,
+    power_law,
+    relu_layers,
+)
 
 import jaxsim
 from jaxsim import _gram_route, _kernel_blocks, _layers, _pairwise, _registry
@@ -186,6 +193,39 @@ def test_close_widths_share_a_compiled_pair_step(x64, rng):
         [a.astype(np.float32) for a in acts]
     )
     np.testing.assert_allclose(f32, grid, atol=1e-5)
+
+
+def test_a_loop_of_single_pairs_compiles_per_rung(x64, rng):
+    """A notebook loop of single-pair calls over layers of many widths: each layer is
+    prepared by a program per shape and the summaries are padded to fixed rungs (eighths
+    between powers of two, all widths up to 64 on one), so the loop compiles a pair step
+    per pair of rungs, not per pair of widths (a 20 x 20 loop of distinct widths compiled
+    400 programs, and a CPU process runs out of memory mappings after a few hundred such
+    loops' worth). Values: the NumPy formulas, as unpadded (PWCCA in both orders)."""
+    from jaxsim._pairwise import ladder_width
+
+    assert [ladder_width(w) for w in (1, 64, 65, 100, 128, 129, 500, 1025)] == [
+        64,
+        64,
+        72,
+        104,
+        128,
+        144,
+        512,
+        1152,
+    ]
+    widths = (70, 75, 78, 81)  # rungs 72, 80, 80, 88
+    acts = [
+        rng.normal(size=(400, 6)) @ rng.normal(size=(6, d)) + rng.normal(size=(400, d))
+        for d in widths
+    ]
+    before = TRACE_COUNT["single_pairs"]
+    for x in acts:
+        for y in acts:
+            np.testing.assert_allclose(jaxsim.mean_cca(x, y), np_cca(x, y)[0].mean(), rtol=1e-9)
+    assert TRACE_COUNT["single_pairs"] - before == 9  # 3 rungs, 16 pairs
+    for x, y in ((acts[0], acts[2]), (acts[2], acts[0])):  # absent units padded: 72, 80
+        np.testing.assert_allclose(jaxsim.pwcca(x, y), np_pwcca(x, y), rtol=1e-9)
 
 
 def test_grid_save_load_and_repr(x64, rng, tmp_path):
