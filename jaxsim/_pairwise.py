@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from jaxsim import _layers
+from jaxsim import _layers, _programs
 from jaxsim._measure import TRACE_COUNT, Measure, on_mesh, poison, summary_width
 
 
@@ -137,6 +137,7 @@ def single_pair(measure: Measure, x: Array, y: Array) -> Array:
     layer prepared by one program per shape, the summaries padded to :func:`ladder_width`
     where the measure can pad (:attr:`Measure.widen`), then one pair step per pair of
     summary shapes; a NaN or inf in either layer makes the value NaN (:func:`poison`)."""
+    traced = _programs.traces()
     prepare = _jit_prepare_checked(measure.prepare)
     (sa, bad_a), (sb, bad_b) = prepare(x), prepare(y)
     if measure.widen is not None:
@@ -147,7 +148,9 @@ def single_pair(measure: Measure, x: Array, y: Array) -> Array:
             else pad(s, ladder_width(summary_width(s)))
             for s in (sa, sb)
         )
-    return _jit_pair(measure.pair)(sa, sb, bad_a + bad_b)
+    value = _jit_pair(measure.pair)(sa, sb, bad_a + bad_b)
+    _programs.relieve(traced)
+    return value
 
 
 @functools.lru_cache(maxsize=64)

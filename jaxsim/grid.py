@@ -16,7 +16,15 @@ from typing import Any, Sequence
 import jax
 from jax import Array
 
-from jaxsim import _cca_checks, _feature_route, _gram_route, _layers, _pairwise, _progress
+from jaxsim import (
+    _cca_checks,
+    _feature_route,
+    _gram_route,
+    _layers,
+    _pairwise,
+    _programs,
+    _progress,
+)
 from jaxsim import _validation as _v
 from jaxsim._measure import Measure, replicated
 from jaxsim._registry import METRICS, measure_for
@@ -136,6 +144,7 @@ def similarity_grid(
     method = _v.choice(method, "method", ("auto", "gram", "features"))
     options = {"size": size, "subsample": subsample, "key": key}
     reductions = {"reduce": reduce, **{k: v for k, v in options.items() if v is not None}}
+    compiled = _programs.traces()
     make, name = measure_for(metric, dict(metric_options), bool(symmetric))
     measure = make()
     self_grid = acts_b is None
@@ -174,6 +183,8 @@ def similarity_grid(
         )
     values = _layers.poisoned(values, layers_a, None if self_grid else layers_b)
     row_label, col_label = _layers.side_labels(labels, self_grid, ("acts_a", "acts_b"))
+    if not traced:
+        _programs.relieve(compiled)
     return Grid(values, tuple(rows), tuple(cols), name, row_label, col_label, notes, short)
 
 

@@ -368,3 +368,27 @@ def test_a_user_defined_measure_in_grids_statistics_and_jit(x64, rng):
     assert float(test.p_value) == pytest.approx(1 / 51)
     with pytest.raises(TypeError, match="r2_cca.*unexpected option.*epsilon"):
         jaxsim.similarity_grid(layers, metric=r2cca, epsilon=0.1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_compiled_programs_dropped_before_the_mapping_limit(rng, monkeypatch):
+    """XLA:CPU's compiled programs hold memory mappings until the process ends, and at the
+    kernel's limit (vm.max_map_count) the process crashes (a session calling measures on
+    a few hundred new shapes got there). After an eager call that compiled, past 3/4 of
+    the limit, jaxsim drops JAX's compiled programs and warns; a call that compiled
+    nothing reads nothing."""
+    from jaxsim import _programs
+
+    cleared = []
+    monkeypatch.setattr(_programs.jax, "clear_caches", lambda: cleared.append(1))
+    x, y = rng.normal(size=(37, 5)), rng.normal(size=(37, 6))
+    jaxsim.linear_cka(x, y)  # compiled here, under the real limit
+    assert not cleared
+    monkeypatch.setattr(_programs, "_limit", lambda: 4 * _programs._mappings() // 3 - 1)
+    jaxsim.linear_cka(x, y)  # nothing compiled: nothing read
+    assert not cleared
+    with pytest.warns(RuntimeWarning, match=r"vm.max_map_count.*jax.clear_caches"):
+        jaxsim.mean_cca(x[:33], y[:33])
+    with pytest.warns(RuntimeWarning, match=r"memory mappings"):
+        jaxsim.similarity_grid([x[:35], y[:35]], metric="svcca", keep_dims=3, progress=False)
+    assert len(cleared) == 2
