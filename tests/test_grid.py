@@ -216,7 +216,7 @@ def test_a_loop_of_single_pairs_compiles_per_rung(x64, rng):
     ]
     widths = (70, 75, 78, 81)  # rungs 72, 80, 80, 88
     acts = [
-        rng.normal(size=(400, 6)) @ rng.normal(size=(6, d)) + rng.normal(size=(400, d))
+        rng.normal(size=(420, 6)) @ rng.normal(size=(6, d)) + rng.normal(size=(420, d))
         for d in widths
     ]
     before = TRACE_COUNT["single_pairs"]
