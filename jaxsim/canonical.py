@@ -24,9 +24,11 @@ import jax.numpy as jnp
 from jax import Array
 
 from jaxsim import _linalg as _la
+from jaxsim import _programs
 from jaxsim import _validation as _v
 from jaxsim._cca_checks import UnderdeterminedWarning, check_keep_dims, warn_examples
 from jaxsim._measure import (
+    TRACE_COUNT,
     Measure,
     bounded_ratio,
     dot,
@@ -431,6 +433,7 @@ def _checked(
 
 @functools.partial(jax.jit, static_argnames="epsilon")
 def _cca(x: Array, y: Array, epsilon: float) -> CCAResult:
+    TRACE_COUNT["cca"] += 1
     scale = lambda a: _whitening_input(a, epsilon)[3]
     res = _cca_result(_prepare_cca(x, epsilon), _prepare_cca(y, epsilon), scale(x), scale(y))
     bad = poison(x) + poison(y)
@@ -463,7 +466,12 @@ def cca(
       >>> jaxsim.cca(x, x @ jax.random.normal(jax.random.key(1), (8, 8))).coefficients.round(4)
       Array([1., 1., 1., 1., 1., 1., 1., 1.], dtype=float32)
     """
-    return _cca(*_checked(x, y, epsilon, check_finite, warn))
+    compiled = _programs.traces()
+    x, y, epsilon = _checked(x, y, epsilon, check_finite, warn)
+    result = _cca(x, y, epsilon)
+    if not isinstance(x, jax.core.Tracer) and not isinstance(y, jax.core.Tracer):
+        _programs.relieve(compiled)
+    return result
 
 
 def mean_cca(

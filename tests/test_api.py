@@ -391,4 +391,6 @@ def test_compiled_programs_dropped_before_the_mapping_limit(rng, monkeypatch):
         jaxsim.mean_cca(x[:33], y[:33])
     with pytest.warns(RuntimeWarning, match=r"memory mappings"):
         jaxsim.similarity_grid([x[:35], y[:35]], metric="svcca", keep_dims=3, progress=False)
-    assert len(cleared) == 2
+    with pytest.warns(RuntimeWarning, match=r"memory mappings"):
+        jaxsim.cca(x[:31], y[:31])
+    assert len(cleared) == 3
