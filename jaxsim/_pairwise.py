@@ -129,7 +129,18 @@ def _jit_pair(pair: Callable[[Any, Any], Array]) -> Callable[..., Array]:
 
 @functools.lru_cache(maxsize=64)
 def _jit_prepare_checked(prepare: Callable[[Array], Any]) -> Callable[[Array], Any]:
-    return jax.jit(lambda x: (prepare(x), poison(x)))
+    def run(x):
+        TRACE_COUNT["prepare"] += 1
+        return prepare(x), poison(x)
+
+    return jax.jit(run)
+
+
+def widen_to(measure: Measure, summary: Any, width: int) -> Any:
+    """``summary`` padded to ``width`` by :attr:`Measure.widen` (itself if it has it)."""
+    if summary_width(summary) == width:
+        return summary
+    return _jit_widen(measure.widen)(summary, width)
 
 
 def single_pair(measure: Measure, x: Array, y: Array) -> Array:
@@ -141,13 +152,7 @@ def single_pair(measure: Measure, x: Array, y: Array) -> Array:
     prepare = _jit_prepare_checked(measure.prepare)
     (sa, bad_a), (sb, bad_b) = prepare(x), prepare(y)
     if measure.widen is not None:
-        pad = _jit_widen(measure.widen)
-        sa, sb = (
-            s
-            if ladder_width(summary_width(s)) == summary_width(s)
-            else pad(s, ladder_width(summary_width(s)))
-            for s in (sa, sb)
-        )
+        sa, sb = (widen_to(measure, s, ladder_width(summary_width(s))) for s in (sa, sb))
     value = _jit_pair(measure.pair)(sa, sb, bad_a + bad_b)
     _programs.relieve(traced)
     return value
@@ -166,13 +171,9 @@ def _widened(
     """Summaries padded to their width's bucket (both sides together), for measures that
     allow it: fewer shape groups, hence fewer compiled pair steps, the same values."""
     bucket = buckets(summary_width(s) for s in [*sa, *([] if self_grid else sb)])
-    pad = _jit_widen(measure.widen)
 
     def widen(ss):
-        return [
-            s if bucket[summary_width(s)] == summary_width(s) else pad(s, bucket[summary_width(s)])
-            for s in ss
-        ]
+        return [widen_to(measure, s, bucket[summary_width(s)]) for s in ss]
 
     wa = widen(sa)
     return wa, (wa if self_grid else widen(sb))

@@ -228,7 +228,8 @@ def test_non_finite_in_gives_nan_out(rng, bad):
     """check_finite=False skips the check; it must never turn a NaN or inf into a plausible
     number: every measure, grid route (the blocked Gram routes at n = 1100: -m slow),
     minibatch state and CCA result gives NaN where a layer holds one, eagerly and under jit
-    (one measure of each family: a public call runs the same compiled program). The
+    (one measure of each family there: under a transformation every measure is one traced
+    program with the same NaN term). The
     per-layer rescaling hid it (linear CKA of a layer with one NaN: 0.976)."""
     x, y = (a.astype(np.float32) for a in related(rng, 48, 6, 5))
     x[3, 2] = bad

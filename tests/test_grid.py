@@ -226,6 +226,19 @@ def test_a_loop_of_single_pairs_compiles_per_rung(x64, rng):
     assert TRACE_COUNT["single_pairs"] - before == 9  # 3 rungs, 16 pairs
     for x, y in ((acts[0], acts[2]), (acts[2], acts[0])):  # absent units padded: 72, 80
         np.testing.assert_allclose(jaxsim.pwcca(x, y), np_pwcca(x, y), rtol=1e-9)
+    # padded in float32 and from bfloat16 inputs, on realistic layers (post-ReLU, power-law
+    # spectrum; widths 100 and 70 on rungs 104 and 72): the formulas on the same inputs
+    x, y = relu_layers(rng, 800, 100, 70)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        a, b = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
+        a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        for fn, ref in (
+            (jaxsim.mean_cca, lambda p, q: np_cca(p, q)[0].mean()),
+            (jaxsim.pwcca, np_pwcca),
+        ):
+            value = fn(a, b)
+            assert value.dtype == jnp.float32
+            np.testing.assert_allclose(value, ref(a64, b64), atol=1e-5, err_msg=str(dtype))
 
 
 def test_grid_save_load_and_repr(x64, rng, tmp_path):
@@ -548,7 +561,7 @@ def test_cross_grids_form_only_the_cross_pairs(x64, rng):
     )
 
 
-@pytest.mark.slow  # suite time (8 s); the accelerator form: test_float32_cross_grids_*
+@pytest.mark.slow  # suite time; the accelerator form: test_float32_cross_grids_*
 def test_accelerator_form_batches_equal_shaped_layers(x64, rng, monkeypatch):
     """On an accelerator the Gram route forms each block of equal-width layers as one
     batched product (the compiled block sum has a dot_general with a batch dimension),
@@ -765,7 +778,7 @@ def test_rbf_grid_memory_does_not_grow_with_layers_times_n_squared(debiased):
     assert total.temp_size_in_bytes < kernel_bytes  # not num_layers x
 
 
-@pytest.mark.slow  # suite time (12 s); grids under jit: the sweep, padded and sharded tests
+@pytest.mark.slow  # suite time; grids under jit: the sweep, padded and sharded tests
 def test_grids_under_jit(rng):
     # every route, the layers (two widths) the traced argument, names and options
     # static: no host round trip may happen inside

@@ -81,6 +81,6 @@ def test_decompositions_never_deadlock():
     assert run(ONE_DEVICE, 180) == 2
 
 
-@pytest.mark.slow  # suite time (7 s); the one-device reproducer runs in every test command
+@pytest.mark.slow  # suite time; the one-device reproducer runs in every test command
 def test_sharded_decompositions_never_deadlock():
     assert run(SHARDED, 120, xla_flags="--xla_force_host_platform_device_count=8") == 2

@@ -115,7 +115,7 @@ def test_float32_agrees_with_float64_on_realistic_layers(case):
     assert not bad, f"float64 vs float32 off by more than 1e-3: {bad}"
 
 
-@pytest.mark.slow  # suite time (16 s); float32 grids: the narrow-side and small-grid tests
+@pytest.mark.slow  # suite time; float32 grids: the narrow-side and small-grid tests
 def test_float32_grids_agree_with_float64(rng):
     x, y = power_law(rng, 800, 128, 64, 2.0)
     layers = [x, y, np.maximum(y, 0)]
@@ -557,7 +557,7 @@ def test_svds_never_use_the_polar_solver():
     np.testing.assert_allclose(_linalg.svd(x)[1], np.linalg.svd(x, compute_uv=False), rtol=1e-5)
 
 
-@pytest.mark.slow  # suite time (20 s of compiles); the padding itself: test_grid, test_geometry
+@pytest.mark.slow  # suite time; the padding itself: test_grid, test_geometry
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
 def test_padded_grids_in_low_precision_on_realistic_layers(rng, dtype):
     """Grids pad layers to their width bucket (narrow widths together, close wide ones
